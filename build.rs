@@ -1,0 +1,13 @@
+//! Generates containerd's Snapshots API from the protos vendored in `proto/`, with protox so that
+//! no `protoc` binary is needed on the build machine.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `lazysnap serve`: loads the config, applies flag overrides, sets up logging and runs the
+//! daemon on a multi-threaded runtime.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+
+use lazysnap::config::Config;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (TOML). Default /etc/lazysnap/config.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory; overrides `root` in the config.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Unix socket for containerd; overrides `address` in the config.
+    #[arg(long, value_name = "SOCKET")]
+    address: Option<PathBuf>,
+    /// Log filter; overrides `log_level` in the config (RUST_LOG wins over both).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(root) = args.root {
+        config.root = root;
+    }
+    if let Some(address) = args.address {
+        config.address = address;
+    }
+    if let Some(level) = args.log_level {
+        config.log_level = level;
+    }
+    config.validate()?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            EnvFilter::try_new(&directives).with_context(|| format!("RUST_LOG={directives:?}"))?
+        }
+        _ => EnvFilter::try_new(&config.log_level)?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lazysnap")
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(lazysnap::daemon::run(config))
+}

@@ -1,0 +1,162 @@
+//! The daemon's configuration: one TOML file, every key optional with a documented default,
+//! unknown keys refused. Command-line flags override the file, as `containerd-stargz-grpc`'s do.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the daemon looks when `--config` is not given; a missing file there means defaults.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lazysnap/config.toml";
+/// State (metadata, snapshots, cache) survives reboots, so it lives under /var/lib.
+pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
+/// The socket is a runtime file, recreated at every start, so it lives under /run.
+pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory holding all state: `metadata.redb` and `snapshots/`. Default `/var/lib/lazysnap`.
+    pub root: PathBuf,
+    /// Unix socket of containerd's Snapshots gRPC service. Default `/run/lazysnap/lazysnap.sock`.
+    pub address: PathBuf,
+    /// tracing filter (`error`, `warn`, `info`, `debug`, `trace`, or directives such as
+    /// `lazysnap=debug`); `RUST_LOG` wins when set. Default `info`.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: DEFAULT_ROOT.into(),
+            address: DEFAULT_ADDRESS.into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// Why a configuration was refused; every variant names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads `path` if given (it must exist), else the default path if it exists, else defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.into(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.root.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "root",
+                reason: format!("{:?} must be an absolute path", self.root),
+            });
+        }
+        if !self.address.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "address",
+                reason: format!("{:?} must be an absolute path", self.address),
+            });
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            ConfigError::Invalid {
+                key: "log_level",
+                reason: format!("{:?}: {e}", self.log_level),
+            }
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").expect("parse"), Config::default());
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c =
+            Config::parse("root = \"/srv/ls\"\naddress = \"/run/x.sock\"\nlog_level = \"debug\"\n")
+                .expect("parse");
+        assert_eq!(c.root, PathBuf::from("/srv/ls"));
+        assert_eq!(c.address, PathBuf::from("/run/x.sock"));
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("roots = \"/x\"").expect_err("unknown key");
+        assert!(err.to_string().contains("roots"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::parse("root = \"relative\"").expect_err("relative root");
+        assert!(err.to_string().contains("`root`"), "{err}");
+        let err = Config::parse("log_level = \"lazysnap=loud\"").expect_err("bad level");
+        assert!(err.to_string().contains("`log_level`"), "{err}");
+        let err = Config::parse("root = 3").expect_err("wrong type");
+        assert!(err.to_string().contains("root"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/lazysnap.toml"))).expect_err("missing");
+        assert!(
+            err.to_string().contains("/nonexistent/lazysnap.toml"),
+            "{err}"
+        );
+    }
+}

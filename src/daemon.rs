@@ -1,0 +1,70 @@
+//! `lazysnap serve`: opens the state under the root dir, binds containerd's socket and serves
+//! until SIGTERM or SIGINT, then lets in-flight calls finish.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::grpc;
+use crate::snapshot::Snapshotter;
+
+/// Runs the daemon with `config` until a termination signal arrives.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.root)
+        .with_context(|| format!("create root dir {}", config.root.display()))?;
+    let root = config.root.clone();
+    let snapshotter = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
+        let snapshotter = Snapshotter::open(&root)
+            .with_context(|| format!("open snapshotter state in {}", root.display()))?;
+        // Whatever a crash left half-made goes before containerd can see it.
+        snapshotter
+            .cleanup()
+            .context("clean up orphaned snapshot directories")?;
+        Ok(snapshotter)
+    })
+    .await??;
+    let listener = bind(&config.address)?;
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
+    };
+    tracing::info!(
+        address = %config.address.display(),
+        root = %config.root.display(),
+        "serving containerd snapshots API"
+    );
+    grpc::serve(Arc::new(snapshotter), listener, shutdown)
+        .await
+        .context("gRPC server failed")?;
+    let _ = std::fs::remove_file(&config.address);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds the Unix socket, replacing a stale socket file from an earlier run but refusing to
+/// take over a socket another live process still answers on.
+fn bind(address: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create socket dir {}", dir.display()))?;
+    }
+    if address.exists() {
+        if std::os::unix::net::UnixStream::connect(address).is_ok() {
+            anyhow::bail!(
+                "socket {} is in use by another process (is lazysnap already running?)",
+                address.display()
+            );
+        }
+        std::fs::remove_file(address)
+            .with_context(|| format!("remove stale socket {}", address.display()))?;
+    }
+    UnixListener::bind(address).with_context(|| format!("bind {}", address.display()))
+}

@@ -1,0 +1,31 @@
+//! The daemon's gRPC surface: containerd's Snapshots service (proxy plugin) on a Unix socket.
+//! Protobuf types stop at `convert`; everything below speaks domain types.
+
+mod convert;
+pub mod proto;
+mod snapshots;
+mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+pub use snapshots::SnapshotsService;
+
+use crate::snapshot::Snapshotter;
+use proto::snapshots::snapshots_server::SnapshotsServer;
+
+/// Serves the Snapshots service on `listener` until `shutdown` resolves; in-flight calls are
+/// allowed to finish.
+pub async fn serve(
+    snapshotter: Arc<Snapshotter>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

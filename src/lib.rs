@@ -1,0 +1,16 @@
+//! lazysnap: a containerd remote snapshotter.
+//!
+//! # Layout
+//! - `config`: the TOML configuration tree, defaults and validation.
+//! - `snapshot`: containerd's snapshot semantics over overlayfs and an embedded metadata store;
+//!   knows nothing of gRPC.
+//! - `grpc`: containerd's Snapshots service over `snapshot` (tonic), proto ↔ domain conversion
+//!   and error → status mapping.
+//! - `daemon`: wiring for `lazysnap serve`: state dir, socket, signals.
+//!
+//! Dependencies point one way: `daemon → grpc → snapshot`, `config` is a leaf.
+
+pub mod config;
+pub mod daemon;
+pub mod grpc;
+pub mod snapshot;

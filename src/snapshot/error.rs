@@ -1,0 +1,50 @@
+//! The snapshotter's error type. Each variant corresponds to one of the gRPC codes containerd
+//! acts upon (the mapping lives in `grpc::status`), and every message names the key involved.
+
+use std::path::PathBuf;
+
+/// Everything a snapshot operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {key:?} not found")]
+    NotFound { key: String },
+    #[error("parent snapshot {parent:?} of {key:?} not found")]
+    ParentNotFound { key: String, parent: String },
+    #[error("snapshot {key:?} already exists")]
+    AlreadyExists { key: String },
+    #[error("parent snapshot {parent:?} of {key:?} is not committed")]
+    ParentNotCommitted { key: String, parent: String },
+    #[error("snapshot {key:?} is not active and cannot be committed")]
+    NotActive { key: String },
+    #[error("cannot remove snapshot {key:?}: it has child snapshots")]
+    HasChildren { key: String },
+    #[error("cannot update field {field:?} of snapshot {key:?}")]
+    ImmutableField { key: String, field: String },
+    #[error("invalid snapshot key: {reason}")]
+    InvalidKey { reason: &'static str },
+    #[error("invalid filter {filter:?}: {reason}")]
+    InvalidFilter { filter: String, reason: String },
+    #[error("metadata store: {0}")]
+    Store(#[from] crate::snapshot::store::StoreError),
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SnapshotError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| SnapshotError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

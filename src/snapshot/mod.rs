@@ -1,0 +1,396 @@
+//! containerd's snapshotter semantics over overlayfs, as containerd's own `overlayfs`
+//! snapshotter implements them: each snapshot owns `snapshots/<id>/fs` (its layer, the
+//! `upperdir` while active) and `work` (overlayfs' workdir), and mounts stack the parents' `fs`
+//! dirs as `lowerdir`s, nearest parent first.
+//!
+//! Metadata lives in `store` (one transaction per operation). Directories are staged under a
+//! temporary name and renamed into place inside the transaction, so a crash leaves at worst an
+//! unnamed directory, which `cleanup` removes. This module knows nothing of gRPC; `grpc`
+//! translates.
+
+mod error;
+pub mod filter;
+pub mod store;
+pub mod types;
+mod usage;
+
+use std::collections::HashSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use error::SnapshotError;
+use store::{Record, Store};
+pub use types::{Info, Kind, Labels, Mount, Usage};
+
+/// containerd adds `index=off` whenever the overlay module has the parameter, so that an upper
+/// dir can be mounted again over other lowers; do the same so mounts look identical.
+const OVERLAY_INDEX_PARAM: &str = "/sys/module/overlay/parameters/index";
+
+/// The snapshotter: a metadata store plus the snapshot directories under `root`.
+pub struct Snapshotter {
+    store: Store,
+    snapshots_dir: PathBuf,
+    overlay_options: Vec<String>,
+}
+
+impl Snapshotter {
+    /// Opens (or initialises) the snapshotter state under `root`.
+    pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        let snapshots_dir = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots_dir)
+            .map_err(SnapshotError::io("create", &snapshots_dir))?;
+        // Snapshot contents may include setuid binaries and secrets of other tenants' images:
+        // only root may traverse the state directory, as containerd does for its own.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(SnapshotError::io("chmod", root))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        let mut overlay_options = Vec::new();
+        if Path::new(OVERLAY_INDEX_PARAM).exists() {
+            overlay_options.push("index=off".to_owned());
+        }
+        Ok(Snapshotter {
+            store,
+            snapshots_dir,
+            overlay_options,
+        })
+    }
+
+    /// Creates an active (writable) snapshot of `parent` and returns how to mount it.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Creates a read-only view of `parent` and returns how to mount it.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    /// Returns the mounts that `prepare`/`view` returned for `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotError> {
+        let record = self.get(key)?;
+        self.mounts_of(&record)
+    }
+
+    /// Turns the active snapshot `key` into the committed snapshot `name`.
+    pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<(), SnapshotError> {
+        check_key(name)?;
+        let record = self.get(key)?;
+        if record.kind != Kind::Active {
+            return Err(SnapshotError::NotActive { key: key.into() });
+        }
+        // Measured outside the transaction: a large layer would otherwise hold the store's one
+        // writer while walking the tree. The layer cannot change under us: containerd commits
+        // only after it has finished writing and unmounted.
+        let fs = self.fs_dir(record.id);
+        let usage = usage::disk_usage(&fs).map_err(SnapshotError::io("measure", &fs))?;
+        self.store.write(|tx| {
+            let record = tx
+                .get(key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if record.kind != Kind::Active {
+                return Err(SnapshotError::NotActive { key: key.into() });
+            }
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists { key: name.into() });
+            }
+            tx.delete(key)?;
+            let now = SystemTime::now();
+            let committed = Record {
+                kind: Kind::Committed,
+                labels,
+                created_at: now,
+                updated_at: now,
+                usage,
+                ..record
+            };
+            tx.put(name, &committed)?;
+            Ok(())
+        })
+    }
+
+    /// Removes `key`; refused while other snapshots name it as their parent.
+    pub fn remove(&self, key: &str) -> Result<(), SnapshotError> {
+        let record = self.store.write(|tx| {
+            let record = tx
+                .get(key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if tx.has_children(key)? {
+                return Err(SnapshotError::HasChildren { key: key.into() });
+            }
+            tx.delete(key)?;
+            Ok(record)
+        })?;
+        // After the commit the directory is an orphan whatever happens next, so a failure here
+        // only delays the space being freed until the next Cleanup.
+        let dir = self.snapshot_dir(record.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(key, dir = %dir.display(), error = %e, "removing snapshot directory failed; cleanup will retry");
+        }
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Info, SnapshotError> {
+        Ok(self.get(key)?.info(key))
+    }
+
+    /// Updates the labels of `info.name` following containerd's field-path rules: no paths or
+    /// `labels` replaces all labels, `labels.KEY` copies one (deleting it when absent from
+    /// `info`); every other field is immutable.
+    pub fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Info, SnapshotError> {
+        let key = info.name.as_str();
+        self.store.write(|tx| {
+            let mut record = tx
+                .get(key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if fieldpaths.is_empty() {
+                record.labels = info.labels.clone();
+            }
+            for path in fieldpaths {
+                if path == "labels" {
+                    record.labels = info.labels.clone();
+                } else if let Some(label) = path.strip_prefix("labels.") {
+                    match info.labels.get(label) {
+                        Some(value) => record.labels.insert(label.to_owned(), value.clone()),
+                        None => record.labels.remove(label),
+                    };
+                } else {
+                    return Err(SnapshotError::ImmutableField {
+                        key: key.into(),
+                        field: path.clone(),
+                    });
+                }
+            }
+            record.updated_at = SystemTime::now();
+            tx.put(key, &record)?;
+            Ok(record.info(key))
+        })
+    }
+
+    /// The space `key` takes itself: measured now for an active snapshot, as recorded at commit
+    /// otherwise.
+    pub fn usage(&self, key: &str) -> Result<Usage, SnapshotError> {
+        let record = self.get(key)?;
+        if record.kind != Kind::Active {
+            return Ok(record.usage);
+        }
+        let fs = self.fs_dir(record.id);
+        usage::disk_usage(&fs).map_err(SnapshotError::io("measure", &fs))
+    }
+
+    /// Every snapshot matching any of `filters` (all when there are none).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>, SnapshotError> {
+        let filters =
+            filter::parse_all(filters).map_err(|(filter, e)| SnapshotError::InvalidFilter {
+                filter,
+                reason: e.to_string(),
+            })?;
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .map(|(key, record)| record.info(&key))
+            .filter(|info| filter::matches_any(&filters, info))
+            .collect())
+    }
+
+    /// Removes every directory under `snapshots/` that no record names: leftovers of removed
+    /// snapshots whose deletion failed, and of operations interrupted by a crash.
+    pub fn cleanup(&self) -> Result<(), SnapshotError> {
+        let known: HashSet<String> = self
+            .store
+            .all()?
+            .into_iter()
+            .map(|(_, record)| record.id.to_string())
+            .collect();
+        let entries = std::fs::read_dir(&self.snapshots_dir)
+            .map_err(SnapshotError::io("list", &self.snapshots_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(SnapshotError::io("list", &self.snapshots_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!(dir = %path.display(), "removing orphaned snapshot directory");
+            std::fs::remove_dir_all(&path).map_err(SnapshotError::io("remove", &path))?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Record, SnapshotError> {
+        self.store
+            .get(key)?
+            .ok_or_else(|| SnapshotError::NotFound { key: key.into() })
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, SnapshotError> {
+        check_key(key)?;
+        let staging = self.stage(kind)?;
+        let mut placed = None;
+        let result = self.store.write(|tx| {
+            if tx.get(key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists { key: key.into() });
+            }
+            let parent_id = match parent {
+                None => None,
+                Some(parent) => {
+                    let record = tx
+                        .get(parent)?
+                        .ok_or_else(|| SnapshotError::ParentNotFound {
+                            key: key.into(),
+                            parent: parent.into(),
+                        })?;
+                    if record.kind != Kind::Committed {
+                        return Err(SnapshotError::ParentNotCommitted {
+                            key: key.into(),
+                            parent: parent.into(),
+                        });
+                    }
+                    Some(record.id)
+                }
+            };
+            if let Some(parent_id) = parent_id {
+                self.inherit_owner(&staging.join("fs"), parent_id)?;
+            }
+            let now = SystemTime::now();
+            let record = Record {
+                id: tx.next_id()?,
+                kind,
+                parent: parent.map(str::to_owned),
+                labels,
+                created_at: now,
+                updated_at: now,
+                usage: Usage::default(),
+            };
+            tx.put(key, &record)?;
+            let target = self.snapshot_dir(record.id);
+            // An id is only burnt when its transaction commits, so a directory of that name can
+            // be left from a crashed attempt; no record owns it.
+            if target.exists() {
+                std::fs::remove_dir_all(&target).map_err(SnapshotError::io("remove", &target))?;
+            }
+            std::fs::rename(&staging, &target).map_err(SnapshotError::io("rename", &staging))?;
+            placed = Some(target);
+            Ok(record)
+        });
+        match result {
+            Ok(record) => self.mounts_of(&record),
+            Err(e) => {
+                let leftover = placed.unwrap_or(staging);
+                if let Err(cleanup) = std::fs::remove_dir_all(&leftover) {
+                    tracing::warn!(dir = %leftover.display(), error = %cleanup, "removing staged snapshot directory failed; cleanup will retry");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a fresh directory with `fs` (and `work` for active snapshots) under a name no
+    /// record uses.
+    fn stage(&self, kind: Kind) -> Result<PathBuf, SnapshotError> {
+        let staging = tempfile::Builder::new()
+            .prefix("new-")
+            .tempdir_in(&self.snapshots_dir)
+            .map_err(SnapshotError::io(
+                "create staging dir in",
+                &self.snapshots_dir,
+            ))?
+            .keep();
+        let fs = staging.join("fs");
+        std::fs::create_dir(&fs).map_err(SnapshotError::io("create", &fs))?;
+        // The layer's root must be 0755 whatever the daemon's umask: it becomes the container's
+        // `/` when there is no parent.
+        std::fs::set_permissions(&fs, std::fs::Permissions::from_mode(0o755))
+            .map_err(SnapshotError::io("chmod", &fs))?;
+        if kind == Kind::Active {
+            let work = staging.join("work");
+            std::fs::create_dir(&work).map_err(SnapshotError::io("create", &work))?;
+            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o711))
+                .map_err(SnapshotError::io("chmod", &work))?;
+        }
+        Ok(staging)
+    }
+
+    /// overlayfs takes the root's owner from the upper dir; copy the parent's so that an image
+    /// whose root belongs to a non-root user keeps it (as containerd does).
+    fn inherit_owner(&self, fs: &Path, parent_id: u64) -> Result<(), SnapshotError> {
+        let parent_fs = self.fs_dir(parent_id);
+        let meta = std::fs::metadata(&parent_fs).map_err(SnapshotError::io("stat", &parent_fs))?;
+        std::os::unix::fs::chown(fs, Some(meta.uid()), Some(meta.gid()))
+            .map_err(SnapshotError::io("chown", fs))
+    }
+
+    fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
+        let parents = self.store.parent_ids(record)?;
+        Ok(self.overlay_mounts(record.id, record.kind, &parents))
+    }
+
+    /// The same mounts containerd's overlayfs snapshotter returns: a bind mount when there is a
+    /// single layer (overlayfs needs at least two), overlay otherwise.
+    fn overlay_mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Vec<Mount> {
+        let path = |id: u64| self.fs_dir(id).display().to_string();
+        let bind = |source: String, mode: &str| Mount {
+            kind: "bind".into(),
+            source,
+            options: vec![mode.into(), "rbind".into()],
+        };
+        if parents.is_empty() {
+            let mode = if kind == Kind::View { "ro" } else { "rw" };
+            return vec![bind(path(id), mode)];
+        }
+        let mut options = self.overlay_options.clone();
+        if kind == Kind::Active {
+            options.push(format!(
+                "workdir={}",
+                self.snapshot_dir(id).join("work").display()
+            ));
+            options.push(format!("upperdir={}", path(id)));
+        } else if let [only] = parents {
+            return vec![bind(path(*only), "ro")];
+        }
+        let lower: Vec<String> = parents.iter().map(|p| path(*p)).collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
+    }
+
+    fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir.join(id.to_string())
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("fs")
+    }
+}
+
+fn check_key(key: &str) -> Result<(), SnapshotError> {
+    if key.is_empty() {
+        return Err(SnapshotError::InvalidKey {
+            reason: "key must not be empty",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! Snapshot semantics checked against containerd's contract, on a real directory tree (no
+//! mounts are made here; the e2e tests mount through containerd).
+
+use super::*;
+
+fn open() -> (tempfile::TempDir, Snapshotter) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snapshotter = Snapshotter::open(dir.path()).expect("open snapshotter");
+    (dir, snapshotter)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Prepares `key` on `parent`, writes a marker file into it and commits it as `name`.
+fn layer(s: &Snapshotter, name: &str, parent: Option<&str>) {
+    let key = format!("{name}-active");
+    s.prepare(&key, parent, Labels::new()).expect("prepare");
+    let record = s.get(&key).expect("record");
+    std::fs::write(s.fs_dir(record.id).join(name), name).expect("write marker");
+    s.commit(name, &key, Labels::new()).expect("commit");
+}
+
+fn option<'a>(mount: &'a Mount, prefix: &str) -> Option<&'a str> {
+    mount.options.iter().find_map(|o| o.strip_prefix(prefix))
+}
+
+#[test]
+fn single_layer_mounts_are_binds() {
+    let (_dir, s) = open();
+    let mounts = s.prepare("a", None, Labels::new()).expect("prepare");
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].kind, "bind");
+    assert_eq!(mounts[0].options, vec!["rw", "rbind"]);
+    let meta = std::fs::metadata(&mounts[0].source).expect("stat root");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o755);
+
+    layer(&s, "base", None);
+    let view = s.view("v", Some("base"), Labels::new()).expect("view");
+    assert_eq!(view[0].kind, "bind");
+    assert_eq!(view[0].options, vec!["ro", "rbind"]);
+    assert!(Path::new(&view[0].source).join("base").exists());
+}
+
+#[test]
+fn overlay_lowerdirs_are_nearest_parent_first() {
+    let (_dir, s) = open();
+    layer(&s, "l1", None);
+    layer(&s, "l2", Some("l1"));
+    layer(&s, "l3", Some("l2"));
+    let mounts = s.prepare("rw", Some("l3"), Labels::new()).expect("prepare");
+    assert_eq!(mounts[0].kind, "overlay");
+    let lower: Vec<&str> = option(&mounts[0], "lowerdir=")
+        .expect("lowerdir")
+        .split(':')
+        .collect();
+    let markers: Vec<bool> = ["l3", "l2", "l1"]
+        .iter()
+        .zip(&lower)
+        .map(|(name, dir)| Path::new(dir).join(name).exists())
+        .collect();
+    assert_eq!(markers, vec![true, true, true], "lowerdirs {lower:?}");
+    assert!(option(&mounts[0], "upperdir=").is_some());
+    assert!(option(&mounts[0], "workdir=").is_some());
+    assert_eq!(s.mounts("rw").expect("mounts"), mounts);
+
+    let view = s.view("ro", Some("l3"), Labels::new()).expect("view");
+    assert_eq!(view[0].kind, "overlay");
+    assert!(
+        option(&view[0], "upperdir=").is_none(),
+        "a view has no upper dir"
+    );
+}
+
+#[test]
+fn kinds_and_namespace() {
+    let (_dir, s) = open();
+    s.prepare("a", None, Labels::new()).expect("prepare");
+    assert_eq!(s.stat("a").expect("stat").kind, Kind::Active);
+    assert!(matches!(
+        s.prepare("a", None, Labels::new()),
+        Err(SnapshotError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        s.prepare("b", Some("a"), Labels::new()),
+        Err(SnapshotError::ParentNotCommitted { .. })
+    ));
+    assert!(matches!(
+        s.prepare("b", Some("missing"), Labels::new()),
+        Err(SnapshotError::ParentNotFound { .. })
+    ));
+    s.commit("c", "a", labels(&[("k", "v")])).expect("commit");
+    assert!(matches!(s.stat("a"), Err(SnapshotError::NotFound { .. })));
+    let info = s.stat("c").expect("stat committed");
+    assert_eq!(info.kind, Kind::Committed);
+    assert_eq!(info.labels, labels(&[("k", "v")]));
+    // committed names and active keys share one namespace
+    assert!(matches!(
+        s.prepare("c", None, Labels::new()),
+        Err(SnapshotError::AlreadyExists { .. })
+    ));
+    s.view("v", Some("c"), Labels::new()).expect("view");
+    assert!(matches!(
+        s.commit("v2", "v", Labels::new()),
+        Err(SnapshotError::NotActive { .. })
+    ));
+    s.prepare("x", None, Labels::new()).expect("prepare");
+    assert!(matches!(
+        s.commit("c", "x", Labels::new()),
+        Err(SnapshotError::AlreadyExists { .. })
+    ));
+}
+
+#[test]
+fn remove_refuses_parents_and_frees_the_key() {
+    let (dir, s) = open();
+    layer(&s, "base", None);
+    s.prepare("child", Some("base"), Labels::new())
+        .expect("prepare");
+    let err = s.remove("base").expect_err("parent with a child");
+    assert!(matches!(err, SnapshotError::HasChildren { .. }));
+    assert!(err.to_string().contains("remove"), "{err}");
+    s.remove("child").expect("remove child");
+    s.remove("base").expect("remove base");
+    assert!(matches!(
+        s.remove("base"),
+        Err(SnapshotError::NotFound { .. })
+    ));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .expect("list")
+        .collect();
+    assert!(left.is_empty(), "directories left: {left:?}");
+    s.prepare("child", None, Labels::new())
+        .expect("key reusable at once");
+}
+
+#[test]
+fn update_follows_field_paths() {
+    let (_dir, s) = open();
+    s.prepare("a", None, labels(&[("keep", "1"), ("drop", "2")]))
+        .expect("prepare");
+    let before = s.stat("a").expect("stat");
+    let mut info = before.clone();
+    info.labels = labels(&[("new", "3")]);
+    info.parent = "ignored".into();
+
+    let updated = s
+        .update(&info, &["labels.new".into(), "labels.drop".into()])
+        .expect("update");
+    assert_eq!(updated.labels, labels(&[("keep", "1"), ("new", "3")]));
+    assert_eq!(updated.created_at, before.created_at);
+    assert!(updated.updated_at >= before.updated_at);
+    assert_eq!(updated.parent, "", "parent is never updated");
+
+    let replaced = s.update(&info, &[]).expect("replace all");
+    assert_eq!(replaced.labels, labels(&[("new", "3")]));
+    assert_eq!(
+        s.stat("a").expect("stat"),
+        replaced,
+        "Stat returns what Update returned"
+    );
+
+    assert!(matches!(
+        s.update(&info, &["parent".into()]),
+        Err(SnapshotError::ImmutableField { .. })
+    ));
+}
+
+#[test]
+fn list_applies_filters() {
+    let (_dir, s) = open();
+    layer(&s, "base", None);
+    s.prepare(
+        "rw",
+        Some("base"),
+        labels(&[("containerd.io/snapshot.ref", "t")]),
+    )
+    .expect("prepare");
+    let names = |filters: &[&str]| -> Vec<String> {
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        s.list(&filters)
+            .expect("list")
+            .into_iter()
+            .map(|i| i.name)
+            .collect()
+    };
+    assert_eq!(names(&[]), vec!["base", "rw"]);
+    assert_eq!(names(&["kind==committed"]), vec!["base"]);
+    assert_eq!(names(&["parent==base"]), vec!["rw"]);
+    assert_eq!(
+        names(&[r#"labels."containerd.io/snapshot.ref"==t"#]),
+        vec!["rw"]
+    );
+    assert_eq!(names(&["kind==view", "name==base"]), vec!["base"]);
+    assert!(matches!(
+        s.list(&["kind=".into()]),
+        Err(SnapshotError::InvalidFilter { .. })
+    ));
+}
+
+#[test]
+fn usage_counts_written_data() {
+    let (_dir, s) = open();
+    let mounts = s.prepare("a", None, Labels::new()).expect("prepare");
+    let empty = s.usage("a").expect("usage");
+    std::fs::write(
+        Path::new(&mounts[0].source).join("f"),
+        vec![1u8; 256 * 1024],
+    )
+    .expect("write");
+    let written = s.usage("a").expect("usage");
+    assert!(
+        written.size >= empty.size + 256 * 1024,
+        "{empty:?} -> {written:?}"
+    );
+    assert_eq!(written.inodes, empty.inodes + 1);
+    s.commit("c", "a", Labels::new()).expect("commit");
+    assert_eq!(
+        s.usage("c").expect("usage"),
+        written,
+        "committed usage is recorded"
+    );
+}
+
+#[test]
+fn state_survives_reopen_and_cleanup_removes_orphans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Snapshotter::open(dir.path()).expect("open");
+        layer(&s, "base", None);
+        s.prepare("rw", Some("base"), Labels::new())
+            .expect("prepare");
+    }
+    // What a crash between staging and commit leaves behind.
+    let orphan = dir.path().join("snapshots").join("new-crashed");
+    std::fs::create_dir_all(orphan.join("fs")).expect("orphan");
+    let stale_id = dir.path().join("snapshots").join("999");
+    std::fs::create_dir_all(stale_id.join("fs")).expect("stale id");
+
+    let s = Snapshotter::open(dir.path()).expect("reopen");
+    assert_eq!(s.stat("base").expect("stat").kind, Kind::Committed);
+    assert_eq!(s.stat("rw").expect("stat").parent, "base");
+    s.cleanup().expect("cleanup");
+    assert!(!orphan.exists() && !stale_id.exists());
+    let mounts = s.mounts("rw").expect("mounts");
+    let lower = option(&mounts[0], "lowerdir=").expect("lowerdir");
+    assert!(Path::new(lower).join("base").exists(), "base layer kept");
+}
