@@ -20,8 +20,9 @@ pub struct Config {
     pub root: PathBuf,
     /// Unix socket of containerd's Snapshots gRPC service. Default `/run/lazysnap/lazysnap.sock`.
     pub address: PathBuf,
-    /// tracing filter (`error`, `warn`, `info`, `debug`, `trace`, or directives such as
-    /// `lazysnap=debug`); `RUST_LOG` wins when set. Default `info`.
+    /// Log level of lazysnap itself (`error`, `warn`, `info`, `debug`, `trace`; libraries log
+    /// at `warn`), or full tracing directives such as `info,h2=debug`; `RUST_LOG` wins when
+    /// set. Default `info`.
     pub log_level: String,
 }
 
@@ -92,6 +93,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The tracing directives for `log_level`: a bare level applies to lazysnap's own crates
+    /// only, because `debug` for gRPC and HTTP libraries buries our lines under frame dumps.
+    pub fn log_filter(&self) -> String {
+        let level = self.log_level.trim();
+        if level.contains(['=', ',']) {
+            level.to_owned()
+        } else {
+            format!("warn,lazysnap={level},lazysnap_fuse={level}")
+        }
+    }
+
     /// Checks what serde cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.root.is_absolute() {
@@ -106,7 +118,7 @@ impl Config {
                 reason: format!("{:?} must be an absolute path", self.address),
             });
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+        tracing_subscriber::EnvFilter::try_new(self.log_filter()).map_err(|e| {
             ConfigError::Invalid {
                 key: "log_level",
                 reason: format!("{:?}: {e}", self.log_level),

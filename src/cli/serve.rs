@@ -1,6 +1,7 @@
 //! `lazysnap serve`: loads the config, applies flag overrides, sets up logging and runs the
 //! daemon on a multi-threaded runtime.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -41,11 +42,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(directives) if !directives.is_empty() => {
             EnvFilter::try_new(&directives).with_context(|| format!("RUST_LOG={directives:?}"))?
         }
-        _ => EnvFilter::try_new(&config.log_level)?,
+        _ => EnvFilter::try_new(config.log_filter())?,
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
