@@ -6,10 +6,12 @@
 //!   knows nothing of gRPC.
 //! - `grpc`: containerd's Snapshots service over `snapshot` (tonic), proto ↔ domain conversion
 //!   and error → status mapping.
+//! - `cache`: verified chunk bytes on disk and in memory, content-addressed; a leaf.
 //! - `daemon`: wiring for `lazysnap serve`: state dir, socket, signals.
 //!
 //! Dependencies point one way: `daemon → grpc → snapshot`, `config` is a leaf.
 
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod grpc;
