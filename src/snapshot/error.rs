@@ -24,6 +24,8 @@ pub enum SnapshotError {
     InvalidKey { reason: &'static str },
     #[error("invalid filter {filter:?}: {reason}")]
     InvalidFilter { filter: String, reason: String },
+    #[error("lazy layer of snapshot id {id} could not be mounted after a restart; remove the image and pull it again")]
+    LayerUnavailable { id: u64 },
     #[error("metadata store: {0}")]
     Store(#[from] crate::snapshot::store::StoreError),
     #[error("{action} {}: {source}", path.display())]

@@ -10,6 +10,8 @@
 
 mod error;
 pub mod filter;
+mod mountinfo;
+pub mod remote;
 pub mod store;
 pub mod types;
 mod usage;
@@ -17,9 +19,11 @@ mod usage;
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 pub use error::SnapshotError;
+pub use remote::{RemoteError, RemoteFs, RemoteState};
 use store::{Record, Store};
 pub use types::{Info, Kind, Labels, Mount, Usage};
 
@@ -32,11 +36,25 @@ pub struct Snapshotter {
     store: Store,
     snapshots_dir: PathBuf,
     overlay_options: Vec<String>,
+    remote: Option<Arc<dyn RemoteFs>>,
+    /// Remote layers that could not be mounted again after a restart. Their `fs` dirs are
+    /// empty, so any mount stacking them is refused rather than handing containerd a layer
+    /// with silently missing files.
+    unavailable: Mutex<HashSet<u64>>,
 }
 
 impl Snapshotter {
-    /// Opens (or initialises) the snapshotter state under `root`.
+    /// Opens (or initialises) the snapshotter state under `root`, for ordinary layers only.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
+        Self::open_with(root, None)
+    }
+
+    /// Opens the snapshotter state under `root`; layers that `remote` can mount are pulled
+    /// lazily.
+    pub fn open_with(
+        root: &Path,
+        remote: Option<Arc<dyn RemoteFs>>,
+    ) -> Result<Self, SnapshotError> {
         let snapshots_dir = root.join("snapshots");
         std::fs::create_dir_all(&snapshots_dir)
             .map_err(SnapshotError::io("create", &snapshots_dir))?;
@@ -53,17 +71,127 @@ impl Snapshotter {
             store,
             snapshots_dir,
             overlay_options,
+            remote,
+            unavailable: Mutex::default(),
         })
     }
 
-    /// Creates an active (writable) snapshot of `parent` and returns how to mount it.
+    /// Creates an active (writable) snapshot of `parent` and returns how to mount it; or, for
+    /// a layer the remote file system can provide, commits the target containerd asked for and
+    /// answers AlreadyExists (see `remote`).
     pub fn prepare(
         &self,
         key: &str,
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>, SnapshotError> {
-        self.create(Kind::Active, key, parent, labels)
+        let target = labels.get(remote::TARGET_REF_LABEL).cloned();
+        let (Some(remote), Some(target)) = (self.remote.clone(), target) else {
+            return self.create(Kind::Active, key, parent, labels);
+        };
+        if self.store.get(&target)?.is_some() {
+            return Err(SnapshotError::AlreadyExists { key: target });
+        }
+        let mounts = self.create(Kind::Active, key, parent, labels.clone())?;
+        let record = self.get(key)?;
+        let fs = self.fs_dir(record.id);
+        let state = match remote.mount(&fs, &labels) {
+            Ok(state) => state,
+            Err(RemoteError::NotLazy(why)) => {
+                tracing::info!(key, %target, reason = %why, "layer is not lazy; containerd will download and unpack it");
+                return Ok(mounts);
+            }
+            Err(RemoteError::Failed(why)) => {
+                tracing::warn!(key, %target, error = %why, "lazy mount failed; falling back to download and unpack");
+                return Ok(mounts);
+            }
+        };
+        match self.commit_remote(&target, key, labels, state) {
+            Ok(()) => {
+                tracing::info!(key, %target, "layer mounted lazily");
+                Err(SnapshotError::AlreadyExists { key: target })
+            }
+            Err(e) => {
+                // The FUSE mount must not outlive a snapshot that does not record it.
+                if let Err(u) = remote.unmount(&fs) {
+                    tracing::warn!(mountpoint = %fs.display(), error = %u, "unmounting after failed commit failed");
+                }
+                if matches!(e, SnapshotError::AlreadyExists { .. }) {
+                    // Another Prepare committed the same layer meanwhile: ours is redundant.
+                    self.remove(key)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits a remotely mounted active snapshot without measuring it: walking a lazy layer
+    /// would cost metadata lookups for nothing, as its bytes are not on this disk.
+    fn commit_remote(
+        &self,
+        name: &str,
+        key: &str,
+        mut labels: Labels,
+        state: RemoteState,
+    ) -> Result<(), SnapshotError> {
+        labels.insert(
+            remote::REMOTE_LABEL.to_owned(),
+            remote::REMOTE_LABEL_VALUE.to_owned(),
+        );
+        self.store.write(|tx| {
+            let record = tx
+                .get(key)?
+                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if tx.get(name)?.is_some() {
+                return Err(SnapshotError::AlreadyExists { key: name.into() });
+            }
+            tx.delete(key)?;
+            let now = SystemTime::now();
+            let committed = Record {
+                kind: Kind::Committed,
+                labels,
+                created_at: now,
+                updated_at: now,
+                remote: Some(state),
+                ..record
+            };
+            tx.put(name, &committed)?;
+            Ok(())
+        })
+    }
+
+    /// Mounts again, after a restart, every remote layer the store records, once stale mounts
+    /// of the previous run are detached. A layer that cannot be mounted is logged and its
+    /// snapshot refuses to be mounted until it is removed.
+    pub fn restore_remote_mounts(&self) -> Result<(), SnapshotError> {
+        let detached = mountinfo::detach_under(&self.snapshots_dir)
+            .map_err(SnapshotError::io("read mounts under", &self.snapshots_dir))?;
+        if detached > 0 {
+            tracing::info!(count = detached, "detached stale mounts of an earlier run");
+        }
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        for (key, record) in self.store.all()? {
+            let Some(state) = &record.remote else {
+                continue;
+            };
+            let fs = self.fs_dir(record.id);
+            match remote.remount(&fs, state) {
+                Ok(()) => tracing::info!(%key, "remounted lazy layer"),
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "cannot mount lazy layer again; containers using it cannot start until the image is pulled again");
+                    self.unavailable_ids().insert(record.id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unavailable_ids(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        // A poisoned lock only means another thread panicked while inserting an id; the set
+        // itself is still valid.
+        self.unavailable.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates a read-only view of `parent` and returns how to mount it.
@@ -131,9 +259,17 @@ impl Snapshotter {
             tx.delete(key)?;
             Ok(record)
         })?;
+        let dir = self.snapshot_dir(record.id);
+        if record.remote.is_some() {
+            self.unavailable_ids().remove(&record.id);
+            if let Some(remote) = &self.remote {
+                if let Err(e) = remote.unmount(&self.fs_dir(record.id)) {
+                    tracing::warn!(key, error = %e, "unmounting lazy layer failed");
+                }
+            }
+        }
         // After the commit the directory is an orphan whatever happens next, so a failure here
         // only delays the space being freed until the next Cleanup.
-        let dir = self.snapshot_dir(record.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             tracing::warn!(key, dir = %dir.display(), error = %e, "removing snapshot directory failed; cleanup will retry");
         }
@@ -223,6 +359,8 @@ impl Snapshotter {
             }
             let path = entry.path();
             tracing::info!(dir = %path.display(), "removing orphaned snapshot directory");
+            mountinfo::detach_under(&path)
+                .map_err(SnapshotError::io("read mounts under", &path))?;
             std::fs::remove_dir_all(&path).map_err(SnapshotError::io("remove", &path))?;
         }
         Ok(())
@@ -278,6 +416,7 @@ impl Snapshotter {
                 created_at: now,
                 updated_at: now,
                 usage: Usage::default(),
+                remote: None,
             };
             tx.put(key, &record)?;
             let target = self.snapshot_dir(record.id);
@@ -339,6 +478,12 @@ impl Snapshotter {
 
     fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
         let parents = self.store.parent_ids(record)?;
+        {
+            let unavailable = self.unavailable_ids();
+            if let Some(id) = parents.iter().find(|id| unavailable.contains(id)) {
+                return Err(SnapshotError::LayerUnavailable { id: *id });
+            }
+        }
         Ok(self.overlay_mounts(record.id, record.kind, &parents))
     }
 

@@ -70,6 +70,10 @@ pub struct Record {
     /// Measured at commit; zero for active snapshots and views.
     #[serde(default)]
     pub usage: Usage,
+    /// Set when the layer is a lazily pulled one mounted at `fs`: what it takes to mount it
+    /// again after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<super::remote::RemoteState>,
 }
 
 impl Record {
@@ -244,6 +248,7 @@ mod tests {
             created_at: SystemTime::UNIX_EPOCH,
             updated_at: SystemTime::UNIX_EPOCH,
             usage: Usage::default(),
+            remote: None,
         }
     }
 

@@ -250,3 +250,153 @@ fn state_survives_reopen_and_cleanup_removes_orphans() {
     let lower = option(&mounts[0], "lowerdir=").expect("lowerdir");
     assert!(Path::new(lower).join("base").exists(), "base layer kept");
 }
+
+/// A remote file system that "mounts" by writing a marker file, and records its calls.
+#[derive(Default)]
+struct FakeRemote {
+    calls: Mutex<Vec<String>>,
+    fail_remount: bool,
+}
+
+impl RemoteFs for FakeRemote {
+    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError> {
+        let Some(layer) = labels.get("test/layer") else {
+            return Err(RemoteError::NotLazy("no test/layer label".into()));
+        };
+        if layer == "broken" {
+            return Err(RemoteError::Failed("broken layer".into()));
+        }
+        std::fs::write(mountpoint.join("remote-marker"), layer).expect("write marker");
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("mount {layer}"));
+        Ok(serde_json::json!({ "layer": layer }))
+    }
+
+    fn remount(&self, _mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(format!("remount {}", state["layer"]));
+        if self.fail_remount {
+            return Err(RemoteError::Failed("registry gone".into()));
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, _mountpoint: &Path) -> Result<(), RemoteError> {
+        self.calls.lock().expect("lock").push("unmount".into());
+        Ok(())
+    }
+}
+
+fn remote_labels(target: &str, layer: &str) -> Labels {
+    labels(&[(remote::TARGET_REF_LABEL, target), ("test/layer", layer)])
+}
+
+#[test]
+fn lazy_layer_is_committed_as_the_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = Arc::new(FakeRemote::default());
+    let s = Snapshotter::open_with(dir.path(), Some(fake.clone())).expect("open");
+
+    let err = s
+        .prepare("extract-1", None, remote_labels("chain-1", "L1"))
+        .expect_err("containerd is told the layer exists");
+    assert!(
+        matches!(err, SnapshotError::AlreadyExists { ref key } if key == "chain-1"),
+        "{err}"
+    );
+    assert!(matches!(
+        s.stat("extract-1"),
+        Err(SnapshotError::NotFound { .. })
+    ));
+    let info = s.stat("chain-1").expect("target committed");
+    assert_eq!(info.kind, Kind::Committed);
+    assert_eq!(
+        info.labels.get(remote::REMOTE_LABEL).map(String::as_str),
+        Some("remote snapshot")
+    );
+    // containerd finds it with exactly this filter
+    let found = s
+        .list(&[r#"labels."containerd.io/snapshot.ref"==chain-1"#.into()])
+        .expect("list");
+    assert_eq!(found.len(), 1);
+
+    // a second layer on top, and a container's rw snapshot stacking both
+    s.prepare("extract-2", Some("chain-1"), remote_labels("chain-2", "L2"))
+        .expect_err("second lazy layer");
+    let mounts = s.prepare("rw", Some("chain-2"), Labels::new()).expect("rw");
+    let lower = option(&mounts[0], "lowerdir=").expect("lowerdir");
+    let markers: Vec<String> = lower
+        .split(':')
+        .map(|d| std::fs::read_to_string(Path::new(d).join("remote-marker")).expect("marker"))
+        .collect();
+    assert_eq!(markers, vec!["L2", "L1"]);
+
+    // the same layer again (another image sharing it) is already there
+    let again = s.prepare("extract-3", None, remote_labels("chain-1", "L1"));
+    assert!(matches!(again, Err(SnapshotError::AlreadyExists { .. })));
+
+    s.remove("rw").expect("remove rw");
+    s.remove("chain-2").expect("remove chain-2");
+    assert_eq!(
+        *fake.calls.lock().expect("lock"),
+        vec!["mount L1", "mount L2", "unmount"]
+    );
+}
+
+#[test]
+fn layers_that_are_not_lazy_take_the_ordinary_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s =
+        Snapshotter::open_with(dir.path(), Some(Arc::new(FakeRemote::default()))).expect("open");
+    let plain = s
+        .prepare(
+            "extract-1",
+            None,
+            labels(&[(remote::TARGET_REF_LABEL, "chain-1")]),
+        )
+        .expect("plain layer gets mounts");
+    assert_eq!(plain[0].kind, "bind");
+    let broken = s
+        .prepare("extract-2", None, remote_labels("chain-2", "broken"))
+        .expect("failing lazy layer falls back");
+    assert_eq!(broken[0].kind, "bind");
+    assert_eq!(s.stat("extract-2").expect("active").kind, Kind::Active);
+    assert!(matches!(
+        s.stat("chain-2"),
+        Err(SnapshotError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn remote_layers_are_remounted_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Snapshotter::open_with(dir.path(), Some(Arc::new(FakeRemote::default())))
+            .expect("open");
+        s.prepare("extract-1", None, remote_labels("chain-1", "L1"))
+            .expect_err("lazy");
+    }
+    let fake = Arc::new(FakeRemote::default());
+    let s = Snapshotter::open_with(dir.path(), Some(fake.clone())).expect("reopen");
+    s.restore_remote_mounts().expect("restore");
+    assert_eq!(*fake.calls.lock().expect("lock"), vec![r#"remount "L1""#]);
+    s.prepare("rw", Some("chain-1"), Labels::new())
+        .expect("usable");
+
+    let failing = Arc::new(FakeRemote {
+        fail_remount: true,
+        ..FakeRemote::default()
+    });
+    drop(s);
+    let s = Snapshotter::open_with(dir.path(), Some(failing)).expect("reopen");
+    s.restore_remote_mounts().expect("restore");
+    let err = s.mounts("rw").expect_err("layer unavailable");
+    assert!(
+        matches!(err, SnapshotError::LayerUnavailable { .. }),
+        "{err}"
+    );
+}

@@ -1,0 +1,47 @@
+//! How the snapshotter sees lazily pulled layers: a small `RemoteFs` trait that mounts a layer
+//! described by containerd's labels at a directory, with no knowledge of formats, registries or
+//! FUSE here. The implementation lives in `crate::mount`.
+//!
+//! containerd's remote-snapshot protocol: when `Prepare` carries `containerd.io/snapshot.ref`
+//! (the chain ID the layer will be committed as), a snapshotter that can provide the layer
+//! itself commits that target and answers AlreadyExists; containerd then skips download and
+//! unpack. Anything else (no labels, not a lazy format, a failure) answers with ordinary mounts
+//! and containerd applies the layer tar itself, so every image still works.
+
+use std::path::Path;
+
+use super::types::Labels;
+
+/// The label containerd's unpacker sets on a layer's Prepare: the committed name it wants.
+pub const TARGET_REF_LABEL: &str = "containerd.io/snapshot.ref";
+/// Marks snapshots committed by the remote path, as stargz-snapshotter does, so operators can
+/// tell them apart in `ctr snapshots info`.
+pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
+pub const REMOTE_LABEL_VALUE: &str = "remote snapshot";
+
+/// What a remote layer needs to be mounted again after a restart, kept in the metadata store
+/// with the snapshot. Opaque to the snapshotter.
+pub type RemoteState = serde_json::Value;
+
+/// Why a layer was not mounted remotely. Both variants send the layer down the ordinary path;
+/// they differ only in how loudly that is logged.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The labels do not describe a lazily pullable layer (plain gzip, no reference, ...).
+    #[error("not a lazy layer: {0}")]
+    NotLazy(String),
+    /// It looked like a lazy layer but could not be mounted.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Mounts layers whose contents are fetched on demand.
+pub trait RemoteFs: Send + Sync {
+    /// Mounts the layer `labels` describe at `mountpoint` (an existing, empty directory) and
+    /// returns the state `remount` needs. On error nothing is left mounted.
+    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError>;
+    /// Mounts a layer again from its saved state, after a daemon restart.
+    fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError>;
+    /// Unmounts whatever `mount`/`remount` mounted at `mountpoint`.
+    fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError>;
+}
