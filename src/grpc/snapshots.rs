@@ -47,7 +47,7 @@ impl Snapshots for SnapshotsService {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        tracing::debug!(key = %r.key, parent = %r.parent, "prepare");
+        tracing::debug!(key = %r.key, parent = %r.parent, labels = ?r.labels, "prepare");
         let mounts = self
             .run(move |s| {
                 s.prepare(
