@@ -1,0 +1,79 @@
+//! The end-to-end harness shared by every e2e test: a real `docker-registry`, a real
+//! `containerd` with lazysnap registered as a proxy plugin, and `lazysnap serve`, each on
+//! loopback or its own Unix socket inside one temporary directory, torn down (processes killed
+//! by their own PIDs, mounts detached, directory removed) even when a test panics.
+//!
+//! Tests need root (containerd, mounts); CI runs as root. Missing Debian packages are installed
+//! when running as root.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod image;
+pub mod packages;
+pub mod process;
+pub mod stack;
+
+pub use stack::Stack;
+
+/// The busybox applets the test images link, for the scripts containers run.
+pub const APPLETS: &[&str] = &[
+    "sh",
+    "find",
+    "stat",
+    "sha256sum",
+    "cat",
+    "ls",
+    "readlink",
+    "sort",
+    "echo",
+    "mkdir",
+    "cut",
+    "head",
+    "wc",
+    "test",
+    "[",
+    "printf",
+    "xargs",
+    "tr",
+    "rm",
+    "dd",
+    "true",
+    "sleep",
+    "md5sum",
+];
+
+/// The script a container runs to describe its own file system, one line per path:
+/// `path|type|mode|uid|gid|size|sha256|link target|nlink`. Directory sizes and link counts
+/// depend on the file system below overlayfs, not on the image, so they are left out.
+pub const DESCRIBE_FS: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -print | sort | while read -r p; do
+  t=$(stat -c %F "$p")
+  l="$p|$t|$(stat -c '%a|%u|%g' "$p")"
+  case "$t" in
+    "regular file"|"regular empty file") l="$l|$(stat -c '%s|%h' "$p")|$(sha256sum < "$p" | cut -d' ' -f1)";;
+    "symbolic link") l="$l|$(readlink "$p")";;
+    "character special file"|"block special file") l="$l|$(stat -c '%t,%T' "$p")";;
+  esac
+  echo "$l"
+done"#;
+
+/// Fails the test with a clear message unless running as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "end-to-end tests need root (they run containerd and mount file systems); run them with sudo or as root, as CI does"
+    );
+}
+
+/// A readable line diff of two describe-fs outputs; empty when they are equal.
+pub fn diff_lines(left: &str, right: &str) -> String {
+    let l: std::collections::BTreeSet<&str> = left.lines().collect();
+    let r: std::collections::BTreeSet<&str> = right.lines().collect();
+    let mut out = String::new();
+    for line in l.difference(&r) {
+        out.push_str(&format!("- {line}\n"));
+    }
+    for line in r.difference(&l) {
+        out.push_str(&format!("+ {line}\n"));
+    }
+    out
+}

@@ -1,0 +1,320 @@
+//! One complete test stack in a temporary directory: docker-registry on a free loopback port,
+//! lazysnap on its own socket, containerd with lazysnap as a proxy plugin. Only one stack runs
+//! at a time per test binary (2-core CI machines), and dropping it tears everything down.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::process::{free_port, wait_for, Proc};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub struct Stack {
+    pub dir: PathBuf,
+    pub registry_host: String,
+    pub registry: Option<Proc>,
+    pub lazysnap: Option<Proc>,
+    pub containerd: Option<Proc>,
+    lazysnap_bin: PathBuf,
+    /// Extra flags for `lazysnap serve` (e.g. `--config`).
+    pub lazysnap_args: Vec<String>,
+    _turn: MutexGuard<'static, ()>,
+    keep: bool,
+}
+
+impl Stack {
+    /// Starts registry, lazysnap and containerd; `lazysnap_bin` is the binary under test.
+    pub fn start(lazysnap_bin: &str) -> Stack {
+        Self::start_with(lazysnap_bin, Vec::new())
+    }
+
+    pub fn start_with(lazysnap_bin: &str, lazysnap_args: Vec<String>) -> Stack {
+        super::require_root();
+        super::packages::ensure();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("lazysnap-e2e-")
+            .tempdir()
+            .expect("create temp dir")
+            .keep();
+        let mut stack = Stack {
+            registry_host: String::new(),
+            registry: None,
+            lazysnap: None,
+            containerd: None,
+            lazysnap_bin: lazysnap_bin.into(),
+            lazysnap_args,
+            _turn: turn,
+            keep: std::env::var_os("LAZYSNAP_KEEP_TMP").is_some(),
+            dir,
+        };
+        stack.start_registry(free_port());
+        stack.start_lazysnap();
+        stack.start_containerd();
+        stack
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn lazysnap_root(&self) -> PathBuf {
+        self.path("lazysnap-root")
+    }
+
+    pub fn lazysnap_socket(&self) -> PathBuf {
+        self.path("lazysnap.sock")
+    }
+
+    fn containerd_socket(&self) -> PathBuf {
+        self.path("containerd.sock")
+    }
+
+    /// (Re)starts the registry on `port`, serving the same storage.
+    pub fn start_registry(&mut self, port: u16) {
+        let config = self.path("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                self.path("registry-data").display()
+            ),
+        )
+        .expect("write registry config");
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let log = self.path(&format!("registry-{port}.log"));
+        let mut proc = Proc::spawn("docker-registry", cmd, &log);
+        let url = format!("127.0.0.1:{port}");
+        wait_for(
+            "the registry to listen",
+            Duration::from_secs(20),
+            &mut proc,
+            || std::net::TcpStream::connect(&url).is_ok(),
+        );
+        self.registry_host = url;
+        self.registry = Some(proc);
+    }
+
+    pub fn stop_registry(&mut self) {
+        if let Some(mut registry) = self.registry.take() {
+            registry.stop(Signal::SIGTERM, Duration::from_secs(5));
+        }
+    }
+
+    pub fn registry_port(&self) -> u16 {
+        self.registry_host
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("registry port")
+    }
+
+    pub fn start_lazysnap(&mut self) {
+        let socket = self.lazysnap_socket();
+        let mut cmd = Command::new(&self.lazysnap_bin);
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(self.lazysnap_root())
+            .arg("--address")
+            .arg(&socket)
+            .arg("--log-level")
+            .arg("debug")
+            .args(&self.lazysnap_args);
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let mut proc = Proc::spawn("lazysnap", cmd, &self.path(&format!("lazysnap-{n}.log")));
+        wait_for(
+            "lazysnap's socket",
+            Duration::from_secs(30),
+            &mut proc,
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        );
+        self.lazysnap = Some(proc);
+    }
+
+    /// Kills lazysnap with SIGKILL: no cleanup, no unmount, as a crash would.
+    pub fn kill_lazysnap(&mut self) {
+        if let Some(mut proc) = self.lazysnap.take() {
+            proc.stop(Signal::SIGKILL, Duration::from_secs(5));
+        }
+    }
+
+    pub fn lazysnap_log(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("lazysnap-"))
+        });
+        logs.sort();
+        logs.iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn start_containerd(&mut self) {
+        let config = self.path("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+[proxy_plugins.lazysnap]
+  type = "snapshot"
+  address = "{lazysnap}"
+"#,
+                root = self.path("containerd-root").display(),
+                state = self.path("containerd-state").display(),
+                sock = self.containerd_socket().display(),
+                lazysnap = self.lazysnap_socket().display(),
+            ),
+        )
+        .expect("write containerd config");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        let mut proc = Proc::spawn("containerd", cmd, &self.path("containerd.log"));
+        let socket = self.containerd_socket();
+        wait_for(
+            "containerd's socket",
+            Duration::from_secs(30),
+            &mut proc,
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        );
+        self.containerd = Some(proc);
+    }
+
+    /// Runs `ctr` against this containerd; returns stdout or panics with stderr and logs.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        self.try_ctr(args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+    }
+
+    pub fn try_ctr(&self, args: &[&str]) -> Result<String, String> {
+        self.try_tool("ctr", args)
+    }
+
+    /// Runs `ctr-remote` (stargz's converter and rpull) against this containerd.
+    pub fn ctr_remote(&self, args: &[&str]) -> String {
+        self.try_tool("ctr-remote", args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+    }
+
+    fn try_tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(tool)
+            .arg("--address")
+            .arg(self.containerd_socket())
+            .args(["--namespace", "lazysnap-test"])
+            .args(args)
+            .output()
+            .map_err(|e| format!("run {tool}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{tool} {args:?} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Image reference `name:tag` on the test registry.
+    pub fn image_ref(&self, name: &str) -> String {
+        format!("{}/{name}", self.registry_host)
+    }
+
+    /// Runs a container of `image` with `snapshotter` and returns its output.
+    pub fn run(&self, snapshotter: &str, image: &str, id: &str, script: &str) -> String {
+        self.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+    }
+
+    /// Mount points at or below `dir`.
+    pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(|p| PathBuf::from(p.replace("\\040", " ")))
+            .filter(|p| p.starts_with(dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        points
+    }
+
+    /// The tails of every log, for a failing assertion's message.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for (proc, lines) in [
+            (&self.containerd, 30),
+            (&self.lazysnap, 40),
+            (&self.registry, 5),
+        ] {
+            if let Some(proc) = proc {
+                out.push_str(&format!(
+                    "--- {} log ({}) ---\n{}\n",
+                    proc.name,
+                    proc.log.display(),
+                    proc.log_tail(lines)
+                ));
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) for `cond`, for effects containerd applies asynchronously (GC).
+    pub fn eventually(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {what}\n{}", self.diagnostics());
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // containerd first: it holds the container mounts and talks to lazysnap.
+        for proc in [&mut self.containerd, &mut self.lazysnap, &mut self.registry] {
+            if let Some(mut p) = proc.take() {
+                p.stop(Signal::SIGTERM, Duration::from_secs(10));
+            }
+        }
+        // Shims outlive containerd; they are children of init now, found by their socket dir.
+        for point in Self::mounts_under(&self.dir) {
+            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if self.keep {
+            eprintln!("kept test directory {}", self.dir.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("removing {} failed: {e}", self.dir.display());
+        }
+    }
+}
