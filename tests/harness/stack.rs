@@ -318,3 +318,34 @@ impl Drop for Stack {
         }
     }
 }
+
+impl Stack {
+    /// Converts `source` (already in the registry) with `ctr-remote image convert FLAGS` into
+    /// `target` and pushes it, then forgets both locally, so a later pull starts from nothing.
+    pub fn convert_and_push(&self, source: &str, target: &str, flags: &[&str]) {
+        self.ctr(&["images", "pull", "--plain-http", source]);
+        let mut args = vec!["image", "convert", "--oci"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[source, target]);
+        self.ctr_remote(&args);
+        self.ctr(&["images", "push", "--plain-http", target]);
+        self.ctr(&["images", "rm", "--sync", source, target]);
+        self.ctr(&["content", "prune", "references"]);
+    }
+
+    /// Bytes the registry has sent in answers to blob GETs, from its access log.
+    pub fn registry_blob_bytes(&self) -> u64 {
+        let Some(registry) = &self.registry else {
+            return 0;
+        };
+        let log = std::fs::read_to_string(&registry.log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
+            .filter_map(|l| {
+                // common log format: "... HTTP/1.1" STATUS BYTES "referer" "agent"
+                let after = l.split("HTTP/1.1\" ").nth(1)?;
+                after.split(' ').nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,187 @@
+//! Format tests on real layers written by Debian's `ctr-remote image convert`
+//! (`tests/fixtures/make-fixtures.sh`), plus damaged copies of them.
+
+use super::*;
+
+struct Fixture {
+    blob: Vec<u8>,
+    toc_digest: String,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let blob = std::fs::read(format!("{dir}{name}.blob")).expect("fixture blob");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}{name}.json")).expect("fixture json"))
+            .expect("fixture json parses");
+    let toc_digest = meta["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+        .as_str()
+        .expect("toc digest annotation")
+        .to_owned();
+    Fixture { blob, toc_digest }
+}
+
+fn tail(blob: &[u8]) -> &[u8] {
+    &blob[blob.len().saturating_sub(MAX_FOOTER as usize)..]
+}
+
+fn load(f: &Fixture) -> (TocLocation, Toc) {
+    let size = f.blob.len() as u64;
+    let location = locate_toc(tail(&f.blob), size).expect("footer");
+    let compressed = &f.blob[location.offset as usize..(location.offset + location.len) as usize];
+    let json = read_toc(&location, compressed, Some(&f.toc_digest)).expect("toc verifies");
+    (location, parse_toc(&json).expect("toc parses"))
+}
+
+/// Decompresses every chunk of every file and checks chunk and file digests.
+fn verify_all_chunks(f: &Fixture, location: &TocLocation, toc: &Toc) -> usize {
+    let mut offsets: Vec<u64> = toc
+        .entries
+        .iter()
+        .map(|e| e.offset)
+        .filter(|o| *o > 0)
+        .collect();
+    offsets.push(location.offset);
+    offsets.sort_unstable();
+    let mut files = std::collections::BTreeMap::<String, Vec<u8>>::new();
+    let mut sizes = std::collections::BTreeMap::<String, (u64, String)>::new();
+    for e in &toc.entries {
+        if e.kind == "reg" {
+            sizes.insert(e.name.clone(), (e.size, e.digest.clone()));
+        }
+        if (e.kind == "reg" && e.size > 0) || e.kind == "chunk" {
+            let end = *offsets
+                .iter()
+                .find(|o| **o > e.offset)
+                .expect("next offset");
+            let size = sizes[&e.name].0;
+            let len = if e.chunk_size > 0 {
+                e.chunk_size
+            } else {
+                size - e.chunk_offset
+            };
+            let bytes = decompress_chunk(
+                location.compression,
+                &f.blob[e.offset as usize..end as usize],
+                e.inner_offset,
+                len,
+            )
+            .expect("chunk decompresses");
+            assert_eq!(
+                format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+                e.chunk_digest,
+                "chunk of {} at {}",
+                e.name,
+                e.chunk_offset
+            );
+            files
+                .entry(e.name.clone())
+                .or_default()
+                .extend_from_slice(&bytes);
+        }
+    }
+    for (name, data) in &files {
+        let (size, digest) = &sizes[name];
+        assert_eq!(data.len() as u64, *size, "{name} size");
+        assert_eq!(
+            &format!("sha256:{}", hex::encode(Sha256::digest(data))),
+            digest,
+            "{name}"
+        );
+    }
+    files.len()
+}
+
+#[test]
+fn estargz_layer_from_ctr_remote() {
+    let f = fixture("estargz");
+    let (location, toc) = load(&f);
+    assert_eq!(location.compression, Compression::Gzip);
+    assert!(toc
+        .entries
+        .iter()
+        .any(|e| e.name == "dir/multi-chunk.txt" && e.kind == "reg"));
+    assert!(
+        toc.entries.iter().filter(|e| e.kind == "chunk").count() >= 3,
+        "the multi-chunk file has several chunks"
+    );
+    assert!(verify_all_chunks(&f, &location, &toc) >= 3);
+}
+
+#[test]
+fn zstd_chunked_layer_from_ctr_remote() {
+    let f = fixture("zstdchunked");
+    let (location, toc) = load(&f);
+    assert_eq!(location.compression, Compression::Zstd);
+    assert!(verify_all_chunks(&f, &location, &toc) >= 3);
+}
+
+#[test]
+fn toc_digest_mismatch_is_refused() {
+    let f = fixture("estargz");
+    let location = locate_toc(tail(&f.blob), f.blob.len() as u64).expect("footer");
+    let compressed = &f.blob[location.offset as usize..(location.offset + location.len) as usize];
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let err = read_toc(&location, compressed, Some(&wrong)).expect_err("wrong digest");
+    assert!(
+        matches!(err, FormatError::TocDigestMismatch { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn damaged_footers_are_refused() {
+    let f = fixture("estargz");
+    // truncated: the last bytes of the footer are gone
+    let cut = &f.blob[..f.blob.len() - 10];
+    assert!(matches!(
+        locate_toc(tail(cut), cut.len() as u64),
+        Err(FormatError::NoFooter(_))
+    ));
+    // a plain gzip layer has no footer
+    let mut plain = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut plain, &[0u8; 4096]).expect("gzip");
+    let plain = plain.finish().expect("gzip");
+    assert!(matches!(
+        locate_toc(tail(&plain), plain.len() as u64),
+        Err(FormatError::NoFooter(_))
+    ));
+    // a footer pointing past the end of the blob
+    let mut lying = f.blob.clone();
+    let n = lying.len();
+    lying[n - 51 + 16..n - 51 + 32].copy_from_slice(b"00000000ffffffff");
+    let err = locate_toc(tail(&lying), n as u64).expect_err("offset past the end");
+    assert!(
+        matches!(
+            err,
+            FormatError::TocOutOfBounds { .. } | FormatError::NoFooter(_)
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_chunk_bytes_fail_to_decompress_or_verify() {
+    let f = fixture("estargz");
+    let (location, toc) = load(&f);
+    let entry = toc
+        .entries
+        .iter()
+        .find(|e| e.name == "dir/multi-chunk.txt")
+        .expect("entry");
+    let mut blob = f.blob.clone();
+    blob[entry.offset as usize + 20] ^= 0xff;
+    let result = decompress_chunk(
+        location.compression,
+        &blob[entry.offset as usize..],
+        0,
+        entry.chunk_size,
+    );
+    let digest_ok = result
+        .map(|b| format!("sha256:{}", hex::encode(Sha256::digest(b))) == entry.chunk_digest)
+        .unwrap_or(false);
+    assert!(
+        !digest_ok,
+        "a flipped byte must not produce the chunk's bytes"
+    );
+}
