@@ -1,1 +1,29 @@
-//! A read-only FUSE filesystem over a layer index; it knows nothing of containerd or HTTP.
+//! A read-only FUSE filesystem over a layer index; it knows nothing of containerd, registries,
+//! HTTP or layer formats.
+//!
+//! Whoever knows a layer implements [`LayerSource`]: fast synchronous metadata (lookup,
+//! attributes, listings, symlinks, xattrs) and an asynchronous read. [`mount`] serves it at a
+//! path, where overlayfs can stack on it as a `lowerdir` exactly as on an extracted tar.
+//!
+//! # Layout
+//! - [`source`]: the [`LayerSource`] trait and the types it speaks in ([`Ino`], [`Attr`], ...).
+//! - `fs`: the `fuser` filesystem translating kernel requests into source calls; reads run on
+//!   a tokio runtime under a deadline, so a slow fetch never stalls the mount.
+//! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts.
+//! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
+//! - `memory` (feature `test-util`): [`MemorySource`], an in-memory tree for tests.
+
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod error;
+mod fs;
+#[cfg(any(test, feature = "test-util"))]
+pub mod memory;
+mod mount;
+pub mod source;
+
+pub use error::{MountError, SourceError};
+#[cfg(any(test, feature = "test-util"))]
+pub use memory::{MemorySource, Meta};
+pub use mount::{detach_mount, mount, MountHandle, MountOptions};
+pub use source::{Attr, Device, DirEntry, FileKind, Ino, LayerSource};

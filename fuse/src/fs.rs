@@ -1,0 +1,404 @@
+//! The `fuser` filesystem: turns kernel requests into [`LayerSource`] calls and the answers
+//! into replies.
+//!
+//! Metadata requests are answered on the dispatch thread, straight from the source. Reads are
+//! spawned onto the tokio runtime and answered from there (fuser replies are `Send`), so a read
+//! waiting on the network never holds up lookups or reads of other files; each read races the
+//! mount's deadline and loses to it with `EIO`.
+//!
+//! Nothing here knows where bytes come from, and nothing here writes: the mount is read-only,
+//! so the kernel refuses writes with `EROFS` before they reach us.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::ops::ControlFlow;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tokio::runtime::Handle;
+use tracing::debug;
+
+use crate::{Attr, FileKind, Ino, LayerSource, SourceError};
+
+/// How many background requests (readahead and async reads) the kernel keeps in flight before
+/// queueing more. The kernel's default of 12 (fuser's 16) would let a dozen reads waiting on a
+/// registry block page-cache reads of already cached files; waiting reads cost us nothing but a
+/// task each, and the deadline bounds how long they wait.
+const MAX_BACKGROUND: u16 = 256;
+
+/// `st_blksize`: what a 4 KiB-block filesystem reports, the size `stdio` buffers by.
+const BLOCK_SIZE: u32 = 4096;
+
+/// Longest name the kernel lets through, as on ext4.
+const NAME_MAX: u32 = 255;
+
+/// `.` and `..` sit at positions 0 and 1 of every listing; the source's entry `k` at `k + 2`.
+const DOT_ENTRIES: u64 = 2;
+
+/// How a mount behaves; fixed at mount time.
+#[derive(Debug, Clone)]
+pub(crate) struct FsConfig {
+    /// How long a read may take before the reader gets `EIO`.
+    pub(crate) read_timeout: Duration,
+    /// How long the kernel may trust entries, attributes and negative lookups.
+    pub(crate) cache_ttl: Duration,
+}
+
+/// A read-only FUSE filesystem over a [`LayerSource`].
+#[derive(Debug)]
+pub(crate) struct LayerFs<S> {
+    source: Arc<S>,
+    runtime: Handle,
+    config: FsConfig,
+    /// Directory → its parent, learnt from lookups, for the `..` entry of a listing. The kernel
+    /// reaches every directory other than the root through a lookup in its parent, and a
+    /// directory has only one parent, so this is complete and never stale.
+    parents: Mutex<HashMap<Ino, Ino>>,
+}
+
+impl<S: LayerSource> LayerFs<S> {
+    pub(crate) fn new(source: Arc<S>, runtime: Handle, config: FsConfig) -> Self {
+        Self {
+            source,
+            runtime,
+            config,
+            parents: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn remember_parent(&self, dir: Ino, parent: Ino) {
+        self.parents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dir, parent);
+    }
+
+    fn parent_of(&self, dir: Ino) -> Ino {
+        if dir == Ino::ROOT {
+            return Ino::ROOT;
+        }
+        // Only a directory the kernel never looked up could be missing; pointing `..` at
+        // itself is what a listing of such an orphan would best show.
+        self.parents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&dir)
+            .copied()
+            .unwrap_or(dir)
+    }
+
+    /// Fills a directory listing from position `offset` on; see [`DOT_ENTRIES`]. Each entry
+    /// carries the position after it, which the kernel sends back to resume the listing.
+    fn fill_dir(
+        &self,
+        dir: Ino,
+        offset: u64,
+        reply: &mut ReplyDirectory,
+    ) -> Result<(), SourceError> {
+        let mut pos = offset;
+        if pos == 0 {
+            if reply.add(inode(dir), 1, FileType::Directory, ".") {
+                return Ok(());
+            }
+            pos = 1;
+        }
+        if pos == 1 {
+            if reply.add(inode(self.parent_of(dir)), 2, FileType::Directory, "..") {
+                return Ok(());
+            }
+            pos = 2;
+        }
+        let skip = pos - DOT_ENTRIES;
+        let mut add = |entry: crate::DirEntry<'_>| {
+            if reply.add(inode(entry.ino), pos + 1, file_type(entry.kind), entry.name) {
+                return ControlFlow::Break(());
+            }
+            pos += 1;
+            ControlFlow::Continue(())
+        };
+        self.source.readdir(dir, skip, &mut add)
+    }
+}
+
+impl<S: LayerSource> Filesystem for LayerFs<S> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Symlinks never change, so their targets may live in the page cache; parallel
+        // lookups in one directory are safe because nothing here mutates.
+        for wanted in [
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            if let Err(missing) = config.add_capabilities(wanted) {
+                debug!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            debug!(nearest, "kernel refused max_background");
+        }
+        // max_stack_depth stays 0: overlayfs then stacks on this mount without using up the
+        // kernel's stacking depth. Passthrough will need 1, which still leaves overlayfs room.
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = Ino(parent.0);
+        match self.source.lookup(parent, name) {
+            Ok(attr) => {
+                if attr.kind == FileKind::Directory {
+                    self.remember_parent(attr.ino, parent);
+                }
+                reply.entry(&self.config.cache_ttl, &file_attr(&attr), Generation(0));
+            }
+            // Inode 0 is a negative entry the kernel caches for the TTL: overlayfs looks every
+            // name up in each lower layer, and most of them are missing from most layers.
+            Err(SourceError::NotFound) => {
+                reply.entry(&self.config.cache_ttl, &negative_attr(), Generation(0));
+            }
+            Err(err) => reply.error(errno(&err, "lookup", parent)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = Ino(ino.0);
+        match self.source.getattr(ino) {
+            Ok(attr) => reply.attr(&self.config.cache_ttl, &file_attr(&attr)),
+            Err(err) => reply.error(errno(&err, "getattr", ino)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = Ino(ino.0);
+        match self.source.readlink(ino) {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(err) => reply.error(errno(&err, "readlink", ino)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = Ino(ino.0);
+        match self.source.getattr(ino) {
+            // Contents never change, so pages read once stay valid across opens. Passthrough
+            // fits here: a source naming a fully cached backing file for `ino` would be
+            // answered with `opened_passthrough` instead.
+            Ok(attr) if attr.kind == FileKind::RegularFile => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Ok(attr) if attr.kind == FileKind::Directory => {
+                reply.error(errno(&SourceError::IsDirectory, "open", ino));
+            }
+            // The kernel opens devices, FIFOs and sockets itself; such a request is a bug.
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(err) => reply.error(errno(&err, "open", ino)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // fuser's signature
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let ino = Ino(ino.0);
+        let attr = match self.source.getattr(ino) {
+            Ok(attr) if attr.kind == FileKind::Directory => {
+                return reply.error(errno(&SourceError::IsDirectory, "read", ino));
+            }
+            Ok(attr) => attr,
+            Err(err) => return reply.error(errno(&err, "read", ino)),
+        };
+        // Clamp to the file so the source never sees a range past its end.
+        let Some(left) = attr.size.checked_sub(offset).filter(|&left| left > 0) else {
+            return reply.data(&[]);
+        };
+        let len = u32::try_from(left).map_or(size, |left| left.min(size));
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        let source = Arc::clone(&self.source);
+        let deadline = self.config.read_timeout;
+        // If the runtime is shutting down the task is dropped unrun, and so is `reply`, whose
+        // drop answers EIO: the reader is never left hanging.
+        self.runtime.spawn(async move {
+            match tokio::time::timeout(deadline, source.read(ino, offset, len)).await {
+                Ok(Ok(data)) if data.len() >= len as usize => reply.data(&data[..len as usize]),
+                Ok(Ok(data)) => {
+                    debug!(
+                        ino = ino.0,
+                        offset,
+                        len,
+                        got = data.len(),
+                        "short read from source"
+                    );
+                    reply.error(Errno::EIO);
+                }
+                Ok(Err(err)) => reply.error(errno(&err, "read", ino)),
+                Err(_elapsed) => {
+                    debug!(
+                        ino = ino.0,
+                        offset,
+                        len,
+                        ?deadline,
+                        "read missed its deadline"
+                    );
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let ino = Ino(ino.0);
+        match self.source.getattr(ino) {
+            // A listing never changes either: let the kernel cache it and keep it across opens.
+            Ok(attr) if attr.kind == FileKind::Directory => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(_) => reply.error(errno(&SourceError::NotDirectory, "opendir", ino)),
+            Err(err) => reply.error(errno(&err, "opendir", ino)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = Ino(ino.0);
+        match self.fill_dir(dir, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err, "readdir", dir)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A read-only layer has no free space to report; overlayfs only needs the call to work.
+        reply.statfs(0, 0, 0, 0, 0, BLOCK_SIZE, NAME_MAX, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = Ino(ino.0);
+        match self.source.getxattr(ino, name) {
+            Ok(value) => reply_xattr(reply, size, &value),
+            Err(err) => reply.error(errno(&err, "getxattr", ino)),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = Ino(ino.0);
+        let names = match self.source.listxattr(ino) {
+            Ok(names) => names,
+            Err(err) => return reply.error(errno(&err, "listxattr", ino)),
+        };
+        // Local filesystems list `trusted.*` only to CAP_SYS_ADMIN. FUSE does not say what
+        // capabilities the caller has, so root stands in for it; overlayfs asks as root.
+        let privileged = req.uid() == 0;
+        let mut list = Vec::new();
+        for name in &names {
+            if privileged || !name.as_bytes().starts_with(b"trusted.") {
+                list.extend_from_slice(name.as_bytes());
+                list.push(0);
+            }
+        }
+        reply_xattr(reply, size, &list);
+    }
+}
+
+/// Answers getxattr/listxattr: a `size` of 0 asks for the length alone, so the caller can
+/// allocate; a buffer too small for the value is `ERANGE`, as xattr(7) says.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    let Ok(len) = u32::try_from(value.len()) else {
+        return reply.error(Errno::from_i32(libc::E2BIG));
+    };
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// The errno for `err`. Failures that are part of normal use (a missing name, a missing xattr)
+/// pass silently; the rest are logged at debug level with their cause.
+fn errno(err: &SourceError, op: &'static str, ino: Ino) -> Errno {
+    match err {
+        SourceError::NotFound | SourceError::NoAttribute => {}
+        SourceError::Io(cause) => debug!(op, ino = ino.0, error = %cause, "source failed"),
+        other => debug!(op, ino = ino.0, error = %other, "source refused"),
+    }
+    Errno::from_i32(err.errno())
+}
+
+fn inode(ino: Ino) -> INodeNo {
+    INodeNo(ino.0)
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Directory => FileType::Directory,
+        FileKind::RegularFile => FileType::RegularFile,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: inode(attr.ino),
+        size: attr.size,
+        blocks: attr.blocks,
+        atime: attr.mtime,
+        mtime: attr.mtime,
+        ctime: attr.mtime,
+        crtime: attr.mtime,
+        kind: file_type(attr.kind),
+        perm: attr.perm & 0o7777,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: attr.rdev.to_fuse_rdev(),
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
+/// The attributes of a negative entry: only the inode number (0) matters to the kernel.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE,
+        flags: 0,
+    }
+}

@@ -1,0 +1,301 @@
+//! Mounting a [`LayerSource`] and taking the mount down again, including mounts a crashed
+//! daemon left behind.
+//!
+//! A mount runs its own FUSE session thread; a [`MountHandle`] owns it and unmounts on drop.
+//! The mount looks to overlayfs like a directory extracted from a tar: read-only, device
+//! nodes and setuid bits honoured (as stargz-snapshotter mounts its layers), and kernel-side
+//! permission checks on the attributes the source gives.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuser::{MountOption, Session, SessionACL, SessionUnmounter};
+use nix::mount::{umount2, MntFlags};
+use tokio::runtime::Handle;
+use tracing::debug;
+
+use crate::fs::{FsConfig, LayerFs};
+use crate::{LayerSource, MountError};
+
+/// How long an unmount waits for the session thread to notice. After an unmount the kernel
+/// ends the session at once, unless the filesystem is still mounted elsewhere (a bind mount
+/// of the mountpoint); then the thread is left to end with the last of those.
+const SESSION_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// How a layer is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// The mount's source in `/proc/self/mountinfo`, to recognise our mounts by (e.g. the
+    /// layer digest). No commas. Default `lazysnap`.
+    pub fsname: String,
+    /// The filesystem type shows as `fuse.<subtype>`. No commas. Default `lazysnap`.
+    pub subtype: String,
+    /// A read not answered within this time fails with `EIO`, so that no process in a
+    /// container hangs on an unreachable registry. Default 30 s.
+    pub read_timeout: Duration,
+    /// How long the kernel trusts entries, attributes and negative lookups without asking
+    /// again. Layers are immutable, so this only bounds the kernel's memory. Default 1 day.
+    pub cache_ttl: Duration,
+    /// FUSE dispatch threads. Reads never occupy them, so one is enough unless the source's
+    /// metadata calls are slow. Default 1.
+    pub dispatch_threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            fsname: "lazysnap".to_owned(),
+            subtype: "lazysnap".to_owned(),
+            read_timeout: Duration::from_secs(30),
+            cache_ttl: Duration::from_secs(24 * 60 * 60),
+            dispatch_threads: 1,
+        }
+    }
+}
+
+/// Mounts `source` read-only at `mountpoint` and serves it until the returned handle is
+/// unmounted or dropped.
+///
+/// Reads run on `runtime`, which must have its time driver enabled (for the read deadline).
+/// Mounting needs root (or `fusermount3` and `user_allow_other` in `/etc/fuse.conf`).
+///
+/// This blocks for the mount and the FUSE handshake, so call it from a blocking context (e.g.
+/// `spawn_blocking`), not directly on a runtime thread.
+///
+/// # Signals
+/// The session threads inherit the calling thread's signal mask. A daemon that takes
+/// SIGTERM/SIGINT through a mask (`sigwait`, `signalfd`) must block them before calling this,
+/// or the kernel may deliver one to a session thread, where its default action kills the
+/// process without unmounting anything. Installing handlers first (as tokio's `signal` does)
+/// avoids this too.
+///
+/// # Errors
+/// [`MountError::Mount`] if the options are invalid, the kernel refuses the mount, the
+/// handshake fails or the session thread cannot start; nothing is left mounted then.
+pub fn mount<S: LayerSource>(
+    source: Arc<S>,
+    mountpoint: impl AsRef<Path>,
+    options: MountOptions,
+    runtime: Handle,
+) -> Result<MountHandle, MountError> {
+    let mountpoint = mountpoint.as_ref().to_path_buf();
+    let failed = |source: io::Error| MountError::Mount {
+        mountpoint: mountpoint.clone(),
+        source,
+    };
+    let config = session_config(&options).map_err(failed)?;
+    let fs = LayerFs::new(
+        source,
+        runtime,
+        FsConfig {
+            read_timeout: options.read_timeout,
+            cache_ttl: options.cache_ttl,
+        },
+    );
+    let mut session = Session::new(fs, &mountpoint, &config).map_err(failed)?;
+    let unmounter = session.unmount_callable();
+    let (exited_tx, exited) = mpsc::channel();
+    // If the thread cannot start, the closure drops the session, which unmounts.
+    let thread = std::thread::Builder::new()
+        .name("lazysnap-fuse".to_owned())
+        .spawn(move || {
+            let result = session.run();
+            // The receiver may be gone already (handle dropped without waiting).
+            let _ = exited_tx.send(());
+            result
+        })
+        .map_err(failed)?;
+    Ok(MountHandle {
+        mountpoint,
+        unmounter: Some(unmounter),
+        thread: Some(SessionThread { thread, exited }),
+    })
+}
+
+fn session_config(options: &MountOptions) -> io::Result<fuser::Config> {
+    for (what, value) in [("fsname", &options.fsname), ("subtype", &options.subtype)] {
+        // Both end up in a comma-separated option string on some mount paths.
+        if value.is_empty() || value.contains(',') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{what} {value:?} must be non-empty and free of commas"),
+            ));
+        }
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        // fuser defaults to nodev,nosuid. An extracted layer has neither, and a single-layer
+        // view is a bind mount of this mount, which inherits its flags.
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::FSName(options.fsname.clone()),
+        // fuser's `Subtype` only names the source on the direct mount(2) path; the kernel
+        // itself takes `subtype=`, and then reports the type as `fuse.<subtype>`.
+        MountOption::CUSTOM(format!("subtype={}", options.subtype)),
+    ];
+    // allow_other: containers run as any uid; default_permissions does the access checks.
+    config.acl = SessionACL::All;
+    config.n_threads = Some(options.dispatch_threads.max(1));
+    config.clone_fd = options.dispatch_threads > 1;
+    Ok(config)
+}
+
+/// A mounted layer. Dropping it unmounts, like [`MountHandle::unmount`] but ignoring errors.
+#[derive(Debug)]
+pub struct MountHandle {
+    mountpoint: PathBuf,
+    /// `None` once unmounted.
+    unmounter: Option<SessionUnmounter>,
+    /// `None` once joined or left to end on its own.
+    thread: Option<SessionThread>,
+}
+
+#[derive(Debug)]
+struct SessionThread {
+    thread: JoinHandle<io::Result<()>>,
+    /// Signals (or disconnects) when the session has ended.
+    exited: mpsc::Receiver<()>,
+}
+
+impl MountHandle {
+    /// Where the layer is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts the layer and waits briefly for the session to end.
+    ///
+    /// If the mount is busy (open files, or still a lowerdir of an overlay mount) it is
+    /// detached instead: it vanishes from the mount table at once, its users keep working,
+    /// and the session ends when the last of them lets go. This never blocks on those users.
+    ///
+    /// # Errors
+    /// [`MountError::Unmount`] if the kernel refuses both the unmount and the detach.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), MountError> {
+        let Some(mut unmounter) = self.unmounter.take() else {
+            return Ok(());
+        };
+        match unmounter.unmount() {
+            Ok(()) => self.wait_for_session(),
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|errno| {
+                    MountError::Unmount {
+                        mountpoint: self.mountpoint.clone(),
+                        source: errno.into(),
+                    }
+                })?;
+                // The session lives on until the last user of the detached mount is gone.
+                self.thread = None;
+            }
+            Err(source) => {
+                return Err(MountError::Unmount {
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_for_session(&mut self) {
+        let Some(SessionThread { thread, exited }) = self.thread.take() else {
+            return;
+        };
+        if let Err(mpsc::RecvTimeoutError::Timeout) = exited.recv_timeout(SESSION_EXIT_WAIT) {
+            debug!(mountpoint = %self.mountpoint.display(), "FUSE session outlives its unmount");
+            return;
+        }
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                debug!(mountpoint = %self.mountpoint.display(), error = %err, "FUSE session ended with an error")
+            }
+            Err(_panic) => {
+                debug!(mountpoint = %self.mountpoint.display(), "FUSE session thread panicked")
+            }
+        }
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(err) = self.unmount_inner() {
+            debug!(error = %err, "unmount on drop failed");
+        }
+    }
+}
+
+/// Lazily detaches whatever is mounted on top of `mountpoint` (`umount2(MNT_DETACH)`), for
+/// mounts a crashed daemon left behind, which fail every access with `ENOTCONN`. Returns
+/// whether something was mounted there.
+///
+/// It detaches one mount, without asking what it is or who serves it: call it only on paths
+/// where this daemon mounts layers, before mounting anew.
+///
+/// # Errors
+/// [`MountError::Unmount`] if the kernel refuses for another reason than there being no
+/// mount at `mountpoint`.
+pub fn detach_mount(mountpoint: impl AsRef<Path>) -> Result<bool, MountError> {
+    let mountpoint = mountpoint.as_ref();
+    match umount2(mountpoint, MntFlags::MNT_DETACH) {
+        Ok(()) => Ok(true),
+        // EINVAL: not a mountpoint; ENOENT: not even there.
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => Ok(false),
+        Err(errno) => Err(MountError::Unmount {
+            mountpoint: mountpoint.to_path_buf(),
+            source: errno.into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_name_the_mount_and_keep_devices() {
+        let config = session_config(&MountOptions {
+            fsname: "lazysnap:sha256:ab".to_owned(),
+            ..MountOptions::default()
+        })
+        .expect("valid options");
+        for option in [
+            MountOption::RO,
+            MountOption::DefaultPermissions,
+            MountOption::Dev,
+            MountOption::Suid,
+            MountOption::FSName("lazysnap:sha256:ab".to_owned()),
+            MountOption::CUSTOM("subtype=lazysnap".to_owned()),
+        ] {
+            assert!(config.mount_options.contains(&option), "{option:?}");
+        }
+        assert_eq!(config.acl, SessionACL::All);
+        assert_eq!(config.n_threads, Some(1));
+    }
+
+    #[test]
+    fn commas_in_names_are_refused() {
+        for options in [
+            MountOptions {
+                fsname: "a,rw".to_owned(),
+                ..MountOptions::default()
+            },
+            MountOptions {
+                subtype: String::new(),
+                ..MountOptions::default()
+            },
+        ] {
+            let err = session_config(&options).expect_err("invalid name");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+    }
+}
