@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - `config`: the TOML configuration tree, defaults and validation.
+//! - `metadata`: TOC → layer index (inodes, attributes, chunk maps); pure.
+//! - `layer`: lazy layers: file ranges → chunks → cache or one deduplicated fetch.
 //! - `snapshot`: containerd's snapshot semantics over overlayfs and an embedded metadata store;
 //!   knows nothing of gRPC.
 //! - `format`: eStargz and zstd:chunked footers, TOCs and chunk decompression; pure.
@@ -17,4 +19,6 @@ pub mod config;
 pub mod daemon;
 pub mod format;
 pub mod grpc;
+pub mod layer;
+pub mod metadata;
 pub mod snapshot;

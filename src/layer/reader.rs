@@ -1,0 +1,525 @@
+//! Reads byte ranges of files in a lazy layer: file range → the chunks covering it → memory or
+//! disk cache, or one fetch from the blob shared by every reader waiting for the same chunk.
+//!
+//! Missing chunks that sit next to each other in the blob are fetched with one range request
+//! (a container reading a file sequentially costs one round trip, not one per chunk). Every
+//! fetched chunk is decompressed and checked against its digest before anyone sees it or it is
+//! cached; a registry that lies produces an error, never wrong bytes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::cache::{ChunkCache, ChunkKey};
+use crate::format::Compression;
+
+/// One chunk of a regular file, as the layer index describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSpec {
+    /// Where the chunk's bytes start in the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub len: u64,
+    /// The compressed extent in the blob holding the chunk (one gzip member or zstd frame).
+    pub blob_range: Range<u64>,
+    /// Where the chunk starts inside the decompressed extent (non-zero only when several
+    /// chunks share one zstd frame).
+    pub inner_offset: u64,
+    /// The sha256 of the uncompressed chunk, which is also its cache key.
+    pub key: ChunkKey,
+}
+
+/// Ranged reads of one layer blob; implemented over the registry client.
+pub trait BlobSource: Send + Sync {
+    fn read_range(
+        &self,
+        range: Range<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + '_>>;
+}
+
+/// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("fetch of blob range {start}..{end} failed: {reason}")]
+    Fetch {
+        start: u64,
+        end: u64,
+        reason: String,
+    },
+    #[error("chunk {key} at blob offset {offset}: {reason}")]
+    Corrupt {
+        key: ChunkKey,
+        offset: u64,
+        reason: String,
+    },
+    #[error("fetch of chunk {key} was abandoned by the reader that started it")]
+    Abandoned { key: ChunkKey },
+}
+
+/// Counters of one layer, for logs now and the CLI and metrics later.
+#[derive(Debug, Default)]
+pub struct LayerCounters {
+    /// Compressed bytes received from the registry.
+    pub fetched_bytes: AtomicU64,
+    /// Range requests made.
+    pub fetches: AtomicU64,
+    /// File bytes handed to readers.
+    pub served_bytes: AtomicU64,
+    /// Chunks found in the cache / not found.
+    pub chunk_hits: AtomicU64,
+    pub chunk_misses: AtomicU64,
+}
+
+type Shared = Option<Result<Bytes, ReadError>>;
+
+/// The reader of one mounted layer.
+pub struct LayerReader {
+    blob: Arc<dyn BlobSource>,
+    compression: Compression,
+    cache: Arc<ChunkCache>,
+    inflight: Mutex<HashMap<ChunkKey, watch::Receiver<Shared>>>,
+    counters: Arc<LayerCounters>,
+    /// Largest merged request; bounds memory per read and keeps one slow request from holding
+    /// many chunks hostage.
+    max_request: u64,
+}
+
+impl LayerReader {
+    pub fn new(
+        blob: Arc<dyn BlobSource>,
+        compression: Compression,
+        cache: Arc<ChunkCache>,
+    ) -> Self {
+        LayerReader {
+            blob,
+            compression,
+            cache,
+            inflight: Mutex::default(),
+            counters: Arc::default(),
+            max_request: 8 << 20,
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<LayerCounters> {
+        &self.counters
+    }
+
+    /// Returns bytes `range` of a file whose chunks (in file order) are `chunks`; shorter at
+    /// the end of the file.
+    pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
+        let wanted: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
+            .collect();
+        let data = self.load(&wanted).await?;
+        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
+        for (chunk, bytes) in wanted.iter().zip(data) {
+            let from = range.start.saturating_sub(chunk.file_offset) as usize;
+            let to = (range.end.min(chunk.file_offset + chunk.len) - chunk.file_offset) as usize;
+            out.extend_from_slice(&bytes[from.min(bytes.len())..to.min(bytes.len())]);
+        }
+        self.counters
+            .served_bytes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out.freeze())
+    }
+
+    /// Makes sure `chunks` are cached, fetching what is missing; used by prefetch.
+    pub async fn warm(&self, chunks: &[ChunkSpec]) -> Result<(), ReadError> {
+        let refs: Vec<&ChunkSpec> = chunks.iter().collect();
+        self.load(&refs).await.map(drop)
+    }
+
+    async fn load(&self, chunks: &[&ChunkSpec]) -> Result<Vec<Bytes>, ReadError> {
+        let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
+        for (slot, chunk) in out.iter_mut().zip(chunks) {
+            if let Some(bytes) = self.cache.get(&chunk.key).await {
+                self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
+                *slot = Some(bytes);
+            }
+        }
+        // Some chunks may be missing only because another reader is fetching them: wait for
+        // that fetch instead of starting another. A fetch abandoned midway (its reader timed
+        // out) sends nothing, and the next round here starts a fresh one.
+        for _round in 0..3 {
+            let missing: Vec<usize> = (0..chunks.len()).filter(|i| out[*i].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let (mine, theirs) = self.claim(chunks, &missing);
+            self.fetch_claimed(chunks, mine, &mut out).await?;
+            for (i, mut rx) in theirs {
+                let value = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|v| v.clone());
+                match value {
+                    Some(Ok(bytes)) => out[i] = Some(bytes),
+                    Some(Err(e)) => return Err(e),
+                    None => {}
+                }
+            }
+        }
+        out.into_iter()
+            .zip(chunks)
+            .map(|(bytes, chunk)| {
+                bytes.ok_or_else(|| ReadError::Abandoned {
+                    key: chunk.key.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Splits `missing` into chunks this reader will fetch (registered as in flight) and
+    /// chunks someone else is already fetching.
+    fn claim(
+        &self,
+        chunks: &[&ChunkSpec],
+        missing: &[usize],
+    ) -> (Claim<'_>, Vec<(usize, watch::Receiver<Shared>)>) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claim = Claim {
+            reader: self,
+            senders: Vec::new(),
+        };
+        let mut theirs = Vec::new();
+        for &i in missing {
+            let key = &chunks[i].key;
+            match inflight.get(key) {
+                Some(rx) => theirs.push((i, rx.clone())),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx);
+                    claim.senders.push((i, tx));
+                }
+            }
+        }
+        (claim, theirs)
+    }
+
+    async fn fetch_claimed(
+        &self,
+        chunks: &[&ChunkSpec],
+        mut claim: Claim<'_>,
+        out: &mut [Option<Bytes>],
+    ) -> Result<(), ReadError> {
+        // A chunk fetched by another reader between our cache lookup and the claim is in the
+        // cache now; don't fetch it again.
+        let mut pending = Vec::new();
+        for (i, tx) in claim.senders.drain(..) {
+            match self.cache.get(&chunks[i].key).await {
+                Some(bytes) => {
+                    let _ = tx.send(Some(Ok(bytes.clone())));
+                    out[i] = Some(bytes);
+                }
+                None => pending.push((i, tx)),
+            }
+        }
+        pending.sort_by_key(|(i, _)| chunks[*i].blob_range.start);
+        let mut first_error = None;
+        for run in self.runs(chunks, &pending) {
+            let start = chunks[run[0].0].blob_range.start;
+            let end = chunks[run[run.len() - 1].0].blob_range.end;
+            self.counters
+                .chunk_misses
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
+            let result = self.fetch_run(chunks, run, start..end).await;
+            match result {
+                Ok(values) => {
+                    for ((i, tx), bytes) in run.iter().zip(values) {
+                        let _ = tx.send(Some(Ok(bytes.clone())));
+                        out[*i] = Some(bytes);
+                    }
+                }
+                Err(e) => {
+                    for (_, tx) in run {
+                        let _ = tx.send(Some(Err(e.clone())));
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        claim.senders = pending;
+        drop(claim);
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Groups claimed chunks into runs that are contiguous in the blob and small enough for
+    /// one request.
+    fn runs<'p>(
+        &self,
+        chunks: &[&ChunkSpec],
+        pending: &'p [(usize, watch::Sender<Shared>)],
+    ) -> Vec<&'p [(usize, watch::Sender<Shared>)]> {
+        let mut runs = Vec::new();
+        let mut begin = 0;
+        for j in 1..=pending.len() {
+            let split = j == pending.len() || {
+                let prev = &chunks[pending[j - 1].0].blob_range;
+                let next = &chunks[pending[j].0].blob_range;
+                let first = &chunks[pending[begin].0].blob_range;
+                next.start != prev.end || next.end - first.start > self.max_request
+            };
+            if split {
+                runs.push(&pending[begin..j]);
+                begin = j;
+            }
+        }
+        runs
+    }
+
+    async fn fetch_run(
+        &self,
+        chunks: &[&ChunkSpec],
+        run: &[(usize, watch::Sender<Shared>)],
+        range: Range<u64>,
+    ) -> Result<Vec<Bytes>, ReadError> {
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        let blob = self
+            .blob
+            .read_range(range.clone())
+            .await
+            .map_err(|reason| ReadError::Fetch {
+                start: range.start,
+                end: range.end,
+                reason,
+            })?;
+        self.counters
+            .fetched_bytes
+            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        let mut values = Vec::with_capacity(run.len());
+        for (i, _) in run {
+            let chunk = chunks[*i];
+            let from = (chunk.blob_range.start - range.start) as usize;
+            let to = (chunk.blob_range.end - range.start) as usize;
+            let compressed = blob.get(from..to).ok_or_else(|| ReadError::Fetch {
+                start: range.start,
+                end: range.end,
+                reason: format!("short read: {} bytes", blob.len()),
+            })?;
+            let bytes = self.decode(chunk, compressed)?;
+            if let Err(e) = self.cache.put(chunk.key.clone(), bytes.clone()).await {
+                // Served from memory anyway; the disk tier only saves a later refetch.
+                tracing::warn!(chunk = %chunk.key, error = %e, "caching chunk failed");
+            }
+            values.push(bytes);
+        }
+        Ok(values)
+    }
+
+    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Bytes, ReadError> {
+        let corrupt = |reason: String| ReadError::Corrupt {
+            key: chunk.key.clone(),
+            offset: chunk.blob_range.start,
+            reason,
+        };
+        let bytes = crate::format::decompress_chunk(
+            self.compression,
+            compressed,
+            chunk.inner_offset,
+            chunk.len,
+        )
+        .map_err(|e| corrupt(e.to_string()))?;
+        let actual = ChunkKey::of(&bytes);
+        if actual != chunk.key {
+            return Err(corrupt(format!("content hashes to {actual}")));
+        }
+        Ok(Bytes::from(bytes))
+    }
+}
+
+/// Chunks this reader promised to fetch. Dropping it (a finished fetch, or a read cancelled
+/// midway) takes them out of the in-flight table; waiters of a cancelled fetch see their
+/// channel close and fetch themselves.
+struct Claim<'a> {
+    reader: &'a LayerReader,
+    senders: Vec<(usize, watch::Sender<Shared>)>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .reader
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        inflight.retain(|_, rx| rx.has_changed().is_ok() && rx.borrow().is_none());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::format;
+    use crate::metadata::{LayerIndex, ROOT};
+
+    /// Serves a fixture blob from memory, counting requests; can be told to lie or fail.
+    struct MemoryBlob {
+        blob: Vec<u8>,
+        requests: AtomicUsize,
+        corrupt: bool,
+        fail: bool,
+    }
+
+    impl BlobSource for MemoryBlob {
+        fn read_range(
+            &self,
+            range: Range<u64>,
+        ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + '_>> {
+            Box::pin(async move {
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                if self.fail {
+                    return Err("registry unavailable".into());
+                }
+                let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
+                if self.corrupt {
+                    let mid = bytes.len() / 2;
+                    bytes[mid] ^= 0x55;
+                }
+                Ok(Bytes::from(bytes))
+            })
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        index: LayerIndex,
+        blob: Arc<MemoryBlob>,
+        reader: LayerReader,
+    }
+
+    fn setup(corrupt: bool, fail: bool) -> Setup {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/estargz.blob"
+        ))
+        .expect("fixture");
+        let location =
+            format::locate_toc(&bytes[bytes.len() - 64..], bytes.len() as u64).expect("footer");
+        let json = format::read_toc(
+            &location,
+            &bytes[location.offset as usize..(location.offset + location.len) as usize],
+            None,
+        )
+        .expect("toc");
+        let index = LayerIndex::build(&format::parse_toc(&json).expect("parse"), location.offset)
+            .expect("index");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20).expect("cache"));
+        let blob = Arc::new(MemoryBlob {
+            blob: bytes,
+            requests: AtomicUsize::new(0),
+            corrupt,
+            fail,
+        });
+        let reader = LayerReader::new(blob.clone(), location.compression, cache);
+        Setup {
+            _dir: dir,
+            index,
+            blob,
+            reader,
+        }
+    }
+
+    fn file(s: &Setup, path: &str) -> (u64, u64) {
+        let ino = path
+            .split('/')
+            .try_fold(ROOT, |d, n| s.index.lookup(d, std::ffi::OsStr::new(n)))
+            .expect("path exists");
+        (ino, s.index.node(ino).expect("node").size)
+    }
+
+    fn expected_multi_chunk() -> Vec<u8> {
+        (1..=40000)
+            .flat_map(|i| format!("{i}\n").into_bytes())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reads_any_range_and_merges_neighbouring_chunks() {
+        let s = setup(false, false);
+        let (ino, size) = file(&s, "dir/multi-chunk.txt");
+        let expected = expected_multi_chunk();
+        assert_eq!(size as usize, expected.len());
+        let all = s
+            .reader
+            .read(s.index.chunks_for(ino, 0, size), 0..size)
+            .await
+            .expect("read");
+        assert_eq!(all.as_ref(), expected.as_slice());
+        assert_eq!(
+            s.blob.requests.load(Ordering::SeqCst),
+            1,
+            "contiguous missing chunks are fetched with one request"
+        );
+        let part = s
+            .reader
+            .read(s.index.chunks_for(ino, 65_000, 140_001), 65_000..140_001)
+            .await
+            .expect("read");
+        assert_eq!(part.as_ref(), &expected[65_000..140_001]);
+        assert_eq!(
+            s.blob.requests.load(Ordering::SeqCst),
+            1,
+            "second read is served from cache"
+        );
+        let counters = s.reader.counters();
+        assert!(counters.chunk_hits.load(Ordering::Relaxed) >= 2);
+        assert!(counters.fetched_bytes.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_readers_share_one_fetch() {
+        let s = Arc::new(setup(false, false));
+        let (ino, _) = file(&s, "dir/multi-chunk.txt");
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let chunks = s.index.chunks_for(ino, 0, 1000).to_vec();
+                s.reader.read(&chunks, 0..1000).await.expect("read")
+            }));
+        }
+        for task in tasks {
+            assert_eq!(
+                task.await.expect("join").as_ref(),
+                &expected_multi_chunk()[..1000]
+            );
+        }
+        assert_eq!(s.blob.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn lying_and_failing_registries_give_errors_not_bytes() {
+        let s = setup(true, false);
+        let (ino, size) = file(&s, "dir/multi-chunk.txt");
+        let err = s
+            .reader
+            .read(s.index.chunks_for(ino, 0, size), 0..size)
+            .await
+            .expect_err("corrupt bytes refused");
+        assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
+
+        let s = setup(false, true);
+        let err = s
+            .reader
+            .read(s.index.chunks_for(ino, 0, 10), 0..10)
+            .await
+            .expect_err("fetch fails");
+        assert!(err.to_string().contains("registry unavailable"), "{err}");
+        assert!(
+            s.reader.inflight.lock().expect("lock").is_empty(),
+            "nothing left in flight"
+        );
+    }
+}

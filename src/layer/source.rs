@@ -1,0 +1,73 @@
+//! Which blob a layer's Prepare labels point at. containerd passes the layer descriptor's
+//! `containerd.io/snapshot/...` annotations as labels: stargz's `ctr-remote image rpull` sets
+//! `remote/stargz.reference` and `remote/stargz.digest`; CRI (with
+//! `disable_snapshot_annotations = false`) sets `cri.image-ref` and `cri.layer-digest`. The
+//! eStargz converter's `stargz/toc.digest` annotation pins the TOC when present.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
+pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// A layer blob in a registry, as named by snapshot labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSource {
+    /// The image reference the layer was pulled as (`host/repo:tag` or `@digest`).
+    pub reference: String,
+    /// The layer blob's digest (`sha256:...`).
+    pub digest: String,
+    /// The TOC digest the image's manifest pins, when it does.
+    pub toc_digest: Option<String>,
+}
+
+impl LayerSource {
+    /// Reads the labels; `None` when they do not name a reference and a digest.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
+        let get = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
+        let reference = get(STARGZ_REFERENCE).or_else(|| get(CRI_IMAGE_REF))?;
+        let digest = get(STARGZ_DIGEST).or_else(|| get(CRI_LAYER_DIGEST))?;
+        Some(LayerSource {
+            reference,
+            digest,
+            toc_digest: get(TOC_DIGEST),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn stargz_and_cri_labels() {
+        let rpull = labels(&[
+            (STARGZ_REFERENCE, "127.0.0.1:5000/a:esgz"),
+            (STARGZ_DIGEST, "sha256:aa"),
+            (TOC_DIGEST, "sha256:bb"),
+        ]);
+        let source = LayerSource::from_labels(&rpull).expect("rpull labels");
+        assert_eq!(source.reference, "127.0.0.1:5000/a:esgz");
+        assert_eq!(source.toc_digest.as_deref(), Some("sha256:bb"));
+        let cri = labels(&[(CRI_IMAGE_REF, "r/a:1"), (CRI_LAYER_DIGEST, "sha256:cc")]);
+        assert_eq!(
+            LayerSource::from_labels(&cri).expect("cri").digest,
+            "sha256:cc"
+        );
+        assert_eq!(
+            LayerSource::from_labels(&labels(&[(CRI_IMAGE_REF, "r/a:1")])),
+            None
+        );
+    }
+}
