@@ -2,6 +2,7 @@
 //! unknown keys refused. Command-line flags override the file, as `containerd-stargz-grpc`'s do.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,6 +25,12 @@ pub struct Config {
     /// at `warn`), or full tracing directives such as `info,h2=debug`; `RUST_LOG` wins when
     /// set. Default `info`.
     pub log_level: String,
+    /// How layer blobs are read from registries.
+    pub registry: RegistryConfig,
+    /// The FUSE mounts of lazy layers.
+    pub fuse: FuseConfig,
+    /// The chunk cache.
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -32,6 +39,72 @@ impl Default for Config {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
             log_level: "info".into(),
+            registry: RegistryConfig::default(),
+            fuse: FuseConfig::default(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// One HTTP request may take this long (e.g. `"10s"`). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// One read of layer data, retries included, fails after this long. Default 20 s.
+    #[serde(with = "humantime_serde")]
+    pub read_deadline: Duration,
+    /// A docker `config.json` whose `auths` give registry credentials. Default none.
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            request_timeout: Duration::from_secs(10),
+            read_deadline: Duration::from_secs(20),
+            docker_config: None,
+        }
+    }
+}
+
+/// `[fuse]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FuseConfig {
+    /// Whether eStargz and zstd:chunked layers are pulled lazily; when false every layer is
+    /// downloaded and unpacked by containerd. Default true.
+    pub lazy_pull: bool,
+    /// A read in a container that cannot be answered within this time fails with EIO instead
+    /// of hanging. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig {
+            lazy_pull: true,
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of recently used chunks kept in memory in front of the disk cache. Default
+    /// 256 MiB.
+    pub memory_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory_bytes: 256 << 20,
         }
     }
 }
@@ -118,6 +191,18 @@ impl Config {
                 reason: format!("{:?} must be an absolute path", self.address),
             });
         }
+        for (key, value) in [
+            ("registry.request_timeout", self.registry.request_timeout),
+            ("registry.read_deadline", self.registry.read_deadline),
+            ("fuse.read_timeout", self.fuse.read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be longer than zero".into(),
+                });
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(self.log_filter()).map_err(|e| {
             ConfigError::Invalid {
                 key: "log_level",
@@ -145,6 +230,24 @@ mod tests {
         assert_eq!(c.root, PathBuf::from("/srv/ls"));
         assert_eq!(c.address, PathBuf::from("/run/x.sock"));
         assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn sections_and_durations() {
+        let c = Config::parse(
+            "[registry]\nread_deadline = \"3s\"\n[fuse]\nread_timeout = \"500ms\"\nlazy_pull = false\n[cache]\nmemory_bytes = 1024\n",
+        )
+        .expect("parse");
+        assert_eq!(c.registry.read_deadline, Duration::from_secs(3));
+        assert_eq!(c.fuse.read_timeout, Duration::from_millis(500));
+        assert!(!c.fuse.lazy_pull);
+        assert_eq!(c.cache.memory_bytes, 1024);
+        let err = Config::parse("[fuse]\nread_timeout = \"soon\"").expect_err("bad duration");
+        assert!(err.to_string().contains("read_timeout"), "{err}");
+        let err = Config::parse("[fuse]\nread_timeout = \"0s\"").expect_err("zero");
+        assert!(err.to_string().contains("fuse.read_timeout"), "{err}");
+        let err = Config::parse("[cache]\nmemory = 1").expect_err("unknown key in a section");
+        assert!(err.to_string().contains("memory"), "{err}");
     }
 
     #[test]

@@ -8,17 +8,29 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cache::ChunkCache;
 use crate::config::Config;
 use crate::grpc;
-use crate::snapshot::Snapshotter;
+use crate::mount::LazyLayers;
+use crate::registry::{self, RegistryClient};
+use crate::snapshot::{RemoteFs, Snapshotter};
 
 /// Runs the daemon with `config` until a termination signal arrives.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: FUSE session threads started below inherit the signal disposition, and
+    // without a handler a SIGTERM landing on one would kill the daemon without unmounting.
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create root dir {}", config.root.display()))?;
+    let remote = if config.fuse.lazy_pull {
+        Some(lazy_layers(&config)?)
+    } else {
+        None
+    };
     let root = config.root.clone();
     let snapshotter = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
-        let snapshotter = Snapshotter::open(&root)
+        let snapshotter = Snapshotter::open_with(&root, remote)
             .with_context(|| format!("open snapshotter state in {}", root.display()))?;
         // Whatever a crash left half-made goes before containerd can see it.
         snapshotter
@@ -28,8 +40,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .await??;
     let listener = bind(&config.address)?;
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
@@ -47,6 +57,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.address);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The lazy-layer machinery: registry client, chunk cache, FUSE mounts.
+fn lazy_layers(config: &Config) -> anyhow::Result<Arc<dyn RemoteFs>> {
+    let registry = RegistryClient::new(registry::RegistryConfig {
+        request_timeout: config.registry.request_timeout,
+        read_deadline: config.registry.read_deadline,
+        docker_config: config.registry.docker_config.clone(),
+    })
+    .context("create registry client")?;
+    let cache_dir = config.root.join("cache");
+    let cache = ChunkCache::open(cache_dir.clone(), config.cache.memory_bytes)
+        .with_context(|| format!("open chunk cache in {}", cache_dir.display()))?;
+    Ok(Arc::new(LazyLayers::new(
+        registry,
+        Arc::new(cache),
+        config.root.join("layers"),
+        tokio::runtime::Handle::current(),
+        config.fuse.read_timeout,
+    )))
 }
 
 /// Binds the Unix socket, replacing a stale socket file from an earlier run but refusing to

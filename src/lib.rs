@@ -4,6 +4,8 @@
 //! - `config`: the TOML configuration tree, defaults and validation.
 //! - `metadata`: TOC → layer index (inodes, attributes, chunk maps); pure.
 //! - `layer`: lazy layers: file ranges → chunks → cache or one deduplicated fetch.
+//! - `mount`: wires lazy layers (layer + fuse crate) into the snapshotter's `RemoteFs`.
+//! - `registry`: OCI registry client: ranged blob reads, auth, retries; a leaf.
 //! - `snapshot`: containerd's snapshot semantics over overlayfs and an embedded metadata store;
 //!   knows nothing of gRPC.
 //! - `format`: eStargz and zstd:chunked footers, TOCs and chunk decompression; pure.
@@ -21,4 +23,6 @@ pub mod format;
 pub mod grpc;
 pub mod layer;
 pub mod metadata;
+pub mod mount;
+pub mod registry;
 pub mod snapshot;

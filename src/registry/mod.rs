@@ -1,0 +1,11 @@
+//! The OCI registry client: blob sizes and ranged blob reads, with bearer-token and basic
+//! authentication, one retry policy and an overall deadline per read. Knows nothing of layers,
+//! caches, FUSE or containerd.
+
+mod auth;
+mod client;
+mod reference;
+
+pub use auth::{Credentials, Secret};
+pub use client::{RegistryClient, RegistryConfig, RegistryError, RegistryStats};
+pub use reference::{Reference, ReferenceError};

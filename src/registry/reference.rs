@@ -1,0 +1,128 @@
+//! Image references as containerd writes them in snapshot labels: `host[:port]/repo[:tag]`,
+//! `repo@sha256:...`, and Docker Hub short forms.
+
+use std::fmt;
+
+/// A parsed image reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reference {
+    /// Registry host as written (`127.0.0.1:5000`, `docker.io`).
+    pub host: String,
+    pub repository: String,
+    /// Tag or `sha256:` digest; blob reads do not need it, but logs name it.
+    pub object: String,
+}
+
+/// Why a reference string was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid image reference {0:?}")]
+pub struct ReferenceError(pub String);
+
+impl Reference {
+    pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        let bad = || ReferenceError(input.to_owned());
+        if input.is_empty() || input.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let (name, object) = match input.split_once('@') {
+            Some((name, digest)) => (name, digest.to_owned()),
+            None => match input.rsplit_once(':') {
+                // a colon after the last slash is a tag, before it a port
+                Some((name, tag)) if !tag.contains('/') => (name, tag.to_owned()),
+                _ => (input, "latest".to_owned()),
+            },
+        };
+        let (host, repository) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_owned(), rest.to_owned())
+            }
+            _ => ("docker.io".to_owned(), name.to_owned()),
+        };
+        let repository = if host == "docker.io" && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository
+        };
+        if repository.is_empty() || object.is_empty() {
+            return Err(bad());
+        }
+        Ok(Reference {
+            host,
+            repository,
+            object,
+        })
+    }
+
+    /// Whether the registry is on this machine, where containerd too talks plain HTTP.
+    pub fn is_loopback(&self) -> bool {
+        let host = self
+            .host
+            .rsplit_once(':')
+            .map_or(self.host.as_str(), |(h, p)| {
+                if p.chars().all(|c| c.is_ascii_digit()) {
+                    h
+                } else {
+                    self.host.as_str()
+                }
+            });
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false)
+    }
+
+    /// The base URL of the registry API for this host.
+    pub fn api_base(&self) -> String {
+        let host = if self.host == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.host
+        };
+        let scheme = if self.is_loopback() { "http" } else { "https" };
+        format!("{scheme}://{host}/v2/{}", self.repository)
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sep = if self.object.contains(':') { '@' } else { ':' };
+        write!(f, "{}/{}{sep}{}", self.host, self.repository, self.object)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_containerd_writes() {
+        let r = Reference::parse("127.0.0.1:5000/ns/img:esgz").expect("parse");
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.object.as_str()),
+            ("127.0.0.1:5000", "ns/img", "esgz")
+        );
+        assert!(r.is_loopback());
+        assert_eq!(r.api_base(), "http://127.0.0.1:5000/v2/ns/img");
+        let r = Reference::parse("ghcr.io/a/b@sha256:abc").expect("parse");
+        assert_eq!(r.object, "sha256:abc");
+        assert_eq!(r.api_base(), "https://ghcr.io/v2/a/b");
+        let r = Reference::parse("busybox").expect("parse");
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.object.as_str()),
+            ("docker.io", "library/busybox", "latest")
+        );
+        assert_eq!(
+            r.api_base(),
+            "https://registry-1.docker.io/v2/library/busybox"
+        );
+        assert!(Reference::parse("localhost:5000/x")
+            .expect("parse")
+            .is_loopback());
+        assert!(Reference::parse("").is_err());
+        assert!(Reference::parse("a b").is_err());
+    }
+}
