@@ -32,7 +32,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let snapshotter = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let snapshotter = Snapshotter::open_with(&root, remote)
             .with_context(|| format!("open snapshotter state in {}", root.display()))?;
-        // Whatever a crash left half-made goes before containerd can see it.
+        // Lazy layers of the previous run come back, and whatever a crash left half-made goes,
+        // before containerd can see any of it.
+        snapshotter
+            .restore_remote_mounts()
+            .context("restore lazy layer mounts")?;
         snapshotter
             .cleanup()
             .context("clean up orphaned snapshot directories")?;

@@ -45,6 +45,21 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
         "every layer mounted lazily:\n{}",
         stack.lazysnap_log()
     );
+    // What a normal pull of the same image downloads: every layer.
+    let before_full = stack.registry_blob_bytes();
+    stack.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &lazy,
+    ]);
+    let full = stack.registry_blob_bytes() - before_full;
+    assert!(
+        fetched_at_pull * 20 <= full,
+        "the lazy pull fetched {fetched_at_pull} bytes, more than 5% of the image's {full}"
+    );
 
     stack.ctr(&[
         "images",
@@ -66,7 +81,8 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
         "the description covers the image:\n{ours}"
     );
     eprintln!(
-        "{name}: rpull took {pull_time:?} and fetched {fetched_at_pull} blob bytes (manifest, config, footers, TOCs)"
+        "{name}: rpull took {pull_time:?} and fetched {fetched_at_pull} of {full} compressed bytes ({:.2}%)",
+        fetched_at_pull as f64 * 100.0 / full as f64
     );
 }
 
@@ -141,4 +157,94 @@ fn registry_outage_fails_reads_with_eio_in_time_and_recovers() {
         9,
         "after the registry is back, reads work: {out}"
     );
+}
+
+#[test]
+fn reading_one_small_file_fetches_a_small_part_of_a_large_layer() {
+    let stack = Stack::start(LAZYSNAP);
+    let mut spec = image::standard_image();
+    spec.layers.push(vec![
+        image::Entry::dir("large"),
+        image::Entry::file("large/blob-a.bin", image::pseudo_random(24 << 20, 7)),
+        image::Entry::file("large/needle.txt", "the small file\n"),
+        image::Entry::file("large/blob-b.bin", image::pseudo_random(24 << 20, 8)),
+    ]);
+    let plain = stack.image_ref("large:gzip");
+    image::push(&spec, &stack.dir, &plain);
+    let lazy = stack.image_ref("large:lazy");
+    stack.convert_and_push(&plain, &lazy, &["--estargz"]);
+    stack.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "lazysnap",
+        &lazy,
+    ]);
+    let (digest, size) = stack
+        .lazy_layers()
+        .into_iter()
+        .next()
+        .expect("a lazy layer");
+    let before = stack.registry_blob_bytes_of(&digest);
+    let out = stack.run("lazysnap", &lazy, "needle", "cat /large/needle.txt");
+    assert_eq!(out, "the small file\n");
+    let fetched = stack.registry_blob_bytes_of(&digest) - before;
+    let percent = fetched as f64 * 100.0 / size as f64;
+    eprintln!(
+        "reading one small file fetched {fetched} of the layer's {size} bytes ({percent:.3}%)"
+    );
+    assert!(fetched * 100 < size, "fetched {fetched} of {size} bytes");
+}
+
+#[test]
+fn restart_after_sigkill_remounts_from_saved_state() {
+    let mut stack = Stack::start(LAZYSNAP);
+    let (_, lazy) = push_converted(&stack, "restart", &["--estargz"]);
+    stack.ctr_remote(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "lazysnap",
+        &lazy,
+    ]);
+    assert_eq!(
+        stack.run("lazysnap", &lazy, "first", "cat /top.txt"),
+        "layer 3\n"
+    );
+
+    stack.kill_lazysnap();
+    let requests = stack.registry_requests();
+    stack.start_lazysnap();
+    let log = stack.lazysnap_log();
+    assert_eq!(log.matches("remounted lazy layer").count(), 3, "{log}");
+    assert_eq!(
+        stack.registry_requests(),
+        requests,
+        "remounting must not ask the registry for footers or TOCs"
+    );
+    let mut out = String::new();
+    stack.eventually(
+        "a new container after the restart",
+        Duration::from_secs(15),
+        || match stack.try_ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &lazy,
+            "second",
+            "cat",
+            "/top.txt",
+            "/data/small.txt",
+        ]) {
+            Ok(o) => {
+                out = o;
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(out, "layer 3\nhello from layer 2\n");
 }

@@ -333,14 +333,53 @@ impl Stack {
         self.ctr(&["content", "prune", "references"]);
     }
 
+    /// Requests in the registry's access log so far.
+    pub fn registry_requests(&self) -> usize {
+        self.registry
+            .as_ref()
+            .and_then(|r| std::fs::read_to_string(&r.log).ok())
+            .map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("\" 20") || l.contains("\" 40"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The lazy layers lazysnap has saved: (digest, blob size) from `root/layers/*/layer.json`.
+    pub fn lazy_layers(&self) -> Vec<(String, u64)> {
+        let dir = self.lazysnap_root().join("layers");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("layer.json")) else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let digest = json["source"]["digest"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            out.push((digest, json["blob_size"].as_u64().unwrap_or(0)));
+        }
+        out.sort_by_key(|(_, size)| std::cmp::Reverse(*size));
+        out
+    }
+
     /// Bytes the registry has sent in answers to blob GETs, from its access log.
     pub fn registry_blob_bytes(&self) -> u64 {
+        self.registry_blob_bytes_of("")
+    }
+
+    /// Like `registry_blob_bytes`, for blobs whose digest contains `digest`.
+    pub fn registry_blob_bytes_of(&self, digest: &str) -> u64 {
         let Some(registry) = &self.registry else {
             return 0;
         };
         let log = std::fs::read_to_string(&registry.log).unwrap_or_default();
         log.lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
+            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/") && l.contains(digest))
             .filter_map(|l| {
                 // common log format: "... HTTP/1.1" STATUS BYTES "referer" "agent"
                 let after = l.split("HTTP/1.1\" ").nth(1)?;
