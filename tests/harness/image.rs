@@ -83,7 +83,30 @@ impl Entry {
 #[derive(Debug, Clone, Default)]
 pub struct ImageSpec {
     pub layers: Vec<Vec<Entry>>,
+    /// Layers given as finished blobs (e.g. hand-made eStargz), stacked above `layers`.
+    pub blobs: Vec<BlobLayer>,
     pub cmd: Vec<String>,
+}
+
+/// A finished gzip layer blob with its diff ID and descriptor annotations.
+#[derive(Debug, Clone)]
+pub struct BlobLayer {
+    pub blob: Vec<u8>,
+    pub diff_id: String,
+    pub annotations: Vec<(String, String)>,
+}
+
+impl From<super::estargz::Layer> for BlobLayer {
+    fn from(l: super::estargz::Layer) -> Self {
+        BlobLayer {
+            blob: l.blob,
+            diff_id: l.diff_id,
+            annotations: vec![(
+                "containerd.io/snapshot/stargz/toc.digest".into(),
+                l.toc_digest,
+            )],
+        }
+    }
 }
 
 /// Deterministic, incompressible-looking bytes, so layer sizes are realistic.
@@ -243,6 +266,21 @@ pub fn write_layout(spec: &ImageSpec, layout: &Path, tag: &str) {
             "size": compressed.len(),
         }));
     }
+    for layer in &spec.blobs {
+        diff_ids.push(layer.diff_id.clone());
+        let digest = write_blob(layout, &layer.blob);
+        let annotations: serde_json::Map<String, serde_json::Value> = layer
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": digest,
+            "size": layer.blob.len(),
+            "annotations": annotations,
+        }));
+    }
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -370,6 +408,7 @@ pub fn standard_image() -> ImageSpec {
     ];
     ImageSpec {
         layers: vec![busybox_layer(), layer2, layer3],
+        blobs: Vec::new(),
         cmd: vec!["/bin/sh".into()],
     }
 }
