@@ -104,6 +104,23 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     assert!(!root.join("escaped.txt").exists() && !stack.dir.join("escaped.txt").exists());
     assert!(!root.join("snapshots/escaped.txt").exists());
 
+    // An absolute name is confined to the layer, as tar extractors do: it mounts lazily and
+    // shows up at the layer's root.
+    let absolute = estargz::layer(
+        &["app/"],
+        &[
+            File::new("/absolute.txt", "inside\n"),
+            File::new("app/case", "absolute"),
+        ],
+    );
+    let reference = push_with(&stack, "absolute", absolute.into());
+    rpull(&stack, &reference).expect("rpull");
+    assert_eq!(
+        stack.run("lazysnap", &reference, "absolute", "cat /absolute.txt"),
+        "inside\n"
+    );
+    assert!(!std::path::Path::new("/absolute.txt").exists());
+
     // A TOC that does not match the digest the manifest pins.
     let mut lying_toc: BlobLayer = estargz::layer(&["app/"], &good_files("tocdigest")).into();
     lying_toc.annotations[0].1 = format!("sha256:{}", "1".repeat(64));

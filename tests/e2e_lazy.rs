@@ -10,6 +10,37 @@ use harness::{image, Stack};
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 
+/// Prints `inode path` for every regular file with more than one name.
+const HARDLINK_GROUPS: &str =
+    "find / -xdev -type f -links +1 -exec stat -c '%i %n' {} + 2>/dev/null | sort -k2";
+
+/// The value of xattr `name` on `rel` in whichever snapshot under `snapshots` holds it.
+fn layer_xattr(snapshots: &std::path::Path, rel: &str, name: &str) -> Option<Vec<u8>> {
+    for entry in std::fs::read_dir(snapshots).ok()?.flatten() {
+        let path = entry.path().join("fs").join(rel);
+        if path.exists() {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+            let c_name = std::ffi::CString::new(name).ok()?;
+            let mut buf = vec![0u8; 256];
+            // SAFETY: both strings are NUL-terminated and `buf` is valid for its length.
+            let n = unsafe {
+                libc::lgetxattr(
+                    c_path.as_ptr(),
+                    c_name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            buf.truncate(n as usize);
+            return Some(buf);
+        }
+    }
+    None
+}
+
 /// Pushes the standard image as plain gzip and converted with `flags`; returns both refs.
 fn push_converted(stack: &Stack, name: &str, flags: &[&str]) -> (String, String) {
     let plain = stack.image_ref(&format!("{name}:gzip"));
@@ -80,6 +111,44 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
         ours.lines().count() > 40,
         "the description covers the image:\n{ours}"
     );
+    // Hard-link groups: which paths share an inode, compared as sets of names.
+    let groups = |snapshotter: &str, image: &str, id: &str| {
+        let out = stack.run(snapshotter, image, id, HARDLINK_GROUPS);
+        let mut by_inode = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for line in out.lines() {
+            if let Some((ino, path)) = line.split_once(' ') {
+                by_inode
+                    .entry(ino.to_owned())
+                    .or_default()
+                    .push(path.to_owned());
+            }
+        }
+        let mut groups: Vec<Vec<String>> = by_inode.into_values().collect();
+        groups.sort();
+        groups
+    };
+    let ours_groups = groups("lazysnap", &lazy, "links-lazy");
+    assert_eq!(ours_groups, groups("overlayfs", &plain, "links-plain"));
+    assert!(
+        ours_groups.iter().any(|g| g.len() == 2),
+        "the image's hard link is a group: {ours_groups:?}"
+    );
+
+    // xattrs, read from the host on each snapshotter's copy of the layer.
+    let lazy_value = layer_xattr(
+        &stack.lazysnap_root().join("snapshots"),
+        "data/xattr",
+        "user.lazysnap",
+    );
+    let plain_value = layer_xattr(
+        &stack
+            .dir
+            .join("containerd-root/io.containerd.snapshotter.v1.overlayfs/snapshots"),
+        "data/xattr",
+        "user.lazysnap",
+    );
+    assert_eq!(lazy_value.as_deref(), Some(b"yes".as_slice()));
+    assert_eq!(lazy_value, plain_value);
     eprintln!(
         "{name}: rpull took {pull_time:?} and fetched {fetched_at_pull} of {full} compressed bytes ({:.2}%)",
         fetched_at_pull as f64 * 100.0 / full as f64
