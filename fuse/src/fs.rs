@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 use tracing::debug;
@@ -184,12 +184,14 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let ino = Ino(ino.0);
         match self.source.getattr(ino) {
-            // Contents never change, so pages read once stay valid across opens. Passthrough
-            // fits here: a source naming a fully cached backing file for `ino` would be
-            // answered with `opened_passthrough` instead.
-            Ok(attr) if attr.kind == FileKind::RegularFile => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
-            }
+            // Contents never change, so pages read once stay valid across opens. Nothing is
+            // ever written, so close(2) need not send a FLUSH (and wait for its answer).
+            // Passthrough fits here: a source naming a fully cached backing file for `ino`
+            // would be answered with `opened_passthrough` instead.
+            Ok(attr) if attr.kind == FileKind::RegularFile => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Ok(attr) if attr.kind == FileKind::Directory => {
                 reply.error(errno(&SourceError::IsDirectory, "open", ino));
             }
@@ -257,6 +259,18 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                 }
             }
         });
+    }
+
+    /// Only kernels older than 5.16 ignore `FOPEN_NOFLUSH`; there is nothing to flush.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

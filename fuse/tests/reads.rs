@@ -1,0 +1,286 @@
+//! Reads through the kernel against a source that can hang: a read that waits past the
+//! deadline must fail with EIO and must not hold up anything else on the mount.
+
+mod common;
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::Read;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{pattern, Mounted};
+use lazysnap_fuse::{
+    Attr, DirEntry, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError,
+};
+
+const DEADLINE: Duration = Duration::from_secs(1);
+
+/// A [`MemorySource`] whose reads of some inodes never finish, and which records every read
+/// it is asked for.
+struct Scripted {
+    inner: MemorySource,
+    stalled: HashSet<Ino>,
+    /// Reads of stalled inodes that have begun waiting.
+    waiting: AtomicUsize,
+    /// Reads of stalled inodes whose futures were dropped (by the deadline).
+    abandoned: AtomicUsize,
+    reads: Mutex<Vec<(Ino, u64, u32)>>,
+}
+
+/// Counts a stalled read as abandoned when its future is dropped.
+struct OnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for OnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Scripted {
+    fn new(inner: MemorySource, stalled: impl IntoIterator<Item = Ino>) -> Self {
+        Self {
+            inner,
+            stalled: stalled.into_iter().collect(),
+            waiting: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
+            reads: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn reads_of(&self, ino: Ino) -> Vec<(u64, u32)> {
+        let reads = self.reads.lock().expect("read log");
+        reads
+            .iter()
+            .filter(|(i, _, _)| *i == ino)
+            .map(|&(_, offset, len)| (offset, len))
+            .collect()
+    }
+}
+
+impl LayerSource for Scripted {
+    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
+        self.inner.lookup(parent, name)
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
+        self.inner.getattr(ino)
+    }
+
+    fn readdir(
+        &self,
+        dir: Ino,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.inner.readdir(dir, offset, add)
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
+        self.inner.readlink(ino)
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
+        self.inner.listxattr(ino)
+    }
+
+    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
+        self.inner.getxattr(ino, name)
+    }
+
+    async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+        self.reads
+            .lock()
+            .expect("read log")
+            .push((ino, offset, len));
+        if self.stalled.contains(&ino) {
+            let _abandoned = OnDrop(&self.abandoned);
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.read(ino, offset, len).await
+    }
+}
+
+/// Polls `done` until it holds or `limit` passes.
+fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn options() -> MountOptions {
+    MountOptions {
+        read_timeout: DEADLINE,
+        ..MountOptions::default()
+    }
+}
+
+#[test]
+fn a_stalled_read_fails_with_eio_while_the_rest_of_the_mount_works() {
+    let mut tree = MemorySource::new();
+    let stuck = tree.file(Ino::ROOT, "stuck", Meta::new(0o644), pattern(10_000));
+    tree.file(Ino::ROOT, "fine", Meta::new(0o644), pattern(200_000));
+    let source = Arc::new(Scripted::new(tree, [stuck]));
+    let m = Mounted::new(Arc::clone(&source), options());
+
+    let stuck_path = m.path("stuck");
+    let started = Instant::now();
+    let reader = thread::spawn(move || (fs::read(stuck_path), started.elapsed()));
+    wait_until(Duration::from_secs(5), "the stalled read", || {
+        source.waiting.load(Ordering::SeqCst) > 0
+    });
+
+    // While that read hangs, everything else answers at once.
+    let others = Instant::now();
+    let meta = fs::metadata(m.path("fine")).expect("stat beside a stalled read");
+    assert_eq!(meta.len(), 200_000);
+    let data = fs::read(m.path("fine")).expect("read beside a stalled read");
+    assert!(data == pattern(200_000), "contents of the other file");
+    assert_eq!(
+        fs::read_dir(&m.mountpoint).map(Iterator::count).ok(),
+        Some(2)
+    );
+    let others = others.elapsed();
+    assert!(
+        others < Duration::from_millis(500),
+        "others took {others:?}"
+    );
+
+    let (result, elapsed) = reader.join().expect("reader thread");
+    let err = result.expect_err("a stalled read must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The kernel retries a failed readahead page once with a read of its own, so one read(2)
+    // can wait out the deadline twice; the bound allows for that and nothing more.
+    assert!(elapsed >= DEADLINE, "failed early, after {elapsed:?}");
+    assert!(
+        elapsed < DEADLINE * 2 + Duration::from_secs(1),
+        "took {elapsed:?}"
+    );
+    let attempts = source.reads_of(stuck).len();
+    eprintln!("stalled read(2) failed after {elapsed:?}, {attempts} FUSE read(s) of it");
+
+    // Every abandoned read future was dropped, so its late result can never be sent.
+    wait_until(
+        Duration::from_secs(2),
+        "the abandoned futures to drop",
+        || source.abandoned.load(Ordering::SeqCst) == source.waiting.load(Ordering::SeqCst),
+    );
+}
+
+/// The kernel sends at most `max_background` readahead requests at a time and queues the rest
+/// unsent; reads of a whole file (readahead with no async part) queue there even when the
+/// connection is congested. The mount raises the limit so that a crowd of reads waiting on the
+/// network does not freeze reads of files that are at hand.
+#[test]
+fn many_stalled_reads_do_not_block_other_files() {
+    const STALLED: usize = 40;
+    // Larger than one readahead window (128 KiB), so every read is a background request.
+    const LEN: usize = 256 << 10;
+    let mut tree = MemorySource::new();
+    let stuck: Vec<Ino> = (0..STALLED)
+        .map(|i| {
+            tree.file(
+                Ino::ROOT,
+                &format!("stuck-{i}"),
+                Meta::new(0o644),
+                pattern(LEN),
+            )
+        })
+        .collect();
+    tree.file(Ino::ROOT, "fine", Meta::new(0o644), pattern(LEN));
+    let source = Arc::new(Scripted::new(tree, stuck));
+    let m = Mounted::new(
+        Arc::clone(&source),
+        MountOptions {
+            read_timeout: Duration::from_secs(2),
+            ..MountOptions::default()
+        },
+    );
+
+    let readers: Vec<_> = (0..STALLED)
+        .map(|i| {
+            let path = m.path(&format!("stuck-{i}"));
+            thread::spawn(move || fs::read(path))
+        })
+        .collect();
+    // With too low a limit, the reads beyond it never even reach the source.
+    wait_until(
+        Duration::from_secs(3),
+        "all stalled reads to reach the source",
+        || source.waiting.load(Ordering::SeqCst) >= STALLED,
+    );
+
+    let start = Instant::now();
+    let data = fs::read(m.path("fine")).expect("read beside many stalled reads");
+    let took = start.elapsed();
+    assert!(data == pattern(LEN));
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+
+    for reader in readers {
+        let err = reader.join().expect("reader").expect_err("stalled");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    }
+}
+
+/// Not a contract, a measurement: how the kernel slices reads, printed for the record.
+#[test]
+fn kernel_read_sizes() {
+    const LEN: usize = 8 << 20;
+    let mut tree = MemorySource::new();
+    let big = tree.file(Ino::ROOT, "big", Meta::new(0o644), pattern(LEN));
+    let source = Arc::new(Scripted::new(tree, []));
+    let m = Mounted::new(Arc::clone(&source), options());
+
+    let mut file = fs::File::open(m.path("big")).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, LEN);
+    let reads = source.reads_of(big);
+    let largest = reads.iter().map(|&(_, len)| len).max().unwrap_or(0);
+    eprintln!(
+        "sequential 1 MiB read(2)s of 8 MiB: {} FUSE reads, largest {} KiB",
+        reads.len(),
+        largest / 1024
+    );
+    // Every byte was asked for exactly once: the page cache served the rest.
+    let asked: u64 = reads.iter().map(|&(_, len)| u64::from(len)).sum();
+    assert_eq!(asked, LEN as u64);
+
+    // The connection's limits, if fusectl is mounted.
+    let dev = fs::metadata(&m.mountpoint).map(|meta| std::os::unix::fs::MetadataExt::dev(&meta));
+    if let Ok(dev) = dev {
+        let conn = format!("/sys/fs/fuse/connections/{dev}");
+        let limits: Vec<String> = ["max_background", "congestion_threshold"]
+            .iter()
+            .map(|knob| {
+                let value = fs::read_to_string(format!("{conn}/{knob}")).unwrap_or_default();
+                format!("{knob}={}", value.trim())
+            })
+            .collect();
+        eprintln!("connection {dev}: {}", limits.join(" "));
+    }
+
+    // Reopening is served from the page cache, thanks to keep-cache.
+    let again = fs::read(m.path("big")).expect("read again");
+    assert!(again == pattern(LEN));
+    assert_eq!(
+        source.reads_of(big).len(),
+        reads.len(),
+        "reopen went to the source"
+    );
+}
