@@ -27,10 +27,10 @@ use tracing::debug;
 
 use crate::{Attr, FileKind, Ino, LayerSource, SourceError};
 
-/// How many background requests (readahead and async reads) the kernel keeps in flight before
-/// queueing more. The kernel's default of 12 (fuser's 16) would let a dozen reads waiting on a
-/// registry block page-cache reads of already cached files; waiting reads cost us nothing but a
-/// task each, and the deadline bounds how long they wait.
+/// How many background requests (readahead) the kernel sends at a time; it queues the rest
+/// unsent. With fuser's 16, sixteen reads waiting on a registry hold up reads of every other
+/// file until they time out (`tests/reads.rs` shows it). A waiting read costs us only a task,
+/// and the deadline bounds how long it waits.
 const MAX_BACKGROUND: u16 = 256;
 
 /// `st_blksize`: what a 4 KiB-block filesystem reports, the size `stdio` buffers by.
@@ -116,8 +116,12 @@ impl<S: LayerSource> LayerFs<S> {
             pos = 2;
         }
         let skip = pos - DOT_ENTRIES;
+        let mut full = false;
         let mut add = |entry: crate::DirEntry<'_>| {
-            if reply.add(inode(entry.ino), pos + 1, file_type(entry.kind), entry.name) {
+            // Once one entry did not fit, a shorter one after it must not slip in: the
+            // listing would resume after it and lose the one that did not fit.
+            if full || reply.add(inode(entry.ino), pos + 1, file_type(entry.kind), entry.name) {
+                full = true;
                 return ControlFlow::Break(());
             }
             pos += 1;

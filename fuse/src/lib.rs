@@ -11,7 +11,7 @@
 //!   a tokio runtime under a deadline, so a slow fetch never stalls the mount.
 //! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
-//! - `memory` (feature `test-util`): [`MemorySource`], an in-memory tree for tests.
+//! - `memory` (feature `test-util`): `MemorySource`, an in-memory tree for tests.
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 

@@ -3,8 +3,8 @@
 //!
 //! A source knows one immutable tree. It answers metadata questions synchronously from memory,
 //! and file contents asynchronously, because those may have to come over the network. It knows
-//! nothing of FUSE: no request objects, no replies, no kernel flags; the filesystem in
-//! [`fs`](crate::fs) translates.
+//! nothing of FUSE: no request objects, no replies, no kernel flags; the filesystem (`fs.rs`)
+//! translates.
 
 use std::ffi::{OsStr, OsString};
 use std::future::Future;

@@ -31,6 +31,8 @@ struct Scripted {
     /// Reads of stalled inodes whose futures were dropped (by the deadline).
     abandoned: AtomicUsize,
     reads: Mutex<Vec<(Ino, u64, u32)>>,
+    /// Names looked up, in order.
+    lookups: Mutex<Vec<OsString>>,
 }
 
 /// Counts a stalled read as abandoned when its future is dropped.
@@ -50,6 +52,7 @@ impl Scripted {
             waiting: AtomicUsize::new(0),
             abandoned: AtomicUsize::new(0),
             reads: Mutex::new(Vec::new()),
+            lookups: Mutex::new(Vec::new()),
         }
     }
 
@@ -65,6 +68,10 @@ impl Scripted {
 
 impl LayerSource for Scripted {
     fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
+        self.lookups
+            .lock()
+            .expect("lookup log")
+            .push(name.to_owned());
         self.inner.lookup(parent, name)
     }
 
@@ -282,5 +289,23 @@ fn kernel_read_sizes() {
         source.reads_of(big).len(),
         reads.len(),
         "reopen went to the source"
+    );
+}
+
+/// Layers never change, so the kernel may keep what it learnt: names found and not found.
+#[test]
+fn the_kernel_caches_entries_and_misses() {
+    let mut tree = MemorySource::new();
+    tree.file(Ino::ROOT, "present", Meta::new(0o644), pattern(10));
+    let source = Arc::new(Scripted::new(tree, []));
+    let m = Mounted::new(Arc::clone(&source), options());
+    for _ in 0..3 {
+        assert!(fs::metadata(m.path("present")).is_ok());
+        assert!(fs::metadata(m.path("absent")).is_err());
+    }
+    let lookups = source.lookups.lock().expect("lookup log").clone();
+    assert_eq!(
+        lookups,
+        [OsString::from("present"), OsString::from("absent")]
     );
 }
