@@ -4,7 +4,8 @@
 //! Metadata requests are answered on the dispatch thread, straight from the source. Reads are
 //! spawned onto the tokio runtime and answered from there (fuser replies are `Send`), so a read
 //! waiting on the network never holds up lookups or reads of other files; each read races the
-//! mount's deadline and loses to it with `EIO`.
+//! mount's deadline and loses to it with `EIO`. With passthrough on, files the source holds
+//! complete on local disk are opened onto that copy, and the kernel reads it without us.
 //!
 //! Nothing here knows where bytes come from, and nothing here writes: the mount is read-only,
 //! so the kernel refuses writes with `EROFS` before they reach us.
@@ -18,9 +19,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 use tracing::debug;
@@ -49,6 +50,8 @@ pub(crate) struct FsConfig {
     pub(crate) read_timeout: Duration,
     /// How long the kernel may trust entries, attributes and negative lookups.
     pub(crate) cache_ttl: Duration,
+    /// Whether to ask the kernel for passthrough; cleared at init if it cannot.
+    pub(crate) passthrough: bool,
 }
 
 /// A read-only FUSE filesystem over a [`LayerSource`].
@@ -61,6 +64,18 @@ pub(crate) struct LayerFs<S> {
     /// reaches every directory other than the root through a lookup in its parent, and a
     /// directory has only one parent, so this is complete and never stale.
     parents: Mutex<HashMap<Ino, Ino>>,
+    /// With passthrough: the regular files open now, and how (see [`Opened`]).
+    open_files: Mutex<HashMap<Ino, Opened>>,
+}
+
+/// How the open handles of one inode read. The kernel lets an inode be open either through
+/// the page cache or through a backing file, never both (a mismatch fails the open with EIO),
+/// so the first open picks the mode and every later one follows it until all are released.
+#[derive(Debug)]
+struct Opened {
+    handles: u64,
+    /// `Some` in passthrough mode; dropping it tells the kernel to let the file go.
+    backing: Option<BackingId>,
 }
 
 impl<S: LayerSource> LayerFs<S> {
@@ -70,6 +85,7 @@ impl<S: LayerSource> LayerFs<S> {
             runtime,
             config,
             parents: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
         }
     }
 
@@ -92,6 +108,40 @@ impl<S: LayerSource> LayerFs<S> {
             .get(&dir)
             .copied()
             .unwrap_or(dir)
+    }
+
+    fn open_file(&self, ino: Ino, reply: ReplyOpen) {
+        // Contents never change, so pages read once stay valid across opens. Nothing is ever
+        // written, so close(2) need not send a FLUSH (and wait for its answer).
+        let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
+        if !self.config.passthrough {
+            return reply.opened(FileHandle(0), flags);
+        }
+        let mut open_files = self
+            .open_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let opened = open_files.entry(ino).or_insert(Opened {
+            handles: 0,
+            backing: None,
+        });
+        if opened.handles == 0 {
+            opened.backing = self.source.backing_file(ino).and_then(|file| {
+                reply
+                    .open_backing(&file)
+                    .map_err(|err| debug!(ino = ino.0, error = %err, "kernel refused backing file"))
+                    .ok()
+            });
+        }
+        opened.handles += 1;
+        match &opened.backing {
+            // The kernel refuses passthrough opens with any flag but a few (EIO), among them
+            // KEEP_CACHE, which has no meaning there anyway.
+            Some(backing) => {
+                reply.opened_passthrough(FileHandle(0), FopenFlags::FOPEN_NOFLUSH, backing);
+            }
+            None => reply.opened(FileHandle(0), flags),
+        }
     }
 
     /// Fills a directory listing from position `offset` on; see [`DOT_ENTRIES`]. Each entry
@@ -146,8 +196,17 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
             debug!(nearest, "kernel refused max_background");
         }
-        // max_stack_depth stays 0: overlayfs then stacks on this mount without using up the
-        // kernel's stacking depth. Passthrough will need 1, which still leaves overlayfs room.
+        // Without passthrough max_stack_depth stays 0, and overlayfs stacks on this mount as
+        // on any local filesystem. Passthrough needs 1 (backing files on an unstacked fs),
+        // which still leaves room for the overlay; 2 would not.
+        if self.config.passthrough {
+            let enabled = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !enabled {
+                debug!("kernel cannot do FUSE passthrough; serving every read itself");
+                self.config.passthrough = false;
+            }
+        }
         Ok(())
     }
 
@@ -188,14 +247,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let ino = Ino(ino.0);
         match self.source.getattr(ino) {
-            // Contents never change, so pages read once stay valid across opens. Nothing is
-            // ever written, so close(2) need not send a FLUSH (and wait for its answer).
-            // Passthrough fits here: a source naming a fully cached backing file for `ino`
-            // would be answered with `opened_passthrough` instead.
-            Ok(attr) if attr.kind == FileKind::RegularFile => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
+            Ok(attr) if attr.kind == FileKind::RegularFile => self.open_file(ino, reply),
             Ok(attr) if attr.kind == FileKind::Directory => {
                 reply.error(errno(&SourceError::IsDirectory, "open", ino));
             }
@@ -263,6 +315,32 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                 }
             }
         });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.config.passthrough {
+            let ino = Ino(ino.0);
+            let mut open_files = self
+                .open_files
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(opened) = open_files.get_mut(&ino) {
+                opened.handles = opened.handles.saturating_sub(1);
+                if opened.handles == 0 {
+                    open_files.remove(&ino);
+                }
+            }
+        }
+        reply.ok();
     }
 
     /// Only kernels older than 5.16 ignore `FOPEN_NOFLUSH`; there is nothing to flush.

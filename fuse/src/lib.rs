@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`source`]: the [`LayerSource`] trait and the types it speaks in ([`Ino`], [`Attr`], ...).
 //! - `fs`: the `fuser` filesystem translating kernel requests into source calls; reads run on
-//!   a tokio runtime under a deadline, so a slow fetch never stalls the mount.
+//!   a tokio runtime under a deadline, so a slow fetch never stalls the mount; optional kernel
+//!   passthrough to local copies the source offers.
 //! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
 //! - `memory` (feature `test-util`): `MemorySource`, an in-memory tree for tests.

@@ -42,6 +42,11 @@ pub struct MountOptions {
     /// FUSE dispatch threads. Reads never occupy them, so one is enough unless the source's
     /// metadata calls are slow. Default 1.
     pub dispatch_threads: usize,
+    /// Serve files the source has complete locally by kernel passthrough
+    /// ([`LayerSource::backing_file`]); needs Linux 6.9 and root. It costs one level of the
+    /// kernel's filesystem stacking depth (of two): overlayfs still stacks on the mount, but
+    /// nothing can stack on that overlay. Default off.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -52,6 +57,7 @@ impl Default for MountOptions {
             read_timeout: Duration::from_secs(30),
             cache_ttl: Duration::from_secs(24 * 60 * 60),
             dispatch_threads: 1,
+            passthrough: false,
         }
     }
 }
@@ -93,6 +99,7 @@ pub fn mount<S: LayerSource>(
         FsConfig {
             read_timeout: options.read_timeout,
             cache_ttl: options.cache_ttl,
+            passthrough: options.passthrough,
         },
     );
     let mut session = Session::new(fs, &mountpoint, &config).map_err(failed)?;

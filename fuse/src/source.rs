@@ -7,6 +7,7 @@
 //! translates.
 
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::time::SystemTime;
@@ -195,6 +196,19 @@ pub trait LayerSource: Send + Sync + 'static {
         offset: u64,
         len: u32,
     ) -> impl Future<Output = Result<Bytes, SourceError>> + Send;
+
+    /// A local file holding exactly the contents of regular file `ino`, if the source has
+    /// one complete (fetched whole into a cache, say). On a mount with
+    /// [`passthrough`](crate::MountOptions::passthrough), an open of `ino` then lets the kernel
+    /// read that file directly, at native speed and without calling
+    /// [`read`](LayerSource::read), until every open of `ino` is closed.
+    ///
+    /// Called on the dispatch thread at open, so it must be quick. The file must be on a
+    /// filesystem that is not itself stacked (ext4 or xfs, not overlayfs), or the kernel
+    /// refuses it and the open falls back to [`read`](LayerSource::read). The default has none.
+    fn backing_file(&self, _ino: Ino) -> Option<File> {
+        None
+    }
 }
 
 #[cfg(test)]
