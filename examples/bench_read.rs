@@ -48,14 +48,7 @@ fn main() {
     eprintln!("building a {mib} MiB layer and converting it to eStargz ...");
     image::push(&spec, &stack.dir, &plain);
     stack.convert_and_push(&plain, &lazy, &["--estargz"]);
-    stack.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &lazy,
-    ]);
+    stack.rpull(&lazy);
     stack.ctr(&[
         "images",
         "pull",

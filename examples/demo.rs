@@ -61,14 +61,7 @@ fn main() {
 
     let before = stack.registry_blob_bytes();
     let pull = timed(|| {
-        stack.ctr_remote(&[
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazysnap",
-            &lazy,
-        ]);
+        stack.rpull(&lazy);
     });
     let (run, out) = timed_run(&stack, "lazysnap", &lazy, "demo-lazy", script);
     let fetched = stack.registry_blob_bytes() - before;

@@ -22,29 +22,6 @@ fn push_with(stack: &Stack, name: &str, top: BlobLayer) -> String {
     reference
 }
 
-fn rpull(stack: &Stack, reference: &str) -> Result<String, String> {
-    let out = std::process::Command::new("ctr-remote")
-        .arg("--address")
-        .arg(stack.dir.join("containerd.sock"))
-        .args([
-            "--namespace",
-            "lazysnap-test",
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazysnap",
-            reference,
-        ])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 /// Two files; `case` makes each layer's content, and so its chain ID, unique: containerd
 /// skips layers it already has.
 fn good_files(case: &str) -> Vec<File> {
@@ -63,7 +40,7 @@ fn mixed_image_lazy_and_plain_layers() {
         "mixed",
         estargz::layer(&["app/"], &good_files("mixed")).into(),
     );
-    rpull(&stack, &reference).expect("rpull");
+    stack.rpull(&reference);
     let log = stack.lazysnap_log();
     assert_eq!(log.matches("layer mounted lazily").count(), 1, "{log}");
     assert_eq!(
@@ -95,7 +72,8 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
         ],
     );
     let reference = push_with(&stack, "escape", escape.into());
-    rpull(&stack, &reference).expect("rpull falls back to unpacking");
+    // falls back to unpacking
+    stack.rpull(&reference);
     let log = stack.lazysnap_log();
     assert!(
         log.contains("\"../../escaped.txt\"") && log.contains("falling back"),
@@ -114,7 +92,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
         ],
     );
     let reference = push_with(&stack, "absolute", absolute.into());
-    rpull(&stack, &reference).expect("rpull");
+    stack.rpull(&reference);
     assert_eq!(
         stack.run("lazysnap", &reference, "absolute", "cat /absolute.txt"),
         "inside\n"
@@ -125,7 +103,8 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     let mut lying_toc: BlobLayer = estargz::layer(&["app/"], &good_files("tocdigest")).into();
     lying_toc.annotations[0].1 = format!("sha256:{}", "1".repeat(64));
     let reference = push_with(&stack, "tocdigest", lying_toc);
-    rpull(&stack, &reference).expect("rpull falls back to unpacking");
+    // falls back to unpacking
+    stack.rpull(&reference);
     assert!(
         stack.lazysnap_log().contains("TOC digest is"),
         "{}",
@@ -140,7 +119,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     let mut cut: BlobLayer = estargz::layer(&["app/"], &good_files("cut")).into();
     cut.blob.truncate(cut.blob.len() - 20);
     let reference = push_with(&stack, "cut", cut);
-    let pulled = rpull(&stack, &reference);
+    let pulled = stack.try_rpull(&reference);
     assert!(
         pulled.is_err(),
         "a truncated layer must not be pulled: {pulled:?}"
@@ -158,7 +137,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     let mut files = good_files("chunk");
     files[1].lie_about_digest = true;
     let reference = push_with(&stack, "chunk", estargz::layer(&["app/"], &files).into());
-    rpull(&stack, &reference).expect("rpull");
+    stack.rpull(&reference);
     let out = stack.run(
         "lazysnap",
         &reference,
@@ -178,7 +157,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
         "good",
         estargz::layer(&["app/"], &good_files("good")).into(),
     );
-    rpull(&stack, &reference).expect("rpull");
+    stack.rpull(&reference);
     assert_eq!(
         stack.run("lazysnap", &reference, "good", "cat /app/hello.txt"),
         "hello\n"

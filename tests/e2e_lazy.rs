@@ -60,14 +60,7 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
 
     let before = stack.registry_blob_bytes();
     let started = Instant::now();
-    stack.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &lazy,
-    ]);
+    stack.rpull(&lazy);
     let pull_time = started.elapsed();
     let fetched_at_pull = stack.registry_blob_bytes() - before;
     assert_eq!(
@@ -179,14 +172,7 @@ fn registry_outage_fails_reads_with_eio_in_time_and_recovers() {
         vec!["--config".into(), config.display().to_string()],
     );
     let (_, lazy) = push_converted(&stack, "outage", &["--estargz"]);
-    stack.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &lazy,
-    ]);
+    stack.rpull(&lazy);
     // A long-lived container: reads before, during and after the outage.
     let out = stack.run("lazysnap", &lazy, "warm", "cat /data/small.txt");
     assert_eq!(out, "hello from layer 2\n");
@@ -242,14 +228,7 @@ fn reading_one_small_file_fetches_a_small_part_of_a_large_layer() {
     image::push(&spec, &stack.dir, &plain);
     let lazy = stack.image_ref("large:lazy");
     stack.convert_and_push(&plain, &lazy, &["--estargz"]);
-    stack.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &lazy,
-    ]);
+    stack.rpull(&lazy);
     let (digest, size) = stack
         .lazy_layers()
         .into_iter()
@@ -270,14 +249,7 @@ fn reading_one_small_file_fetches_a_small_part_of_a_large_layer() {
 fn restart_after_sigkill_remounts_from_saved_state() {
     let mut stack = Stack::start(LAZYSNAP);
     let (_, lazy) = push_converted(&stack, "restart", &["--estargz"]);
-    stack.ctr_remote(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &lazy,
-    ]);
+    stack.rpull(&lazy);
     assert_eq!(
         stack.run("lazysnap", &lazy, "first", "cat /top.txt"),
         "layer 3\n"

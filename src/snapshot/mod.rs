@@ -138,10 +138,25 @@ impl Snapshotter {
             remote::REMOTE_LABEL.to_owned(),
             remote::REMOTE_LABEL_VALUE.to_owned(),
         );
+        self.commit_record(name, key, labels, Usage::default(), Some(state))
+    }
+
+    /// Renames the active snapshot `key` to the committed snapshot `name` in one transaction.
+    fn commit_record(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+        usage: Usage,
+        remote: Option<RemoteState>,
+    ) -> Result<(), SnapshotError> {
         self.store.write(|tx| {
             let record = tx
                 .get(key)?
                 .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
+            if record.kind != Kind::Active {
+                return Err(SnapshotError::NotActive { key: key.into() });
+            }
             if tx.get(name)?.is_some() {
                 return Err(SnapshotError::AlreadyExists { key: name.into() });
             }
@@ -152,7 +167,8 @@ impl Snapshotter {
                 labels,
                 created_at: now,
                 updated_at: now,
-                remote: Some(state),
+                usage,
+                remote,
                 ..record
             };
             tx.put(name, &committed)?;
@@ -222,29 +238,7 @@ impl Snapshotter {
         // only after it has finished writing and unmounted.
         let fs = self.fs_dir(record.id);
         let usage = usage::disk_usage(&fs).map_err(SnapshotError::io("measure", &fs))?;
-        self.store.write(|tx| {
-            let record = tx
-                .get(key)?
-                .ok_or_else(|| SnapshotError::NotFound { key: key.into() })?;
-            if record.kind != Kind::Active {
-                return Err(SnapshotError::NotActive { key: key.into() });
-            }
-            if tx.get(name)?.is_some() {
-                return Err(SnapshotError::AlreadyExists { key: name.into() });
-            }
-            tx.delete(key)?;
-            let now = SystemTime::now();
-            let committed = Record {
-                kind: Kind::Committed,
-                labels,
-                created_at: now,
-                updated_at: now,
-                usage,
-                ..record
-            };
-            tx.put(name, &committed)?;
-            Ok(())
-        })
+        self.commit_record(name, key, labels, usage, None)
     }
 
     /// Removes `key`; refused while other snapshots name it as their parent.

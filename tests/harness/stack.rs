@@ -207,6 +207,33 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.try_tool("ctr", args)
     }
 
+    /// Pulls `reference` lazily with `ctr-remote image rpull`, as stargz's docs do.
+    pub fn rpull(&self, reference: &str) -> String {
+        self.ctr_remote(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazysnap",
+            reference,
+        ])
+    }
+
+    /// Like `rpull`, returning the error instead of panicking.
+    pub fn try_rpull(&self, reference: &str) -> Result<String, String> {
+        self.try_tool(
+            "ctr-remote",
+            &[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "lazysnap",
+                reference,
+            ],
+        )
+    }
+
     /// Runs `ctr-remote` (stargz's converter and rpull) against this containerd.
     pub fn ctr_remote(&self, args: &[&str]) -> String {
         self.try_tool("ctr-remote", args)
