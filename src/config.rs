@@ -10,6 +10,8 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lazysnap/config.toml";
 /// State (metadata, snapshots, cache) survives reboots, so it lives under /var/lib.
 pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
+/// Where containerd's docs put per-registry `hosts.toml` files.
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 /// The socket is a runtime file, recreated at every start, so it lives under /run.
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
 
@@ -58,6 +60,10 @@ pub struct RegistryConfig {
     pub read_deadline: Duration,
     /// A docker `config.json` whose `auths` give registry credentials. Default none.
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry hosts directory (`config_path`): `<dir>/<host>/hosts.toml` lists
+    /// mirrors tried before the origin. Default `/etc/containerd/certs.d`; a missing directory
+    /// or host file means "the origin only".
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -66,6 +72,7 @@ impl Default for RegistryConfig {
             request_timeout: Duration::from_secs(10),
             read_deadline: Duration::from_secs(20),
             docker_config: None,
+            hosts_dir: Some(DEFAULT_HOSTS_DIR.into()),
         }
     }
 }

@@ -69,6 +69,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<dyn RemoteFs>> {
         request_timeout: config.registry.request_timeout,
         read_deadline: config.registry.read_deadline,
         docker_config: config.registry.docker_config.clone(),
+        hosts_dir: config.registry.hosts_dir.clone(),
     })
     .context("create registry client")?;
     let cache_dir = config.root.join("cache");

@@ -17,6 +17,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_RANGE, RANGE, WWW_AUTH
 use reqwest::StatusCode;
 
 use super::auth::{Challenge, Credentials, Secret};
+use super::hosts::{self, Endpoint};
 use super::reference::Reference;
 
 /// Client settings.
@@ -28,6 +29,8 @@ pub struct RegistryConfig {
     pub read_deadline: Duration,
     /// Docker `config.json` whose `auths` supply credentials per host.
     pub docker_config: Option<PathBuf>,
+    /// containerd-style hosts directory (`<dir>/<host>/hosts.toml`) naming mirrors.
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -36,6 +39,7 @@ impl Default for RegistryConfig {
             request_timeout: Duration::from_secs(10),
             read_deadline: Duration::from_secs(30),
             docker_config: None,
+            hosts_dir: None,
         }
     }
 }
@@ -62,6 +66,8 @@ pub enum RegistryError {
     },
     #[error("http client: {0}")]
     Client(String),
+    #[error("registry hosts configuration: {0}")]
+    Hosts(String),
 }
 
 /// Counters of everything the client did.
@@ -80,6 +86,22 @@ enum Attempt {
 
 /// Bearer tokens by (host, scope), with their expiry.
 type TokenCache = HashMap<(String, String), (Secret, Instant)>;
+/// HTTP clients by TLS settings (skip_verify, extra CAs) of hosts.toml entries.
+type ClientCache = HashMap<(bool, Vec<PathBuf>), reqwest::Client>;
+
+/// How long a blob's redirected URL (usually a signed object-storage URL) is reused; such URLs
+/// typically live 10 to 20 minutes, and a failure drops it earlier.
+const REDIRECT_REUSE: Duration = Duration::from_secs(5 * 60);
+
+/// Where one attempt goes: an endpoint's client, URL and identity.
+#[derive(Clone)]
+struct Target {
+    client: reqwest::Client,
+    url: String,
+    host: String,
+    repository: String,
+    headers: Vec<(String, String)>,
+}
 
 /// A shared client: one connection pool, one token cache.
 #[derive(Clone)]
@@ -90,6 +112,11 @@ pub struct RegistryClient {
     tokens: Arc<Mutex<TokenCache>>,
     credentials: Arc<Mutex<HashMap<String, Credentials>>>,
     stats: Arc<RegistryStats>,
+    clients: Arc<Mutex<ClientCache>>,
+    /// digest → (final URL after redirects, when it was learnt).
+    redirects: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    /// (digest, mirror) pairs whose fallback was logged, so a layer logs it once, not per chunk.
+    fallbacks_logged: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 impl RegistryClient {
@@ -97,19 +124,16 @@ impl RegistryClient {
         // reqwest is built without a default crypto provider (ring is smaller and faster to
         // build than aws-lc); installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("lazysnap/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.request_timeout)
-            .timeout(config.request_timeout)
-            .pool_max_idle_per_host(16)
-            .build()
-            .map_err(|e| RegistryError::Client(e.to_string()))?;
+        let http = build_client(&config, false, &[])?;
         let client = RegistryClient {
             http,
             config,
             tokens: Arc::default(),
             credentials: Arc::default(),
             stats: Arc::default(),
+            clients: Arc::default(),
+            redirects: Arc::default(),
+            fallbacks_logged: Arc::default(),
         };
         client.load_docker_config();
         Ok(client)
@@ -190,11 +214,8 @@ impl RegistryClient {
         reference: &Reference,
         digest: &str,
     ) -> Result<u64, RegistryError> {
-        let url = format!("{}/blobs/{digest}", reference.api_base());
-        self.with_retries(reference, || async {
-            let response = self
-                .send(reference, reqwest::Method::HEAD, &url, None)
-                .await?;
+        self.on_endpoints(reference, digest, |target| async move {
+            let response = self.send(&target, reqwest::Method::HEAD, None).await?;
             response
                 .headers()
                 .get(reqwest::header::CONTENT_LENGTH)
@@ -202,7 +223,7 @@ impl RegistryClient {
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| {
                     Attempt::Fatal(RegistryError::BadResponse {
-                        host: reference.host.clone(),
+                        host: target.host.clone(),
                         what: format!("blob {digest}"),
                         reason: "no Content-Length".into(),
                     })
@@ -211,71 +232,198 @@ impl RegistryClient {
         .await
     }
 
-    /// Exactly bytes `range` of blob `digest`.
+    /// Exactly bytes `range` of blob `digest`: from the URL the registry last redirected this
+    /// blob to, while it is fresh, else from the mirrors and the origin in order.
     pub async fn read_range(
         &self,
         reference: &Reference,
         digest: &str,
         range: Range<u64>,
     ) -> Result<Bytes, RegistryError> {
-        let url = format!("{}/blobs/{digest}", reference.api_base());
-        let what = format!("blob {digest} bytes {}..{}", range.start, range.end);
-        let header = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
-        self.with_retries(reference, || async {
+        if let Some(url) = self.redirect_for(digest) {
+            match self.read_redirected(&url, digest, &range).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(reason) => {
+                    tracing::debug!(digest, %reason, "redirected blob URL failed; asking the registry again");
+                    self.redirects
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(digest);
+                }
+            }
+        }
+        let range = &range;
+        self.on_endpoints(reference, digest, |target| async move {
             let response = self
-                .send(reference, reqwest::Method::GET, &url, Some(&header))
+                .send(&target, reqwest::Method::GET, Some(range))
                 .await?;
-            let bad = |reason: String| {
-                Attempt::Fatal(RegistryError::BadResponse {
-                    host: reference.host.clone(),
-                    what: what.clone(),
-                    reason,
-                })
-            };
-            // A 200 would be the whole blob: never take it for the range we asked for.
-            if response.status() != StatusCode::PARTIAL_CONTENT {
-                return Err(bad(format!("status {} instead of 206", response.status())));
+            if response.url().as_str() != target.url {
+                self.redirects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        digest.to_owned(),
+                        (response.url().to_string(), Instant::now()),
+                    );
             }
-            let expected = format!("bytes {}-{}/", range.start, range.end.saturating_sub(1));
-            let content_range = response
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            if !content_range.starts_with(&expected) {
-                return Err(bad(format!("Content-Range {content_range:?}")));
-            }
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| Attempt::Retry(format!("reading body: {e}")))?;
-            self.stats
-                .bytes
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
-            if body.len() as u64 != range.end - range.start {
-                return Err(Attempt::Retry(format!(
-                    "short body: {} of {} bytes",
-                    body.len(),
-                    range.end - range.start
-                )));
-            }
-            Ok(body)
+            self.take_range(response, &target.host, digest, range).await
         })
         .await
+    }
+
+    fn redirect_for(&self, digest: &str) -> Option<String> {
+        let redirects = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
+        let (url, learnt) = redirects.get(digest)?;
+        (learnt.elapsed() < REDIRECT_REUSE).then(|| url.clone())
+    }
+
+    /// One GET of a redirected URL: no registry credentials go there (it is another host,
+    /// usually object storage authorised by the URL's own signature).
+    async fn read_redirected(
+        &self,
+        url: &str,
+        digest: &str,
+        range: &Range<u64>,
+    ) -> Result<Bytes, String> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .get(url)
+            .header(RANGE, range_header(range))
+            .send()
+            .await
+            .map_err(|e| describe(&e))?;
+        let host = response.url().host_str().unwrap_or_default().to_owned();
+        match self.take_range(response, &host, digest, range).await {
+            Ok(bytes) => Ok(bytes),
+            Err(Attempt::Retry(reason)) => Err(reason),
+            Err(Attempt::Fatal(e)) => Err(e.to_string()),
+        }
+    }
+
+    /// Checks that `response` is exactly the requested range and returns its bytes.
+    async fn take_range(
+        &self,
+        response: reqwest::Response,
+        host: &str,
+        digest: &str,
+        range: &Range<u64>,
+    ) -> Result<Bytes, Attempt> {
+        let bad = |reason: String| {
+            Attempt::Fatal(RegistryError::BadResponse {
+                host: host.to_owned(),
+                what: format!("blob {digest} bytes {}..{}", range.start, range.end),
+                reason,
+            })
+        };
+        // A 200 would be the whole blob: never take it for the range we asked for.
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(bad(format!("status {} instead of 206", response.status())));
+        }
+        let expected = format!("bytes {}-{}/", range.start, range.end.saturating_sub(1));
+        let content_range = response
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if !content_range.starts_with(&expected) {
+            return Err(bad(format!("Content-Range {content_range:?}")));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Attempt::Retry(format!("reading body: {e}")))?;
+        self.stats
+            .bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        if body.len() as u64 != range.end - range.start {
+            return Err(Attempt::Retry(format!(
+                "short body: {} of {} bytes",
+                body.len(),
+                range.end - range.start
+            )));
+        }
+        Ok(body)
+    }
+
+    /// Tries the mirrors of `reference`'s host in order, one attempt each, then the origin
+    /// under the retry policy, all within one read deadline. A mirror's failure is logged once
+    /// per blob and mirror.
+    async fn on_endpoints<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut(Target) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let endpoints = hosts::endpoints(self.config.hosts_dir.as_deref(), reference)
+            .map_err(|e| RegistryError::Hosts(e.to_string()))?;
+        let deadline = Instant::now() + self.config.read_deadline;
+        for endpoint in &endpoints {
+            let target = Target {
+                client: self.client_for(endpoint)?,
+                url: endpoint.blob_url(&reference.repository, digest),
+                host: endpoint.host().to_owned(),
+                repository: reference.repository.clone(),
+                headers: endpoint.headers.clone(),
+            };
+            if endpoint.is_origin {
+                return self
+                    .with_retries(&target.host, deadline, || attempt(target.clone()))
+                    .await;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let reason = match tokio::time::timeout(remaining, attempt(target.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(Attempt::Retry(reason))) => reason,
+                Ok(Err(Attempt::Fatal(e))) => e.to_string(),
+                Err(_) => "deadline reached".to_owned(),
+            };
+            let first = self
+                .fallbacks_logged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((digest.to_owned(), target.host.clone()));
+            if first {
+                tracing::warn!(mirror = %target.host, digest, %reason, "mirror failed; trying the next host");
+            }
+        }
+        Err(RegistryError::Hosts(format!(
+            "no host to read {digest} from"
+        )))
+    }
+
+    /// The HTTP client for an endpoint's TLS settings (one per distinct setting, so the
+    /// connection pool is shared).
+    fn client_for(&self, endpoint: &Endpoint) -> Result<reqwest::Client, RegistryError> {
+        if !endpoint.skip_verify && endpoint.ca.is_empty() {
+            return Ok(self.http.clone());
+        }
+        let key = (endpoint.skip_verify, endpoint.ca.clone());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let client = build_client(&self.config, endpoint.skip_verify, &endpoint.ca)?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the read deadline would pass.
     async fn with_retries<T, F, Fut>(
         &self,
-        reference: &Reference,
+        host: &str,
+        deadline: Instant,
         mut attempt: F,
     ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let deadline = Instant::now() + self.config.read_deadline;
         let mut attempts = 0u32;
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -292,13 +440,13 @@ impl RegistryClient {
             let wait = backoff + jitter;
             if Instant::now() + wait >= deadline {
                 return Err(RegistryError::Unavailable {
-                    host: reference.host.clone(),
+                    host: host.to_owned(),
                     attempts,
                     deadline: self.config.read_deadline,
                     last,
                 });
             }
-            tracing::debug!(host = %reference.host, attempt = attempts, reason = %last, "retrying registry request");
+            tracing::debug!(host, attempt = attempts, reason = %last, "retrying registry request");
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -308,17 +456,19 @@ impl RegistryClient {
     /// One request, authenticating on a 401 challenge (once).
     async fn send(
         &self,
-        reference: &Reference,
+        target: &Target,
         method: reqwest::Method,
-        url: &str,
-        range: Option<&str>,
+        range: Option<&Range<u64>>,
     ) -> Result<reqwest::Response, Attempt> {
-        let scope = format!("repository:{}:pull", reference.repository);
-        let mut authorization = self.cached_token(&reference.host, &scope);
+        let scope = format!("repository:{}:pull", target.repository);
+        let mut authorization = self.cached_token(&target.host, &scope);
         for _ in 0..2 {
-            let mut request = self.http.request(method.clone(), url);
+            let mut request = target.client.request(method.clone(), &target.url);
             if let Some(range) = range {
-                request = request.header(RANGE, range);
+                request = request.header(RANGE, range_header(range));
+            }
+            for (name, value) in &target.headers {
+                request = request.header(name, value);
             }
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value.clone());
@@ -335,34 +485,39 @@ impl RegistryClient {
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(Challenge::parse);
-                authorization = Some(self.authorize(reference, challenge, &scope).await?);
+                authorization = Some(self.authorize(target, challenge, &scope).await?);
                 continue;
             }
             return match status {
                 s if s.is_success() => Ok(response),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    self.forget_token(&reference.host, &scope);
+                    self.forget_token(&target.host, &scope);
                     Err(Attempt::Fatal(RegistryError::Unauthorized {
-                        host: reference.host.clone(),
+                        host: target.host.clone(),
                         reason: format!("{status} with the credentials given"),
                     }))
                 }
                 StatusCode::NOT_FOUND => Err(Attempt::Fatal(RegistryError::NotFound {
-                    host: reference.host.clone(),
-                    what: url.rsplit('/').next().unwrap_or(url).to_owned(),
+                    host: target.host.clone(),
+                    what: target
+                        .url
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(&target.url)
+                        .to_owned(),
                 })),
                 s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
                     Err(Attempt::Retry(format!("status {s}")))
                 }
                 s => Err(Attempt::Fatal(RegistryError::BadResponse {
-                    host: reference.host.clone(),
-                    what: url.to_owned(),
+                    host: target.host.clone(),
+                    what: target.url.clone(),
                     reason: format!("status {s}"),
                 })),
             };
         }
         Err(Attempt::Fatal(RegistryError::Unauthorized {
-            host: reference.host.clone(),
+            host: target.host.clone(),
             reason: "credentials were refused".into(),
         }))
     }
@@ -383,17 +538,17 @@ impl RegistryClient {
     /// Answers a challenge: basic credentials, or a bearer token from the realm.
     async fn authorize(
         &self,
-        reference: &Reference,
+        target: &Target,
         challenge: Option<Challenge>,
         default_scope: &str,
     ) -> Result<HeaderValue, Attempt> {
         let unauthorized = |reason: &str| {
             Attempt::Fatal(RegistryError::Unauthorized {
-                host: reference.host.clone(),
+                host: target.host.clone(),
                 reason: reason.to_owned(),
             })
         };
-        let credentials = self.credentials_for(&reference.host);
+        let credentials = self.credentials_for(&target.host);
         match challenge {
             Some(Challenge::Basic) => {
                 let c = credentials.ok_or_else(|| {
@@ -407,7 +562,10 @@ impl RegistryClient {
                 scope,
             }) => {
                 let scope = scope.unwrap_or_else(|| default_scope.to_owned());
-                let mut request = self.http.get(&realm).query(&[("scope", scope.as_str())]);
+                let mut request = target
+                    .client
+                    .get(&realm)
+                    .query(&[("scope", scope.as_str())]);
                 if let Some(service) = &service {
                     request = request.query(&[("service", service.as_str())]);
                 }
@@ -453,7 +611,7 @@ impl RegistryClient {
                 self.tokens
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((reference.host.clone(), scope), (Secret(token), expiry));
+                    .insert((target.host.clone(), scope), (Secret(token), expiry));
                 Ok(value)
             }
             None => Err(unauthorized(
@@ -461,6 +619,36 @@ impl RegistryClient {
             )),
         }
     }
+}
+
+fn range_header(range: &Range<u64>) -> String {
+    format!("bytes={}-{}", range.start, range.end.saturating_sub(1))
+}
+
+/// A client with lazysnap's timeouts and, for hosts.toml entries, their TLS settings.
+fn build_client(
+    config: &RegistryConfig,
+    skip_verify: bool,
+    ca: &[PathBuf],
+) -> Result<reqwest::Client, RegistryError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("lazysnap/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(config.request_timeout)
+        .timeout(config.request_timeout)
+        .pool_max_idle_per_host(16)
+        .danger_accept_invalid_certs(skip_verify);
+    for path in ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| RegistryError::Hosts(format!("CA file {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| RegistryError::Hosts(format!("CA file {}: {e}", path.display())))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| RegistryError::Client(e.to_string()))
 }
 
 fn bearer(token: &Secret) -> Option<HeaderValue> {

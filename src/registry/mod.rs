@@ -1,9 +1,11 @@
 //! The OCI registry client: blob sizes and ranged blob reads, with bearer-token and basic
-//! authentication, one retry policy and an overall deadline per read. Knows nothing of layers,
+//! authentication, mirrors from containerd's hosts.toml, reuse of redirected blob URLs, one
+//! retry policy and an overall deadline per read. Knows nothing of layers,
 //! caches, FUSE or containerd.
 
 mod auth;
 mod client;
+mod hosts;
 mod reference;
 
 pub use auth::{Credentials, Secret};

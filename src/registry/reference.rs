@@ -75,15 +75,16 @@ impl Reference {
                 .unwrap_or(false)
     }
 
-    /// The base URL of the registry API for this host.
-    pub fn api_base(&self) -> String {
+    /// The registry API's base URL (`.../v2`) for this host: plain HTTP on loopback, as
+    /// containerd does, HTTPS elsewhere.
+    pub fn api_base_url(&self) -> String {
         let host = if self.host == "docker.io" {
             "registry-1.docker.io"
         } else {
             &self.host
         };
         let scheme = if self.is_loopback() { "http" } else { "https" };
-        format!("{scheme}://{host}/v2/{}", self.repository)
+        format!("{scheme}://{host}/v2")
     }
 }
 
@@ -106,19 +107,16 @@ mod tests {
             ("127.0.0.1:5000", "ns/img", "esgz")
         );
         assert!(r.is_loopback());
-        assert_eq!(r.api_base(), "http://127.0.0.1:5000/v2/ns/img");
+        assert_eq!(r.api_base_url(), "http://127.0.0.1:5000/v2");
         let r = Reference::parse("ghcr.io/a/b@sha256:abc").expect("parse");
         assert_eq!(r.object, "sha256:abc");
-        assert_eq!(r.api_base(), "https://ghcr.io/v2/a/b");
+        assert_eq!(r.api_base_url(), "https://ghcr.io/v2");
         let r = Reference::parse("busybox").expect("parse");
         assert_eq!(
             (r.host.as_str(), r.repository.as_str(), r.object.as_str()),
             ("docker.io", "library/busybox", "latest")
         );
-        assert_eq!(
-            r.api_base(),
-            "https://registry-1.docker.io/v2/library/busybox"
-        );
+        assert_eq!(r.api_base_url(), "https://registry-1.docker.io/v2");
         assert!(Reference::parse("localhost:5000/x")
             .expect("parse")
             .is_loopback());

@@ -14,6 +14,8 @@ pub mod packages;
 pub mod process;
 pub mod stack;
 
+// Not every test binary starts a whole stack.
+#[allow(unused_imports)]
 pub use stack::Stack;
 
 /// The busybox applets the test images link, for the scripts containers run.
