@@ -247,6 +247,18 @@ impl RemoteFs for LazyLayers {
             chunk_misses = c.chunk_misses.load(Ordering::Relaxed),
             "unmounting lazy layer"
         );
+        let cache = self.cache.counters();
+        let registry = self.registry.stats();
+        tracing::debug!(
+            memory_hits = cache.memory_hits.load(Ordering::Relaxed),
+            disk_hits = cache.disk_hits.load(Ordering::Relaxed),
+            misses = cache.misses.load(Ordering::Relaxed),
+            corrupt = cache.corrupt.load(Ordering::Relaxed),
+            registry_requests = registry.requests.load(Ordering::Relaxed),
+            registry_bytes = registry.bytes.load(Ordering::Relaxed),
+            registry_retries = registry.retries.load(Ordering::Relaxed),
+            "totals"
+        );
         mounted
             .handle
             .unmount()
@@ -267,10 +279,15 @@ impl BlobSource for RegistryBlob {
         range: Range<u64>,
     ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + '_>> {
         Box::pin(async move {
-            self.registry
+            let started = std::time::Instant::now();
+            let len = range.end - range.start;
+            let result = self
+                .registry
                 .read_range(&self.reference, &self.digest, range)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            tracing::debug!(layer = %self.digest, bytes = len, elapsed = ?started.elapsed(), ok = result.is_ok(), "fetched chunk range");
+            result
         })
     }
 }
