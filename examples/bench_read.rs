@@ -49,14 +49,7 @@ fn main() {
     image::push(&spec, &stack.dir, &plain);
     stack.convert_and_push(&plain, &lazy, &["--estargz"]);
     stack.rpull(&lazy);
-    stack.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &plain,
-    ]);
+    stack.pull("overlayfs", &plain);
 
     let fuse_file = find(&stack.lazysnap_root().join("snapshots"));
     let overlay_file = find(

@@ -42,14 +42,7 @@ fn main() {
     );
     let before = stack.registry_blob_bytes();
     let pull = timed(|| {
-        stack.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "overlayfs",
-            &plain,
-        ]);
+        stack.pull("overlayfs", &plain);
     });
     let (run, out) = timed_run(&stack, "overlayfs", &plain, "demo-normal", script);
     let fetched = stack.registry_blob_bytes() - before;

@@ -21,14 +21,7 @@ fn container_sees_the_same_tree_as_with_overlayfs() {
     let stack = Stack::start(LAZYSNAP);
     let reference = push_standard(&stack);
     for snapshotter in ["lazysnap", "overlayfs"] {
-        stack.ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            snapshotter,
-            &reference,
-        ]);
+        stack.pull(snapshotter, &reference);
     }
     let ours = stack.run(
         "lazysnap",
@@ -105,14 +98,7 @@ fn container_sees_the_same_tree_as_with_overlayfs() {
 fn pulled_image_runs_after_lazysnap_is_killed_and_restarted() {
     let mut stack = Stack::start(LAZYSNAP);
     let reference = push_standard(&stack);
-    stack.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &reference,
-    ]);
+    stack.pull("lazysnap", &reference);
     let before = stack.ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"]);
     stack.kill_lazysnap();
     stack.start_lazysnap();
@@ -144,14 +130,7 @@ fn pulled_image_runs_after_lazysnap_is_killed_and_restarted() {
 fn removing_the_image_leaves_nothing_behind() {
     let stack = Stack::start(LAZYSNAP);
     let reference = push_standard(&stack);
-    stack.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &reference,
-    ]);
+    stack.pull("lazysnap", &reference);
     stack.run("lazysnap", &reference, "short-lived", "cat /top.txt");
     let listed = stack.ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"]);
     assert!(

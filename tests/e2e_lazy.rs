@@ -71,28 +71,14 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
     );
     // What a normal pull of the same image downloads: every layer.
     let before_full = stack.registry_blob_bytes();
-    stack.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &lazy,
-    ]);
+    stack.pull("overlayfs", &lazy);
     let full = stack.registry_blob_bytes() - before_full;
     assert!(
         fetched_at_pull * 20 <= full,
         "the lazy pull fetched {fetched_at_pull} bytes, more than 5% of the image's {full}"
     );
 
-    stack.ctr(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &plain,
-    ]);
+    stack.pull("overlayfs", &plain);
     let ours = stack.run("lazysnap", &lazy, "describe-lazy", harness::DESCRIBE_FS);
     let theirs = stack.run("overlayfs", &plain, "describe-plain", harness::DESCRIBE_FS);
     let diff = harness::diff_lines(&theirs, &ours);

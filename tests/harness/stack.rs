@@ -207,6 +207,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.try_tool("ctr", args)
     }
 
+    /// Pulls `reference` the ordinary way (`ctr images pull`) into `snapshotter`.
+    pub fn pull(&self, snapshotter: &str, reference: &str) -> String {
+        self.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            snapshotter,
+            reference,
+        ])
+    }
+
     /// Pulls `reference` lazily with `ctr-remote image rpull`, as stargz's docs do.
     pub fn rpull(&self, reference: &str) -> String {
         self.ctr_remote(&[
