@@ -1,8 +1,12 @@
-//! Generates containerd's Snapshots API from the protos vendored in `proto/`, with protox so that
-//! no `protoc` binary is needed on the build machine.
+//! Generates containerd's Snapshots API (vendored in `proto/containerd`) and lazysnap's own
+//! control API (`proto/lazysnap`), with protox so that no `protoc` binary is needed on the build
+//! machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    let protos = [
+        "proto/containerd/services/snapshots/v1/snapshots.proto",
+        "proto/lazysnap/v1/control.proto",
+    ];
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)

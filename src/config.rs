@@ -14,6 +14,8 @@ pub const DEFAULT_ROOT: &str = "/var/lib/lazysnap";
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 /// The socket is a runtime file, recreated at every start, so it lives under /run.
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
+/// The CLI's socket sits beside containerd's, apart so that it can be given other permissions.
+pub const DEFAULT_CONTROL_ADDRESS: &str = "/run/lazysnap/control.sock";
 
 /// The whole configuration tree.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,6 +25,9 @@ pub struct Config {
     pub root: PathBuf,
     /// Unix socket of containerd's Snapshots gRPC service. Default `/run/lazysnap/lazysnap.sock`.
     pub address: PathBuf,
+    /// Unix socket of lazysnap's control API, which the `lazysnap cache|trace|mounts` commands
+    /// use. Default `/run/lazysnap/control.sock`.
+    pub control_address: PathBuf,
     /// Log level of lazysnap itself (`error`, `warn`, `info`, `debug`, `trace`; libraries log
     /// at `warn`), or full tracing directives such as `info,h2=debug`; `RUST_LOG` wins when
     /// set. Default `info`.
@@ -33,6 +38,10 @@ pub struct Config {
     pub fuse: FuseConfig,
     /// The chunk cache.
     pub cache: CacheConfig,
+    /// Read traces, prefetch, readahead and background fetch.
+    pub prefetch: PrefetchConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -40,10 +49,13 @@ impl Default for Config {
         Config {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
+            control_address: DEFAULT_CONTROL_ADDRESS.into(),
             log_level: "info".into(),
             registry: RegistryConfig::default(),
             fuse: FuseConfig::default(),
             cache: CacheConfig::default(),
+            prefetch: PrefetchConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -106,14 +118,67 @@ pub struct CacheConfig {
     /// Bytes of recently used chunks kept in memory in front of the disk cache. Default
     /// 256 MiB.
     pub memory_bytes: u64,
+    /// Bytes of chunks the disk cache may hold; past it the least recently used chunks are
+    /// evicted. 0 means no limit. Default 0.
+    pub disk_budget_bytes: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             memory_bytes: 256 << 20,
+            disk_budget_bytes: 0,
         }
     }
+}
+
+/// `[prefetch]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Whether mounting a layer prefetches what its trace (and its landmark file) names.
+    /// Default true.
+    pub enabled: bool,
+    /// How long after each mount the chunks a container reads first are recorded into the
+    /// layer's trace. Default 60 s; 0 records nothing.
+    #[serde(with = "humantime_serde")]
+    pub trace_window: Duration,
+    /// The most chunks one layer's trace keeps. Default 100000.
+    pub max_trace_entries: usize,
+    /// Range requests prefetch may have in flight at once, over all layers. Default 4.
+    pub concurrency: usize,
+    /// Honour eStargz landmark files (`.prefetch.landmark`) written by
+    /// `ctr-remote image optimize`. Default true.
+    pub landmarks: bool,
+    /// The widest readahead window for a file read sequentially, in bytes; it starts at
+    /// 256 KiB and doubles while the pattern holds. 0 turns readahead off. Default 8 MiB.
+    pub readahead_max_bytes: u64,
+    /// After prefetch, fetch the rest of every mounted layer at low priority, so containers
+    /// stop depending on the registry. Default false.
+    pub background_fetch: bool,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            enabled: true,
+            trace_window: Duration::from_secs(60),
+            max_trace_entries: 100_000,
+            concurrency: 4,
+            landmarks: true,
+            readahead_max_bytes: 8 << 20,
+            background_fetch: false,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where Prometheus text is served at `/metrics`, e.g. `"127.0.0.1:9645"`; keep it on
+    /// loopback or a node-local address. Default none (no endpoint).
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// Why a configuration was refused; every variant names the file and the key.
@@ -192,10 +257,27 @@ impl Config {
                 reason: format!("{:?} must be an absolute path", self.root),
             });
         }
-        if !self.address.is_absolute() {
+        for (key, path) in [
+            ("address", &self.address),
+            ("control_address", &self.control_address),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{path:?} must be an absolute path"),
+                });
+            }
+        }
+        if self.address == self.control_address {
             return Err(ConfigError::Invalid {
-                key: "address",
-                reason: format!("{:?} must be an absolute path", self.address),
+                key: "control_address",
+                reason: "must differ from `address`".into(),
+            });
+        }
+        if self.prefetch.concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                key: "prefetch.concurrency",
+                reason: "must be at least 1".into(),
             });
         }
         for (key, value) in [
@@ -255,6 +337,29 @@ mod tests {
         assert!(err.to_string().contains("fuse.read_timeout"), "{err}");
         let err = Config::parse("[cache]\nmemory = 1").expect_err("unknown key in a section");
         assert!(err.to_string().contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_and_metrics_sections() {
+        let c = Config::parse(
+            "[prefetch]\ntrace_window = \"5s\"\nbackground_fetch = true\nconcurrency = 2\n[metrics]\naddress = \"127.0.0.1:9645\"\n[cache]\ndisk_budget_bytes = 1000\n",
+        )
+        .expect("parse");
+        assert_eq!(c.prefetch.trace_window, Duration::from_secs(5));
+        assert!(c.prefetch.background_fetch);
+        assert_eq!(c.prefetch.concurrency, 2);
+        assert_eq!(
+            c.metrics.address,
+            Some("127.0.0.1:9645".parse().expect("addr"))
+        );
+        assert_eq!(c.cache.disk_budget_bytes, 1000);
+        let err = Config::parse("[prefetch]\nconcurrency = 0").expect_err("zero");
+        assert!(err.to_string().contains("prefetch.concurrency"), "{err}");
+        let err = Config::parse("[metrics]\naddress = \"localhost\"").expect_err("no port");
+        assert!(err.to_string().contains("address"), "{err}");
+        let err = Config::parse("control_address = \"/run/lazysnap/lazysnap.sock\"")
+            .expect_err("same socket");
+        assert!(err.to_string().contains("control_address"), "{err}");
     }
 
     #[test]

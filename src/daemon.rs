@@ -1,5 +1,6 @@
-//! `lazysnap serve`: opens the state under the root dir, binds containerd's socket and serves
-//! until SIGTERM or SIGINT, then lets in-flight calls finish.
+//! `lazysnap serve`: opens the state under the root dir, binds containerd's socket, the control
+//! socket and (if configured) the metrics address, and serves until SIGTERM or SIGINT, then
+//! lets in-flight calls finish.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cache::ChunkCache;
 use crate::config::Config;
 use crate::grpc;
-use crate::mount::LazyLayers;
+use crate::mount::{LazyLayers, LazyOptions};
+use crate::prefetch::TraceStore;
 use crate::registry::{self, RegistryClient};
 use crate::snapshot::{RemoteFs, Snapshotter};
 
@@ -23,11 +25,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create root dir {}", config.root.display()))?;
-    let remote = if config.fuse.lazy_pull {
+    let layers = if config.fuse.lazy_pull {
         Some(lazy_layers(&config)?)
     } else {
         None
     };
+    let remote = layers.clone().map(|l| l as Arc<dyn RemoteFs>);
     let root = config.root.clone();
     let snapshotter = tokio::task::spawn_blocking(move || -> anyhow::Result<Snapshotter> {
         let snapshotter = Snapshotter::open_with(&root, remote)
@@ -44,27 +47,61 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .await??;
     let listener = bind(&config.address)?;
-    let shutdown = async move {
+    let control_listener = bind(&config.control_address)?;
+    let metrics_listener = match (config.metrics.address, &layers) {
+        (Some(address), Some(_)) => Some(crate::metrics::bind(address).await?),
+        (Some(address), None) => {
+            tracing::warn!(%address, "metrics are off: lazy pulling is off, so there is nothing to count");
+            None
+        }
+        (None, _) => None,
+    };
+    // Every server stops on the same signal.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
             _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
         }
-    };
+        let _ = stop_tx.send(true);
+    });
+    let control = tokio::spawn(grpc::serve_control(
+        grpc::ControlService::new(layers.clone()),
+        control_listener,
+        stopped(),
+    ));
+    if let (Some(listener), Some(layers)) = (metrics_listener, &layers) {
+        tracing::info!(address = ?listener.local_addr().ok(), "serving Prometheus metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(listener, layers.clone(), stopped()));
+    }
     tracing::info!(
         address = %config.address.display(),
+        control_address = %config.control_address.display(),
         root = %config.root.display(),
         "serving containerd snapshots API"
     );
-    grpc::serve(Arc::new(snapshotter), listener, shutdown)
+    grpc::serve(Arc::new(snapshotter), listener, stopped())
         .await
         .context("gRPC server failed")?;
+    match control.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "control API server failed"),
+        Err(e) => tracing::warn!(error = %e, "control API server task failed"),
+    }
     let _ = std::fs::remove_file(&config.address);
+    let _ = std::fs::remove_file(&config.control_address);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// The lazy-layer machinery: registry client, chunk cache, FUSE mounts.
-fn lazy_layers(config: &Config) -> anyhow::Result<Arc<dyn RemoteFs>> {
+/// The lazy-layer machinery: registry client, chunk cache, traces, FUSE mounts.
+fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     let registry = RegistryClient::new(registry::RegistryConfig {
         request_timeout: config.registry.request_timeout,
         read_deadline: config.registry.read_deadline,
@@ -73,14 +110,27 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<dyn RemoteFs>> {
     })
     .context("create registry client")?;
     let cache_dir = config.root.join("cache");
-    let cache = ChunkCache::open(cache_dir.clone(), config.cache.memory_bytes)
-        .with_context(|| format!("open chunk cache in {}", cache_dir.display()))?;
+    let cache = ChunkCache::open(
+        cache_dir.clone(),
+        config.cache.memory_bytes,
+        config.cache.disk_budget_bytes,
+    )
+    .with_context(|| format!("open chunk cache in {}", cache_dir.display()))?;
+    let traces = TraceStore::open(
+        config.root.join("traces"),
+        config.prefetch.max_trace_entries,
+    )
+    .context("open trace store")?;
     Ok(Arc::new(LazyLayers::new(
         registry,
         Arc::new(cache),
-        config.root.join("layers"),
+        Arc::new(traces),
+        LazyOptions {
+            layers_dir: config.root.join("layers"),
+            read_timeout: config.fuse.read_timeout,
+            prefetch: config.prefetch.clone(),
+        },
         tokio::runtime::Handle::current(),
-        config.fuse.read_timeout,
     )))
 }
 

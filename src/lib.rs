@@ -11,7 +11,11 @@
 //! - `format`: eStargz and zstd:chunked footers, TOCs and chunk decompression; pure.
 //! - `grpc`: containerd's Snapshots service over `snapshot` (tonic), proto ↔ domain conversion
 //!   and error → status mapping.
-//! - `cache`: verified chunk bytes on disk and in memory, content-addressed; a leaf.
+//! - `cache`: verified chunk bytes on disk and in memory, content-addressed, within a disk
+//!   budget (LRU); a leaf.
+//! - `prefetch`: read traces, trace/landmark prefetch, readahead, background fetch; over
+//!   `layer` and `metadata`.
+//! - `metrics`: the Prometheus endpoint over the same figures as the control API.
 //! - `daemon`: wiring for `lazysnap serve`: state dir, socket, signals.
 //!
 //! Dependencies point one way: `daemon → grpc → snapshot`, `config` is a leaf.
@@ -23,6 +27,8 @@ pub mod format;
 pub mod grpc;
 pub mod layer;
 pub mod metadata;
+pub mod metrics;
 pub mod mount;
+pub mod prefetch;
 pub mod registry;
 pub mod snapshot;

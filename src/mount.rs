@@ -22,10 +22,14 @@ use lazysnap_fuse::{self as fuse, Attr, Device, DirEntry, FileKind, Ino, SourceE
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, Evicted};
+use crate::config::PrefetchConfig;
 use crate::format::{self, FormatError, TocLocation};
-use crate::layer::{BlobSource, LayerReader, LayerSource};
+use crate::layer::{
+    unix_ms, BlobSource, Fetches, LayerCounters, LayerReader, LayerSource, Priority,
+};
 use crate::metadata::{LayerIndex, NodeKind};
+use crate::prefetch::{Activity, ActivityCell, MountPlan, ReadRecorder, Readahead, TraceStore};
 use crate::registry::{Reference, RegistryClient};
 use crate::snapshot::{Labels, RemoteError, RemoteFs, RemoteState};
 
@@ -40,39 +44,168 @@ struct LayerState {
 struct Mounted {
     handle: fuse::MountHandle,
     reader: Arc<LayerReader>,
+    index: Arc<LayerIndex>,
     digest: String,
+    reference: String,
+    mounted_unix_ms: u64,
+    activity: Arc<ActivityCell>,
+    recorder: Option<Arc<ReadRecorder>>,
+    /// Prefetch and trace recording; aborted at unmount.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Where lazy layers keep their state, and how they behave.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// `<root>/layers`: each layer's saved TOC and description.
+    pub layers_dir: PathBuf,
+    /// A container's read that cannot be served in this time fails with EIO.
+    pub read_timeout: Duration,
+    pub prefetch: PrefetchConfig,
+}
+
+/// Figures of one layer since the daemon started, kept when it is unmounted.
+#[derive(Debug, Default, Clone, Copy)]
+struct Retired {
+    fetched_bytes: u64,
+    fetched_chunks: u64,
+    last_access_ms: u64,
+}
+
+/// Totals over every lazy layer since the daemon started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub fetched_bytes: u64,
+    pub fetches: u64,
+    pub served_bytes: u64,
+    pub prefetch_bytes: u64,
+    pub prefetch_used_bytes: u64,
+    pub demand_network_reads: u64,
+}
+
+impl Totals {
+    fn add(&mut self, c: &LayerCounters) {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        self.fetched_bytes += get(&c.fetched_bytes);
+        self.fetches += get(&c.fetches);
+        self.served_bytes += get(&c.served_bytes);
+        self.prefetch_bytes += get(&c.prefetch_bytes);
+        self.prefetch_used_bytes += get(&c.prefetch_used_bytes);
+        self.demand_network_reads += get(&c.demand_network_reads);
+    }
+}
+
+/// The cache and fetch figures of the whole node, for `lazysnap cache stats` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub totals: Totals,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub corrupt: u64,
+    pub disk_used_bytes: u64,
+    pub disk_entries: u64,
+    /// 0 = no budget.
+    pub disk_budget_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_entries: u64,
+    pub evicted: Evicted,
+}
+
+impl Stats {
+    /// Cache lookups answered from memory or disk, of all lookups; 0 when there were none.
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.memory_hits + self.disk_hits;
+        let lookups = hits + self.misses;
+        if lookups == 0 {
+            0.0
+        } else {
+            hits as f64 / lookups as f64
+        }
+    }
+}
+
+/// One layer this node knows (mounted now or saved from before), for `lazysnap cache ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerReport {
+    pub digest: String,
+    pub references: Vec<String>,
+    pub cached_bytes: u64,
+    pub layer_bytes: u64,
+    pub cached_chunks: u64,
+    pub total_chunks: u64,
+    pub fetched_bytes: u64,
+    pub fetched_chunks: u64,
+    pub last_access_unix_ms: u64,
+    pub trace_present: bool,
+    pub mounted: bool,
+}
+
+/// One mount of a lazy layer, for `lazysnap mounts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountReport {
+    pub digest: String,
+    pub reference: String,
+    pub mountpoint: PathBuf,
+    pub activity: Activity,
+    pub mounted_unix_ms: u64,
+    pub fetched_bytes: u64,
+    pub served_bytes: u64,
 }
 
 /// Lazily pulled layers, mounted over FUSE.
 pub struct LazyLayers {
     registry: RegistryClient,
     cache: Arc<ChunkCache>,
-    layers_dir: PathBuf,
+    traces: Arc<TraceStore>,
+    fetches: Arc<Fetches>,
+    options: LazyOptions,
     runtime: Handle,
-    read_timeout: Duration,
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
+    /// Per layer digest: figures of its mounts that are gone, so totals never go backwards.
+    retired: Mutex<HashMap<String, Retired>>,
+    retired_totals: Mutex<Totals>,
 }
 
 impl LazyLayers {
     pub fn new(
         registry: RegistryClient,
         cache: Arc<ChunkCache>,
-        layers_dir: PathBuf,
+        traces: Arc<TraceStore>,
+        options: LazyOptions,
         runtime: Handle,
-        read_timeout: Duration,
     ) -> Self {
         LazyLayers {
             registry,
             cache,
-            layers_dir,
+            traces,
+            fetches: Arc::new(Fetches::new(options.prefetch.concurrency)),
+            options,
             runtime,
-            read_timeout,
             mounted: Mutex::default(),
+            retired: Mutex::default(),
+            retired_totals: Mutex::default(),
         }
     }
 
     fn layer_dir(&self, digest: &str) -> PathBuf {
-        self.layers_dir.join(digest.replace(':', "-"))
+        self.options.layers_dir.join(digest.replace(':', "-"))
+    }
+
+    fn mounted(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
+        self.mounted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    pub fn traces(&self) -> &Arc<TraceStore> {
+        &self.traces
+    }
+
+    pub fn fetches(&self) -> &Arc<Fetches> {
+        &self.fetches
     }
 
     /// Fetches and verifies the TOC: blob size, footer, TOC bytes.
@@ -141,6 +274,42 @@ impl LazyLayers {
         Ok(())
     }
 
+    /// The saved TOC of a layer, checked again: a damaged file must not become a wrong layer.
+    fn saved_toc(&self, state: &LayerState) -> Result<Vec<u8>, RemoteError> {
+        let path = self.layer_dir(&state.source.digest).join("toc.json");
+        let toc = std::fs::read(&path)
+            .map_err(|e| RemoteError::Failed(format!("{}: {e}", path.display())))?;
+        if let Some(expected) = &state.source.toc_digest {
+            let actual = format!(
+                "sha256:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&toc))
+            );
+            if &actual != expected {
+                return Err(RemoteError::Failed(format!(
+                    "{} is damaged (digest {actual})",
+                    path.display()
+                )));
+            }
+        }
+        Ok(toc)
+    }
+
+    fn saved_state(&self, dir: &Path) -> Result<LayerState, RemoteError> {
+        let path = dir.join("layer.json");
+        let text = std::fs::read(&path)
+            .map_err(|e| RemoteError::Failed(format!("{}: {e}", path.display())))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| RemoteError::Failed(format!("{}: {e}", path.display())))
+    }
+
+    fn build_index(state: &LayerState, toc: &[u8]) -> Result<LayerIndex, RemoteError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            RemoteError::Failed(format!("layer {}: {e}", state.source.digest))
+        };
+        let toc = format::parse_toc(toc).map_err(|e| failed(&e))?;
+        LayerIndex::build(&toc, state.location.offset).map_err(|e| failed(&e))
+    }
+
     fn mount_index(
         &self,
         mountpoint: &Path,
@@ -150,8 +319,7 @@ impl LazyLayers {
         let digest = &state.source.digest;
         let failed =
             |e: &dyn std::fmt::Display| RemoteError::Failed(format!("layer {digest}: {e}"));
-        let toc = format::parse_toc(toc).map_err(|e| failed(&e))?;
-        let index = LayerIndex::build(&toc, state.location.offset).map_err(|e| failed(&e))?;
+        let index = Arc::new(Self::build_index(state, toc)?);
         let reference = Reference::parse(&state.source.reference).map_err(|e| failed(&e))?;
         let blob = Arc::new(RegistryBlob {
             registry: self.registry.clone(),
@@ -162,30 +330,257 @@ impl LazyLayers {
             blob,
             state.location.compression,
             self.cache.clone(),
+            self.fetches.clone(),
         ));
+        let prefetch = &self.options.prefetch;
+        let recorder = (!prefetch.trace_window.is_zero()).then(|| {
+            Arc::new(ReadRecorder::new(
+                prefetch.trace_window,
+                prefetch.max_trace_entries,
+            ))
+        });
         let source = Arc::new(IndexSource {
-            index,
+            index: index.clone(),
             reader: reader.clone(),
+            recorder: recorder.clone(),
+            readahead: Readahead::new(prefetch.readahead_max_bytes),
+            runtime: self.runtime.clone(),
         });
         let options = fuse::MountOptions {
             fsname: format!("lazysnap-{}", digest.replace(':', "-")),
-            read_timeout: self.read_timeout,
+            read_timeout: self.options.read_timeout,
             ..fuse::MountOptions::default()
         };
         let handle = fuse::mount(source, mountpoint, options, self.runtime.clone())
             .map_err(|e| failed(&format!("{e}: {:?}", std::error::Error::source(&e))))?;
-        self.mounted
+        let activity = Arc::new(ActivityCell::default());
+        let mut tasks = Vec::new();
+        if prefetch.enabled {
+            let plan = MountPlan {
+                trace: true,
+                landmarks: prefetch.landmarks,
+                background: prefetch.background_fetch,
+                concurrency: prefetch.concurrency,
+            };
+            let trace = self.traces.load(digest);
+            activity.set(Activity::Prefetching);
+            tasks.push(self.runtime.spawn(crate::prefetch::after_mount(
+                digest.clone(),
+                reader.clone(),
+                index.clone(),
+                trace,
+                plan,
+                activity.clone(),
+            )));
+        }
+        if let Some(recorder) = &recorder {
+            // Saved every few seconds, so a trace is there soon after a container's start even
+            // if the daemon is killed before the window ends.
+            let interval = prefetch.trace_window.min(Duration::from_secs(2));
+            tasks.push(self.runtime.spawn(crate::prefetch::record_trace(
+                digest.clone(),
+                recorder.clone(),
+                index.clone(),
+                self.traces.clone(),
+                interval,
+            )));
+        }
+        self.mounted().insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                handle,
+                reader,
+                index,
+                digest: digest.clone(),
+                reference: state.source.reference.clone(),
+                mounted_unix_ms: unix_ms(),
+                activity,
+                recorder,
+                tasks,
+            },
+        );
+        Ok(())
+    }
+
+    /// Totals over every lazy layer since the daemon started.
+    pub fn totals(&self) -> Totals {
+        let mut totals = *self
+            .retired_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for m in self.mounted().values() {
+            totals.add(m.reader.counters());
+        }
+        totals
+    }
+
+    /// The cache and fetch figures of the whole node.
+    pub fn stats(&self) -> Stats {
+        let c = self.cache.counters();
+        let disk = self.cache.disk();
+        let (disk_used_bytes, disk_entries) = disk.usage();
+        let (memory_used_bytes, memory_entries) = self.cache.memory_usage();
+        Stats {
+            totals: self.totals(),
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
+            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            disk_used_bytes,
+            disk_entries,
+            disk_budget_bytes: disk.budget(),
+            memory_used_bytes,
+            memory_entries,
+            evicted: disk.evicted(),
+        }
+    }
+
+    /// The lazy layers mounted now.
+    pub fn mounts(&self) -> Vec<MountReport> {
+        let mut out: Vec<MountReport> = self
+            .mounted()
+            .iter()
+            .map(|(point, m)| {
+                let c = m.reader.counters();
+                MountReport {
+                    digest: m.digest.clone(),
+                    reference: m.reference.clone(),
+                    mountpoint: point.clone(),
+                    activity: m.activity.get(),
+                    mounted_unix_ms: m.mounted_unix_ms,
+                    fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+                    served_bytes: c.served_bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        out
+    }
+
+    /// Every layer this node has saved, with what of it is cached. Reads each unmounted
+    /// layer's saved TOC: for the operator's occasional look, not for a hot path.
+    pub fn layers(&self) -> Vec<LayerReport> {
+        struct Live {
+            index: Arc<LayerIndex>,
+            references: Vec<String>,
+            fetched_bytes: u64,
+            fetched_chunks: u64,
+            last_access_ms: u64,
+        }
+        let mut live: HashMap<String, Live> = HashMap::new();
+        for m in self.mounted().values() {
+            let c = m.reader.counters();
+            let entry = live.entry(m.digest.clone()).or_insert_with(|| Live {
+                index: m.index.clone(),
+                references: Vec::new(),
+                fetched_bytes: 0,
+                fetched_chunks: 0,
+                last_access_ms: 0,
+            });
+            if !entry.references.contains(&m.reference) {
+                entry.references.push(m.reference.clone());
+            }
+            entry.fetched_bytes += c.fetched_bytes.load(Ordering::Relaxed);
+            entry.fetched_chunks += c.chunk_misses.load(Ordering::Relaxed);
+            entry.last_access_ms = entry
+                .last_access_ms
+                .max(c.last_access_ms.load(Ordering::Relaxed))
+                .max(m.mounted_unix_ms);
+        }
+        let retired = self
+            .retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                mountpoint.to_path_buf(),
-                Mounted {
-                    handle,
-                    reader,
-                    digest: digest.clone(),
+            .clone();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.options.layers_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let state = match self.saved_state(&entry.path()) {
+                Ok(state) => state,
+                Err(e) => {
+                    tracing::debug!(error = %e, "skipping layer dir");
+                    continue;
+                }
+            };
+            let digest = state.source.digest.clone();
+            let live = live.remove(&digest);
+            let index = match &live {
+                Some(l) => l.index.clone(),
+                None => match self
+                    .saved_toc(&state)
+                    .and_then(|toc| Self::build_index(&state, &toc))
+                {
+                    Ok(index) => Arc::new(index),
+                    Err(e) => {
+                        tracing::warn!(layer = %digest, error = %e, "saved layer unreadable");
+                        continue;
+                    }
                 },
-            );
-        Ok(())
+            };
+            let keys = crate::prefetch::chunk_keys(&index);
+            let disk = self.cache.disk();
+            let cached: Vec<u64> = keys
+                .iter()
+                .filter_map(|(key, _)| disk.size_of(key))
+                .collect();
+            let old = retired.get(&digest).copied().unwrap_or_default();
+            let mut references = live
+                .as_ref()
+                .map(|l| l.references.clone())
+                .unwrap_or_default();
+            if !references.contains(&state.source.reference) {
+                references.push(state.source.reference.clone());
+            }
+            out.push(LayerReport {
+                trace_present: self.traces.contains(&digest),
+                digest,
+                references,
+                cached_bytes: cached.iter().sum(),
+                layer_bytes: keys.iter().map(|(_, len)| len).sum(),
+                cached_chunks: cached.len() as u64,
+                total_chunks: keys.len() as u64,
+                fetched_bytes: old.fetched_bytes + live.as_ref().map_or(0, |l| l.fetched_bytes),
+                fetched_chunks: old.fetched_chunks + live.as_ref().map_or(0, |l| l.fetched_chunks),
+                last_access_unix_ms: old
+                    .last_access_ms
+                    .max(live.as_ref().map_or(0, |l| l.last_access_ms)),
+                mounted: live.is_some(),
+            });
+        }
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
+    }
+
+    /// Drops every cached chunk of layer `digest` (mounted or not; a mounted layer fetches
+    /// again what it reads next). Chunks it shares with other layers go too: the cache holds
+    /// each once, and keeping them would make `evict` lie about what it freed.
+    pub async fn evict_layer(&self, digest: &str) -> Result<Evicted, RemoteError> {
+        let mounted = self
+            .mounted()
+            .values()
+            .find(|m| m.digest == digest)
+            .map(|m| m.index.clone());
+        let index = match mounted {
+            Some(index) => index,
+            None => {
+                let dir = self.layer_dir(digest);
+                if !dir.join("layer.json").exists() {
+                    return Err(RemoteError::NotLazy(format!(
+                        "layer {digest} is not known to this node"
+                    )));
+                }
+                let state = self.saved_state(&dir)?;
+                let toc = self.saved_toc(&state)?;
+                Arc::new(Self::build_index(&state, &toc)?)
+            }
+        };
+        let keys = crate::prefetch::chunk_keys(&index)
+            .into_iter()
+            .map(|(k, _)| k);
+        Ok(self.cache.evict(keys).await)
     }
 }
 
@@ -209,34 +604,18 @@ impl RemoteFs for LazyLayers {
     fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
         let state: LayerState = serde_json::from_value(state.clone())
             .map_err(|e| RemoteError::Failed(format!("saved layer state: {e}")))?;
-        let path = self.layer_dir(&state.source.digest).join("toc.json");
-        let toc = std::fs::read(&path)
-            .map_err(|e| RemoteError::Failed(format!("{}: {e}", path.display())))?;
-        // The saved TOC is checked again: a damaged file must not become a wrong layer.
-        if let Some(expected) = &state.source.toc_digest {
-            let actual = format!(
-                "sha256:{}",
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&toc))
-            );
-            if &actual != expected {
-                return Err(RemoteError::Failed(format!(
-                    "{} is damaged (digest {actual})",
-                    path.display()
-                )));
-            }
-        }
+        let toc = self.saved_toc(&state)?;
         self.mount_index(mountpoint, &state, &toc)
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
-        let mounted = self
-            .mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(mountpoint);
+        let mounted = self.mounted().remove(mountpoint);
         let Some(mounted) = mounted else {
             return Ok(());
         };
+        for task in &mounted.tasks {
+            task.abort();
+        }
         let c = mounted.reader.counters();
         tracing::info!(
             layer = %mounted.digest,
@@ -245,8 +624,39 @@ impl RemoteFs for LazyLayers {
             served_bytes = c.served_bytes.load(Ordering::Relaxed),
             chunk_hits = c.chunk_hits.load(Ordering::Relaxed),
             chunk_misses = c.chunk_misses.load(Ordering::Relaxed),
+            demand_network_reads = c.demand_network_reads.load(Ordering::Relaxed),
+            prefetch_bytes = c.prefetch_bytes.load(Ordering::Relaxed),
+            prefetch_used_bytes = c.prefetch_used_bytes.load(Ordering::Relaxed),
             "unmounting lazy layer"
         );
+        self.retired_totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(c);
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            let r = retired.entry(mounted.digest.clone()).or_default();
+            r.fetched_bytes += c.fetched_bytes.load(Ordering::Relaxed);
+            r.fetched_chunks += c.chunk_misses.load(Ordering::Relaxed);
+            r.last_access_ms = r
+                .last_access_ms
+                .max(c.last_access_ms.load(Ordering::Relaxed));
+        }
+        if let Some(recorder) = mounted.recorder.clone() {
+            // What was read since the last periodic save still belongs in the trace.
+            let (digest, index, store) = (
+                mounted.digest.clone(),
+                mounted.index.clone(),
+                self.traces.clone(),
+            );
+            self.runtime.spawn(async move {
+                let mut first = false;
+                crate::prefetch::flush_trace(
+                    &digest, &recorder, &index, &store, &mut None, &mut first,
+                )
+                .await;
+            });
+        }
         let cache = self.cache.counters();
         let registry = self.registry.stats();
         tracing::debug!(
@@ -292,13 +702,39 @@ impl BlobSource for RegistryBlob {
     }
 }
 
-/// The FUSE crate's view of a layer: metadata from the index, bytes from the reader.
+/// The FUSE crate's view of a layer: metadata from the index, bytes from the reader; reads
+/// are also shown to the trace recorder and the readahead detector.
 struct IndexSource {
-    index: LayerIndex,
+    index: Arc<LayerIndex>,
     reader: Arc<LayerReader>,
+    recorder: Option<Arc<ReadRecorder>>,
+    readahead: Readahead,
+    runtime: Handle,
 }
 
 impl IndexSource {
+    /// Starts fetching ahead of a sequential reader, without waiting for it: the read itself
+    /// goes on at once, and the next ones find their chunks cached or in flight.
+    fn read_ahead(&self, ino: u64, offset: u64, end: u64) {
+        let Some(size) = self.index.node(ino).map(|n| n.size) else {
+            return;
+        };
+        let Some(ahead) = self.readahead.on_read(ino, offset..end.min(size), size) else {
+            return;
+        };
+        let chunks = self.index.chunks_for(ino, ahead.start, ahead.end);
+        if chunks.is_empty() || self.reader.is_cached(chunks) {
+            return;
+        }
+        let chunks = chunks.to_vec();
+        let reader = self.reader.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = reader.warm(&chunks, Priority::Readahead).await {
+                tracing::debug!(ino, error = %e, "readahead failed");
+            }
+        });
+    }
+
     fn node(&self, ino: Ino) -> Result<&crate::metadata::Node, SourceError> {
         self.index.node(ino.0).ok_or(SourceError::NotFound)
     }
@@ -417,8 +853,12 @@ impl fuse::LayerSource for IndexSource {
         len: u32,
     ) -> impl Future<Output = Result<Bytes, SourceError>> + Send {
         let end = offset + u64::from(len);
+        let chunks = self.index.chunks_for(ino.0, offset, end);
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino.0, chunks);
+        }
+        self.read_ahead(ino.0, offset, end);
         async move {
-            let chunks = self.index.chunks_for(ino.0, offset, end);
             self.reader.read(chunks, offset..end).await.map_err(|e| {
                 tracing::warn!(ino = ino.0, offset, len, error = %e, "read failed");
                 SourceError::io(e)

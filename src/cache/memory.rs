@@ -36,4 +36,9 @@ impl MemoryTier {
     pub async fn remove(&self, key: &ChunkKey) {
         self.cache.invalidate(key).await;
     }
+
+    /// (bytes, entries) held now; moka's figures, which lag inserts by a little.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.cache.weighted_size(), self.cache.entry_count())
+    }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-pub use disk::DiskStore;
+pub use disk::{DiskStore, Evicted};
 pub use memory::MemoryTier;
 
 /// A cache key: the lowercase hex sha256 of an entry's bytes.
@@ -80,11 +80,12 @@ pub struct ChunkCache {
 }
 
 impl ChunkCache {
-    /// `dir` holds the disk tier; `memory_bytes` bounds the memory tier.
-    pub fn open(dir: PathBuf, memory_bytes: u64) -> Result<Self, CacheError> {
+    /// `dir` holds the disk tier, kept within `disk_budget` bytes (0 = no limit);
+    /// `memory_bytes` bounds the memory tier.
+    pub fn open(dir: PathBuf, memory_bytes: u64, disk_budget: u64) -> Result<Self, CacheError> {
         Ok(ChunkCache {
             memory: MemoryTier::new(memory_bytes),
-            disk: DiskStore::open(dir)?,
+            disk: DiskStore::open(dir, disk_budget)?,
             counters: Arc::default(),
         })
     }
@@ -146,6 +147,33 @@ impl ChunkCache {
         &self.counters
     }
 
+    /// Drops `keys` from both tiers.
+    pub async fn evict(&self, keys: impl IntoIterator<Item = ChunkKey>) -> Evicted {
+        let mut total = Evicted::default();
+        for key in keys {
+            self.memory.remove(&key).await;
+            let disk = self.disk.clone();
+            total += tokio::task::spawn_blocking(move || disk.remove(&key))
+                .await
+                .unwrap_or_default();
+        }
+        total
+    }
+
+    /// Evicts least recently used disk entries down to `target` bytes. The memory tier is
+    /// left alone: it has its own bound, and what it holds is by definition hot.
+    pub async fn prune_to(&self, target: u64) -> Evicted {
+        let disk = self.disk.clone();
+        tokio::task::spawn_blocking(move || disk.prune_to(target))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// (bytes, entries) in the memory tier.
+    pub fn memory_usage(&self) -> (u64, u64) {
+        self.memory.usage()
+    }
+
     pub fn disk(&self) -> &DiskStore {
         &self.disk
     }
@@ -161,14 +189,14 @@ mod tests {
         let data = Bytes::from_static(b"chunk bytes");
         let key = ChunkKey::of(&data);
         {
-            let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+            let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
             assert_eq!(cache.get(&key).await, None);
             cache.put(key.clone(), data.clone()).await.expect("put");
             assert_eq!(cache.get(&key).await, Some(data.clone()));
             assert_eq!(cache.counters().memory_hits.load(Ordering::Relaxed), 1);
         }
         // A new cache (daemon restart) finds it on disk.
-        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20).expect("reopen");
+        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("reopen");
         assert!(cache.contains(&key));
         assert_eq!(cache.get(&key).await, Some(data));
         assert_eq!(cache.counters().disk_hits.load(Ordering::Relaxed), 1);
@@ -177,7 +205,7 @@ mod tests {
     #[tokio::test]
     async fn wrong_bytes_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
         let key = ChunkKey::of(b"expected");
         let err = cache
             .put(key.clone(), Bytes::from_static(b"other"))

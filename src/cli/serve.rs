@@ -21,6 +21,9 @@ pub struct ServeArgs {
     /// Unix socket for containerd; overrides `address` in the config.
     #[arg(long, value_name = "SOCKET")]
     address: Option<PathBuf>,
+    /// Unix socket for the control API (the `lazysnap` CLI); overrides `control_address`.
+    #[arg(long, value_name = "SOCKET")]
+    control_address: Option<PathBuf>,
     /// Log filter; overrides `log_level` in the config (RUST_LOG wins over both).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -33,6 +36,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(address) = args.address {
         config.address = address;
+    }
+    if let Some(control) = args.control_address {
+        config.control_address = control;
     }
     if let Some(level) = args.log_level {
         config.log_level = level;

@@ -1,6 +1,8 @@
-//! The daemon's gRPC surface: containerd's Snapshots service (proxy plugin) on a Unix socket.
-//! Protobuf types stop at `convert`; everything below speaks domain types.
+//! The daemon's gRPC surface: containerd's Snapshots service (proxy plugin) on a Unix socket,
+//! and lazysnap's control API for the CLI on another. Protobuf types stop at `convert` and
+//! `control`; everything below speaks domain types.
 
+mod control;
 mod convert;
 pub mod proto;
 mod snapshots;
@@ -12,9 +14,11 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+pub use control::ControlService;
 pub use snapshots::SnapshotsService;
 
 use crate::snapshot::Snapshotter;
+use proto::control::control_server::ControlServer;
 use proto::snapshots::snapshots_server::SnapshotsServer;
 
 /// Serves the Snapshots service on `listener` until `shutdown` resolves; in-flight calls are
@@ -26,6 +30,18 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(snapshotter)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Serves the control API on `listener` until `shutdown` resolves.
+pub async fn serve_control(
+    control: ControlService,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(ControlServer::new(control))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

@@ -4,8 +4,10 @@
 //! Knows the registry, the cache, the formats and the metadata index; knows nothing of FUSE or
 //! containerd (`crate::mount` wires a layer to a FUSE mount for the snapshotter).
 
+mod fetches;
 mod reader;
 mod source;
 
-pub use reader::{BlobSource, ChunkSpec, LayerCounters, LayerReader, ReadError};
+pub use fetches::{Fetches, Histogram, Priority};
+pub use reader::{unix_ms, BlobSource, ChunkSpec, LayerCounters, LayerReader, ReadError};
 pub use source::LayerSource;

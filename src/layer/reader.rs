@@ -6,16 +6,17 @@
 //! fetched chunk is decompressed and checked against its digest before anyone sees it or it is
 //! cached; a registry that lies produces an error, never wrong bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
+use super::fetches::{Fetches, Priority};
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::format::Compression;
 
@@ -74,6 +75,22 @@ pub struct LayerCounters {
     /// Chunks found in the cache / not found.
     pub chunk_hits: AtomicU64,
     pub chunk_misses: AtomicU64,
+    /// Container reads that had to wait for the registry (a fetch of their own, or one
+    /// already under way): what prefetch exists to bring down.
+    pub demand_network_reads: AtomicU64,
+    /// Uncompressed bytes fetched by prefetch, readahead or background fetch, and how many of
+    /// those a container has read since.
+    pub prefetch_bytes: AtomicU64,
+    pub prefetch_used_bytes: AtomicU64,
+    /// Unix milliseconds of the last read by a container.
+    pub last_access_ms: AtomicU64,
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 type Shared = Option<Result<Bytes, ReadError>>;
@@ -85,6 +102,11 @@ pub struct LayerReader {
     cache: Arc<ChunkCache>,
     inflight: Mutex<HashMap<ChunkKey, watch::Receiver<Shared>>>,
     counters: Arc<LayerCounters>,
+    fetches: Arc<Fetches>,
+    /// Chunks prefetched and not read by a container yet, for the used/wasted figures; the
+    /// flag spares the read path the lock while nothing was prefetched.
+    prefetched: Mutex<HashSet<ChunkKey>>,
+    any_prefetched: AtomicBool,
     /// Largest merged request; bounds memory per read and keeps one slow request from holding
     /// many chunks hostage.
     max_request: u64,
@@ -95,6 +117,7 @@ impl LayerReader {
         blob: Arc<dyn BlobSource>,
         compression: Compression,
         cache: Arc<ChunkCache>,
+        fetches: Arc<Fetches>,
     ) -> Self {
         LayerReader {
             blob,
@@ -102,6 +125,9 @@ impl LayerReader {
             cache,
             inflight: Mutex::default(),
             counters: Arc::default(),
+            fetches,
+            prefetched: Mutex::default(),
+            any_prefetched: AtomicBool::new(false),
             max_request: 8 << 20,
         }
     }
@@ -117,7 +143,11 @@ impl LayerReader {
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
             .collect();
-        let data = self.load(&wanted).await?;
+        let data = self.load(&wanted, Priority::Demand).await?;
+        self.note_prefetch_use(&wanted);
+        self.counters
+            .last_access_ms
+            .store(unix_ms(), Ordering::Relaxed);
         let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
         for (chunk, bytes) in wanted.iter().zip(data) {
             let from = range.start.saturating_sub(chunk.file_offset) as usize;
@@ -130,19 +160,63 @@ impl LayerReader {
         Ok(out.freeze())
     }
 
-    /// Makes sure `chunks` are cached, fetching what is missing; used by prefetch.
-    pub async fn warm(&self, chunks: &[ChunkSpec]) -> Result<(), ReadError> {
-        let refs: Vec<&ChunkSpec> = chunks.iter().collect();
-        self.load(&refs).await.map(drop)
+    /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
+    /// readahead, background fetch). Returns the uncompressed bytes it had to fetch.
+    pub async fn warm(&self, chunks: &[ChunkSpec], priority: Priority) -> Result<u64, ReadError> {
+        let missing: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| !self.cache.contains(&c.key))
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let _admission = self.fetches.admit(priority).await;
+        let before = self.counters.prefetch_bytes.load(Ordering::Relaxed);
+        self.load(&missing, priority).await?;
+        Ok(self
+            .counters
+            .prefetch_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(before))
     }
 
-    async fn load(&self, chunks: &[&ChunkSpec]) -> Result<Vec<Bytes>, ReadError> {
+    /// Whether every chunk is in the cache (memory or disk), without reading any.
+    pub fn is_cached(&self, chunks: &[ChunkSpec]) -> bool {
+        chunks.iter().all(|c| self.cache.contains(&c.key))
+    }
+
+    fn note_prefetch_use(&self, chunks: &[&ChunkSpec]) {
+        if !self.any_prefetched.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut prefetched = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in chunks {
+            if prefetched.remove(&chunk.key) {
+                self.counters
+                    .prefetch_used_bytes
+                    .fetch_add(chunk.len, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn load(
+        &self,
+        chunks: &[&ChunkSpec],
+        priority: Priority,
+    ) -> Result<Vec<Bytes>, ReadError> {
         let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
         for (slot, chunk) in out.iter_mut().zip(chunks) {
             if let Some(bytes) = self.cache.get(&chunk.key).await {
                 self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
                 *slot = Some(bytes);
             }
+        }
+        let mut _demand = None;
+        if priority == Priority::Demand && out.iter().any(Option::is_none) {
+            self.counters
+                .demand_network_reads
+                .fetch_add(1, Ordering::Relaxed);
+            _demand = Some(self.fetches.demand());
         }
         // Some chunks may be missing only because another reader is fetching them: wait for
         // that fetch instead of starting another. A fetch abandoned midway (its reader timed
@@ -153,7 +227,7 @@ impl LayerReader {
                 break;
             }
             let (mine, theirs) = self.claim(chunks, &missing);
-            self.fetch_claimed(chunks, mine, &mut out).await?;
+            self.fetch_claimed(chunks, mine, &mut out, priority).await?;
             for (i, mut rx) in theirs {
                 let value = rx
                     .wait_for(Option::is_some)
@@ -209,6 +283,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         mut claim: Claim<'_>,
         out: &mut [Option<Bytes>],
+        priority: Priority,
     ) -> Result<(), ReadError> {
         // A chunk fetched by another reader between our cache lookup and the claim is in the
         // cache now; don't fetch it again.
@@ -233,6 +308,9 @@ impl LayerReader {
             let result = self.fetch_run(chunks, run, start..end).await;
             match result {
                 Ok(values) => {
+                    if priority != Priority::Demand {
+                        self.note_prefetched(run.iter().map(|(i, _)| chunks[*i]));
+                    }
                     for ((i, tx), bytes) in run.iter().zip(values) {
                         let _ = tx.send(Some(Ok(bytes.clone())));
                         out[*i] = Some(bytes);
@@ -249,6 +327,17 @@ impl LayerReader {
         claim.senders = pending;
         drop(claim);
         first_error.map_or(Ok(()), Err)
+    }
+
+    fn note_prefetched<'c>(&self, fetched: impl Iterator<Item = &'c ChunkSpec>) {
+        let mut prefetched = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in fetched {
+            self.counters
+                .prefetch_bytes
+                .fetch_add(chunk.len, Ordering::Relaxed);
+            prefetched.insert(chunk.key.clone());
+        }
+        self.any_prefetched.store(true, Ordering::Relaxed);
     }
 
     /// Groups claimed chunks into runs that are contiguous in the blob and small enough for
@@ -282,15 +371,16 @@ impl LayerReader {
         range: Range<u64>,
     ) -> Result<Vec<Bytes>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
-        let blob = self
-            .blob
-            .read_range(range.clone())
-            .await
-            .map_err(|reason| ReadError::Fetch {
-                start: range.start,
-                end: range.end,
-                reason,
-            })?;
+        let started = std::time::Instant::now();
+        self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.blob.read_range(range.clone()).await;
+        self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.fetches.latency.observe(started.elapsed());
+        let blob = result.map_err(|reason| ReadError::Fetch {
+            start: range.start,
+            end: range.end,
+            reason,
+        })?;
         self.counters
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
@@ -415,14 +505,20 @@ mod tests {
         let index = LayerIndex::build(&format::parse_toc(&json).expect("parse"), location.offset)
             .expect("index");
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20).expect("cache"));
+        let cache =
+            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache"));
         let blob = Arc::new(MemoryBlob {
             blob: bytes,
             requests: AtomicUsize::new(0),
             corrupt,
             fail,
         });
-        let reader = LayerReader::new(blob.clone(), location.compression, cache);
+        let reader = LayerReader::new(
+            blob.clone(),
+            location.compression,
+            cache,
+            Arc::new(Fetches::new(2)),
+        );
         Setup {
             _dir: dir,
             index,

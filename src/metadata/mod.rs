@@ -65,12 +65,24 @@ pub struct MetadataError {
     pub reason: String,
 }
 
+/// What the layer's eStargz landmark files say about prefetching on mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landmark {
+    /// `.prefetch.landmark`: the files before this blob offset are the ones the image's
+    /// builder (`ctr-remote image optimize`) saw its workload read.
+    PrefetchBefore(u64),
+    /// `.no.prefetch.landmark`: the builder saw nothing worth prefetching.
+    NoPrefetch,
+}
+
 /// The whole layer.
 #[derive(Debug)]
 pub struct LayerIndex {
     nodes: Vec<Node>,
     /// Sum of regular file sizes (each hard-linked inode once).
     pub file_bytes: u64,
+    /// The landmark file the layer carries, if any.
+    pub landmark: Option<Landmark>,
 }
 
 impl LayerIndex {
@@ -100,6 +112,43 @@ impl LayerIndex {
         self.nodes.is_empty()
     }
 
+    /// Every inode number, in order.
+    pub fn inodes(&self) -> impl Iterator<Item = u64> {
+        1..=self.nodes.len() as u64
+    }
+
+    /// One path (relative, `/`-separated) of each inode reachable from the root; a hard-linked
+    /// file gets the first of its names. Walks the whole tree, so it is for occasional use
+    /// (saving a trace), not for the read path.
+    pub fn paths(&self) -> HashMap<u64, String> {
+        let mut out = HashMap::with_capacity(self.nodes.len());
+        let mut stack = vec![(ROOT, String::new())];
+        while let Some((ino, path)) = stack.pop() {
+            let Some(node) = self.node(ino) else { continue };
+            for (name, child) in &node.children {
+                if out.contains_key(child) {
+                    continue;
+                }
+                let name = String::from_utf8_lossy(name);
+                let child_path = if path.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{path}/{name}")
+                };
+                out.insert(*child, child_path.clone());
+                stack.push((*child, child_path));
+            }
+        }
+        out
+    }
+
+    /// The inode at a relative `/`-separated path.
+    pub fn resolve(&self, path: &str) -> Option<u64> {
+        path.split('/')
+            .filter(|p| !p.is_empty())
+            .try_fold(ROOT, |dir, name| self.lookup(dir, OsStr::new(name)))
+    }
+
     /// The chunks of file `ino` overlapping `[start, end)`.
     pub fn chunks_for(&self, ino: u64, start: u64, end: u64) -> &[ChunkSpec] {
         let Some(node) = self.node(ino) else {
@@ -119,6 +168,7 @@ struct Builder {
     toc_offset: u64,
     /// The file a following `chunk` entry continues.
     last_file: Option<(String, u64)>,
+    landmark: Option<Landmark>,
 }
 
 fn err(entry: &str, reason: impl Into<String>) -> MetadataError {
@@ -180,6 +230,7 @@ impl Builder {
             offsets,
             toc_offset,
             last_file: None,
+            landmark: None,
         }
     }
 
@@ -217,6 +268,7 @@ impl Builder {
         Ok(LayerIndex {
             nodes: self.nodes,
             file_bytes,
+            landmark: self.landmark,
         })
     }
 
@@ -262,6 +314,11 @@ impl Builder {
             return Ok(());
         };
         if dirs.is_empty() && HIDDEN.contains(&base) {
+            match base {
+                ".prefetch.landmark" => self.landmark = Some(Landmark::PrefetchBefore(e.offset)),
+                ".no.prefetch.landmark" => self.landmark = Some(Landmark::NoPrefetch),
+                _ => {}
+            }
             return Ok(());
         }
         let parent = self.ensure_dirs(&e.name, dirs, children)?;

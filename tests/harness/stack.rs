@@ -22,6 +22,9 @@ pub struct Stack {
     lazysnap_bin: PathBuf,
     /// Extra flags for `lazysnap serve` (e.g. `--config`).
     pub lazysnap_args: Vec<String>,
+    /// Which node this is: `new_node` gives lazysnap and containerd fresh state dirs, as a
+    /// second machine pulling from the same registry would have.
+    node: usize,
     _turn: MutexGuard<'static, ()>,
     keep: bool,
 }
@@ -48,6 +51,7 @@ impl Stack {
             containerd: None,
             lazysnap_bin: lazysnap_bin.into(),
             lazysnap_args,
+            node: 0,
             _turn: turn,
             keep: std::env::var_os("LAZYSNAP_KEEP_TMP").is_some(),
             dir,
@@ -62,16 +66,78 @@ impl Stack {
         self.dir.join(name)
     }
 
+    /// A per-node name: `name` on the first node, `name-N` on later ones.
+    fn node_path(&self, name: &str) -> PathBuf {
+        match self.node {
+            0 => self.path(name),
+            n => self.path(&format!("{name}-{n}")),
+        }
+    }
+
     pub fn lazysnap_root(&self) -> PathBuf {
-        self.path("lazysnap-root")
+        self.node_path("lazysnap-root")
     }
 
     pub fn lazysnap_socket(&self) -> PathBuf {
-        self.path("lazysnap.sock")
+        self.node_path("lazysnap.sock")
+    }
+
+    /// lazysnap's control socket, which the `lazysnap` CLI talks to.
+    pub fn control_socket(&self) -> PathBuf {
+        self.node_path("control.sock")
     }
 
     fn containerd_socket(&self) -> PathBuf {
-        self.path("containerd.sock")
+        self.node_path("containerd.sock")
+    }
+
+    /// Stops this node's containerd and lazysnap and starts both again with empty state
+    /// dirs, sockets of their own, and the same registry: a second node.
+    pub fn new_node(&mut self) {
+        for proc in [&mut self.containerd, &mut self.lazysnap] {
+            if let Some(mut p) = proc.take() {
+                p.stop(Signal::SIGTERM, Duration::from_secs(10));
+            }
+        }
+        self.node += 1;
+        self.start_lazysnap();
+        self.start_containerd();
+    }
+
+    /// Runs the `lazysnap` CLI against this node's control socket; returns stdout, or the
+    /// exit status and stderr.
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.lazysnap_bin)
+            .args(args)
+            .arg("--control")
+            .arg(self.control_socket())
+            .output()
+            .map_err(|e| format!("run lazysnap: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "lazysnap {args:?} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Like `try_cli`, panicking with the logs on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// `lazysnap ARGS --json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let out = self.cli(&with_json);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("lazysnap {args:?} --json: {e}: {out}"))
     }
 
     /// (Re)starts the registry on `port`, serving the same storage.
@@ -122,6 +188,8 @@ impl Stack {
             .arg(self.lazysnap_root())
             .arg("--address")
             .arg(&socket)
+            .arg("--control-address")
+            .arg(self.control_socket())
             .arg("--log-level")
             .arg("debug")
             .args(&self.lazysnap_args);
@@ -177,8 +245,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = "{lazysnap}"
 "#,
-                root = self.path("containerd-root").display(),
-                state = self.path("containerd-state").display(),
+                root = self.node_path("containerd-root").display(),
+                state = self.node_path("containerd-state").display(),
                 sock = self.containerd_socket().display(),
                 lazysnap = self.lazysnap_socket().display(),
             ),
@@ -186,7 +254,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         .expect("write containerd config");
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config);
-        let mut proc = Proc::spawn("containerd", cmd, &self.path("containerd.log"));
+        let mut proc = Proc::spawn("containerd", cmd, &self.node_path("containerd.log"));
         let socket = self.containerd_socket();
         wait_for(
             "containerd's socket",

@@ -1,0 +1,292 @@
+//! Learning from observed reads: what containers read first after a mount is recorded per
+//! layer (`recorder`, `trace`) and fetched, in that order, the next time any container mounts
+//! the layer; files read sequentially get readahead (`readahead`); optionally the rest of a
+//! layer is fetched in the background. Everything here only warms the cache through the
+//! layer reader at `Priority::Prefetch` or `Background`, so a container's own reads always
+//! go first (see `layer::Fetches`), and a failure here costs speed, never correctness.
+//!
+//! Uses the layer reader and the layer index; knows nothing of FUSE or containerd.
+
+pub mod readahead;
+pub mod recorder;
+pub mod trace;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+
+pub use readahead::Readahead;
+pub use recorder::ReadRecorder;
+pub use trace::{Trace, TraceEntry, TraceError, TraceStore};
+
+use crate::cache::ChunkKey;
+use crate::layer::{ChunkSpec, LayerReader, Priority, ReadError};
+use crate::metadata::{Landmark, LayerIndex};
+
+/// One prefetch batch: a few MiB, so a demand read queued behind it waits little, and
+/// neighbouring chunks still merge into one range request.
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// What a mounted layer is doing besides serving reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Activity {
+    Prefetching = 0,
+    Ready = 1,
+    Background = 2,
+}
+
+impl Activity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activity::Prefetching => "prefetching",
+            Activity::Ready => "ready",
+            Activity::Background => "background",
+        }
+    }
+}
+
+/// An `Activity` shared between a layer's background task and whoever reports on it.
+#[derive(Debug)]
+pub struct ActivityCell(AtomicU8);
+
+impl Default for ActivityCell {
+    fn default() -> Self {
+        ActivityCell(AtomicU8::new(Activity::Ready as u8))
+    }
+}
+
+impl ActivityCell {
+    pub fn set(&self, activity: Activity) {
+        self.0.store(activity as u8, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Activity {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Activity::Prefetching,
+            2 => Activity::Background,
+            _ => Activity::Ready,
+        }
+    }
+}
+
+/// What to do when a layer is mounted.
+#[derive(Debug, Clone, Copy)]
+pub struct MountPlan {
+    /// Fetch what the layer's trace names.
+    pub trace: bool,
+    /// Fetch the files before the layer's `.prefetch.landmark`.
+    pub landmarks: bool,
+    /// Then fetch everything else at low priority.
+    pub background: bool,
+    /// Prefetch batches in flight for this layer.
+    pub concurrency: usize,
+}
+
+/// The chunks a trace names, in trace order; entries the layer does not have (a trace from a
+/// hand-edited document) are skipped.
+pub fn plan_trace(index: &LayerIndex, trace: &Trace) -> Vec<ChunkSpec> {
+    let mut inodes: HashMap<&str, Option<u64>> = HashMap::new();
+    let mut out = Vec::with_capacity(trace.entries.len());
+    for entry in &trace.entries {
+        let ino = *inodes
+            .entry(entry.path.as_str())
+            .or_insert_with(|| index.resolve(&entry.path));
+        let Some(ino) = ino else { continue };
+        if let Some(chunk) = index
+            .chunks_for(ino, entry.offset, entry.offset + 1)
+            .first()
+            .filter(|c| c.file_offset == entry.offset)
+        {
+            out.push(chunk.clone());
+        }
+    }
+    out
+}
+
+/// Every chunk whose compressed bytes start before `before` in the blob, in blob order.
+pub fn plan_before(index: &LayerIndex, before: u64) -> Vec<ChunkSpec> {
+    let mut out: Vec<ChunkSpec> = index
+        .inodes()
+        .filter_map(|ino| index.node(ino))
+        .flat_map(|n| n.chunks.iter())
+        .filter(|c| c.blob_range.start < before)
+        .cloned()
+        .collect();
+    out.sort_by_key(|c| c.blob_range.start);
+    out
+}
+
+/// Every chunk of the layer, each key once, in blob order.
+pub fn plan_all(index: &LayerIndex) -> Vec<ChunkSpec> {
+    plan_before(index, u64::MAX)
+}
+
+/// Every distinct chunk key of the layer with its uncompressed length.
+pub fn chunk_keys(index: &LayerIndex) -> Vec<(ChunkKey, u64)> {
+    let mut seen = HashSet::new();
+    index
+        .inodes()
+        .filter_map(|ino| index.node(ino))
+        .flat_map(|n| n.chunks.iter())
+        .filter(|c| seen.insert(c.key.clone()))
+        .map(|c| (c.key.clone(), c.len))
+        .collect()
+}
+
+/// Fetches `plan` at `priority`, in order, `concurrency` batches at a time; stops at the
+/// first error. Returns the bytes it fetched (what was cached already costs nothing).
+pub async fn fetch_plan(
+    reader: &LayerReader,
+    plan: Vec<ChunkSpec>,
+    priority: Priority,
+    concurrency: usize,
+) -> Result<u64, ReadError> {
+    let mut seen = HashSet::new();
+    let mut batches: Vec<Vec<ChunkSpec>> = Vec::new();
+    let mut batch_bytes = 0;
+    for chunk in plan {
+        if !seen.insert(chunk.key.clone()) {
+            continue;
+        }
+        if batches.is_empty() || batch_bytes + chunk.len > BATCH_BYTES {
+            batches.push(Vec::new());
+            batch_bytes = 0;
+        }
+        batch_bytes += chunk.len;
+        if let Some(batch) = batches.last_mut() {
+            batch.push(chunk);
+        }
+    }
+    let mut results = stream::iter(batches)
+        .map(|batch| async move { reader.warm(&batch, priority).await })
+        .buffered(concurrency.max(1));
+    let mut fetched = 0;
+    while let Some(result) = results.next().await {
+        fetched += result?;
+    }
+    Ok(fetched)
+}
+
+/// The work done for a layer after it is mounted: trace and landmark prefetch, then the
+/// optional background fetch. Logs what it did; never fails the mount.
+pub async fn after_mount(
+    digest: String,
+    reader: Arc<LayerReader>,
+    index: Arc<LayerIndex>,
+    trace: Option<Trace>,
+    plan: MountPlan,
+    activity: Arc<ActivityCell>,
+) {
+    let started = std::time::Instant::now();
+    let mut chunks = Vec::new();
+    if let (true, Some(trace)) = (plan.trace, &trace) {
+        chunks.extend(plan_trace(&index, trace));
+    }
+    if plan.landmarks {
+        if let Some(Landmark::PrefetchBefore(offset)) = index.landmark {
+            chunks.extend(plan_before(&index, offset));
+        }
+    }
+    if !chunks.is_empty() {
+        activity.set(Activity::Prefetching);
+        let planned = chunks.len();
+        match fetch_plan(&reader, chunks, Priority::Prefetch, plan.concurrency).await {
+            Ok(bytes) => tracing::info!(
+                layer = %digest,
+                chunks = planned,
+                fetched_bytes = bytes,
+                elapsed = ?started.elapsed(),
+                "prefetched the layer's traced and prioritized files"
+            ),
+            Err(e) => tracing::warn!(layer = %digest, error = %e, "prefetch stopped"),
+        }
+    }
+    if plan.background {
+        activity.set(Activity::Background);
+        match fetch_plan(&reader, plan_all(&index), Priority::Background, 1).await {
+            Ok(bytes) => tracing::info!(
+                layer = %digest,
+                fetched_bytes = bytes,
+                elapsed = ?started.elapsed(),
+                "background fetch finished: the layer is fully cached"
+            ),
+            Err(e) => tracing::warn!(layer = %digest, error = %e, "background fetch stopped"),
+        }
+    }
+    activity.set(Activity::Ready);
+}
+
+/// Moves what `recorder` saw into the layer's trace every `interval` until its window
+/// closes. The first flush counts the mount.
+pub async fn record_trace(
+    digest: String,
+    recorder: Arc<ReadRecorder>,
+    index: Arc<LayerIndex>,
+    store: Arc<TraceStore>,
+    interval: Duration,
+) {
+    let mut paths = None;
+    let mut first = true;
+    loop {
+        tokio::time::sleep(interval).await;
+        let closed = recorder.is_closed();
+        flush_trace(&digest, &recorder, &index, &store, &mut paths, &mut first).await;
+        if closed {
+            return;
+        }
+    }
+}
+
+/// Saves what `recorder` holds now (also called once more at unmount).
+pub async fn flush_trace(
+    digest: &str,
+    recorder: &ReadRecorder,
+    index: &Arc<LayerIndex>,
+    store: &Arc<TraceStore>,
+    paths: &mut Option<Arc<HashMap<u64, String>>>,
+    first: &mut bool,
+) {
+    let fresh = recorder.take();
+    if fresh.is_empty() {
+        return;
+    }
+    let paths = match paths {
+        Some(p) => p.clone(),
+        None => {
+            let index = index.clone();
+            let built = tokio::task::spawn_blocking(move || Arc::new(index.paths()))
+                .await
+                .unwrap_or_default();
+            paths.insert(built).clone()
+        }
+    };
+    let entries: Vec<TraceEntry> = fresh
+        .into_iter()
+        .filter_map(|r| {
+            Some(TraceEntry {
+                path: paths.get(&r.ino)?.clone(),
+                offset: r.offset,
+                bytes: r.len,
+                since_mount_ms: r.since_mount_ms,
+            })
+        })
+        .collect();
+    let new_mount = std::mem::take(first);
+    let store = store.clone();
+    let digest = digest.to_owned();
+    let result =
+        tokio::task::spawn_blocking(move || store.record(&digest, entries, new_mount)).await;
+    match result {
+        Ok(Ok(trace)) => tracing::debug!(
+            layer = %trace.layer,
+            entries = trace.entries.len(),
+            "read trace saved"
+        ),
+        Ok(Err(e)) => tracing::warn!(error = %e, "saving read trace failed"),
+        Err(e) => tracing::warn!(error = %e, "saving read trace failed"),
+    }
+}
