@@ -1,4 +1,5 @@
-//! The one `lazysnap` binary: `serve` runs the daemon; operator commands come beside it.
+//! The one `lazysnap` binary: `serve` runs the daemon; `cache`, `trace` and `mounts` ask a running
+//! daemon over its control socket.
 
 mod cli;
 

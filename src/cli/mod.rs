@@ -1,8 +1,20 @@
-//! Command-line parsing and dispatch: one file per subcommand, one `match` here.
+//! Command-line parsing and dispatch: one file per subcommand, one `match` here. `serve` runs the
+//! daemon; `cache`, `trace` and `mounts` are operator commands that ask a running daemon over its
+//! control socket (`client`) and print what it says (`output`). They never touch cache state on
+//! disk themselves.
 
+mod cache;
+mod client;
+mod mounts;
+mod output;
 mod serve;
+mod trace;
 
-use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use lazysnap::config::DEFAULT_CONTROL_ADDRESS;
 
 /// lazysnap: a containerd remote snapshotter that pulls eStargz and zstd:chunked layers lazily.
 #[derive(Debug, Parser)]
@@ -16,10 +28,109 @@ pub struct Cli {
 enum Command {
     /// Serve containerd's Snapshots API (the proxy plugin) on a Unix socket.
     Serve(serve::ServeArgs),
+    /// Show and manage the chunk cache of a running daemon.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
+    /// Show, export and import the read traces that drive prefetch.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
+    /// List the lazy layers mounted now.
+    Mounts(mounts::MountsArgs),
+}
+
+/// The daemon's control socket, taken by every operator command.
+#[derive(Debug, Args)]
+pub struct SocketArgs {
+    /// The daemon's control socket (`control_address` in its config).
+    #[arg(
+        long = "control",
+        value_name = "SOCKET",
+        env = "LAZYSNAP_CONTROL",
+        default_value = DEFAULT_CONTROL_ADDRESS
+    )]
+    path: PathBuf,
+}
+
+impl SocketArgs {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The flags of every operator command that prints an answer. Flattened into each subcommand,
+/// so they may come after its own arguments.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    #[command(flatten)]
+    socket: SocketArgs,
+    /// Print one JSON document, with the control API's field names, instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ControlArgs {
+    pub fn socket(&self) -> &Path {
+        self.socket.path()
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::serve(args),
+        Command::Cache(command) => cache::run(command),
+        Command::Trace(command) => trace::run(command),
+        Command::Mounts(args) => mounts::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn control_flags_may_follow_the_subcommand_arguments() {
+        let cli = Cli::try_parse_from([
+            "lazysnap",
+            "cache",
+            "ls",
+            "--json",
+            "--control",
+            "/tmp/x/control.sock",
+        ])
+        .expect("parse");
+        let Command::Cache(cache::CacheCommand::Ls(args)) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(args.control.json);
+        assert_eq!(args.control.socket(), Path::new("/tmp/x/control.sock"));
+    }
+
+    #[test]
+    fn trace_export_takes_control_but_not_json() {
+        let cli = Cli::try_parse_from([
+            "lazysnap",
+            "trace",
+            "export",
+            "sha256:abc",
+            "-o",
+            "f",
+            "--control",
+            "/tmp/x/control.sock",
+        ])
+        .expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Trace(trace::TraceCommand::Export(_))
+        ));
+        assert!(
+            Cli::try_parse_from(["lazysnap", "trace", "export", "sha256:abc", "--json"]).is_err()
+        );
     }
 }

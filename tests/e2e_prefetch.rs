@@ -1,0 +1,322 @@
+//! Learning from observed reads, through a real containerd: a container's start is recorded
+//! as a read trace per layer; the trace, exported to another node or kept on this one, makes
+//! the next mount of the layer prefetch what the start needs, so fewer of the container's
+//! reads wait on the registry. Also landmark prefetch of `ctr-remote image optimize`d images.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use harness::{image, python, Stack};
+use serde_json::Value;
+
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+
+/// A config that saves traces soon after a start (the default window is a minute).
+fn config(extra: &str) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lazysnap.toml");
+    std::fs::write(&path, format!("[prefetch]\ntrace_window = \"4s\"\n{extra}"))
+        .expect("write config");
+    (dir, vec!["--config".into(), path.display().to_string()])
+}
+
+/// Pushes the Python image as gzip and as eStargz; returns the eStargz reference.
+fn push_python(stack: &Stack) -> String {
+    let plain = stack.image_ref("python:gzip");
+    image::push(&python::python_image(), &stack.dir, &plain);
+    let lazy = stack.image_ref("python:esgz");
+    stack.convert_and_push(&plain, &lazy, &["--estargz"]);
+    lazy
+}
+
+/// Runs the Python workload and returns its output and how long `ctr run` took.
+fn run_python(stack: &Stack, image: &str, id: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let out = stack.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazysnap",
+        image,
+        id,
+        "/bin/sh",
+        "-c",
+        python::PYTHON_WORKLOAD,
+    ]);
+    (out, started.elapsed())
+}
+
+fn stats(stack: &Stack) -> Value {
+    stack.cli_json(&["cache", "stats"])
+}
+
+fn number(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"))
+}
+
+/// Waits until every lazy layer the workload read has a saved trace; returns them by digest.
+fn wait_for_traces(stack: &Stack, at_least: usize) -> BTreeMap<String, u64> {
+    let mut traces = BTreeMap::new();
+    stack.eventually("read traces to be saved", Duration::from_secs(20), || {
+        let listed = stack.cli_json(&["trace", "ls"]);
+        traces = listed["traces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    t["digest"].as_str().unwrap_or_default().to_owned(),
+                    number(t, "entries"),
+                )
+            })
+            .filter(|(_, entries)| *entries > 0)
+            .collect();
+        traces.len() >= at_least
+    });
+    traces
+}
+
+/// Waits until no lazy layer is still prefetching.
+fn wait_until_prefetched(stack: &Stack) {
+    stack.eventually("prefetch to finish", Duration::from_secs(60), || {
+        let mounts = stack.cli_json(&["mounts"]);
+        let mounts = mounts["mounts"].as_array().cloned().unwrap_or_default();
+        !mounts.is_empty() && mounts.iter().all(|m| m["state"] == "ready")
+    });
+}
+
+#[test]
+fn a_trace_from_another_node_cuts_the_reads_that_wait_on_the_registry() {
+    let (_cfg, args) = config("");
+    let mut stack = Stack::start_with(LAZYSNAP, args);
+    let lazy = push_python(&stack);
+
+    // Node A, empty cache: every chunk the start reads comes from the registry.
+    stack.rpull(&lazy);
+    let (out, cold_time) = run_python(&stack, &lazy, "cold");
+    assert_eq!(out.trim(), "1");
+    let cold = stats(&stack);
+    let traces = wait_for_traces(&stack, 1);
+    let exported: Vec<PathBuf> = traces
+        .keys()
+        .map(|digest| {
+            let file = stack
+                .dir
+                .join(format!("{}.trace.json", digest.replace(':', "-")));
+            stack.cli(&["trace", "export", digest, "-o", &file.display().to_string()]);
+            file
+        })
+        .collect();
+
+    // Node B: another root, another containerd, an empty cache; only the traces come along.
+    stack.new_node();
+    assert_eq!(
+        number(&stats(&stack), "fetched_bytes"),
+        0,
+        "node B starts empty"
+    );
+    for file in &exported {
+        let imported = stack.cli_json(&["trace", "import", &file.display().to_string()]);
+        assert!(number(&imported["summary"], "entries") > 0, "{imported}");
+    }
+    stack.rpull(&lazy);
+    wait_until_prefetched(&stack);
+    let (out, warm_time) = run_python(&stack, &lazy, "with-trace");
+    assert_eq!(out.trim(), "1");
+    let traced = stats(&stack);
+
+    let (cold_waits, traced_waits) = (
+        number(&cold, "demand_network_reads"),
+        number(&traced, "demand_network_reads"),
+    );
+    eprintln!(
+        "cold: {cold_time:?}, {cold_waits} reads waited on the registry, {} bytes fetched\n\
+         with another node's trace: {warm_time:?}, {traced_waits} reads waited, {} bytes \
+         fetched, {} prefetched ({} of them read)",
+        number(&cold, "fetched_bytes"),
+        number(&traced, "fetched_bytes"),
+        number(&traced, "prefetch_bytes"),
+        number(&traced, "prefetch_used_bytes"),
+    );
+    assert!(cold_waits > 0, "the cold start had to wait: {cold}");
+    assert!(
+        traced_waits * 4 <= cold_waits,
+        "a trace should remove most network waits: {traced_waits} vs {cold_waits}"
+    );
+    assert!(number(&traced, "prefetch_bytes") > 0, "{traced}");
+    assert!(number(&traced, "prefetch_used_bytes") > 0, "{traced}");
+}
+
+#[test]
+fn a_trace_learned_on_the_same_node_prefetches_the_next_mount() {
+    let (_cfg, args) = config("");
+    let stack = Stack::start_with(LAZYSNAP, args);
+    let lazy = push_python(&stack);
+    stack.rpull(&lazy);
+    let (out, _) = run_python(&stack, &lazy, "first");
+    assert_eq!(out.trim(), "1");
+    let first = stats(&stack);
+    wait_for_traces(&stack, 1);
+
+    // The image goes, the cache is emptied: only the trace is left.
+    stack.ctr(&["images", "rm", "--sync", &lazy]);
+    stack.eventually(
+        "containerd's GC to remove every snapshot",
+        Duration::from_secs(30),
+        || {
+            stack
+                .ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"])
+                .lines()
+                .nth(1)
+                .is_none()
+        },
+    );
+    let pruned = stack.cli_json(&["cache", "prune", "--to", "0"]);
+    assert_eq!(number(&pruned, "disk_used_bytes"), 0, "{pruned}");
+
+    stack.rpull(&lazy);
+    wait_until_prefetched(&stack);
+    let (out, _) = run_python(&stack, &lazy, "second");
+    assert_eq!(out.trim(), "1");
+    let second = stats(&stack);
+    let waits_first = number(&first, "demand_network_reads");
+    let waits_second = number(&second, "demand_network_reads") - waits_first;
+    eprintln!("same node: {waits_first} reads waited on the registry at first, {waits_second} after learning");
+    assert!(
+        number(&second, "prefetch_bytes") > 0,
+        "the second mount prefetched: {second}"
+    );
+    assert!(
+        waits_second * 4 <= waits_first,
+        "{waits_second} vs {waits_first}"
+    );
+}
+
+#[test]
+fn a_landmark_optimized_image_prefetches_its_prioritized_files_on_mount() {
+    let (_cfg, args) = config("");
+    let stack = Stack::start_with(LAZYSNAP, args);
+    let mut spec = image::standard_image();
+    spec.layers.push(vec![
+        image::Entry::dir("app"),
+        image::Entry::file("app/needed.bin", image::pseudo_random(2 << 20, 11)),
+        image::Entry::file("app/unused.bin", image::pseudo_random(8 << 20, 12)),
+    ]);
+    let plain = stack.image_ref("landmark:gzip");
+    image::push(&spec, &stack.dir, &plain);
+    let optimized = stack.image_ref("landmark:opt");
+    stack.ctr(&["images", "pull", "--plain-http", &plain]);
+    stack.ctr_remote(&[
+        "image",
+        "optimize",
+        "--oci",
+        "--period",
+        "3",
+        "--entrypoint",
+        r#"["/bin/sh", "-c"]"#,
+        "--args",
+        r#"["cat /app/needed.bin > /dev/null"]"#,
+        &plain,
+        &optimized,
+    ]);
+    stack.ctr(&["images", "push", "--plain-http", &optimized]);
+    stack.ctr(&["images", "rm", "--sync", &plain, &optimized]);
+    stack.ctr(&["content", "prune", "references"]);
+
+    stack.rpull(&optimized);
+    wait_until_prefetched(&stack);
+    let prefetched = stats(&stack);
+    let prefetch_bytes = number(&prefetched, "prefetch_bytes");
+    eprintln!("landmark prefetch fetched {prefetch_bytes} bytes before any container ran");
+    assert!(
+        prefetch_bytes >= 2 << 20,
+        "the prioritized file was prefetched: {prefetched}"
+    );
+    assert!(
+        prefetch_bytes < 8 << 20,
+        "files after the landmark were not: {prefetched}"
+    );
+    let before = number(&prefetched, "demand_network_reads");
+    let out = stack.run(
+        "lazysnap",
+        &optimized,
+        "reader",
+        "sha256sum < /app/needed.bin",
+    );
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(image::pseudo_random(2 << 20, 11)))
+    };
+    assert!(out.starts_with(&expected), "{out}");
+    let after = stats(&stack);
+    assert_eq!(
+        number(&after, "demand_network_reads"),
+        before,
+        "reading the prioritized file never waited on the registry: {after}"
+    );
+}
+
+#[test]
+fn a_small_disk_budget_holds_while_several_images_run_correctly() {
+    const BUDGET: u64 = 6 << 20;
+    let (_cfg, args) = config(&format!(
+        "[cache]\ndisk_budget_bytes = {BUDGET}\nmemory_bytes = 1048576\n"
+    ));
+    let stack = Stack::start_with(LAZYSNAP, args);
+    let mut images = Vec::new();
+    for n in 0..3u64 {
+        let data = image::pseudo_random(4 << 20, 100 + n);
+        let spec = image::ImageSpec {
+            layers: vec![
+                image::busybox_layer(),
+                vec![
+                    image::Entry::dir("data"),
+                    image::Entry::file("data/file.bin", data.clone()),
+                ],
+            ],
+            blobs: Vec::new(),
+            cmd: vec!["/bin/sh".into()],
+        };
+        let plain = stack.image_ref(&format!("budget{n}:gzip"));
+        image::push(&spec, &stack.dir, &plain);
+        let lazy = stack.image_ref(&format!("budget{n}:esgz"));
+        stack.convert_and_push(&plain, &lazy, &["--estargz"]);
+        let expected = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&data))
+        };
+        images.push((lazy, expected));
+    }
+    // Twice round, so the second round reads data the budget has evicted.
+    for round in 0..2 {
+        for (n, (lazy, expected)) in images.iter().enumerate() {
+            if round == 0 {
+                stack.rpull(lazy);
+            }
+            let out = stack.run(
+                "lazysnap",
+                lazy,
+                &format!("budget-{round}-{n}"),
+                "sha256sum < /data/file.bin",
+            );
+            assert!(
+                out.starts_with(expected.as_str()),
+                "image {n} round {round}: {out}"
+            );
+            let s = stats(&stack);
+            assert!(
+                number(&s, "disk_used_bytes") <= BUDGET,
+                "over budget after image {n}: {s}"
+            );
+            assert_eq!(number(&s, "disk_budget_bytes"), BUDGET);
+        }
+    }
+    let s = stats(&stack);
+    eprintln!("budget {BUDGET}: {s}");
+    assert!(number(&s, "evicted_bytes") > 0, "something had to go: {s}");
+}
