@@ -12,7 +12,9 @@ pub mod estargz;
 pub mod image;
 pub mod packages;
 pub mod process;
+pub mod python;
 pub mod stack;
+pub mod throttle;
 
 // Not every test binary starts a whole stack.
 #[allow(unused_imports)]
