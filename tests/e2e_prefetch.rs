@@ -320,3 +320,97 @@ fn a_small_disk_budget_holds_while_several_images_run_correctly() {
     eprintln!("budget {BUDGET}: {s}");
     assert!(number(&s, "evicted_bytes") > 0, "something had to go: {s}");
 }
+
+/// Pushes an image whose top layer holds `data` at /data/file.bin, converted to eStargz with
+/// `flags`; returns the eStargz reference and the file's sha256.
+fn push_data_image(stack: &Stack, name: &str, data: Vec<u8>, flags: &[&str]) -> (String, String) {
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&data))
+    };
+    let spec = image::ImageSpec {
+        layers: vec![
+            image::busybox_layer(),
+            vec![
+                image::Entry::dir("data"),
+                image::Entry::file("data/file.bin", data),
+            ],
+        ],
+        blobs: Vec::new(),
+        cmd: vec!["/bin/sh".into()],
+    };
+    let plain = stack.image_ref(&format!("{name}:gzip"));
+    image::push(&spec, &stack.dir, &plain);
+    let lazy = stack.image_ref(&format!("{name}:esgz"));
+    let mut convert = vec!["--estargz"];
+    convert.extend_from_slice(flags);
+    stack.convert_and_push(&plain, &lazy, &convert);
+    (lazy, expected)
+}
+
+#[test]
+fn background_fetch_makes_layers_independent_of_the_registry() {
+    let (_cfg, args) = config("background_fetch = true\n");
+    let mut stack = Stack::start_with(LAZYSNAP, args);
+    let (lazy, expected) = push_data_image(
+        &stack,
+        "background",
+        image::pseudo_random(12 << 20, 31),
+        &[],
+    );
+    stack.rpull(&lazy);
+    stack.eventually(
+        "background fetch to cache every layer",
+        Duration::from_secs(60),
+        || {
+            let listed = stack.cli_json(&["cache", "ls"]);
+            let rows = listed["layers"].as_array().cloned().unwrap_or_default();
+            !rows.is_empty()
+                && rows
+                    .iter()
+                    .all(|r| number(r, "cached_chunks") == number(r, "total_chunks"))
+        },
+    );
+    wait_until_prefetched(&stack);
+    // No registry any more: everything must come from the cache.
+    stack.stop_registry();
+    let out = stack.run("lazysnap", &lazy, "offline", "sha256sum < /data/file.bin");
+    assert!(out.starts_with(&expected), "{out}");
+    let s = stats(&stack);
+    assert_eq!(
+        number(&s, "demand_network_reads"),
+        0,
+        "no read waited on the (stopped) registry: {s}"
+    );
+    assert!(number(&s, "prefetch_bytes") >= 12 << 20, "{s}");
+}
+
+#[test]
+fn readahead_turns_a_sequential_read_into_few_network_waits() {
+    let (_cfg, args) = config("");
+    let stack = Stack::start_with(LAZYSNAP, args);
+    // 64 KiB chunks: without readahead every other 128 KiB read of the kernel would wait.
+    let (lazy, expected) = push_data_image(
+        &stack,
+        "readahead",
+        image::pseudo_random(32 << 20, 41),
+        &["--estargz-chunk-size", "65536"],
+    );
+    stack.rpull(&lazy);
+    let out = stack.run(
+        "lazysnap",
+        &lazy,
+        "sequential",
+        "sha256sum < /data/file.bin",
+    );
+    assert!(out.starts_with(&expected), "{out}");
+    let s = stats(&stack);
+    let waits = number(&s, "demand_network_reads");
+    let chunks = (32 << 20) / 65536;
+    eprintln!("sequential read of {chunks} chunks: {waits} reads waited on the registry; {s}");
+    assert!(
+        number(&s, "prefetch_bytes") > 16 << 20,
+        "readahead fetched most of it: {s}"
+    );
+    assert!(waits * 8 < chunks, "{waits} waits for {chunks} chunks");
+}

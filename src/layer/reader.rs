@@ -305,12 +305,9 @@ impl LayerReader {
             self.counters
                 .chunk_misses
                 .fetch_add(run.len() as u64, Ordering::Relaxed);
-            let result = self.fetch_run(chunks, run, start..end).await;
+            let result = self.fetch_run(chunks, run, start..end, priority).await;
             match result {
                 Ok(values) => {
-                    if priority != Priority::Demand {
-                        self.note_prefetched(run.iter().map(|(i, _)| chunks[*i]));
-                    }
                     for ((i, tx), bytes) in run.iter().zip(values) {
                         let _ = tx.send(Some(Ok(bytes.clone())));
                         out[*i] = Some(bytes);
@@ -329,14 +326,16 @@ impl LayerReader {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn note_prefetched<'c>(&self, fetched: impl Iterator<Item = &'c ChunkSpec>) {
-        let mut prefetched = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
-        for chunk in fetched {
-            self.counters
-                .prefetch_bytes
-                .fetch_add(chunk.len, Ordering::Relaxed);
-            prefetched.insert(chunk.key.clone());
-        }
+    /// Must come before the chunk is visible in the cache: a container reading it from there
+    /// first would otherwise find it not yet marked, and it would count as wasted.
+    fn note_prefetched(&self, chunk: &ChunkSpec) {
+        self.prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(chunk.key.clone());
+        self.counters
+            .prefetch_bytes
+            .fetch_add(chunk.len, Ordering::Relaxed);
         self.any_prefetched.store(true, Ordering::Relaxed);
     }
 
@@ -369,6 +368,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
+        priority: Priority,
     ) -> Result<Vec<Bytes>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
@@ -395,6 +395,9 @@ impl LayerReader {
                 reason: format!("short read: {} bytes", blob.len()),
             })?;
             let bytes = self.decode(chunk, compressed)?;
+            if priority != Priority::Demand {
+                self.note_prefetched(chunk);
+            }
             if let Err(e) = self.cache.put(chunk.key.clone(), bytes.clone()).await {
                 // Served from memory anyway; the disk tier only saves a later refetch.
                 tracing::warn!(chunk = %chunk.key, error = %e, "caching chunk failed");
@@ -572,6 +575,43 @@ mod tests {
         let counters = s.reader.counters();
         assert!(counters.chunk_hits.load(Ordering::Relaxed) >= 2);
         assert!(counters.fetched_bytes.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn prefetch_is_counted_used_when_read_and_network_waits_are_counted() {
+        let s = setup(false, false);
+        let (ino, size) = file(&s, "dir/multi-chunk.txt");
+        let chunks = s.index.chunks_for(ino, 0, size).to_vec();
+        assert!(chunks.len() > 1, "fixture has a multi-chunk file");
+        let first = &chunks[..1];
+        let fetched = s
+            .reader
+            .warm(first, Priority::Prefetch)
+            .await
+            .expect("warm");
+        assert_eq!(fetched, chunks[0].len);
+        let again = s
+            .reader
+            .warm(first, Priority::Prefetch)
+            .await
+            .expect("warm again");
+        assert_eq!(again, 0, "cached chunks cost nothing");
+        let c = s.reader.counters();
+        s.reader.read(first, 0..10).await.expect("read");
+        assert_eq!(c.prefetch_used_bytes.load(Ordering::Relaxed), chunks[0].len);
+        assert_eq!(
+            c.demand_network_reads.load(Ordering::Relaxed),
+            0,
+            "the prefetched chunk was a hit"
+        );
+        s.reader.read(&chunks, 0..size).await.expect("read all");
+        assert_eq!(c.demand_network_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            c.prefetch_used_bytes.load(Ordering::Relaxed),
+            chunks[0].len,
+            "a chunk counts as used once"
+        );
+        assert!(c.last_access_ms.load(Ordering::Relaxed) > 0);
     }
 
     #[tokio::test]

@@ -14,6 +14,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("umoci", "/usr/bin/umoci"),
     ("stargz-snapshotter", "/usr/bin/ctr-remote"),
     ("busybox-static", "/bin/busybox"),
+    // The Python image of the prefetch tests and benchmarks is built from these.
+    ("python3.11-minimal", "/usr/bin/python3.11"),
+    ("libpython3.11-stdlib", "/usr/lib/python3.11/os.py"),
 ];
 
 /// Makes sure every tool is installed; panics with the apt output when that fails.
