@@ -363,6 +363,12 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_is_the_defaults() {
+        let text = include_str!("../packaging/config.toml");
+        assert_eq!(Config::parse(text).expect("parse"), Config::default());
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::parse("roots = \"/x\"").expect_err("unknown key");
         assert!(err.to_string().contains("roots"), "{err}");
