@@ -153,6 +153,11 @@ pub struct PrefetchConfig {
     /// The widest readahead window for a file read sequentially, in bytes; it starts at
     /// 256 KiB and doubles while the pattern holds. 0 turns readahead off. Default 8 MiB.
     pub readahead_max_bytes: u64,
+    /// A container's read that misses also fetches the uncached chunks that follow it in the
+    /// layer blob, up to this many compressed bytes: files stored together are read together
+    /// (an interpreter importing its modules), so one round trip brings several. 0 fetches
+    /// only what the read touches. Default 256 KiB.
+    pub amplify_bytes: u64,
     /// After prefetch, fetch the rest of every mounted layer at low priority, so containers
     /// stop depending on the registry. Default false.
     pub background_fetch: bool,
@@ -167,6 +172,7 @@ impl Default for PrefetchConfig {
             concurrency: 4,
             landmarks: true,
             readahead_max_bytes: 8 << 20,
+            amplify_bytes: 256 << 10,
             background_fetch: false,
         }
     }

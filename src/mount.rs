@@ -326,13 +326,19 @@ impl LazyLayers {
             reference,
             digest: digest.clone(),
         });
-        let reader = Arc::new(LayerReader::new(
-            blob,
-            state.location.compression,
-            self.cache.clone(),
-            self.fetches.clone(),
-        ));
         let prefetch = &self.options.prefetch;
+        let reader = Arc::new(
+            LayerReader::new(
+                blob,
+                state.location.compression,
+                self.cache.clone(),
+                self.fetches.clone(),
+            )
+            .with_neighbours(
+                Arc::from(crate::prefetch::plan_all(&index)),
+                prefetch.amplify_bytes,
+            ),
+        );
         let recorder = (!prefetch.trace_window.is_zero()).then(|| {
             Arc::new(ReadRecorder::new(
                 prefetch.trace_window,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
@@ -95,6 +96,12 @@ pub fn unix_ms() -> u64 {
 
 type Shared = Option<Result<Bytes, ReadError>>;
 
+/// Bytes between two wanted chunks that are fetched anyway to keep them in one request: about
+/// what a link moves in a round trip's time at a few hundred Mbit/s.
+const MAX_GAP: u64 = 128 << 10;
+/// Range requests one read or prefetch batch has in flight at once.
+const RUNS_IN_FLIGHT: usize = 4;
+
 /// The reader of one mounted layer.
 pub struct LayerReader {
     blob: Arc<dyn BlobSource>,
@@ -110,6 +117,10 @@ pub struct LayerReader {
     /// Largest merged request; bounds memory per read and keeps one slow request from holding
     /// many chunks hostage.
     max_request: u64,
+    /// Every chunk of the layer in blob order, for fetching a missed chunk's neighbours.
+    layout: Arc<[ChunkSpec]>,
+    /// How far past a missed chunk (compressed bytes) its uncached neighbours come along.
+    amplify: u64,
 }
 
 impl LayerReader {
@@ -129,7 +140,49 @@ impl LayerReader {
             prefetched: Mutex::default(),
             any_prefetched: AtomicBool::new(false),
             max_request: 8 << 20,
+            layout: Arc::from(Vec::new()),
+            amplify: 0,
         }
+    }
+
+    /// Makes a container's read that misses also fetch the uncached chunks that follow the
+    /// missed ones in the blob, up to `amplify` compressed bytes past each. A tar keeps a
+    /// directory's files together and programs read them together (an interpreter importing
+    /// its modules), so this trades a little bandwidth for many round trips. `layout` is
+    /// every chunk of the layer in blob order.
+    pub fn with_neighbours(mut self, layout: Arc<[ChunkSpec]>, amplify: u64) -> Self {
+        self.layout = layout;
+        self.amplify = amplify;
+        self
+    }
+
+    /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
+    /// at the first neighbour that is cached or in flight, so each stays one contiguous
+    /// range request.
+    fn neighbours<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
+        if self.amplify == 0 || self.layout.is_empty() {
+            return Vec::new();
+        }
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken: HashSet<&ChunkKey> = wanted.iter().map(|c| &c.key).collect();
+        let mut extra = Vec::new();
+        for &i in missing {
+            let start = wanted[i].blob_range.start;
+            let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
+            while let Some(next) = self.layout.get(at) {
+                if next.blob_range.end.saturating_sub(start) > self.amplify
+                    || inflight.contains_key(&next.key)
+                    || self.cache.contains(&next.key)
+                {
+                    break;
+                }
+                if taken.insert(&next.key) {
+                    extra.push(next);
+                }
+                at += 1;
+            }
+        }
+        extra
     }
 
     pub fn counters(&self) -> &Arc<LayerCounters> {
@@ -211,13 +264,30 @@ impl LayerReader {
                 *slot = Some(bytes);
             }
         }
+        let wanted = chunks.len();
         let mut _demand = None;
+        let mut with_neighbours;
+        let mut chunks = chunks;
         if priority == Priority::Demand && out.iter().any(Option::is_none) {
             self.counters
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
             _demand = Some(self.fetches.demand());
+            let missing: Vec<usize> = (0..wanted).filter(|i| out[*i].is_none()).collect();
+            let extra = self.neighbours(chunks, &missing);
+            if !extra.is_empty() {
+                with_neighbours = chunks.to_vec();
+                with_neighbours.extend(extra);
+                out.resize(with_neighbours.len(), None);
+                chunks = &with_neighbours;
+            }
         }
+        // What a container did not ask for is speculative, and counts as prefetch.
+        let first_speculative = if priority == Priority::Demand {
+            wanted
+        } else {
+            0
+        };
         // Some chunks may be missing only because another reader is fetching them: wait for
         // that fetch instead of starting another. A fetch abandoned midway (its reader timed
         // out) sends nothing, and the next round here starts a fresh one.
@@ -227,7 +297,8 @@ impl LayerReader {
                 break;
             }
             let (mine, theirs) = self.claim(chunks, &missing);
-            self.fetch_claimed(chunks, mine, &mut out, priority).await?;
+            self.fetch_claimed(chunks, mine, &mut out, first_speculative)
+                .await?;
             for (i, mut rx) in theirs {
                 let value = rx
                     .wait_for(Option::is_some)
@@ -241,6 +312,7 @@ impl LayerReader {
                 }
             }
         }
+        out.truncate(wanted);
         out.into_iter()
             .zip(chunks)
             .map(|(bytes, chunk)| {
@@ -283,7 +355,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         mut claim: Claim<'_>,
         out: &mut [Option<Bytes>],
-        priority: Priority,
+        first_speculative: usize,
     ) -> Result<(), ReadError> {
         // A chunk fetched by another reader between our cache lookup and the claim is in the
         // cache now; don't fetch it again.
@@ -298,32 +370,72 @@ impl LayerReader {
             }
         }
         pending.sort_by_key(|(i, _)| chunks[*i].blob_range.start);
+        // Runs go out together (a prefetch batch of scattered chunks would otherwise cost one
+        // round trip per run); each run's waiters are answered as soon as it lands.
+        let runs = self.runs(chunks, &pending);
+        // Futures made up front from a named async fn: a closure over borrowed runs inside
+        // the stream trips rustc's higher-ranked lifetime inference in Send contexts.
+        let fetches: Vec<_> = runs
+            .iter()
+            .enumerate()
+            .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative))
+            .collect();
+        let results: Vec<(usize, Result<Vec<Bytes>, ReadError>)> = stream::iter(fetches)
+            .buffer_unordered(RUNS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut first_error = None;
-        for run in self.runs(chunks, &pending) {
-            let start = chunks[run[0].0].blob_range.start;
-            let end = chunks[run[run.len() - 1].0].blob_range.end;
-            self.counters
-                .chunk_misses
-                .fetch_add(run.len() as u64, Ordering::Relaxed);
-            let result = self.fetch_run(chunks, run, start..end, priority).await;
+        for (k, result) in results {
             match result {
                 Ok(values) => {
-                    for ((i, tx), bytes) in run.iter().zip(values) {
-                        let _ = tx.send(Some(Ok(bytes.clone())));
+                    for ((i, _), bytes) in runs[k].iter().zip(values) {
                         out[*i] = Some(bytes);
                     }
                 }
                 Err(e) => {
-                    for (_, tx) in run {
-                        let _ = tx.send(Some(Err(e.clone())));
-                    }
                     first_error.get_or_insert(e);
                 }
             }
         }
+        drop(runs);
         claim.senders = pending;
         drop(claim);
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Fetches one run and answers its waiters; returns the run's number with the result.
+    async fn fetch_and_answer(
+        &self,
+        k: usize,
+        chunks: &[&ChunkSpec],
+        run: &[(usize, watch::Sender<Shared>)],
+        first_speculative: usize,
+    ) -> (usize, Result<Vec<Bytes>, ReadError>) {
+        let start = chunks[run[0].0].blob_range.start;
+        let end = run
+            .iter()
+            .map(|(i, _)| chunks[*i].blob_range.end)
+            .max()
+            .unwrap_or(start);
+        self.counters
+            .chunk_misses
+            .fetch_add(run.len() as u64, Ordering::Relaxed);
+        let result = self
+            .fetch_run(chunks, run, start..end, first_speculative)
+            .await;
+        match &result {
+            Ok(values) => {
+                for ((_, tx), bytes) in run.iter().zip(values) {
+                    let _ = tx.send(Some(Ok(bytes.clone())));
+                }
+            }
+            Err(e) => {
+                for (_, tx) in run {
+                    let _ = tx.send(Some(Err(e.clone())));
+                }
+            }
+        }
+        (k, result)
     }
 
     /// Must come before the chunk is visible in the cache: a container reading it from there
@@ -339,8 +451,9 @@ impl LayerReader {
         self.any_prefetched.store(true, Ordering::Relaxed);
     }
 
-    /// Groups claimed chunks into runs that are contiguous in the blob and small enough for
-    /// one request.
+    /// Groups claimed chunks (sorted by blob offset) into runs for one request each: chunks
+    /// close enough in the blob (a gap of at most `MAX_GAP`, whose bytes are fetched and
+    /// dropped: cheaper than another round trip) and small enough together.
     fn runs<'p>(
         &self,
         chunks: &[&ChunkSpec],
@@ -353,7 +466,7 @@ impl LayerReader {
                 let prev = &chunks[pending[j - 1].0].blob_range;
                 let next = &chunks[pending[j].0].blob_range;
                 let first = &chunks[pending[begin].0].blob_range;
-                next.start != prev.end || next.end - first.start > self.max_request
+                next.start > prev.end + MAX_GAP || next.end - first.start > self.max_request
             };
             if split {
                 runs.push(&pending[begin..j]);
@@ -368,7 +481,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
-        priority: Priority,
+        first_speculative: usize,
     ) -> Result<Vec<Bytes>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
@@ -395,7 +508,7 @@ impl LayerReader {
                 reason: format!("short read: {} bytes", blob.len()),
             })?;
             let bytes = self.decode(chunk, compressed)?;
-            if priority != Priority::Demand {
+            if *i >= first_speculative {
                 self.note_prefetched(chunk);
             }
             if let Err(e) = self.cache.put(chunk.key.clone(), bytes.clone()).await {
@@ -612,6 +725,58 @@ mod tests {
             "a chunk counts as used once"
         );
         assert!(c.last_access_ms.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn a_miss_brings_its_uncached_neighbours_in_the_same_request() {
+        let s = setup(false, false);
+        let mut layout: Vec<ChunkSpec> = s
+            .index
+            .inodes()
+            .filter_map(|ino| s.index.node(ino))
+            .flat_map(|n| n.chunks.iter().cloned())
+            .collect();
+        layout.sort_by_key(|c| c.blob_range.start);
+        let (ino, size) = file(&s, "dir/multi-chunk.txt");
+        let chunks = s.index.chunks_for(ino, 0, size).to_vec();
+        let reach = chunks[2].blob_range.end - chunks[0].blob_range.start;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            s.blob.clone(),
+            Compression::Gzip,
+            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache")),
+            Arc::new(Fetches::new(2)),
+        )
+        .with_neighbours(Arc::from(layout), reach);
+        let expected = expected_multi_chunk();
+        let first = reader.read(&chunks, 0..10).await.expect("read");
+        assert_eq!(first.as_ref(), &expected[..10]);
+        assert_eq!(s.blob.requests.load(Ordering::SeqCst), 1);
+        let c = reader.counters();
+        assert_eq!(
+            c.prefetch_bytes.load(Ordering::Relaxed),
+            chunks[1].len + chunks[2].len,
+            "the two following chunks came along, counted as prefetch"
+        );
+        let end = chunks[2].file_offset + chunks[2].len;
+        let rest = reader
+            .read(&chunks, chunks[1].file_offset..end)
+            .await
+            .expect("read");
+        assert_eq!(
+            rest.as_ref(),
+            &expected[chunks[1].file_offset as usize..end as usize]
+        );
+        assert_eq!(
+            s.blob.requests.load(Ordering::SeqCst),
+            1,
+            "no second request"
+        );
+        assert_eq!(c.demand_network_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            c.prefetch_used_bytes.load(Ordering::Relaxed),
+            chunks[1].len + chunks[2].len
+        );
     }
 
     #[tokio::test]
