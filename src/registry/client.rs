@@ -117,7 +117,16 @@ pub struct RegistryClient {
     redirects: Arc<Mutex<HashMap<String, (String, Instant)>>>,
     /// (digest, mirror) pairs whose fallback was logged, so a layer logs it once, not per chunk.
     fallbacks_logged: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+    /// Mirrors that failed, skipped until the instant given, so a mirror that hangs costs one
+    /// read a timeout, not every read.
+    mirrors_down: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Hosts that asked for basic auth: later requests send it up front instead of paying a
+    /// 401 round trip each.
+    basic_hosts: Arc<Mutex<std::collections::HashSet<String>>>,
 }
+
+/// How long a failed mirror is skipped before it is tried again.
+const MIRROR_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
@@ -134,6 +143,8 @@ impl RegistryClient {
             clients: Arc::default(),
             redirects: Arc::default(),
             fallbacks_logged: Arc::default(),
+            mirrors_down: Arc::default(),
+            basic_hosts: Arc::default(),
         };
         client.load_docker_config();
         Ok(client)
@@ -364,6 +375,9 @@ impl RegistryClient {
             .map_err(|e| RegistryError::Hosts(e.to_string()))?;
         let deadline = Instant::now() + self.config.read_deadline;
         for endpoint in &endpoints {
+            if !endpoint.is_origin && self.mirror_is_down(endpoint.host()) {
+                continue;
+            }
             let target = Target {
                 client: self.client_for(endpoint)?,
                 url: endpoint.blob_url(&reference.repository, digest),
@@ -383,6 +397,10 @@ impl RegistryClient {
                 Ok(Err(Attempt::Fatal(e))) => e.to_string(),
                 Err(_) => "deadline reached".to_owned(),
             };
+            self.mirrors_down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(target.host.clone(), Instant::now() + MIRROR_RETRY_AFTER);
             let first = self
                 .fallbacks_logged
                 .lock()
@@ -395,6 +413,18 @@ impl RegistryClient {
         Err(RegistryError::Hosts(format!(
             "no host to read {digest} from"
         )))
+    }
+
+    fn mirror_is_down(&self, host: &str) -> bool {
+        let mut down = self.mirrors_down.lock().unwrap_or_else(|p| p.into_inner());
+        match down.get(host) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                down.remove(host);
+                false
+            }
+            None => false,
+        }
     }
 
     /// The HTTP client for an endpoint's TLS settings (one per distinct setting, so the
@@ -453,7 +483,9 @@ impl RegistryClient {
         }
     }
 
-    /// One request, authenticating on a 401 challenge (once).
+    /// One request, authenticating on a 401 challenge (once). Authorization known from earlier
+    /// requests (a cached token, basic credentials for a basic-auth host) goes up front; if it
+    /// is refused (a token revoked or expired early), a fresh challenge is answered instead.
     async fn send(
         &self,
         target: &Target,
@@ -461,7 +493,8 @@ impl RegistryClient {
         range: Option<&Range<u64>>,
     ) -> Result<reqwest::Response, Attempt> {
         let scope = format!("repository:{}:pull", target.repository);
-        let mut authorization = self.cached_token(&target.host, &scope);
+        let mut authorization = self.known_authorization(&target.host, &scope);
+        let mut fresh = false;
         for _ in 0..2 {
             let mut request = target.client.request(method.clone(), &target.url);
             if let Some(range) = range {
@@ -479,13 +512,17 @@ impl RegistryClient {
                 .await
                 .map_err(|e| Attempt::Retry(describe(&e)))?;
             let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && authorization.is_none() {
+            if status == StatusCode::UNAUTHORIZED && !fresh {
+                if authorization.is_some() {
+                    self.forget_token(&target.host, &scope);
+                }
                 let challenge = response
                     .headers()
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(Challenge::parse);
                 authorization = Some(self.authorize(target, challenge, &scope).await?);
+                fresh = true;
                 continue;
             }
             return match status {
@@ -522,7 +559,15 @@ impl RegistryClient {
         }))
     }
 
-    fn cached_token(&self, host: &str, scope: &str) -> Option<HeaderValue> {
+    fn known_authorization(&self, host: &str, scope: &str) -> Option<HeaderValue> {
+        let wants_basic = self
+            .basic_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(host);
+        if wants_basic {
+            return self.credentials_for(host).as_ref().and_then(basic);
+        }
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let (token, expiry) = tokens.get(&(host.to_owned(), scope.to_owned()))?;
         (*expiry > Instant::now()).then(|| bearer(token)).flatten()
@@ -533,6 +578,10 @@ impl RegistryClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(host.to_owned(), scope.to_owned()));
+        self.basic_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
     }
 
     /// Answers a challenge: basic credentials, or a bearer token from the realm.
@@ -554,7 +603,13 @@ impl RegistryClient {
                 let c = credentials.ok_or_else(|| {
                     unauthorized("basic auth required and no credentials configured")
                 })?;
-                basic(&c).ok_or_else(|| unauthorized("credentials are not valid header text"))
+                let header = basic(&c)
+                    .ok_or_else(|| unauthorized("credentials are not valid header text"))?;
+                self.basic_hosts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(target.host.clone());
+                Ok(header)
             }
             Some(Challenge::Bearer {
                 realm,
@@ -676,9 +731,10 @@ fn describe(e: &reqwest::Error) -> String {
     };
     match e.url() {
         Some(url) => format!(
-            "{kind}: {}://{}{}",
+            "{kind}: {}://{}{}{}",
             url.scheme(),
             url.host_str().unwrap_or(""),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default(),
             url.path()
         ),
         None => kind.to_owned(),

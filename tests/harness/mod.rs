@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod auth;
 pub mod estargz;
 pub mod image;
 pub mod packages;

@@ -17,6 +17,8 @@ const TOOLS: &[(&str, &str)] = &[
     // The Python image of the prefetch tests and benchmarks is built from these.
     ("python3.11-minimal", "/usr/bin/python3.11"),
     ("libpython3.11-stdlib", "/usr/lib/python3.11/os.py"),
+    // Keys and certificates of the token-auth test registry.
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 /// Makes sure every tool is installed; panics with the apt output when that fails.

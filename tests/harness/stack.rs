@@ -320,6 +320,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
     }
 
+    /// Like `ctr_remote`, returning the error instead of panicking.
+    pub fn try_ctr_remote(&self, args: &[&str]) -> Result<String, String> {
+        self.try_tool("ctr-remote", args)
+    }
+
     fn try_tool(&self, tool: &str, args: &[&str]) -> Result<String, String> {
         let out = Command::new(tool)
             .arg("--address")

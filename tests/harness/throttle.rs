@@ -1,9 +1,10 @@
 //! An emulated WAN link between a client and a server on loopback: a TCP proxy that delays
-//! every byte by half a round trip and limits each direction of each connection to a given
-//! bandwidth, so benchmarks can put a "remote" registry in front of containerd and lazysnap.
+//! every byte by half a round trip and limits each direction of the link, shared by all
+//! connections as one uplink would be, to a given bandwidth, so benchmarks can put a "remote" registry in front of containerd and lazysnap.
 //!
 //! Each direction is modelled as a serialising link: a chunk of `n` bytes occupies the link for
-//! `n * 8 / bits_per_second`, queued behind earlier chunks, and arrives half a round trip after
+//! `n * 8 / bits_per_second`, queued behind earlier chunks of any connection (opening more
+//! connections does not buy more bandwidth), and arrives half a round trip after
 //! it left. Chunks in flight overlap, so pipelined requests pay the latency once, as on a real
 //! link. A new connection also costs one round trip before its first byte leaves, as TCP's
 //! handshake does.
@@ -48,6 +49,9 @@ struct Shared {
     down: AtomicU64,
     /// Bytes delivered to the upstream server.
     up: AtomicU64,
+    /// When each direction of the link is next free, over all connections.
+    link_up: Mutex<Instant>,
+    link_down: Mutex<Instant>,
     conns: Mutex<Conns>,
 }
 
@@ -93,6 +97,8 @@ impl Throttle {
             stop: AtomicBool::new(false),
             down: AtomicU64::new(0),
             up: AtomicU64::new(0),
+            link_up: Mutex::new(Instant::now()),
+            link_down: Mutex::new(Instant::now()),
             conns: Mutex::new(Conns::default()),
         });
         let acceptor = {
@@ -240,33 +246,49 @@ fn forward(shared: &Shared, client: TcpStream, upstream: TcpStream, accepted: In
         // The client's first byte leaves one round trip after its connect, as the handshake
         // of a real connection would have taken that long.
         let up_free = accepted + 2 * shared.one_way;
-        s.spawn(move || read_side(shared, client_r, up_tx, up_free, abort_all));
+        s.spawn(move || read_side(shared, client_r, up_tx, up_free, &shared.link_up, abort_all));
         s.spawn(move || write_side(shared, upstream_w, up_rx, &shared.up, abort_all));
-        s.spawn(move || read_side(shared, upstream_r, down_tx, accepted, abort_all));
+        s.spawn(move || {
+            read_side(
+                shared,
+                upstream_r,
+                down_tx,
+                accepted,
+                &shared.link_down,
+                abort_all,
+            )
+        });
         s.spawn(move || write_side(shared, client_w, down_rx, &shared.down, abort_all));
     });
 }
 
-/// Reads `src` and schedules each chunk on the link: it leaves once the chunks before it have,
-/// and arrives `one_way` after it finished leaving.
+/// Reads `src` and schedules each chunk on the link: it leaves once the chunks before it (of
+/// every connection in this direction) have, not before `not_before`, and arrives `one_way`
+/// after it finished leaving.
 fn read_side(
     shared: &Shared,
     mut src: TcpStream,
     tx: SyncSender<Msg>,
-    mut link_free: Instant,
+    not_before: Instant,
+    link: &Mutex<Instant>,
     abort_all: &dyn Fn(),
 ) {
+    // This connection's own last departure, so its chunks stay in order.
+    let mut own_free = not_before;
     loop {
         let mut buf = vec![0u8; CHUNK];
         let read = src.read(&mut buf);
         let now = Instant::now();
-        let start = link_free.max(now);
         let msg = match read {
-            Ok(0) => Msg::Eof(start + shared.one_way),
+            Ok(0) => Msg::Eof(own_free.max(now) + shared.one_way),
             Ok(n) => {
                 buf.truncate(n);
-                link_free = start + Duration::from_secs_f64(n as f64 / shared.bytes_per_sec);
-                Msg::Data(buf, link_free + shared.one_way)
+                let occupied = Duration::from_secs_f64(n as f64 / shared.bytes_per_sec);
+                let mut free = link.lock().unwrap_or_else(|p| p.into_inner());
+                let start = (*free).max(now).max(own_free);
+                *free = start + occupied;
+                own_free = *free;
+                Msg::Data(buf, own_free + shared.one_way)
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(_) if shared.stopping() => return,
