@@ -1,11 +1,12 @@
-//! Generates containerd's Snapshots API (vendored in `proto/containerd`) and lazysnap's own
-//! control API (`proto/lazysnap`), with protox so that no `protoc` binary is needed on the build
-//! machine.
+//! Generates containerd's Snapshots API (vendored in `proto/containerd`), lazysnap's own
+//! control API (`proto/lazysnap`) and the part of the CRI it fronts (`proto/cri`), with protox
+//! so that no `protoc` binary is needed on the build machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/containerd/services/snapshots/v1/snapshots.proto",
         "proto/lazysnap/v1/control.proto",
+        "proto/cri/runtime/v1/api.proto",
     ];
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()

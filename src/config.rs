@@ -16,6 +16,8 @@ pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 pub const DEFAULT_ADDRESS: &str = "/run/lazysnap/lazysnap.sock";
 /// The CLI's socket sits beside containerd's, apart so that it can be given other permissions.
 pub const DEFAULT_CONTROL_ADDRESS: &str = "/run/lazysnap/control.sock";
+/// Where containerd serves its API (and its CRI) by default.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 
 /// The whole configuration tree.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -42,6 +44,8 @@ pub struct Config {
     pub prefetch: PrefetchConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The CRI image service lazysnap can front for the kubelet.
+    pub cri: CriConfig,
 }
 
 impl Default for Config {
@@ -56,6 +60,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             prefetch: PrefetchConfig::default(),
             metrics: MetricsConfig::default(),
+            cri: CriConfig::default(),
         }
     }
 }
@@ -187,6 +192,29 @@ pub struct MetricsConfig {
     pub address: Option<std::net::SocketAddr>,
 }
 
+/// `[cri]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Where to serve the CRI image service (`runtime.v1.ImageService`) for the kubelet's
+    /// `--image-service-endpoint`: every call goes on to containerd, and the credentials of
+    /// each `PullImage` are kept in memory for lazy pulls of private images. Default none
+    /// (not served).
+    pub image_service_address: Option<PathBuf>,
+    /// containerd's socket, where CRI calls are forwarded. Default
+    /// `/run/containerd/containerd.sock`.
+    pub containerd_address: PathBuf,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            image_service_address: None,
+            containerd_address: DEFAULT_CONTAINERD_ADDRESS.into(),
+        }
+    }
+}
+
 /// Why a configuration was refused; every variant names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -263,10 +291,14 @@ impl Config {
                 reason: format!("{:?} must be an absolute path", self.root),
             });
         }
+        let cri_address = self.cri.image_service_address.as_ref();
         for (key, path) in [
-            ("address", &self.address),
-            ("control_address", &self.control_address),
+            ("address", Some(&self.address)),
+            ("control_address", Some(&self.control_address)),
+            ("cri.image_service_address", cri_address),
+            ("cri.containerd_address", Some(&self.cri.containerd_address)),
         ] {
+            let Some(path) = path else { continue };
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {
                     key,
@@ -278,6 +310,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "control_address",
                 reason: "must differ from `address`".into(),
+            });
+        }
+        if cri_address.is_some_and(|a| a == &self.address || a == &self.control_address) {
+            return Err(ConfigError::Invalid {
+                key: "cri.image_service_address",
+                reason: "must differ from `address` and `control_address`".into(),
             });
         }
         if self.prefetch.concurrency == 0 {
@@ -363,6 +401,18 @@ mod tests {
         assert!(err.to_string().contains("prefetch.concurrency"), "{err}");
         let err = Config::parse("[metrics]\naddress = \"localhost\"").expect_err("no port");
         assert!(err.to_string().contains("address"), "{err}");
+        let c = Config::parse("[cri]\nimage_service_address = \"/run/lazysnap/cri.sock\"\n")
+            .expect("cri");
+        assert_eq!(
+            c.cri.image_service_address,
+            Some(PathBuf::from("/run/lazysnap/cri.sock"))
+        );
+        let err =
+            Config::parse("[cri]\nimage_service_address = \"cri.sock\"\n").expect_err("relative");
+        assert!(
+            err.to_string().contains("cri.image_service_address"),
+            "{err}"
+        );
         let err = Config::parse("control_address = \"/run/lazysnap/lazysnap.sock\"")
             .expect_err("same socket");
         assert!(err.to_string().contains("control_address"), "{err}");

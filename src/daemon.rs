@@ -71,6 +71,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
+    match (&config.cri.image_service_address, &layers) {
+        (Some(address), Some(layers)) => {
+            let proxy =
+                grpc::CriImageProxy::new(&config.cri.containerd_address, layers.registry().clone())
+                    .map_err(|e| anyhow::anyhow!("CRI image proxy: {}", e.message()))?;
+            let listener = bind(address)?;
+            tracing::info!(address = %address.display(), containerd = %config.cri.containerd_address.display(), "serving the CRI image service for the kubelet");
+            let address = address.clone();
+            let stop = stopped();
+            tokio::spawn(async move {
+                if let Err(e) = grpc::serve_cri(proxy, listener, stop).await {
+                    tracing::error!(error = %e, "CRI image service failed");
+                }
+                let _ = std::fs::remove_file(&address);
+            });
+        }
+        (Some(_), None) => tracing::warn!(
+            "[cri] image_service_address is set but lazy pulling is off: not serving it"
+        ),
+        (None, _) => {}
+    }
     let control = tokio::spawn(grpc::serve_control(
         grpc::ControlService::new(layers.clone()),
         control_listener,

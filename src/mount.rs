@@ -196,6 +196,10 @@ impl LazyLayers {
         self.mounted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
     }

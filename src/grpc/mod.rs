@@ -4,6 +4,7 @@
 
 mod control;
 mod convert;
+mod cri_proxy;
 pub mod proto;
 mod snapshots;
 mod status;
@@ -15,6 +16,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 pub use control::ControlService;
+pub use cri_proxy::CriImageProxy;
 pub use snapshots::SnapshotsService;
 
 use crate::snapshot::Snapshotter;
@@ -42,6 +44,18 @@ pub async fn serve_control(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(ControlServer::new(control))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Serves the CRI image service proxy on `listener` until `shutdown` resolves.
+pub async fn serve_cri(
+    proxy: CriImageProxy,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(proxy)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

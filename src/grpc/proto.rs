@@ -22,6 +22,11 @@ pub mod lazysnap {
     }
 }
 
+/// The Kubernetes CRI (package `runtime.v1`): the image service lazysnap fronts.
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
 pub use lazysnap::v1 as control;

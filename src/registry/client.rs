@@ -111,6 +111,9 @@ pub struct RegistryClient {
     /// (host, scope) → bearer token and its expiry.
     tokens: Arc<Mutex<TokenCache>>,
     credentials: Arc<Mutex<HashMap<String, Credentials>>>,
+    /// (host, repository) → credentials given for images of that repository (a kubelet's pull
+    /// secret, through the CRI image proxy); held in memory only and preferred to `credentials`.
+    repository_credentials: Arc<Mutex<HashMap<(String, String), Credentials>>>,
     stats: Arc<RegistryStats>,
     clients: Arc<Mutex<ClientCache>>,
     /// digest → (final URL after redirects, when it was learnt).
@@ -139,6 +142,7 @@ impl RegistryClient {
             config,
             tokens: Arc::default(),
             credentials: Arc::default(),
+            repository_credentials: Arc::default(),
             stats: Arc::default(),
             clients: Arc::default(),
             redirects: Arc::default(),
@@ -160,6 +164,24 @@ impl RegistryClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host.to_owned(), credentials);
+    }
+
+    /// Credentials for the images of `reference`'s repository, e.g. a pull secret. Replaces
+    /// what was given for that repository before.
+    pub fn set_repository_credentials(&self, reference: &Reference, credentials: Credentials) {
+        self.repository_credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (reference.host.clone(), reference.repository.clone()),
+                credentials,
+            );
+        // A token obtained with other credentials must not outlive them.
+        let scope = format!("repository:{}:pull", reference.repository);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(host, s), _| !(host == &reference.host && s == &scope));
     }
 
     fn load_docker_config(&self) {
@@ -211,12 +233,20 @@ impl RegistryClient {
         }
     }
 
-    fn credentials_for(&self, host: &str) -> Option<Credentials> {
-        self.credentials
+    fn credentials_for(&self, host: &str, repository: &str) -> Option<Credentials> {
+        let given = self
+            .repository_credentials
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-            .cloned()
+            .get(&(host.to_owned(), repository.to_owned()))
+            .cloned();
+        given.or_else(|| {
+            self.credentials
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(host)
+                .cloned()
+        })
     }
 
     /// The size of blob `digest` (HEAD).
@@ -493,7 +523,7 @@ impl RegistryClient {
         range: Option<&Range<u64>>,
     ) -> Result<reqwest::Response, Attempt> {
         let scope = format!("repository:{}:pull", target.repository);
-        let mut authorization = self.known_authorization(&target.host, &scope);
+        let mut authorization = self.known_authorization(target, &scope);
         let mut fresh = false;
         for _ in 0..2 {
             let mut request = target.client.request(method.clone(), &target.url);
@@ -559,14 +589,18 @@ impl RegistryClient {
         }))
     }
 
-    fn known_authorization(&self, host: &str, scope: &str) -> Option<HeaderValue> {
+    fn known_authorization(&self, target: &Target, scope: &str) -> Option<HeaderValue> {
+        let host = &target.host;
         let wants_basic = self
             .basic_hosts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(host);
         if wants_basic {
-            return self.credentials_for(host).as_ref().and_then(basic);
+            return self
+                .credentials_for(host, &target.repository)
+                .as_ref()
+                .and_then(basic);
         }
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let (token, expiry) = tokens.get(&(host.to_owned(), scope.to_owned()))?;
@@ -597,7 +631,7 @@ impl RegistryClient {
                 reason: reason.to_owned(),
             })
         };
-        let credentials = self.credentials_for(&target.host);
+        let credentials = self.credentials_for(&target.host, &target.repository);
         match challenge {
             Some(Challenge::Basic) => {
                 let c = credentials.ok_or_else(|| {

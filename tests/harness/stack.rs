@@ -22,6 +22,9 @@ pub struct Stack {
     lazysnap_bin: PathBuf,
     /// Extra flags for `lazysnap serve` (e.g. `--config`).
     pub lazysnap_args: Vec<String>,
+    /// CRI mode: containerd's CRI plugin on, using lazysnap; lazysnap fronts the CRI image
+    /// service. Holds extra lazysnap config text.
+    cri: Option<String>,
     /// Which node this is: `new_node` gives lazysnap and containerd fresh state dirs, as a
     /// second machine pulling from the same registry would have.
     node: usize,
@@ -36,6 +39,19 @@ impl Stack {
     }
 
     pub fn start_with(lazysnap_bin: &str, lazysnap_args: Vec<String>) -> Stack {
+        Self::start_inner(lazysnap_bin, lazysnap_args, None)
+    }
+
+    /// A stack as a Kubernetes node has it: containerd's CRI plugin on, with lazysnap as its
+    /// snapshotter and snapshot annotations passed as labels, and lazysnap serving the CRI
+    /// image service (`cri_socket`) in front of containerd. `lazysnap_config` is extra TOML
+    /// for lazysnap (without a `[cri]` section). Pods use `pause_image_ref` as sandbox image,
+    /// which the test must push.
+    pub fn start_cri(lazysnap_bin: &str, lazysnap_config: &str) -> Stack {
+        Self::start_inner(lazysnap_bin, Vec::new(), Some(lazysnap_config.to_owned()))
+    }
+
+    fn start_inner(lazysnap_bin: &str, lazysnap_args: Vec<String>, cri: Option<String>) -> Stack {
         super::require_root();
         super::packages::ensure();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -52,6 +68,7 @@ impl Stack {
             lazysnap_bin: lazysnap_bin.into(),
             lazysnap_args,
             node: 0,
+            cri,
             _turn: turn,
             keep: std::env::var_os("LAZYSNAP_KEEP_TMP").is_some(),
             dir,
@@ -87,8 +104,18 @@ impl Stack {
         self.node_path("control.sock")
     }
 
-    fn containerd_socket(&self) -> PathBuf {
+    pub fn containerd_socket(&self) -> PathBuf {
         self.node_path("containerd.sock")
+    }
+
+    /// lazysnap's CRI image service (CRI mode).
+    pub fn cri_socket(&self) -> PathBuf {
+        self.node_path("cri.sock")
+    }
+
+    /// The sandbox image containerd's CRI uses in CRI mode.
+    pub fn pause_image_ref(&self) -> String {
+        self.image_ref("pause:1")
     }
 
     /// Stops this node's containerd and lazysnap and starts both again with empty state
@@ -193,6 +220,19 @@ impl Stack {
             .arg("--log-level")
             .arg("debug")
             .args(&self.lazysnap_args);
+        if let Some(extra) = &self.cri {
+            let config = self.node_path("lazysnap-cri.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "{extra}\n[cri]\nimage_service_address = \"{}\"\ncontainerd_address = \"{}\"\n",
+                    self.cri_socket().display(),
+                    self.containerd_socket().display()
+                ),
+            )
+            .expect("write lazysnap config");
+            cmd.arg("--config").arg(config);
+        }
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let mut proc = Proc::spawn("lazysnap", cmd, &self.path(&format!("lazysnap-{n}.log")));
         wait_for(
@@ -228,13 +268,51 @@ impl Stack {
 
     fn start_containerd(&mut self) {
         let config = self.path("containerd.toml");
+        let plugins = match &self.cri {
+            None => r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#.to_owned(),
+            Some(_) => {
+                // The test registry is plain HTTP on loopback: say so in a hosts.toml, as a
+                // node would for an insecure registry.
+                let certs = self.path("certs.d");
+                let host_dir = certs.join(&self.registry_host);
+                std::fs::create_dir_all(&host_dir).expect("create certs.d");
+                std::fs::write(
+                    host_dir.join("hosts.toml"),
+                    format!(
+                        "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                        h = self.registry_host
+                    ),
+                )
+                .expect("write hosts.toml");
+                format!(
+                    r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  # A node inside a container may not lower OOM scores below its own, as CRI does for pods.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "lazysnap"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}"
+    conf_dir = "{cni}"
+"#,
+                    pause = self.pause_image_ref(),
+                    certs = certs.display(),
+                    cni = self.path("cni").display(),
+                )
+            }
+        };
         std::fs::write(
             &config,
             format!(
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{plugins}
 [grpc]
   address = "{sock}"
 [ttrpc]
