@@ -14,12 +14,16 @@ use serde_json::Value;
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 
-/// A config that saves traces soon after a start (the default window is a minute).
+/// A config whose trace window outlasts a slow start on a loaded CI machine; traces are
+/// saved every 2 s within it.
 fn config(extra: &str) -> (tempfile::TempDir, Vec<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("lazysnap.toml");
-    std::fs::write(&path, format!("[prefetch]\ntrace_window = \"4s\"\n{extra}"))
-        .expect("write config");
+    std::fs::write(
+        &path,
+        format!("[prefetch]\ntrace_window = \"30s\"\n{extra}"),
+    )
+    .expect("write config");
     (dir, vec!["--config".into(), path.display().to_string()])
 }
 
@@ -59,12 +63,15 @@ fn number(v: &Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"))
 }
 
-/// Waits until every lazy layer the workload read has a saved trace; returns them by digest.
+/// Waits until at least `at_least` layers have a saved trace and no trace has changed for
+/// longer than the 2 s save interval (everything the workload read is in); returns them by
+/// digest.
 fn wait_for_traces(stack: &Stack, at_least: usize) -> BTreeMap<String, u64> {
     let mut traces = BTreeMap::new();
-    stack.eventually("read traces to be saved", Duration::from_secs(20), || {
+    let mut stable_since = Instant::now();
+    stack.eventually("read traces to be saved", Duration::from_secs(40), || {
         let listed = stack.cli_json(&["trace", "ls"]);
-        traces = listed["traces"]
+        let now: BTreeMap<String, u64> = listed["traces"]
             .as_array()
             .into_iter()
             .flatten()
@@ -76,7 +83,12 @@ fn wait_for_traces(stack: &Stack, at_least: usize) -> BTreeMap<String, u64> {
             })
             .filter(|(_, entries)| *entries > 0)
             .collect();
-        traces.len() >= at_least
+        if now != traces {
+            traces = now;
+            stable_since = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        traces.len() >= at_least && stable_since.elapsed() > Duration::from_secs(3)
     });
     traces
 }

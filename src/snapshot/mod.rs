@@ -19,7 +19,7 @@ mod usage;
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 pub use error::SnapshotError;
@@ -41,6 +41,10 @@ pub struct Snapshotter {
     /// empty, so any mount stacking them is refused rather than handing containerd a layer
     /// with silently missing files.
     unavailable: Mutex<HashSet<u64>>,
+    /// Held shared while a snapshot directory is being made and recorded, exclusively by
+    /// `cleanup`: otherwise cleanup could read the records, then find a directory that a
+    /// concurrent Prepare has made since, and remove it as an orphan under a live snapshot.
+    making_dirs: RwLock<()>,
 }
 
 impl Snapshotter {
@@ -73,6 +77,7 @@ impl Snapshotter {
             overlay_options,
             remote,
             unavailable: Mutex::default(),
+            making_dirs: RwLock::new(()),
         })
     }
 
@@ -337,6 +342,7 @@ impl Snapshotter {
     /// Removes every directory under `snapshots/` that no record names: leftovers of removed
     /// snapshots whose deletion failed, and of operations interrupted by a crash.
     pub fn cleanup(&self) -> Result<(), SnapshotError> {
+        let _exclusive = self.making_dirs.write().unwrap_or_else(|p| p.into_inner());
         let known: HashSet<String> = self
             .store
             .all()?
@@ -374,6 +380,7 @@ impl Snapshotter {
         labels: Labels,
     ) -> Result<Vec<Mount>, SnapshotError> {
         check_key(key)?;
+        let _making = self.making_dirs.read().unwrap_or_else(|p| p.into_inner());
         let staging = self.stage(kind)?;
         let mut placed = None;
         let result = self.store.write(|tx| {

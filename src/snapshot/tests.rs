@@ -251,6 +251,38 @@ fn state_survives_reopen_and_cleanup_removes_orphans() {
     assert!(Path::new(lower).join("base").exists(), "base layer kept");
 }
 
+#[test]
+fn cleanup_running_beside_prepares_never_takes_a_live_snapshot() {
+    let (_dir, s) = open();
+    let s = Arc::new(s);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cleaner = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                s.cleanup().expect("cleanup");
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    for n in 0..200 {
+        s.prepare(&format!("active-{n}"), None, Labels::new())
+            .expect("prepare");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = cleaner.join().expect("cleaner");
+    assert!(rounds > 0, "cleanup ran alongside");
+    for n in 0..200 {
+        let record = s.get(&format!("active-{n}")).expect("record");
+        assert!(
+            s.fs_dir(record.id).is_dir(),
+            "snapshot active-{n} lost its directory to a concurrent cleanup"
+        );
+    }
+}
+
 /// A remote file system that "mounts" by writing a marker file, and records its calls.
 #[derive(Default)]
 struct FakeRemote {
