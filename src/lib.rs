@@ -10,15 +10,18 @@
 //!   knows nothing of gRPC.
 //! - `format`: eStargz and zstd:chunked footers, TOCs and chunk decompression; pure.
 //! - `grpc`: containerd's Snapshots service over `snapshot` (tonic), proto ↔ domain conversion
-//!   and error → status mapping.
+//!   and error → status mapping; the control API over `mount`; the CRI image proxy that hands
+//!   pull secrets to `registry`.
 //! - `cache`: verified chunk bytes on disk and in memory, content-addressed, within a disk
 //!   budget (LRU); a leaf.
 //! - `prefetch`: read traces, trace/landmark prefetch, readahead, background fetch; over
 //!   `layer` and `metadata`.
 //! - `metrics`: the Prometheus endpoint over the same figures as the control API.
-//! - `daemon`: wiring for `lazysnap serve`: state dir, socket, signals.
+//! - `daemon`: wiring for `lazysnap serve`: state dir, sockets, signals.
 //!
-//! Dependencies point one way: `daemon → grpc → snapshot`, `config` is a leaf.
+//! Dependencies point one way: `daemon → grpc → snapshot → (RemoteFs) ← mount → {layer,
+//! prefetch, fuse}`, `layer → {registry, cache, metadata}`, `prefetch → layer`; `config`,
+//! `registry` and `cache` are leaves.
 
 pub mod cache;
 pub mod config;

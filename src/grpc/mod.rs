@@ -1,6 +1,7 @@
 //! The daemon's gRPC surface: containerd's Snapshots service (proxy plugin) on a Unix socket,
-//! and lazysnap's control API for the CLI on another. Protobuf types stop at `convert` and
-//! `control`; everything below speaks domain types.
+//! lazysnap's control API for the CLI on another, and optionally the CRI image service it
+//! fronts for the kubelet. Protobuf types stop at `convert`, `control` and `cri_proxy`;
+//! everything below speaks domain types.
 
 mod control;
 mod convert;
