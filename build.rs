@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // The CLI prints control API answers as JSON under their proto field names.
+        .type_attribute(".lazysnap.v1", "#[derive(serde::Serialize)]")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

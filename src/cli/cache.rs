@@ -3,11 +3,10 @@
 //! command never writes cache state itself.
 
 use clap::{Args, Subcommand};
-use serde::Serialize;
 
 use lazysnap::grpc::proto::control::{
-    CacheEvictRequest, CacheEvictResponse, CacheListRequest, CachePruneRequest, CachePruneResponse,
-    CacheStatsRequest, CacheStatsResponse, LayerRow,
+    CacheEvictRequest, CacheListRequest, CachePruneRequest, CacheStatsRequest, CacheStatsResponse,
+    LayerRow,
 };
 
 use super::client;
@@ -72,7 +71,7 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
         c.cache_stats(CacheStatsRequest {}).await
     })?;
     if args.control.json {
-        return output::emit_json(&StatsView::from(stats));
+        return output::emit_json(&stats);
     }
     output::emit(&render_stats(&stats))
 }
@@ -149,9 +148,7 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
         c.cache_list(CacheListRequest {}).await
     })?;
     if args.control.json {
-        return output::emit_json(&LayersView {
-            layers: list.layers.into_iter().map(LayerView::from).collect(),
-        });
+        return output::emit_json(&list);
     }
     if list.layers.is_empty() {
         return output::emit("no layers known to the daemon\n");
@@ -205,7 +202,7 @@ fn evict(args: EvictArgs) -> anyhow::Result<()> {
         c.cache_evict(request).await
     })?;
     if args.control.json {
-        return output::emit_json(&EvictView::from(evicted));
+        return output::emit_json(&evicted);
     }
     output::emit(&format!(
         "evicted {} entries ({}) of {digest}\n",
@@ -222,7 +219,7 @@ fn prune(args: PruneArgs) -> anyhow::Result<()> {
         c.cache_prune(request).await
     })?;
     if args.control.json {
-        return output::emit_json(&PruneView::from(pruned));
+        return output::emit_json(&pruned);
     }
     output::emit(&format!(
         "evicted {} entries ({}); the disk cache now holds {}\n",
@@ -288,133 +285,10 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
     u64::try_from(bytes).map_err(|_| too_large())
 }
 
-/// `cache stats --json`: the `CacheStatsResponse` fields under their proto names.
-#[derive(Debug, Serialize)]
-struct StatsView {
-    disk_used_bytes: u64,
-    disk_budget_bytes: u64,
-    disk_entries: u64,
-    memory_used_bytes: u64,
-    memory_entries: u64,
-    memory_hits: u64,
-    disk_hits: u64,
-    misses: u64,
-    hit_ratio: f64,
-    fetched_bytes: u64,
-    fetches: u64,
-    served_bytes: u64,
-    prefetch_bytes: u64,
-    prefetch_used_bytes: u64,
-    prefetch_wasted_bytes: u64,
-    demand_network_reads: u64,
-    evicted_entries: u64,
-    evicted_bytes: u64,
-    corrupt_entries: u64,
-}
-
-impl From<CacheStatsResponse> for StatsView {
-    fn from(s: CacheStatsResponse) -> Self {
-        StatsView {
-            disk_used_bytes: s.disk_used_bytes,
-            disk_budget_bytes: s.disk_budget_bytes,
-            disk_entries: s.disk_entries,
-            memory_used_bytes: s.memory_used_bytes,
-            memory_entries: s.memory_entries,
-            memory_hits: s.memory_hits,
-            disk_hits: s.disk_hits,
-            misses: s.misses,
-            hit_ratio: s.hit_ratio,
-            fetched_bytes: s.fetched_bytes,
-            fetches: s.fetches,
-            served_bytes: s.served_bytes,
-            prefetch_bytes: s.prefetch_bytes,
-            prefetch_used_bytes: s.prefetch_used_bytes,
-            prefetch_wasted_bytes: s.prefetch_wasted_bytes,
-            demand_network_reads: s.demand_network_reads,
-            evicted_entries: s.evicted_entries,
-            evicted_bytes: s.evicted_bytes,
-            corrupt_entries: s.corrupt_entries,
-        }
-    }
-}
-
-/// `cache ls --json`: `{"layers": [...]}`.
-#[derive(Debug, Serialize)]
-struct LayersView {
-    layers: Vec<LayerView>,
-}
-
-/// One `LayerRow`, full digest included.
-#[derive(Debug, Serialize)]
-struct LayerView {
-    digest: String,
-    references: Vec<String>,
-    cached_bytes: u64,
-    layer_bytes: u64,
-    cached_chunks: u64,
-    total_chunks: u64,
-    fetched_bytes: u64,
-    fetched_chunks: u64,
-    last_access_unix_ms: u64,
-    trace_present: bool,
-    mounted: bool,
-}
-
-impl From<LayerRow> for LayerView {
-    fn from(l: LayerRow) -> Self {
-        LayerView {
-            digest: l.digest,
-            references: l.references,
-            cached_bytes: l.cached_bytes,
-            layer_bytes: l.layer_bytes,
-            cached_chunks: l.cached_chunks,
-            total_chunks: l.total_chunks,
-            fetched_bytes: l.fetched_bytes,
-            fetched_chunks: l.fetched_chunks,
-            last_access_unix_ms: l.last_access_unix_ms,
-            trace_present: l.trace_present,
-            mounted: l.mounted,
-        }
-    }
-}
-
-/// `cache evict --json`: the `CacheEvictResponse` fields.
-#[derive(Debug, Serialize)]
-struct EvictView {
-    evicted_entries: u64,
-    evicted_bytes: u64,
-}
-
-impl From<CacheEvictResponse> for EvictView {
-    fn from(e: CacheEvictResponse) -> Self {
-        EvictView {
-            evicted_entries: e.evicted_entries,
-            evicted_bytes: e.evicted_bytes,
-        }
-    }
-}
-
-/// `cache prune --json`: the `CachePruneResponse` fields.
-#[derive(Debug, Serialize)]
-struct PruneView {
-    evicted_entries: u64,
-    evicted_bytes: u64,
-    disk_used_bytes: u64,
-}
-
-impl From<CachePruneResponse> for PruneView {
-    fn from(p: CachePruneResponse) -> Self {
-        PruneView {
-            evicted_entries: p.evicted_entries,
-            evicted_bytes: p.evicted_bytes,
-            disk_used_bytes: p.disk_used_bytes,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lazysnap::grpc::proto::control::CacheListResponse;
 
     #[test]
     fn size_accepts_bytes_and_binary_units() {
@@ -474,8 +348,8 @@ mod tests {
             trace_present: true,
             mounted: false,
         };
-        let json = serde_json::to_value(LayersView {
-            layers: vec![LayerView::from(row.clone())],
+        let json = serde_json::to_value(CacheListResponse {
+            layers: vec![row.clone()],
         })
         .expect("serialize");
         assert_eq!(
@@ -498,11 +372,11 @@ mod tests {
 
     #[test]
     fn stats_json_uses_proto_field_names() {
-        let json = serde_json::to_value(StatsView::from(CacheStatsResponse {
+        let json = serde_json::to_value(CacheStatsResponse {
             disk_used_bytes: 123,
             hit_ratio: 0.5,
             ..Default::default()
-        }))
+        })
         .expect("serialize");
         let object = json.as_object().expect("object");
         assert_eq!(object.len(), 19);

@@ -2,7 +2,6 @@
 //! API. Layers on the ordinary overlayfs path are not lazy and not listed.
 
 use clap::Args;
-use serde::Serialize;
 
 use lazysnap::grpc::proto::control::{MountRow, MountsRequest};
 
@@ -21,9 +20,7 @@ pub fn run(args: MountsArgs) -> anyhow::Result<()> {
         c.mounts(MountsRequest {}).await
     })?;
     if args.control.json {
-        return output::emit_json(&MountsView {
-            mounts: list.mounts.into_iter().map(MountView::from).collect(),
-        });
+        return output::emit_json(&list);
     }
     if list.mounts.is_empty() {
         return output::emit("no lazy layers mounted\n");
@@ -63,41 +60,10 @@ fn or_dash(s: &str) -> String {
     }
 }
 
-/// `mounts --json`: `{"mounts": [...]}`.
-#[derive(Debug, Serialize)]
-struct MountsView {
-    mounts: Vec<MountView>,
-}
-
-/// One `MountRow` under its proto field names.
-#[derive(Debug, Serialize)]
-struct MountView {
-    digest: String,
-    reference: String,
-    mountpoint: String,
-    state: String,
-    mounted_unix_ms: u64,
-    fetched_bytes: u64,
-    served_bytes: u64,
-}
-
-impl From<MountRow> for MountView {
-    fn from(m: MountRow) -> Self {
-        MountView {
-            digest: m.digest,
-            reference: m.reference,
-            mountpoint: m.mountpoint,
-            state: m.state,
-            mounted_unix_ms: m.mounted_unix_ms,
-            fetched_bytes: m.fetched_bytes,
-            served_bytes: m.served_bytes,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lazysnap::grpc::proto::control::MountsResponse;
 
     fn row() -> MountRow {
         MountRow {
@@ -113,8 +79,8 @@ mod tests {
 
     #[test]
     fn mounts_json_keeps_full_digest_and_proto_names() {
-        let json = serde_json::to_value(MountsView {
-            mounts: vec![MountView::from(row())],
+        let json = serde_json::to_value(MountsResponse {
+            mounts: vec![row()],
         })
         .expect("serialize");
         assert_eq!(

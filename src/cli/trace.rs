@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use serde::Serialize;
 
 use lazysnap::grpc::proto::control::{
-    TraceEntry, TraceExportRequest, TraceImportRequest, TraceImportResponse, TraceListRequest,
-    TraceShowRequest, TraceShowResponse, TraceSummary,
+    TraceExportRequest, TraceImportRequest, TraceListRequest, TraceShowRequest, TraceShowResponse,
+    TraceSummary,
 };
 
 use super::client;
@@ -81,9 +80,7 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
         c.trace_list(TraceListRequest {}).await
     })?;
     if args.control.json {
-        return output::emit_json(&TracesView {
-            traces: list.traces.into_iter().map(SummaryView::from).collect(),
-        });
+        return output::emit_json(&list);
     }
     if list.traces.is_empty() {
         return output::emit("no traces recorded\n");
@@ -116,7 +113,7 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
         c.trace_show(request).await
     })?;
     if args.control.json {
-        return output::emit_json(&ShowView::from(trace));
+        return output::emit_json(&trace);
     }
     output::emit(&render_show(&trace, output::now_unix_ms()))
 }
@@ -180,7 +177,7 @@ fn import(args: ImportArgs) -> anyhow::Result<()> {
         c.trace_import(TraceImportRequest { document }).await
     })?;
     if args.control.json {
-        return output::emit_json(&ImportView::from(imported));
+        return output::emit_json(&imported);
     }
     match &imported.summary {
         Some(s) => output::emit(&format!(
@@ -209,88 +206,10 @@ fn read_document(file: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(document)
 }
 
-/// One `TraceSummary` under its proto field names.
-#[derive(Debug, Serialize)]
-struct SummaryView {
-    digest: String,
-    entries: u64,
-    bytes: u64,
-    mounts: u64,
-    updated_unix_ms: u64,
-}
-
-impl From<TraceSummary> for SummaryView {
-    fn from(s: TraceSummary) -> Self {
-        SummaryView {
-            digest: s.digest,
-            entries: s.entries,
-            bytes: s.bytes,
-            mounts: s.mounts,
-            updated_unix_ms: s.updated_unix_ms,
-        }
-    }
-}
-
-/// One `TraceEntry` under its proto field names.
-#[derive(Debug, Serialize)]
-struct EntryView {
-    path: String,
-    offset: u64,
-    bytes: u64,
-    since_mount_ms: u64,
-}
-
-impl From<TraceEntry> for EntryView {
-    fn from(e: TraceEntry) -> Self {
-        EntryView {
-            path: e.path,
-            offset: e.offset,
-            bytes: e.bytes,
-            since_mount_ms: e.since_mount_ms,
-        }
-    }
-}
-
-/// `trace ls --json`: `{"traces": [...]}`.
-#[derive(Debug, Serialize)]
-struct TracesView {
-    traces: Vec<SummaryView>,
-}
-
-/// `trace show --json`: `{"summary": {...}, "entries": [...]}` (`summary` is `null` if the
-/// daemon sent none).
-#[derive(Debug, Serialize)]
-struct ShowView {
-    summary: Option<SummaryView>,
-    entries: Vec<EntryView>,
-}
-
-impl From<TraceShowResponse> for ShowView {
-    fn from(t: TraceShowResponse) -> Self {
-        ShowView {
-            summary: t.summary.map(SummaryView::from),
-            entries: t.entries.into_iter().map(EntryView::from).collect(),
-        }
-    }
-}
-
-/// `trace import --json`: `{"summary": {...}}`.
-#[derive(Debug, Serialize)]
-struct ImportView {
-    summary: Option<SummaryView>,
-}
-
-impl From<TraceImportResponse> for ImportView {
-    fn from(i: TraceImportResponse) -> Self {
-        ImportView {
-            summary: i.summary.map(SummaryView::from),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lazysnap::grpc::proto::control::TraceEntry;
 
     fn sample() -> TraceShowResponse {
         TraceShowResponse {
@@ -320,7 +239,7 @@ mod tests {
 
     #[test]
     fn show_json_has_summary_and_entries() {
-        let json = serde_json::to_value(ShowView::from(sample())).expect("serialize");
+        let json = serde_json::to_value(sample()).expect("serialize");
         assert_eq!(
             json,
             serde_json::json!({
