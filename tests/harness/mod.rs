@@ -9,13 +9,18 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod auth;
+pub mod corpus;
+pub mod data;
+pub mod debian;
 pub mod estargz;
 pub mod image;
+pub mod layout;
 pub mod packages;
 pub mod process;
 pub mod python;
 pub mod stack;
 pub mod throttle;
+pub mod tools;
 
 // Not every test binary starts a whole stack.
 #[allow(unused_imports)]

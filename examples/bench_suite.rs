@@ -1,0 +1,511 @@
+//! Benchmark suite (not a test): what lazy pulling buys, side by side — startup, bytes fetched,
+//! daemon memory, and read throughput — for a corpus of images built here from Debian packages,
+//! each pulled over an emulated WAN link the normal way (overlayfs, gzip) and with lazysnap
+//! (eStargz, eStargz optimized by `ctr-remote image optimize`, zstd:chunked). Writes a Markdown
+//! table, a JSON file and an SVG chart under `results/<UTC time>/` and `results/latest/`.
+//!
+//! ```text
+//! scripts/bench                      # installs what is missing, builds, runs the defaults
+//! target/release/examples/bench_suite --lazysnap target/release/lazysnap \
+//!     [--rtt-ms 20] [--mbit 200] [--runs 3] [--images python,tools,data] \
+//!     [--formats gzip,esgz,esgz-opt,zstd] [--scenarios normal,cold,trace,warm] \
+//!     [--data-mib 1024] [--results results] [--work /var/tmp/lazysnap-bench] [--fresh] \
+//!     [--lazysnap-config FILE]
+//! ```
+//!
+//! As root. The real stack of the e2e tests (`harness::Stack`: docker-registry, containerd
+//! with lazysnap as a proxy plugin, lazysnap), with a throttling proxy (`harness::throttle`)
+//! in front of the registry: every pull and every lazy read crosses the link; only the setup
+//! pushes go around it. The corpus (`harness::corpus`, `tools`, `data`) is built under
+//! `--work` and reused by later runs (`--fresh` rebuilds it).
+//!
+//! Scenarios, each run `--runs` times, every run on a fresh node (empty containerd and
+//! lazysnap state, same registry) unless the scenario is about what a node kept, with the page
+//! cache dropped before each pull:
+//! - normal: `ctr images pull` of the gzip image into overlayfs, then `ctr run`;
+//! - cold: `ctr-remote image rpull` of a lazy image into lazysnap, then `ctr run`;
+//! - trace: node A starts the image once and exports its read traces; node B imports them,
+//!   then rpull and run (lazysnap prefetches what A read);
+//! - warm: a node that started the image removes it (`ctr images rm --sync`) and starts it
+//!   again; the chunks come from lazysnap's cache.
+//!
+//! For every run: the pull alone, time to first output (from starting `ctr run` to the first
+//! line the container prints), bytes the link carried, lazysnap's fetched bytes and the reads
+//! that waited on the network, and peak RSS (VmHWM) of lazysnap and containerd. For `data`,
+//! after the start in the normal and cold scenarios: `stat` of every file, cold and warm
+//! sequential read of the big file, and random 4 KiB reads, on the snapshot's mount.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+#[path = "bench_suite/measure.rs"]
+mod measure;
+#[path = "bench_suite/report.rs"]
+mod report;
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use harness::corpus::CorpusImage;
+use harness::throttle::Throttle;
+use harness::Stack;
+
+pub use measure::{DataSample, Sample};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Gzip,
+    Esgz,
+    EsgzOpt,
+    Zstd,
+}
+
+impl Format {
+    pub const ALL: [Format; 4] = [Format::Gzip, Format::Esgz, Format::EsgzOpt, Format::Zstd];
+
+    /// The tag in the registry and the name on the command line.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Format::Gzip => "gzip",
+            Format::Esgz => "esgz",
+            Format::EsgzOpt => "esgz-opt",
+            Format::Zstd => "zstd",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Format::Gzip => "gzip",
+            Format::Esgz => "eStargz",
+            Format::EsgzOpt => "eStargz optimized",
+            Format::Zstd => "zstd:chunked",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    Normal,
+    Cold,
+    Trace,
+    Warm,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Normal,
+        Scenario::Cold,
+        Scenario::Trace,
+        Scenario::Warm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Normal => "normal",
+            Scenario::Cold => "cold",
+            Scenario::Trace => "trace",
+            Scenario::Warm => "warm",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::Normal => "normal pull (overlayfs)",
+            Scenario::Cold => "lazysnap cold",
+            Scenario::Trace => "lazysnap, trace from another node",
+            Scenario::Warm => "lazysnap warm (cached)",
+        }
+    }
+}
+
+pub struct Args {
+    pub lazysnap: String,
+    pub rtt_ms: f64,
+    pub mbit: f64,
+    pub runs: usize,
+    pub images: Vec<String>,
+    pub formats: Vec<Format>,
+    pub scenarios: Vec<Scenario>,
+    pub data_mib: u64,
+    pub results: PathBuf,
+    pub work: PathBuf,
+    pub fresh: bool,
+    pub lazysnap_config: Option<String>,
+}
+
+/// One row of the results: an image started in one scenario from one format.
+pub struct Row {
+    pub image: String,
+    pub scenario: Scenario,
+    pub format: Format,
+    pub samples: Vec<Sample>,
+    pub error: Option<String>,
+}
+
+/// How long each part of the setup took, for the report.
+#[derive(Default)]
+pub struct Setup {
+    pub steps: Vec<(String, Duration)>,
+}
+
+pub struct Bench<'a> {
+    pub stack: &'a mut Stack,
+    pub throttle: &'a Throttle,
+    pub args: &'a Args,
+}
+
+fn main() {
+    let args = parse_args();
+    let started = Instant::now();
+    // lazysnap's own default level: the harness asks for debug, whose per-read lines would
+    // cost the lazy path time no production node spends.
+    std::env::set_var("RUST_LOG", "info");
+    eprintln!("starting registry, lazysnap and containerd in a temporary directory ...");
+    let lazysnap_args = match &args.lazysnap_config {
+        Some(file) => vec!["--config".to_owned(), file.clone()],
+        None => Vec::new(),
+    };
+    let mut stack = Stack::start_with(&args.lazysnap, lazysnap_args);
+
+    let mut setup = Setup::default();
+    let corpus = build_corpus(&mut stack, &args, &mut setup);
+
+    let registry = stack
+        .registry_host
+        .parse()
+        .expect("the registry listens on an IP address and port");
+    let throttle = Throttle::start(
+        registry,
+        Duration::from_secs_f64(args.rtt_ms / 1000.0),
+        args.mbit,
+    );
+    let mut bench = Bench {
+        stack: &mut stack,
+        throttle: &throttle,
+        args: &args,
+    };
+
+    let mut rows = Vec::new();
+    for image in &corpus {
+        for scenario in &args.scenarios {
+            for format in &args.formats {
+                let applies = match scenario {
+                    Scenario::Normal => *format == Format::Gzip,
+                    _ => *format != Format::Gzip,
+                };
+                if !applies {
+                    continue;
+                }
+                eprintln!(
+                    "{} / {} / {} ...",
+                    image.name,
+                    scenario.label(),
+                    format.label()
+                );
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    measure::scenario(&mut bench, image, *scenario, *format)
+                }));
+                let (samples, error) = match outcome {
+                    Ok(Ok(samples)) => (samples, None),
+                    Ok(Err(e)) => (Vec::new(), Some(e)),
+                    Err(panic) => (Vec::new(), Some(panic_message(panic))),
+                };
+                if let Some(e) = &error {
+                    eprintln!("  failed: {e}");
+                }
+                rows.push(Row {
+                    image: image.name.to_owned(),
+                    scenario: *scenario,
+                    format: *format,
+                    samples,
+                    error,
+                });
+            }
+        }
+    }
+
+    let elapsed = started.elapsed();
+    let dir = report::write(&args, &rows, &setup, elapsed);
+    println!(
+        "{}",
+        std::fs::read_to_string(dir.join("results.md")).unwrap_or_default()
+    );
+    eprintln!(
+        "wrote {} (results.md, results.json, chart.svg) and {}; the whole run took {:.1} min",
+        dir.display(),
+        args.results.join("latest").display(),
+        elapsed.as_secs_f64() / 60.0
+    );
+    let failed = rows.iter().any(|r| r.error.is_some());
+    // Tear down before exiting: process::exit skips destructors.
+    drop(throttle);
+    drop(stack);
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("panicked");
+    // The first lines name what failed; the logs after them went to stderr with the panic.
+    message
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the images asked for (or reuses what `--work` holds), pushes each in every format to
+/// the registry, and returns them.
+fn build_corpus(stack: &mut Stack, args: &Args, setup: &mut Setup) -> Vec<CorpusImage> {
+    if args.fresh {
+        eprintln!("--fresh: removing {}", args.work.display());
+        let _ = std::fs::remove_dir_all(&args.work);
+    }
+    std::fs::create_dir_all(&args.work).expect("create the work directory");
+    let layout = args.work.join("layout");
+    let mut corpus = Vec::new();
+    for name in &args.images {
+        let t = Instant::now();
+        eprintln!("building image {name} ...");
+        let image = match name.as_str() {
+            "python" => harness::corpus::python(&args.work, &layout),
+            "tools" => harness::tools::tools(&args.work, &layout),
+            "data" => harness::data::data(&layout, args.data_mib),
+            other => unreachable!("image {other} is checked when parsing"),
+        };
+        setup.steps.push((format!("build {name}"), t.elapsed()));
+
+        // A registry this image was pushed to before, kept as hard links.
+        let key = match name.as_str() {
+            "data" => format!("data-{}m", args.data_mib),
+            other => other.to_owned(),
+        };
+        let saved = args.work.join("registry").join(&key);
+        let registry_data = stack.path("registry-data");
+        if saved.is_dir() {
+            let t = Instant::now();
+            link_tree(&saved, &registry_data);
+            setup
+                .steps
+                .push((format!("restore {name} in 4 formats"), t.elapsed()));
+        } else {
+            push_formats(stack, &layout, &image, setup);
+            let tmp = args.work.join("registry").join(format!("{key}.tmp"));
+            let _ = std::fs::remove_dir_all(&tmp);
+            link_tree(&registry_data, &tmp);
+            std::fs::rename(&tmp, &saved).expect("keep the registry");
+        }
+        corpus.push(image);
+    }
+    corpus
+}
+
+/// Pushes `image` as gzip and converts it to the three lazy formats on node 0.
+fn push_formats(stack: &Stack, layout: &Path, image: &CorpusImage, setup: &mut Setup) {
+    let name = image.name;
+    let direct = |f: Format| stack.image_ref(&format!("{name}:{}", f.tag()));
+    let t = Instant::now();
+    harness::layout::push(layout, name, &direct(Format::Gzip));
+    setup
+        .steps
+        .push((format!("push {name} (gzip)"), t.elapsed()));
+
+    // The three conversions at once (each compresses on one core, mostly): pull the source
+    // once, convert, push the results, then forget everything locally.
+    let t = Instant::now();
+    eprintln!("  converting {name} to eStargz, zstd:chunked and optimized eStargz at once ...");
+    let plain = direct(Format::Gzip);
+    stack.ctr(&["images", "pull", "--plain-http", &plain]);
+    let workload = serde_json::to_string(&[&image.workload]).expect("json");
+    let (esgz, zstd, opt) = (
+        direct(Format::Esgz),
+        direct(Format::Zstd),
+        direct(Format::EsgzOpt),
+    );
+    let jobs: Vec<(Format, Vec<&str>)> = vec![
+        (
+            Format::Esgz,
+            vec!["image", "convert", "--oci", "--estargz", &plain, &esgz],
+        ),
+        (
+            Format::Zstd,
+            vec!["image", "convert", "--oci", "--zstdchunked", &plain, &zstd],
+        ),
+        (
+            Format::EsgzOpt,
+            vec![
+                "image",
+                "optimize",
+                "--oci",
+                "--period",
+                "3",
+                "--entrypoint",
+                r#"["/bin/sh", "-c"]"#,
+                "--args",
+                &workload,
+                &plain,
+                &opt,
+            ],
+        ),
+    ];
+    let took: Vec<(Format, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(format, cmd)| {
+                s.spawn(move || {
+                    let t = Instant::now();
+                    stack.ctr_remote(cmd);
+                    (*format, t.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    for target in [&esgz, &zstd, &opt] {
+        stack.ctr(&["images", "push", "--plain-http", target]);
+    }
+    stack.ctr(&["images", "rm", "--sync", &plain, &esgz, &zstd, &opt]);
+    stack.ctr(&["content", "prune", "references"]);
+    for (format, d) in took {
+        setup.steps.push((
+            format!(
+                "convert {name} to {} (in parallel with the others)",
+                format.label()
+            ),
+            d,
+        ));
+    }
+    setup.steps.push((
+        format!("convert and push {name} in 3 formats, all told"),
+        t.elapsed(),
+    ));
+}
+
+/// Hard-links every file of `from` into `to` (directories created, existing files kept).
+fn link_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("list {}: {e}", from.display()))
+    {
+        let entry = entry.expect("list registry dir");
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            link_tree(&src, &dst);
+        } else if !dst.exists() {
+            std::fs::hard_link(&src, &dst)
+                .unwrap_or_else(|e| panic!("link {} to {}: {e}", src.display(), dst.display()));
+        }
+    }
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        lazysnap: "target/release/lazysnap".into(),
+        rtt_ms: 20.0,
+        mbit: 200.0,
+        runs: 3,
+        images: vec!["python".into(), "tools".into(), "data".into()],
+        formats: Format::ALL.to_vec(),
+        scenarios: Scenario::ALL.to_vec(),
+        data_mib: 1024,
+        results: "results".into(),
+        work: "/var/tmp/lazysnap-bench".into(),
+        fresh: false,
+        lazysnap_config: None,
+    };
+    let usage = "usage: bench_suite [--lazysnap PATH] [--rtt-ms 20] [--mbit 200] [--runs 3] \
+                 [--images python,tools,data] [--formats gzip,esgz,esgz-opt,zstd] \
+                 [--scenarios normal,cold,trace,warm] [--data-mib 1024] [--results DIR] \
+                 [--work DIR] [--fresh] [--lazysnap-config FILE]";
+    let fail = |msg: String| -> ! {
+        eprintln!("{msg}\n{usage}");
+        std::process::exit(2)
+    };
+    let positive = |flag: &str, v: &str| -> f64 {
+        v.parse::<f64>()
+            .ok()
+            .filter(|x| *x > 0.0 && x.is_finite())
+            .unwrap_or_else(|| fail(format!("{flag} {v:?} is not a positive number")))
+    };
+    let list = |v: &str| -> Vec<String> {
+        v.split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        if arg == "--help" || arg == "-h" {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        if arg == "--fresh" {
+            args.fresh = true;
+            continue;
+        }
+        let v = it
+            .next()
+            .unwrap_or_else(|| fail(format!("{arg} needs a value")));
+        match arg.as_str() {
+            "--lazysnap" => args.lazysnap = v,
+            "--rtt-ms" => {
+                args.rtt_ms = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| *x >= 0.0)
+                    .unwrap_or_else(|| fail(format!("--rtt-ms {v:?} is not a number")))
+            }
+            "--mbit" => args.mbit = positive("--mbit", &v),
+            "--runs" => args.runs = positive("--runs", &v) as usize,
+            "--data-mib" => args.data_mib = positive("--data-mib", &v) as u64,
+            "--results" => args.results = v.into(),
+            "--work" => args.work = v.into(),
+            "--lazysnap-config" => args.lazysnap_config = Some(v),
+            "--images" => {
+                args.images = list(&v);
+                for i in &args.images {
+                    if !["python", "tools", "data"].contains(&i.as_str()) {
+                        fail(format!("--images: unknown image {i:?}"));
+                    }
+                }
+            }
+            "--formats" => {
+                args.formats = list(&v)
+                    .iter()
+                    .map(|f| {
+                        Format::ALL
+                            .into_iter()
+                            .find(|x| x.tag() == f)
+                            .unwrap_or_else(|| fail(format!("--formats: unknown format {f:?}")))
+                    })
+                    .collect()
+            }
+            "--scenarios" => {
+                args.scenarios = list(&v)
+                    .iter()
+                    .map(|s| {
+                        Scenario::ALL
+                            .into_iter()
+                            .find(|x| x.name() == s)
+                            .unwrap_or_else(|| fail(format!("--scenarios: unknown scenario {s:?}")))
+                    })
+                    .collect()
+            }
+            other => fail(format!("unknown argument {other:?}")),
+        }
+    }
+    if args.runs == 0 {
+        fail("--runs must be at least 1".into());
+    }
+    args
+}

@@ -1,0 +1,547 @@
+//! The scenarios and what one run measures.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::corpus::CorpusImage;
+use crate::{Bench, Format, Scenario};
+
+/// One measured start.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Sample {
+    pub pull_ms: f64,
+    /// From starting `ctr run` to the container's first line of output.
+    pub first_output_ms: f64,
+    /// From starting `ctr run` to its exit (container teardown included).
+    pub run_exit_ms: f64,
+    /// Bytes the link carried from the registry to this node during pull and start.
+    pub link_bytes: u64,
+    /// lazysnap's `fetched_bytes` and `demand_network_reads` over pull and start.
+    pub fetched_bytes: Option<u64>,
+    pub demand_reads: Option<u64>,
+    /// Peak resident memory (VmHWM) at the end of the start, in KiB.
+    pub lazysnap_hwm_kib: Option<u64>,
+    pub containerd_hwm_kib: Option<u64>,
+    /// Scenario trace: importing the traces before the pull (in no other figure).
+    pub import_ms: Option<f64>,
+    /// The `data` image's reads, after the start.
+    pub data: Option<DataSample>,
+}
+
+impl Sample {
+    pub fn total_ms(&self) -> f64 {
+        self.pull_ms + self.first_output_ms
+    }
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DataSample {
+    /// `lstat` of every entry under /data (page, dentry and inode caches dropped first).
+    pub stat_ms: f64,
+    pub stat_entries: u64,
+    /// Sequential read of /data/big.bin in 1 MiB reads: cold (nothing cached: over the link
+    /// for lazysnap, from disk for overlayfs) and warm (page cache dropped again; lazysnap
+    /// serves from its cache).
+    pub cold_read_mbps: f64,
+    pub warm_read_mbps: f64,
+    /// Bytes lazysnap fetched during the cold read.
+    pub cold_read_fetched: Option<u64>,
+    /// 4 KiB reads at random aligned offsets of big.bin, page cache dropped, after the
+    /// sequential reads (so lazysnap serves them from its cache).
+    pub random_reads_per_s: f64,
+    /// lazysnap's VmHWM after these reads, in KiB.
+    pub lazysnap_hwm_kib: Option<u64>,
+    /// lazysnap's VmHWM and VmRSS right after the cold and the warm sequential read, in KiB:
+    /// which read raised the peak.
+    pub lazysnap_hwm_after_cold_kib: Option<u64>,
+    pub lazysnap_rss_after_cold_kib: Option<u64>,
+    pub lazysnap_hwm_after_warm_kib: Option<u64>,
+    /// Where lazysnap found the chunks during the warm read and the random reads.
+    pub warm_read_lookups: Option<Lookups>,
+    pub random_read_lookups: Option<Lookups>,
+    /// /data/big.bin's size and number of chunks, from the layer's TOC.
+    pub layer_bytes: Option<u64>,
+    pub layer_chunks: Option<u64>,
+}
+
+/// Deltas of lazysnap's chunk lookups over one phase.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Lookups {
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub served_bytes: u64,
+}
+
+/// Runs `scenario` of `image` from `format` `--runs` times.
+pub fn scenario(
+    b: &mut Bench,
+    image: &CorpusImage,
+    scenario: Scenario,
+    format: Format,
+) -> Result<Vec<Sample>, String> {
+    let reference = format!("{}/{}:{}", b.throttle.addr(), image.name, format.tag());
+    let runs = b.args.runs;
+    let data = image.name == "data" && format != Format::EsgzOpt;
+    let mut samples = Vec::new();
+    match scenario {
+        Scenario::Normal => {
+            for i in 0..runs {
+                b.stack.new_node();
+                let mut s = start(b, image, &reference, false, &format!("normal-{i}"))?;
+                if data {
+                    s.data = Some(data_reads(b, false)?);
+                }
+                progress(i, &s);
+                samples.push(s);
+            }
+        }
+        Scenario::Cold => {
+            for i in 0..runs {
+                b.stack.new_node();
+                let mut s = start(b, image, &reference, true, &format!("cold-{i}"))?;
+                if data {
+                    s.data = Some(data_reads(b, true)?);
+                }
+                progress(i, &s);
+                samples.push(s);
+            }
+        }
+        Scenario::Trace => {
+            b.stack.new_node();
+            b.stack.rpull(&reference);
+            run_workload(b, image, &reference, "lazysnap", "trace-a")?;
+            let files = export_traces(b)?;
+            for i in 0..runs {
+                b.stack.new_node();
+                let t = Instant::now();
+                for file in &files {
+                    let file = file.to_str().expect("temp dir paths are UTF-8");
+                    b.stack
+                        .try_cli(&["trace", "import", file])
+                        .map_err(|e| format!("importing trace {file} failed: {e}"))?;
+                }
+                let import = ms(t.elapsed());
+                let mut s = start(b, image, &reference, true, &format!("trace-b-{i}"))?;
+                s.import_ms = Some(import);
+                progress(i, &s);
+                samples.push(s);
+            }
+        }
+        Scenario::Warm => {
+            b.stack.new_node();
+            b.stack.rpull(&reference);
+            run_workload(b, image, &reference, "lazysnap", "warm-prime")?;
+            for i in 0..runs {
+                b.stack.ctr(&["images", "rm", "--sync", &reference]);
+                let s = start(b, image, &reference, true, &format!("warm-{i}"))?;
+                progress(i, &s);
+                samples.push(s);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn progress(i: usize, s: &Sample) {
+    eprintln!(
+        "  run {}: pull {:.0} ms, first output {:.0} ms, {:.1} MiB over the link{}",
+        i + 1,
+        s.pull_ms,
+        s.first_output_ms,
+        s.link_bytes as f64 / 1048576.0,
+        s.data.as_ref().map_or(String::new(), |d| format!(
+            "; stat {:.0} ms, read cold {:.0} MB/s, warm {:.0} MB/s, random {:.0}/s",
+            d.stat_ms, d.cold_read_mbps, d.warm_read_mbps, d.random_reads_per_s
+        ))
+    );
+}
+
+/// Pull (normal or lazy) and start on the current node, with the page cache dropped first.
+fn start(
+    b: &mut Bench,
+    image: &CorpusImage,
+    reference: &str,
+    lazy: bool,
+    id: &str,
+) -> Result<Sample, String> {
+    drop_caches();
+    let link_before = b.throttle.bytes_down();
+    let stats_before = stats(b)?;
+    let t = Instant::now();
+    if lazy {
+        b.stack.rpull(reference);
+    } else {
+        b.stack.pull("overlayfs", reference);
+    }
+    let pull_ms = ms(t.elapsed());
+    let snapshotter = if lazy { "lazysnap" } else { "overlayfs" };
+    let (first_output_ms, run_exit_ms) = run_workload(b, image, reference, snapshotter, id)?;
+    let link_bytes = b.throttle.bytes_down() - link_before;
+    let after = stats(b)?;
+    Ok(Sample {
+        pull_ms,
+        first_output_ms,
+        run_exit_ms,
+        link_bytes,
+        fetched_bytes: Some(after.0.saturating_sub(stats_before.0)).filter(|_| lazy),
+        demand_reads: Some(after.1.saturating_sub(stats_before.1)).filter(|_| lazy),
+        lazysnap_hwm_kib: hwm(b.stack.lazysnap.as_ref().and_then(|p| p.pid())),
+        containerd_hwm_kib: hwm(b.stack.containerd.as_ref().and_then(|p| p.pid())),
+        import_ms: None,
+        data: None,
+    })
+}
+
+/// `ctr run --rm` of the image's workload: (ms to the first line of output, ms to exit).
+/// Fails unless the output is what the image's workload prints.
+fn run_workload(
+    b: &Bench,
+    image: &CorpusImage,
+    reference: &str,
+    snapshotter: &str,
+    id: &str,
+) -> Result<(f64, f64), String> {
+    let t = Instant::now();
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(b.stack.containerd_socket())
+        .args([
+            "--namespace",
+            "lazysnap-test",
+            "run",
+            "--rm",
+            "--snapshotter",
+        ])
+        .args([snapshotter, reference, id, "/bin/sh", "-c", &image.workload])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run ctr: {e}"))?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut first = String::new();
+    let mut first_ms = None;
+    while stdout
+        .read_line(&mut first)
+        .map_err(|e| format!("read ctr's output: {e}"))?
+        > 0
+    {
+        if !first.trim().is_empty() {
+            first_ms = Some(ms(t.elapsed()));
+            break;
+        }
+        first.clear();
+    }
+    let mut rest = String::new();
+    let _ = stdout.read_to_string(&mut rest);
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let status = child.wait().map_err(|e| format!("wait for ctr: {e}"))?;
+    let exit_ms = ms(t.elapsed());
+    let out = format!("{first}{rest}");
+    if !status.success() || out.trim() != image.expect {
+        return Err(format!(
+            "{} ({snapshotter}, {reference}) printed {:?} instead of {:?} ({status}): {}",
+            image.name,
+            out.trim(),
+            image.expect,
+            stderr.trim()
+        ));
+    }
+    Ok((first_ms.unwrap_or(exit_ms), exit_ms))
+}
+
+/// Exports every read trace of the current node into files in the stack's directory.
+fn export_traces(b: &Bench) -> Result<Vec<PathBuf>, String> {
+    // The recorder saves every 2 s while its window is open.
+    std::thread::sleep(Duration::from_millis(2500));
+    let listing = cli_json(b, &["trace", "ls"])?;
+    let traces = listing["traces"]
+        .as_array()
+        .ok_or_else(|| format!("`lazysnap trace ls --json` has no \"traces\" array: {listing}"))?;
+    let mut files = Vec::new();
+    for (i, trace) in traces.iter().enumerate() {
+        let digest = trace["digest"]
+            .as_str()
+            .ok_or_else(|| format!("trace {i} has no digest: {trace}"))?;
+        let file = b
+            .stack
+            .dir
+            .join(format!("trace-{}.json", digest.replace(':', "-")));
+        let arg = file.to_str().expect("temp dir paths are UTF-8");
+        b.stack
+            .try_cli(&["trace", "export", digest, "-o", arg])
+            .map_err(|e| format!("exporting the trace of {digest} failed: {e}"))?;
+        files.push(file);
+    }
+    if files.is_empty() {
+        return Err("node A recorded no traces (`lazysnap trace ls` is empty after a run)".into());
+    }
+    Ok(files)
+}
+
+fn cli_json(b: &Bench, args: &[&str]) -> Result<serde_json::Value, String> {
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let out = b.stack.try_cli(&with_json)?;
+    serde_json::from_str(&out).map_err(|e| format!("`lazysnap {args:?} --json`: {e}: {out}"))
+}
+
+/// lazysnap's cumulative (`fetched_bytes`, `demand_network_reads`) on the current node.
+fn stats(b: &Bench) -> Result<(u64, u64), String> {
+    let json = cli_json(b, &["cache", "stats"])?;
+    let field = |name: &str| {
+        json[name]
+            .as_u64()
+            .ok_or_else(|| format!("`lazysnap cache stats --json` has no number {name:?}: {json}"))
+    };
+    Ok((field("fetched_bytes")?, field("demand_network_reads")?))
+}
+
+/// VmHWM (peak resident memory) of process `pid`, in KiB.
+fn hwm(pid: Option<u32>) -> Option<u64> {
+    proc_status_kib(pid?, "VmHWM:")
+}
+
+/// VmRSS of process `pid`, in KiB.
+fn rss(pid: Option<u32>) -> Option<u64> {
+    proc_status_kib(pid?, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The data image's reads on the snapshot the start just used: lazysnap's FUSE mount of the
+/// data layer, or the overlayfs snapshot containerd unpacked it into.
+fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
+    let snapshots = if lazy {
+        b.stack.lazysnap_root().join("snapshots")
+    } else {
+        containerd_root(b).join("io.containerd.snapshotter.v1.overlayfs/snapshots")
+    };
+    let root = find_fs(&snapshots, "data/big.bin")
+        .ok_or_else(|| format!("no data/big.bin below {}", snapshots.display()))?;
+    let big = root.join("data/big.bin");
+
+    drop_caches();
+    let t = Instant::now();
+    let entries = stat_all(&root.join("data"));
+    let stat_ms = ms(t.elapsed());
+
+    drop_caches();
+    let before = if lazy { Some(counters(b)?) } else { None };
+    let cold = read_mbps(&big)?;
+    let cold_fetched = match &before {
+        Some(before) => Some(counters(b)?.fetched.saturating_sub(before.fetched)),
+        None => None,
+    };
+    let lazy_pid = b
+        .stack
+        .lazysnap
+        .as_ref()
+        .and_then(|p| p.pid())
+        .filter(|_| lazy);
+    let (hwm_cold, rss_cold) = (hwm(lazy_pid), rss(lazy_pid));
+    drop_caches();
+    let before = if lazy { Some(counters(b)?) } else { None };
+    let warm = read_mbps(&big)?;
+    let warm_lookups = match before {
+        Some(before) => Some(counters(b)?.since(&before)),
+        None => None,
+    };
+    let hwm_warm = hwm(lazy_pid);
+    drop_caches();
+    let before = if lazy { Some(counters(b)?) } else { None };
+    let random = random_reads(&big)?;
+    let random_lookups = match before {
+        Some(before) => Some(counters(b)?.since(&before)),
+        None => None,
+    };
+    let (layer_bytes, layer_chunks) = if lazy {
+        big_file_chunks(b)
+    } else {
+        (None, None)
+    };
+    Ok(DataSample {
+        stat_ms,
+        stat_entries: entries,
+        cold_read_mbps: cold,
+        warm_read_mbps: warm,
+        cold_read_fetched: cold_fetched,
+        random_reads_per_s: random,
+        lazysnap_hwm_kib: hwm(lazy_pid),
+        lazysnap_hwm_after_cold_kib: hwm_cold,
+        lazysnap_rss_after_cold_kib: rss_cold,
+        lazysnap_hwm_after_warm_kib: hwm_warm,
+        warm_read_lookups: warm_lookups,
+        random_read_lookups: random_lookups,
+        layer_bytes,
+        layer_chunks,
+    })
+}
+
+/// lazysnap's cumulative counters on the current node.
+struct Counters {
+    fetched: u64,
+    memory_hits: u64,
+    disk_hits: u64,
+    misses: u64,
+    served: u64,
+}
+
+impl Counters {
+    fn since(&self, before: &Counters) -> Lookups {
+        Lookups {
+            memory_hits: self.memory_hits.saturating_sub(before.memory_hits),
+            disk_hits: self.disk_hits.saturating_sub(before.disk_hits),
+            misses: self.misses.saturating_sub(before.misses),
+            served_bytes: self.served.saturating_sub(before.served),
+        }
+    }
+}
+
+fn counters(b: &Bench) -> Result<Counters, String> {
+    let json = cli_json(b, &["cache", "stats"])?;
+    let field = |name: &str| {
+        json[name]
+            .as_u64()
+            .ok_or_else(|| format!("`lazysnap cache stats --json` has no number {name:?}: {json}"))
+    };
+    Ok(Counters {
+        fetched: field("fetched_bytes")?,
+        memory_hits: field("memory_hits")?,
+        disk_hits: field("disk_hits")?,
+        misses: field("misses")?,
+        served: field("served_bytes")?,
+    })
+}
+
+/// (size, chunks) of /data/big.bin, from the TOC lazysnap saved for the data layer
+/// (`root/layers/<digest>/toc.json`, an eStargz or zstd:chunked JSON TOC): one `reg` entry
+/// and a `chunk` entry for every chunk after the first.
+fn big_file_chunks(b: &Bench) -> (Option<u64>, Option<u64>) {
+    let layers = b.stack.lazysnap_root().join("layers");
+    for entry in std::fs::read_dir(layers).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read(entry.path().join("toc.json")) else {
+            continue;
+        };
+        let Ok(toc) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let Some(entries) = toc["entries"].as_array() else {
+            continue;
+        };
+        let big: Vec<&serde_json::Value> = entries
+            .iter()
+            .filter(|e| {
+                e["name"].as_str().map(|n| n.trim_start_matches("./")) == Some("data/big.bin")
+            })
+            .collect();
+        if let Some(reg) = big.iter().find(|e| e["type"] == "reg") {
+            return (reg["size"].as_u64(), Some(big.len() as u64));
+        }
+    }
+    (None, None)
+}
+
+/// This node's containerd root, beside its socket (`containerd.sock[-N]` → `containerd-root[-N]`).
+fn containerd_root(b: &Bench) -> PathBuf {
+    let socket = b.stack.containerd_socket();
+    let name = socket
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("socket name")
+        .replacen("containerd.sock", "containerd-root", 1);
+    socket.with_file_name(name)
+}
+
+/// The `fs` directory of the first snapshot below `snapshots` that has `file`.
+fn find_fs(snapshots: &Path, file: &str) -> Option<PathBuf> {
+    std::fs::read_dir(snapshots)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("fs"))
+        .find(|fs| fs.join(file).exists())
+}
+
+/// `lstat` of everything below `dir` (as `find DIR | xargs stat` would); the count.
+fn stat_all(dir: &Path) -> u64 {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                count += 1;
+                if meta.is_dir() {
+                    stack.push(path);
+                }
+            }
+        }
+    }
+    count
+}
+
+/// Sequential read of `path` in 1 MiB reads, in MB/s.
+fn read_mbps(path: &Path) -> Result<f64, String> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("read {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// 4 KiB reads at random 4 KiB-aligned offsets of `path`: 2,000 of them, or as many as fit
+/// in 5 s; reads per second.
+fn random_reads(path: &Path) -> Result<f64, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let blocks = file.metadata().map_err(|e| e.to_string())?.len() / 4096;
+    let mut buf = vec![0u8; 4096];
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let t = Instant::now();
+    let mut done = 0u64;
+    while done < 2000 && t.elapsed() < Duration::from_secs(5) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let offset = (state % blocks.max(1)) * 4096;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| format!("read {} at {offset}: {e}", path.display()))?;
+        done += 1;
+    }
+    Ok(done as f64 / t.elapsed().as_secs_f64())
+}
+
+fn drop_caches() {
+    // sync first, so dirty pages do not make the drop slow or leave pages behind.
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
