@@ -11,6 +11,8 @@
 //!     [--formats gzip,esgz,esgz-opt,zstd] [--scenarios normal,cold,trace,warm] \
 //!     [--data-mib 1024] [--results results] [--work /var/tmp/lazysnap-bench] [--fresh] \
 //!     [--lazysnap-config FILE]
+//! target/release/examples/bench_suite --render results/latest   # rewrite the report from
+//!                                                               # its results.json
 //! ```
 //!
 //! As root. The real stack of the e2e tests (`harness::Stack`: docker-registry, containerd
@@ -132,6 +134,8 @@ pub struct Args {
     pub work: PathBuf,
     pub fresh: bool,
     pub lazysnap_config: Option<String>,
+    /// Only rewrite this results directory's report from its results.json.
+    pub render: Option<PathBuf>,
 }
 
 /// One row of the results: an image started in one scenario from one format.
@@ -157,6 +161,14 @@ pub struct Bench<'a> {
 
 fn main() {
     let args = parse_args();
+    if let Some(dir) = args.render.clone() {
+        report::rerender(&dir, args);
+        println!(
+            "{}",
+            std::fs::read_to_string(dir.join("results.md")).unwrap_or_default()
+        );
+        return;
+    }
     let started = Instant::now();
     // lazysnap's own default level: the harness asks for debug, whose per-read lines would
     // cost the lazy path time no production node spends.
@@ -422,11 +434,12 @@ fn parse_args() -> Args {
         work: "/var/tmp/lazysnap-bench".into(),
         fresh: false,
         lazysnap_config: None,
+        render: None,
     };
     let usage = "usage: bench_suite [--lazysnap PATH] [--rtt-ms 20] [--mbit 200] [--runs 3] \
                  [--images python,tools,data] [--formats gzip,esgz,esgz-opt,zstd] \
                  [--scenarios normal,cold,trace,warm] [--data-mib 1024] [--results DIR] \
-                 [--work DIR] [--fresh] [--lazysnap-config FILE]";
+                 [--work DIR] [--fresh] [--lazysnap-config FILE] | --render RESULTS_DIR";
     let fail = |msg: String| -> ! {
         eprintln!("{msg}\n{usage}");
         std::process::exit(2)
@@ -471,6 +484,7 @@ fn parse_args() -> Args {
             "--results" => args.results = v.into(),
             "--work" => args.work = v.into(),
             "--lazysnap-config" => args.lazysnap_config = Some(v),
+            "--render" => args.render = Some(v.into()),
             "--images" => {
                 args.images = list(&v);
                 for i in &args.images {

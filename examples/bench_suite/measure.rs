@@ -10,7 +10,7 @@ use crate::harness::corpus::CorpusImage;
 use crate::{Bench, Format, Scenario};
 
 /// One measured start.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     pub pull_ms: f64,
     /// From starting `ctr run` to the container's first line of output.
@@ -37,7 +37,7 @@ impl Sample {
     }
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DataSample {
     /// `lstat` of every entry under /data (page, dentry and inode caches dropped first).
     pub stat_ms: f64,
@@ -68,7 +68,7 @@ pub struct DataSample {
 }
 
 /// Deltas of lazysnap's chunk lookups over one phase.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Lookups {
     pub memory_hits: u64,
     pub disk_hits: u64,
