@@ -218,17 +218,18 @@ impl Default for CriConfig {
 /// Why a configuration was refused; every variant names the file and the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("read config {}: {source}", path.display())]
+    #[error("read config {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config {}: {source}", path.display())]
+    /// toml's message names the key and shows the line, so it is part of ours (and not
+    /// repeated as a source).
+    #[error("config {}: {error}", path.display())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("config key `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
@@ -254,9 +255,9 @@ impl Config {
             }
         };
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { error, .. } => ConfigError::Parse {
                 path: path.into(),
-                source,
+                error,
             },
             other => other,
         })
@@ -264,9 +265,9 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: PathBuf::new(),
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
         config.validate()?;
         Ok(config)

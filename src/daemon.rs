@@ -11,10 +11,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::ChunkCache;
 use crate::config::Config;
+use crate::format::Formats;
 use crate::grpc;
+use crate::layer::Resolver;
 use crate::mount::{LazyLayers, LazyOptions};
 use crate::prefetch::TraceStore;
 use crate::registry::{self, RegistryClient};
+use crate::report::LazyNode;
 use crate::snapshot::{RemoteFs, Snapshotter};
 
 /// Runs the daemon with `config` until a termination signal arrives.
@@ -82,7 +85,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let stop = stopped();
             tokio::spawn(async move {
                 if let Err(e) = grpc::serve_cri(proxy, listener, stop).await {
-                    tracing::error!(error = %e, "CRI image service failed");
+                    tracing::error!(error = %crate::error_chain(&e), "CRI image service failed");
                 }
                 let _ = std::fs::remove_file(&address);
             });
@@ -93,7 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (None, _) => {}
     }
     let control = tokio::spawn(grpc::serve_control(
-        grpc::ControlService::new(layers.clone()),
+        grpc::ControlService::new(layers.clone().map(|l| l as Arc<dyn LazyNode>)),
         control_listener,
         stopped(),
     ));
@@ -112,7 +115,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("gRPC server failed")?;
     match control.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "control API server failed"),
+        Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "control API server failed"),
         Err(e) => tracing::warn!(error = %e, "control API server task failed"),
     }
     let _ = std::fs::remove_file(&config.address);
@@ -143,7 +146,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     )
     .context("open trace store")?;
     Ok(Arc::new(LazyLayers::new(
-        registry,
+        Resolver::new(registry, Formats::builtin()),
         Arc::new(cache),
         Arc::new(traces),
         LazyOptions {

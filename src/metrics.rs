@@ -9,12 +9,12 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::mount::LazyLayers;
+use crate::report::LazyNode;
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    layers: Arc<LazyLayers>,
+    layers: Arc<dyn LazyNode>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -25,7 +25,7 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let layers = layers.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &layers).await {
+                        if let Err(e) = answer(stream, &*layers).await {
                             tracing::debug!(error = %e, "metrics request failed");
                         }
                     });
@@ -43,7 +43,7 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("bind metrics address {address}: {e}")))
 }
 
-async fn answer(mut stream: TcpStream, layers: &LazyLayers) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, layers: &dyn LazyNode) -> std::io::Result<()> {
     // The request line is all we need; a client sending more than this before its headers
     // end is not a scraper.
     let mut request = vec![0u8; 4096];
@@ -79,7 +79,7 @@ async fn answer(mut stream: TcpStream, layers: &LazyLayers) -> std::io::Result<(
 }
 
 /// The exposition text.
-pub fn render(layers: &LazyLayers) -> String {
+pub fn render(layers: &dyn LazyNode) -> String {
     let s = layers.stats();
     let t = s.totals;
     let mut out = String::new();
@@ -125,51 +125,51 @@ pub fn render(layers: &LazyLayers) -> String {
         "counter",
         "Chunk lookups answered by the cache, by tier.",
         &[
-            ("{tier=\"memory\"}", s.memory_hits as f64),
-            ("{tier=\"disk\"}", s.disk_hits as f64),
+            ("{tier=\"memory\"}", s.store.memory_hits as f64),
+            ("{tier=\"disk\"}", s.store.disk_hits as f64),
         ],
     );
     metric(
         "lazysnap_cache_misses_total",
         "counter",
         "Chunk lookups the cache could not answer.",
-        &[("", s.misses as f64)],
+        &[("", s.store.misses as f64)],
     );
     metric(
         "lazysnap_cache_corrupt_total",
         "counter",
         "Disk cache entries found corrupt and dropped.",
-        &[("", s.corrupt as f64)],
+        &[("", s.store.corrupt as f64)],
     );
     metric(
         "lazysnap_cache_evicted_bytes_total",
         "counter",
         "Bytes evicted from the disk cache.",
-        &[("", s.evicted.bytes as f64)],
+        &[("", s.store.evicted.bytes as f64)],
     );
     metric(
         "lazysnap_cache_disk_bytes",
         "gauge",
         "Bytes of chunks in the disk cache.",
-        &[("", s.disk_used_bytes as f64)],
+        &[("", s.store.disk_used_bytes as f64)],
     );
     metric(
         "lazysnap_cache_disk_entries",
         "gauge",
         "Chunks in the disk cache.",
-        &[("", s.disk_entries as f64)],
+        &[("", s.store.disk_entries as f64)],
     );
     metric(
         "lazysnap_cache_disk_budget_bytes",
         "gauge",
         "The disk cache's budget; 0 means none.",
-        &[("", s.disk_budget_bytes as f64)],
+        &[("", s.store.disk_budget_bytes as f64)],
     );
     metric(
         "lazysnap_cache_memory_bytes",
         "gauge",
         "Bytes of chunks in the memory tier.",
-        &[("", s.memory_used_bytes as f64)],
+        &[("", s.store.memory_used_bytes as f64)],
     );
     let fetches = layers.fetches();
     metric(

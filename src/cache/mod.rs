@@ -1,43 +1,55 @@
-//! The chunk cache: verified, decompressed chunk bytes kept on local disk and, for hot data, in
-//! memory, shared by every layer and image that contains the same chunk.
+//! Where verified chunk bytes live, behind one seam: the layer reader sees only
+//! [`ChunkStore`] — is a chunk ready, read a range of it, put a verified chunk, evict — so a
+//! second representation (decompressed files served by pread) can replace or sit beside the
+//! first without the reader changing.
 //!
-//! Entries are content-addressed by the sha256 of their bytes, so identical chunks of different
-//! layers are stored once, and every read from disk is checked against its key: a torn write
-//! (crash, full disk) or bit rot is detected, dropped and reported as a miss, never served. The
-//! cache knows only keys and bytes; which chunk a file offset needs is the layer reader's job.
+//! The implementation today, [`ChunkCache`], keeps decompressed chunk bytes on local disk and,
+//! for hot data, in memory, shared by every layer and image that contains the same chunk.
+//! Entries are addressed by the sha256 of their bytes ([`ChunkKey`]), so identical chunks of
+//! different layers are stored once, and every read from disk is checked against its key: a
+//! torn write (crash, full disk) or bit rot is detected, dropped and reported as a miss, never
+//! served. The store knows chunk specs and bytes; which chunk a file offset needs is the layer
+//! reader's job.
 
 mod disk;
 mod memory;
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 
 pub use disk::{DiskStore, Evicted};
 pub use memory::MemoryTier;
 
-/// A cache key: the lowercase hex sha256 of an entry's bytes.
+use crate::chunk::{ChunkDigest, ChunkSpec, VerifiedChunk};
+use crate::BoxFuture;
+
+/// Where a chunk file is on disk: the lowercase hex sha256 of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkKey(String);
 
 impl ChunkKey {
     /// Accepts `sha256:<hex>` or bare hex; anything else is not a content address.
     pub fn from_digest(digest: &str) -> Option<Self> {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        let valid = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        valid.then(|| ChunkKey(hex.to_owned()))
+        ChunkDigest::parse(digest).map(|d| ChunkKey::from(&d))
     }
 
-    /// The key of `bytes`, for callers that must verify before trusting.
+    /// The key of `bytes`, for checking what a file holds.
     pub fn of(bytes: &[u8]) -> Self {
-        ChunkKey(hex::encode(Sha256::digest(bytes)))
+        ChunkKey::from(&ChunkDigest::of(bytes))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<&ChunkDigest> for ChunkKey {
+    fn from(digest: &ChunkDigest) -> Self {
+        ChunkKey(digest.hex())
     }
 }
 
@@ -47,19 +59,23 @@ impl std::fmt::Display for ChunkKey {
     }
 }
 
-/// Errors of the cache. Reads never fail with these (a broken entry is a miss); writes report
+/// Errors of the store. Reads never fail with these (a broken entry is a miss); writes report
 /// them so the caller can log that the data will have to be fetched again.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("refusing to store chunk {key}: its bytes hash to {actual}")]
-    DigestMismatch { key: ChunkKey, actual: ChunkKey },
+    #[error("storing chunk {digest}: the storing task failed")]
+    Task {
+        digest: ChunkDigest,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// Hit and miss counters of the whole cache.
@@ -72,7 +88,46 @@ pub struct CacheCounters {
     pub corrupt: AtomicU64,
 }
 
-/// Memory in front of disk.
+/// The figures of a store, for `lazysnap cache stats` and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub corrupt: u64,
+    pub disk_used_bytes: u64,
+    pub disk_entries: u64,
+    /// 0 = no budget.
+    pub disk_budget_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_entries: u64,
+    pub evicted: Evicted,
+}
+
+/// Where verified chunk bytes live. Readiness is explicit: a chunk is ready once `put` has
+/// stored it, and `read` of a ready chunk needs no network; a store may still lose a ready
+/// chunk (eviction, damage found on read), which `read` reports as `None`.
+pub trait ChunkStore: Send + Sync {
+    /// Whether the chunk's bytes are here, without reading them.
+    fn is_ready(&self, chunk: &ChunkSpec) -> bool;
+    /// Bytes `range` (relative to the chunk's start) of a ready chunk; `None` if it is not.
+    fn read<'a>(&'a self, chunk: &'a ChunkSpec, range: Range<u64>) -> BoxFuture<'a, Option<Bytes>>;
+    /// Stores a chunk's verified bytes and makes it ready.
+    fn put<'a>(
+        &'a self,
+        chunk: &'a ChunkSpec,
+        bytes: VerifiedChunk,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
+    /// Drops these chunks.
+    fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted>;
+    /// Evicts least recently used data down to `target` bytes.
+    fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted>;
+    /// How many of `chunks` are here, and their bytes.
+    fn present(&self, chunks: &[ChunkSpec]) -> (u64, u64);
+    fn stats(&self) -> StoreStats;
+}
+
+/// Memory in front of disk, content-addressed.
 pub struct ChunkCache {
     memory: MemoryTier,
     disk: DiskStore,
@@ -127,20 +182,15 @@ impl ChunkCache {
 
     /// Stores verified bytes. The memory tier always takes them, so a failing disk (full, read
     /// only) degrades to fetching again later but never fails the read that brought them.
-    pub async fn put(&self, key: ChunkKey, bytes: Bytes) -> Result<(), CacheError> {
-        let actual = ChunkKey::of(&bytes);
-        if actual != key {
-            return Err(CacheError::DigestMismatch { key, actual });
-        }
+    pub async fn put_verified(&self, chunk: VerifiedChunk) -> Result<(), CacheError> {
+        let digest = *chunk.digest();
+        let key = ChunkKey::from(&digest);
+        let bytes = chunk.into_bytes();
         self.memory.insert(key.clone(), bytes.clone()).await;
         let disk = self.disk.clone();
         tokio::task::spawn_blocking(move || disk.put(&key, &bytes))
             .await
-            .map_err(|e| CacheError::Io {
-                action: "store chunk",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e),
-            })?
+            .map_err(|source| CacheError::Task { digest, source })?
     }
 
     pub fn counters(&self) -> &CacheCounters {
@@ -148,7 +198,7 @@ impl ChunkCache {
     }
 
     /// Drops `keys` from both tiers.
-    pub async fn evict(&self, keys: impl IntoIterator<Item = ChunkKey>) -> Evicted {
+    pub async fn evict_keys(&self, keys: impl IntoIterator<Item = ChunkKey>) -> Evicted {
         let mut total = Evicted::default();
         for key in keys {
             self.memory.remove(&key).await;
@@ -160,22 +210,83 @@ impl ChunkCache {
         total
     }
 
-    /// Evicts least recently used disk entries down to `target` bytes. The memory tier is
-    /// left alone: it has its own bound, and what it holds is by definition hot.
-    pub async fn prune_to(&self, target: u64) -> Evicted {
-        let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || disk.prune_to(target))
-            .await
-            .unwrap_or_default()
-    }
-
     /// (bytes, entries) in the memory tier.
     pub fn memory_usage(&self) -> (u64, u64) {
         self.memory.usage()
     }
+}
 
-    pub fn disk(&self) -> &DiskStore {
-        &self.disk
+impl ChunkStore for ChunkCache {
+    fn is_ready(&self, chunk: &ChunkSpec) -> bool {
+        self.contains(&ChunkKey::from(&chunk.digest))
+    }
+
+    fn read<'a>(&'a self, chunk: &'a ChunkSpec, range: Range<u64>) -> BoxFuture<'a, Option<Bytes>> {
+        Box::pin(async move {
+            let bytes = self.get(&ChunkKey::from(&chunk.digest)).await?;
+            let end = (range.end as usize).min(bytes.len());
+            let start = (range.start as usize).min(end);
+            Some(bytes.slice(start..end))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        _chunk: &'a ChunkSpec,
+        bytes: VerifiedChunk,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(self.put_verified(bytes))
+    }
+
+    fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted> {
+        let mut keys: Vec<ChunkKey> = chunks.iter().map(|c| ChunkKey::from(&c.digest)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Box::pin(self.evict_keys(keys))
+    }
+
+    /// The memory tier is left alone: it has its own bound, and what it holds is by
+    /// definition hot.
+    fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted> {
+        let disk = self.disk.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || disk.prune_to(target))
+                .await
+                .unwrap_or_default()
+        })
+    }
+
+    fn present(&self, chunks: &[ChunkSpec]) -> (u64, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut count, mut bytes) = (0, 0);
+        for chunk in chunks {
+            let key = ChunkKey::from(&chunk.digest);
+            if let Some(size) = self.disk.size_of(&key) {
+                if seen.insert(key) {
+                    count += 1;
+                    bytes += size;
+                }
+            }
+        }
+        (count, bytes)
+    }
+
+    fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        let (disk_used_bytes, disk_entries) = self.disk.usage();
+        let (memory_used_bytes, memory_entries) = self.memory.usage();
+        StoreStats {
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
+            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            disk_used_bytes,
+            disk_entries,
+            disk_budget_bytes: self.disk.budget(),
+            memory_used_bytes,
+            memory_entries,
+            evicted: self.disk.evicted(),
+        }
     }
 }
 
@@ -191,7 +302,9 @@ mod tests {
         {
             let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
             assert_eq!(cache.get(&key).await, None);
-            cache.put(key.clone(), data.clone()).await.expect("put");
+            let verified =
+                crate::chunk::verify(&ChunkDigest::of(&data), data.clone()).expect("verified");
+            cache.put_verified(verified).await.expect("put");
             assert_eq!(cache.get(&key).await, Some(data.clone()));
             assert_eq!(cache.counters().memory_hits.load(Ordering::Relaxed), 1);
         }
@@ -206,13 +319,12 @@ mod tests {
     async fn wrong_bytes_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
-        let key = ChunkKey::of(b"expected");
-        let err = cache
-            .put(key.clone(), Bytes::from_static(b"other"))
-            .await
-            .expect_err("mismatch");
-        assert!(matches!(err, CacheError::DigestMismatch { .. }));
-        assert_eq!(cache.get(&key).await, None);
+        // Only verified bytes can be stored: the type makes the check, once, before the store.
+        let expected = ChunkDigest::of(b"expected");
+        let err =
+            crate::chunk::verify(&expected, Bytes::from_static(b"other")).expect_err("mismatch");
+        assert_eq!(err.actual, ChunkDigest::of(b"other"));
+        assert_eq!(cache.get(&ChunkKey::from(&expected)).await, None);
     }
 
     #[test]

@@ -1,52 +1,147 @@
-//! Lazy layer formats: finding, reading and verifying the TOC of an eStargz (gzip) or
-//! zstd:chunked layer, and decompressing single chunks. Pure functions over bytes the caller
-//! fetched: no I/O, so every rule is testable with hand-made or recorded blobs.
+//! Lazy layer formats, behind one seam: a [`LayerFormat`] finds a layer's index (in the blob
+//! or elsewhere in the registry), verifies it, turns it into the inode table and chunk map
+//! (`metadata::LayerIndex`), and supplies the [`ChunkDecoder`] that turns a fetched compressed
+//! extent into a chunk's bytes. The reader, the FUSE adapter and the snapshotter see only this
+//! seam, so a new format is one more implementation added to [`Formats`].
 //!
-//! - eStargz: the blob ends with a 51-byte footer, an empty gzip member whose extra field holds
-//!   `SG`, the TOC offset in 16 hex digits and `STARGZ` (47 bytes and no `SG` in old layers).
-//!   The TOC is a gzip member holding a tar with one file, `stargz.index.json`.
-//! - zstd:chunked as `ctr-remote` writes it: a 40-byte footer in a zstd skippable frame —
-//!   little-endian manifest offset, compressed length, uncompressed length, type, then the
-//!   magic `GnUlInUx`. The manifest is one zstd frame of the same JSON.
-//!
-//! Every chunk is an independent gzip member or zstd frame starting at its `offset`; its bytes
-//! are the first `chunkSize` bytes of that stream (the stream may go on with tar padding and
-//! the next headers).
+//! Implementations: eStargz (gzip) and zstd:chunked, which share the JSON TOC (`stargz`,
+//! `toc`). A format does its I/O only through the [`BlobSource`] it is handed, so every rule
+//! is testable with recorded blobs.
 
-mod toc;
+mod stargz;
+pub mod toc;
 
-use std::io::Read;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
+use bytes::Bytes;
+
+use crate::chunk::ChunkSpec;
+use crate::metadata::{LayerIndex, MetadataError};
+
+pub use stargz::{
+    decompress_chunk, locate_toc, parse_toc, read_toc, Compression, Estargz, TocLocation,
+    ZstdChunked, MAX_FOOTER, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
+};
 pub use toc::{Toc, TocEntry};
 
-/// The largest footer of any supported format; fetch at least this much of the blob's tail.
-pub const MAX_FOOTER: u64 = 64;
-const ESTARGZ_FOOTER: usize = 51;
-const ESTARGZ_LEGACY_FOOTER: usize = 47;
-const ZSTD_CHUNKED_FOOTER: usize = 40;
-const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
-/// The name of the TOC inside an eStargz layer's tar.
-pub const TOC_TAR_NAME: &str = "stargz.index.json";
-/// A TOC is metadata; anything near this size is hostile, not a layer.
-const MAX_TOC_BYTES: u64 = 256 << 20;
+/// A boxed future, as the seam's traits return them (they are used as trait objects).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// How the chunks of a layer are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    Gzip,
-    Zstd,
+/// A source error of any kind, shared by every waiter on the same fetch.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// A ranged read of a layer blob that failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("reading blob range {}..{}", range.start, range.end)]
+pub struct BlobError {
+    pub range: Range<u64>,
+    #[source]
+    pub source: SharedError,
 }
 
-/// Where a layer's TOC is and how to read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TocLocation {
-    pub compression: Compression,
-    /// Blob offset of the compressed TOC.
-    pub offset: u64,
-    /// Compressed length of the TOC.
-    pub len: u64,
+/// Ranged reads of one layer blob; implemented over the registry client, and by fixtures in
+/// tests.
+pub trait BlobSource: Send + Sync {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, BlobError>>;
+}
+
+/// What is known of a layer before its format is: its digest and the annotations the image's
+/// manifest gave it (containerd passes them as snapshot labels).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerHints<'a> {
+    pub digest: &'a str,
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+/// What the resolver fetched once for every format to look at: the blob's size and its last
+/// bytes (at least [`MAX_FOOTER`] of them, fewer only for a smaller blob).
+pub struct Probe<'a> {
+    pub hints: LayerHints<'a>,
+    pub blob_size: u64,
+    pub tail: Bytes,
+    pub blob: &'a dyn BlobSource,
+}
+
+/// A layer's index, found and verified: what is saved so the layer can be opened again
+/// (after a restart) without the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The format's own parameters (where the index was, what it must hash to), opaque to
+    /// everyone else.
+    pub params: serde_json::Value,
+    /// The verified index document.
+    pub index: Vec<u8>,
+}
+
+/// An opened layer: its index and the decoder for its chunks.
+pub struct Opened {
+    pub index: LayerIndex,
+    pub decoder: Arc<dyn ChunkDecoder>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("inodes", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns one chunk's fetched compressed extent (`chunk.blob_range`) into its uncompressed
+/// bytes. CPU-bound: callers run it off the async workers. Verification against
+/// `chunk.digest` is the caller's, done once for every format.
+pub trait ChunkDecoder: Send + Sync {
+    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError>;
+}
+
+/// One lazy layer format.
+pub trait LayerFormat: Send + Sync {
+    /// The name saved with a layer's state (so it must never change) and shown in logs.
+    fn name(&self) -> &'static str;
+    /// Whether a layer with these hints could be of this format, before any I/O: `Err` says
+    /// why not (e.g. no annotation pins its index, so it could not be verified).
+    fn accepts(&self, hints: &LayerHints<'_>) -> Result<(), String>;
+    /// Finds and verifies the layer's index. `Ok(None)`: the layer is not of this format.
+    fn resolve<'a>(
+        &'a self,
+        probe: &'a Probe<'a>,
+    ) -> BoxFuture<'a, Result<Option<Resolved>, FormatError>>;
+    /// Opens a layer from what `resolve` returned (now or before a restart), checking the
+    /// saved index again: a damaged file must not become a wrong layer. CPU-bound.
+    fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError>;
+}
+
+/// The formats the daemon knows, in the order they are tried.
+#[derive(Clone)]
+pub struct Formats(Vec<Arc<dyn LayerFormat>>);
+
+impl Formats {
+    pub fn new(formats: Vec<Arc<dyn LayerFormat>>) -> Self {
+        Formats(formats)
+    }
+
+    /// The built-in formats: eStargz and zstd:chunked.
+    pub fn builtin() -> Self {
+        Formats(vec![Arc::new(ZstdChunked), Arc::new(Estargz)])
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<dyn LayerFormat>> {
+        self.0.iter().find(|f| f.name() == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn LayerFormat>> {
+        self.0.iter()
+    }
+}
+
+impl Default for Formats {
+    fn default() -> Self {
+        Self::builtin()
+    }
 }
 
 /// Why a blob is not a usable lazy layer. Messages name the entry or the offset involved.
@@ -60,178 +155,24 @@ pub enum FormatError {
         len: u64,
         blob_size: u64,
     },
-    #[error("decompressing the TOC: {0}")]
-    TocDecompress(String),
+    #[error("decompressing the TOC")]
+    TocDecompress(#[source] std::io::Error),
     #[error("the TOC tar has no {TOC_TAR_NAME}")]
     TocMissing,
     #[error("TOC digest is {actual}, but the image says {expected}")]
     TocDigestMismatch { expected: String, actual: String },
-    #[error("TOC is not valid JSON: {0}")]
+    #[error("TOC is not valid JSON")]
     TocJson(#[from] serde_json::Error),
-    #[error("decompressing chunk: {0}")]
-    Chunk(String),
+    #[error("saved format parameters are not valid")]
+    Params(#[source] serde_json::Error),
+    #[error("fetching the layer's index")]
+    Fetch(#[from] BlobError),
+    #[error("the layer's index")]
+    Index(#[from] MetadataError),
+    #[error("decompressing chunk")]
+    ChunkDecompress(#[source] std::io::Error),
+    #[error("chunk stream ended after {got} of {want} bytes")]
+    ChunkShort { got: u64, want: u64 },
+    #[error("chunk of {len} bytes at inner offset {inner_offset} does not fit in memory")]
+    ChunkTooLarge { inner_offset: u64, len: u64 },
 }
-
-/// Finds the TOC from the blob's last bytes (`tail`, at least `MAX_FOOTER` of them unless the
-/// blob is shorter).
-pub fn locate_toc(tail: &[u8], blob_size: u64) -> Result<TocLocation, FormatError> {
-    let location = zstd_chunked_footer(tail)
-        .or_else(|| estargz_footer(tail, ESTARGZ_FOOTER, true, blob_size))
-        .or_else(|| estargz_footer(tail, ESTARGZ_LEGACY_FOOTER, false, blob_size))
-        .ok_or(FormatError::NoFooter(tail.len()))?;
-    if location
-        .offset
-        .checked_add(location.len)
-        .is_none_or(|end| end > blob_size)
-        || location.len > MAX_TOC_BYTES
-    {
-        return Err(FormatError::TocOutOfBounds {
-            offset: location.offset,
-            len: location.len,
-            blob_size,
-        });
-    }
-    Ok(location)
-}
-
-fn estargz_footer(tail: &[u8], size: usize, with_sg: bool, blob_size: u64) -> Option<TocLocation> {
-    let footer = tail.get(tail.len().checked_sub(size)?..)?;
-    // gzip magic, deflate, FEXTRA flag
-    if footer[..3] != [0x1f, 0x8b, 0x08] || footer[3] & 0x04 == 0 {
-        return None;
-    }
-    let xlen = u16::from_le_bytes([footer[10], footer[11]]) as usize;
-    let extra = footer.get(12..12 + xlen)?;
-    let payload = if with_sg {
-        if xlen != 26 || &extra[..2] != b"SG" || u16::from_le_bytes([extra[2], extra[3]]) != 22 {
-            return None;
-        }
-        &extra[4..]
-    } else {
-        if xlen != 22 {
-            return None;
-        }
-        extra
-    };
-    if &payload[16..] != b"STARGZ" {
-        return None;
-    }
-    let offset = u64::from_str_radix(std::str::from_utf8(&payload[..16]).ok()?, 16).ok()?;
-    let toc_end = blob_size.checked_sub(size as u64)?;
-    Some(TocLocation {
-        compression: Compression::Gzip,
-        offset,
-        len: toc_end.checked_sub(offset)?,
-    })
-}
-
-fn zstd_chunked_footer(tail: &[u8]) -> Option<TocLocation> {
-    let footer = tail.get(tail.len().checked_sub(ZSTD_CHUNKED_FOOTER)?..)?;
-    if &footer[32..] != ZSTD_CHUNKED_MAGIC {
-        return None;
-    }
-    let word =
-        |i: usize| u64::from_le_bytes(footer[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-    Some(TocLocation {
-        compression: Compression::Zstd,
-        offset: word(0),
-        len: word(1),
-    })
-}
-
-/// Decompresses a fetched TOC and returns the JSON bytes, checked against `expected_digest`
-/// (`sha256:<hex>` of the JSON) when the image pins one.
-pub fn read_toc(
-    location: &TocLocation,
-    compressed: &[u8],
-    expected_digest: Option<&str>,
-) -> Result<Vec<u8>, FormatError> {
-    let json = match location.compression {
-        Compression::Gzip => {
-            let mut tar_bytes = Vec::new();
-            flate2::read::GzDecoder::new(compressed)
-                .take(MAX_TOC_BYTES)
-                .read_to_end(&mut tar_bytes)
-                .map_err(|e| FormatError::TocDecompress(e.to_string()))?;
-            toc_from_tar(&tar_bytes)?
-        }
-        Compression::Zstd => {
-            let mut json = Vec::new();
-            zstd::stream::read::Decoder::new(compressed)
-                .map_err(|e| FormatError::TocDecompress(e.to_string()))?
-                .take(MAX_TOC_BYTES)
-                .read_to_end(&mut json)
-                .map_err(|e| FormatError::TocDecompress(e.to_string()))?;
-            json
-        }
-    };
-    if let Some(expected) = expected_digest {
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
-        if actual != expected {
-            return Err(FormatError::TocDigestMismatch {
-                expected: expected.to_owned(),
-                actual,
-            });
-        }
-    }
-    Ok(json)
-}
-
-fn toc_from_tar(tar_bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let mut archive = tar::Archive::new(tar_bytes);
-    let entries = archive
-        .entries()
-        .map_err(|e| FormatError::TocDecompress(e.to_string()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| FormatError::TocDecompress(e.to_string()))?;
-        let is_toc = entry
-            .path()
-            .map(|p| p.as_os_str() == TOC_TAR_NAME)
-            .unwrap_or(false);
-        if is_toc {
-            let mut json = Vec::new();
-            entry
-                .read_to_end(&mut json)
-                .map_err(|e| FormatError::TocDecompress(e.to_string()))?;
-            return Ok(json);
-        }
-    }
-    Err(FormatError::TocMissing)
-}
-
-/// Parses TOC JSON.
-pub fn parse_toc(json: &[u8]) -> Result<Toc, FormatError> {
-    Ok(serde_json::from_slice(json)?)
-}
-
-/// The uncompressed bytes of one chunk: `len` bytes from `inner_offset` of the stream that
-/// starts at the beginning of `compressed`.
-pub fn decompress_chunk(
-    compression: Compression,
-    compressed: &[u8],
-    inner_offset: u64,
-    len: u64,
-) -> Result<Vec<u8>, FormatError> {
-    let want = inner_offset + len;
-    let mut out = Vec::with_capacity(want as usize);
-    let result = match compression {
-        // GzDecoder stops at the end of the first member, which is exactly the chunk's stream.
-        Compression::Gzip => flate2::read::GzDecoder::new(compressed)
-            .take(want)
-            .read_to_end(&mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(compressed)
-            .map(|d| d.single_frame())
-            .and_then(|d| d.take(want).read_to_end(&mut out)),
-    };
-    result.map_err(|e| FormatError::Chunk(e.to_string()))?;
-    if (out.len() as u64) < want {
-        return Err(FormatError::Chunk(format!(
-            "stream ended after {} of {want} bytes",
-            out.len()
-        )));
-    }
-    Ok(out.split_off(inner_offset as usize))
-}
-
-#[cfg(test)]
-mod tests;

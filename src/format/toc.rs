@@ -1,10 +1,18 @@
 //! The table of contents shared by eStargz and zstd:chunked: one JSON document listing every
 //! tar entry with its attributes and, for file contents, where each chunk sits in the blob.
-//! Field names follow stargz-snapshotter's `estargz.TOCEntry`.
+//! Field names follow stargz-snapshotter's `estargz.TOCEntry`. [`build_index`] turns it into
+//! the layer index.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
+use base64::Engine as _;
 use serde::Deserialize;
+
+use crate::chunk::{ChunkDigest, ChunkId, ChunkSpec};
+use crate::metadata::{
+    components, err, Entry, EntryKind, IndexBuilder, Landmark, LayerIndex, MetadataError,
+};
 
 /// The TOC document.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,3 +50,154 @@ pub struct TocEntry {
     /// Where this chunk starts inside its decompressed stream (newer zstd:chunked).
     pub inner_offset: u64,
 }
+
+/// Files the formats add to a layer that are not part of the image's contents.
+const HIDDEN: &[&str] = &[
+    super::TOC_TAR_NAME,
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
+
+/// Builds the layer index from a TOC whose own bytes start at `toc_offset` in the blob (the
+/// end of the last chunk's compressed stream). Checks what only the TOC can get wrong — chunk
+/// offsets outside the blob, missing chunk digests, chunk entries that follow no file, bad
+/// times and xattrs — and leaves the tree rules to `metadata`.
+pub fn build_index(toc: &Toc, toc_offset: u64) -> Result<LayerIndex, MetadataError> {
+    // Each chunk's compressed stream ends where the next one (or the TOC) starts.
+    let mut offsets: Vec<u64> = toc
+        .entries
+        .iter()
+        .filter(|e| e.kind == "chunk" || (e.kind == "reg" && e.size > 0))
+        .map(|e| e.offset)
+        .collect();
+    offsets.push(toc_offset);
+    offsets.sort_unstable();
+    offsets.dedup();
+    let stream_end = |e: &TocEntry| -> Result<u64, MetadataError> {
+        let at = offsets.partition_point(|o| *o <= e.offset);
+        offsets
+            .get(at)
+            .copied()
+            .filter(|end| *end <= toc_offset)
+            .ok_or_else(|| {
+                err(
+                    &e.name,
+                    format!("chunk offset {} outside the blob", e.offset),
+                )
+            })
+    };
+    let chunk = |e: &TocEntry, file_size: u64| -> Result<ChunkSpec, MetadataError> {
+        let len = if e.chunk_size > 0 {
+            e.chunk_size
+        } else {
+            file_size
+                .checked_sub(e.chunk_offset)
+                .ok_or_else(|| err(&e.name, "chunk offset past the end of the file"))?
+        };
+        let digest = ChunkDigest::parse(&e.chunk_digest).ok_or_else(|| {
+            err(
+                &e.name,
+                format!("chunk without a sha256 chunkDigest ({:?})", e.chunk_digest),
+            )
+        })?;
+        Ok(ChunkSpec {
+            id: ChunkId(0),
+            file_offset: e.chunk_offset,
+            len,
+            blob_range: e.offset..stream_end(e)?,
+            inner_offset: e.inner_offset,
+            digest,
+        })
+    };
+    let mut builder = IndexBuilder::new();
+    // A regular file waits here for the `chunk` entries that follow it.
+    let mut pending: Option<Entry> = None;
+    for e in &toc.entries {
+        if e.kind == "chunk" {
+            let file = pending
+                .as_mut()
+                .ok_or_else(|| err(&e.name, "chunk without a preceding file"))?;
+            if file.name != e.name {
+                return Err(err(
+                    &e.name,
+                    format!("chunk follows a different file, {:?}", file.name),
+                ));
+            }
+            let size = file.size;
+            file.chunks.push(chunk(e, size)?);
+            continue;
+        }
+        if let Some(file) = pending.take() {
+            builder.add(file)?;
+        }
+        let parts = components(&e.name).map_err(|r| err(&e.name, r))?;
+        if let [base] = parts.as_slice() {
+            if HIDDEN.contains(base) {
+                match *base {
+                    ".prefetch.landmark" => {
+                        builder.set_landmark(Landmark::PrefetchBefore(e.offset))
+                    }
+                    ".no.prefetch.landmark" => builder.set_landmark(Landmark::NoPrefetch),
+                    _ => {}
+                }
+                continue;
+            }
+        }
+        let kind = match e.kind.as_str() {
+            "dir" => EntryKind::Dir,
+            "reg" => EntryKind::File,
+            "symlink" => EntryKind::Symlink {
+                target: e.link_name.clone(),
+            },
+            "hardlink" => EntryKind::HardLink {
+                target: e.link_name.clone(),
+            },
+            "char" => EntryKind::CharDevice {
+                major: e.dev_major,
+                minor: e.dev_minor,
+            },
+            "block" => EntryKind::BlockDevice {
+                major: e.dev_major,
+                minor: e.dev_minor,
+            },
+            "fifo" => EntryKind::Fifo,
+            other => return Err(err(&e.name, format!("unknown entry type {other:?}"))),
+        };
+        let mut entry = Entry::new(e.name.clone(), kind);
+        entry.mode = e.mode;
+        entry.uid = e.uid;
+        entry.gid = e.gid;
+        entry.mtime = parse_time(e)?;
+        for (name, value) in &e.xattrs {
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .map_err(|_| err(&e.name, format!("xattr {name:?} is not base64")))?;
+            entry.xattrs.push((name.clone(), value));
+        }
+        if entry.kind == EntryKind::File {
+            entry.size = e.size;
+            if e.size > 0 {
+                entry.chunks.push(chunk(e, e.size)?);
+            }
+            pending = Some(entry);
+        } else {
+            builder.add(entry)?;
+        }
+    }
+    if let Some(file) = pending.take() {
+        builder.add(file)?;
+    }
+    Ok(builder.finish())
+}
+
+fn parse_time(e: &TocEntry) -> Result<SystemTime, MetadataError> {
+    match &e.modtime {
+        None => Ok(SystemTime::UNIX_EPOCH),
+        Some(t) => humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
+            .map_err(|_| err(&e.name, format!("bad modtime {t:?}"))),
+    }
+}
+
+#[cfg(test)]
+#[path = "toc_tests.rs"]
+mod tests;

@@ -1,27 +1,27 @@
 //! lazysnap's own control API (`lazysnap.v1.Control`, `proto/lazysnap/v1/control.proto`) over
 //! the lazy-layer machinery: cache figures and management, read traces, mounts. Protobuf
-//! types stop here; the answers come from `crate::mount::LazyLayers` in domain types.
+//! types stop here; the answers come from a `crate::report::LazyNode` in domain types.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::proto::control::{self as pb, control_server::Control};
-use crate::mount::LazyLayers;
+use crate::layer::LayerError;
 use crate::prefetch::{Trace, TraceError};
-use crate::snapshot::RemoteError;
+use crate::report::LazyNode;
 
 pub struct ControlService {
     /// None when `[fuse] lazy_pull` is off: there is no cache or trace to show.
-    layers: Option<Arc<LazyLayers>>,
+    layers: Option<Arc<dyn LazyNode>>,
 }
 
 impl ControlService {
-    pub fn new(layers: Option<Arc<LazyLayers>>) -> Self {
+    pub fn new(layers: Option<Arc<dyn LazyNode>>) -> Self {
         ControlService { layers }
     }
 
-    fn layers(&self) -> Result<Arc<LazyLayers>, Status> {
+    fn layers(&self) -> Result<Arc<dyn LazyNode>, Status> {
         self.layers.clone().ok_or_else(|| {
             Status::failed_precondition(
                 "lazy pulling is off ([fuse] lazy_pull = false): there is no chunk cache or trace",
@@ -38,10 +38,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn trace_status(e: TraceError) -> Status {
+    let message = crate::error_chain(&e);
     match e {
-        TraceError::NotFound { .. } => Status::not_found(e.to_string()),
-        TraceError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        TraceError::Io { .. } => Status::internal(e.to_string()),
+        TraceError::NotFound { .. } => Status::not_found(message),
+        TraceError::Invalid { .. } => Status::invalid_argument(message),
+        TraceError::Io { .. } => Status::internal(message),
     }
 }
 
@@ -73,14 +74,14 @@ impl Control for ControlService {
     ) -> Result<Response<pb::CacheStatsResponse>, Status> {
         let s = self.layers()?.stats();
         Ok(Response::new(pb::CacheStatsResponse {
-            disk_used_bytes: s.disk_used_bytes,
-            disk_budget_bytes: s.disk_budget_bytes,
-            disk_entries: s.disk_entries,
-            memory_used_bytes: s.memory_used_bytes,
-            memory_entries: s.memory_entries,
-            memory_hits: s.memory_hits,
-            disk_hits: s.disk_hits,
-            misses: s.misses,
+            disk_used_bytes: s.store.disk_used_bytes,
+            disk_budget_bytes: s.store.disk_budget_bytes,
+            disk_entries: s.store.disk_entries,
+            memory_used_bytes: s.store.memory_used_bytes,
+            memory_entries: s.store.memory_entries,
+            memory_hits: s.store.memory_hits,
+            disk_hits: s.store.disk_hits,
+            misses: s.store.misses,
             hit_ratio: s.hit_ratio(),
             fetched_bytes: s.totals.fetched_bytes,
             fetches: s.totals.fetches,
@@ -92,9 +93,9 @@ impl Control for ControlService {
                 .prefetch_bytes
                 .saturating_sub(s.totals.prefetch_used_bytes),
             demand_network_reads: s.totals.demand_network_reads,
-            evicted_entries: s.evicted.entries,
-            evicted_bytes: s.evicted.bytes,
-            corrupt_entries: s.corrupt,
+            evicted_entries: s.store.evicted.entries,
+            evicted_bytes: s.store.evicted.bytes,
+            corrupt_entries: s.store.corrupt,
         }))
     }
 
@@ -131,10 +132,13 @@ impl Control for ControlService {
         let layers = self.layers()?;
         let digest = request.into_inner().digest;
         require_digest(&digest)?;
-        let evicted = layers.evict_layer(&digest).await.map_err(|e| match e {
-            RemoteError::NotLazy(m) => Status::not_found(m),
-            RemoteError::Failed(m) => Status::internal(m),
-        })?;
+        let evicted = layers
+            .evict_layer(digest.clone())
+            .await
+            .map_err(|e| match e {
+                LayerError::Unknown { .. } => Status::not_found(e.to_string()),
+                e => Status::internal(crate::error_chain(&e)),
+            })?;
         tracing::info!(layer = %digest, entries = evicted.entries, bytes = evicted.bytes, "evicted layer from the cache on request");
         Ok(Response::new(pb::CacheEvictResponse {
             evicted_entries: evicted.entries,
@@ -147,13 +151,10 @@ impl Control for ControlService {
         request: Request<pb::CachePruneRequest>,
     ) -> Result<Response<pb::CachePruneResponse>, Status> {
         let layers = self.layers()?;
-        let target = request
-            .into_inner()
-            .target_bytes
-            .unwrap_or_else(|| layers.cache().disk().budget());
-        let evicted = layers.cache().prune_to(target).await;
+        let target = request.into_inner().target_bytes;
+        let (evicted, disk_used_bytes) = layers.prune(target).await;
         tracing::info!(
-            target,
+            target = ?target,
             entries = evicted.entries,
             bytes = evicted.bytes,
             "pruned the cache on request"
@@ -161,7 +162,7 @@ impl Control for ControlService {
         Ok(Response::new(pb::CachePruneResponse {
             evicted_entries: evicted.entries,
             evicted_bytes: evicted.bytes,
-            disk_used_bytes: layers.cache().disk().usage().0,
+            disk_used_bytes,
         }))
     }
 

@@ -8,7 +8,8 @@ use crate::snapshot::SnapshotError;
 
 impl From<SnapshotError> for Status {
     fn from(e: SnapshotError) -> Self {
-        let message = e.to_string();
+        // Status carries no source chain: the whole chain goes into the message.
+        let message = crate::error_chain(&e);
         match e {
             SnapshotError::NotFound { .. } | SnapshotError::ParentNotFound { .. } => {
                 Status::not_found(message)

@@ -1,13 +1,41 @@
-//! Lazy layers: resolving a layer blob in the registry, reading its footer and TOC, verifying
-//! the TOC, and reading file contents chunk by chunk through the cache.
+//! Lazy layers: resolving a layer blob in the registry through its format (`resolve`), keeping
+//! what was resolved so a restarted daemon opens the layer without the registry (`state`), and
+//! reading file contents chunk by chunk through the store (`reader`).
 //!
-//! Knows the registry, the cache, the formats and the metadata index; knows nothing of FUSE or
-//! containerd (`crate::mount` wires a layer to a FUSE mount for the snapshotter).
+//! Knows the registry, the formats, the store and the metadata index; knows nothing of FUSE
+//! or containerd (`crate::mount` wires a layer to a FUSE mount for the snapshotter).
 
+mod blob;
+mod error;
 mod fetches;
 mod reader;
+mod resolve;
 mod source;
+mod state;
 
+pub use blob::RegistryBlob;
+pub use error::LayerError;
 pub use fetches::{Fetches, Histogram, Priority};
-pub use reader::{unix_ms, BlobSource, ChunkSpec, LayerCounters, LayerReader, ReadError};
+pub use reader::{unix_ms, LayerCounters, LayerReader, ReadError};
+pub use resolve::Resolver;
 pub use source::LayerSource;
+pub use state::{LayerState, SavedState, StateDir};
+
+use crate::format::{Formats, Opened};
+
+/// Opens a resolved layer: its index and chunk decoder, from the state saved for it. CPU-bound
+/// (the whole index is parsed and built): call it off the async workers.
+pub fn open(formats: &Formats, state: &LayerState) -> Result<Opened, LayerError> {
+    let format = formats
+        .by_name(&state.format)
+        .ok_or_else(|| LayerError::UnknownFormat {
+            layer: state.source.digest.clone(),
+            format: state.format.clone(),
+        })?;
+    format
+        .open(&state.resolved)
+        .map_err(|source| LayerError::Format {
+            layer: state.source.digest.clone(),
+            source,
+        })
+}

@@ -7,9 +7,7 @@
 //! cached; a registry that lies produces an error, never wrong bytes.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,50 +16,35 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
-use crate::cache::{ChunkCache, ChunkKey};
-use crate::format::Compression;
+use crate::cache::ChunkStore;
+use crate::chunk::{self, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, VerifiedChunk};
+use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
 
-/// One chunk of a regular file, as the layer index describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkSpec {
-    /// Where the chunk's bytes start in the file.
-    pub file_offset: u64,
-    /// Uncompressed length.
-    pub len: u64,
-    /// The compressed extent in the blob holding the chunk (one gzip member or zstd frame).
-    pub blob_range: Range<u64>,
-    /// Where the chunk starts inside the decompressed extent (non-zero only when several
-    /// chunks share one zstd frame).
-    pub inner_offset: u64,
-    /// The sha256 of the uncompressed chunk, which is also its cache key.
-    pub key: ChunkKey,
-}
-
-/// Ranged reads of one layer blob; implemented over the registry client.
-pub trait BlobSource: Send + Sync {
-    fn read_range(
-        &self,
-        range: Range<u64>,
-    ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + '_>>;
-}
-
-/// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the log.
+/// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
+/// log. Clone, because every reader waiting on one fetch gets its outcome.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReadError {
-    #[error("fetch of blob range {start}..{end} failed: {reason}")]
-    Fetch {
-        start: u64,
-        end: u64,
-        reason: String,
-    },
-    #[error("chunk {key} at blob offset {offset}: {reason}")]
-    Corrupt {
-        key: ChunkKey,
+    #[error("fetching chunks from the registry")]
+    Fetch(#[from] BlobError),
+    #[error("the registry sent {got} bytes for blob range {}..{}", range.start, range.end)]
+    ShortBody { range: Range<u64>, got: u64 },
+    #[error("chunk {digest} at blob offset {offset} does not decompress")]
+    Decode {
+        digest: ChunkDigest,
         offset: u64,
-        reason: String,
+        #[source]
+        source: Arc<FormatError>,
     },
-    #[error("fetch of chunk {key} was abandoned by the reader that started it")]
-    Abandoned { key: ChunkKey },
+    #[error("chunk at blob offset {offset} is corrupt")]
+    Corrupt {
+        offset: u64,
+        #[source]
+        source: DigestMismatch,
+    },
+    #[error("fetch of chunk {digest} was abandoned by the reader that started it")]
+    Abandoned { digest: ChunkDigest },
+    #[error("decoding fetched chunks")]
+    Task(#[source] Arc<tokio::task::JoinError>),
 }
 
 /// Counters of one layer, for logs now and the CLI and metrics later.
@@ -105,14 +88,14 @@ const RUNS_IN_FLIGHT: usize = 4;
 /// The reader of one mounted layer.
 pub struct LayerReader {
     blob: Arc<dyn BlobSource>,
-    compression: Compression,
-    cache: Arc<ChunkCache>,
-    inflight: Mutex<HashMap<ChunkKey, watch::Receiver<Shared>>>,
+    decoder: Arc<dyn ChunkDecoder>,
+    store: Arc<dyn ChunkStore>,
+    inflight: Mutex<HashMap<ChunkId, watch::Receiver<Shared>>>,
     counters: Arc<LayerCounters>,
     fetches: Arc<Fetches>,
     /// Chunks prefetched and not read by a container yet, for the used/wasted figures; the
     /// flag spares the read path the lock while nothing was prefetched.
-    prefetched: Mutex<HashSet<ChunkKey>>,
+    prefetched: Mutex<HashSet<ChunkId>>,
     any_prefetched: AtomicBool,
     /// Largest merged request; bounds memory per read and keeps one slow request from holding
     /// many chunks hostage.
@@ -126,14 +109,14 @@ pub struct LayerReader {
 impl LayerReader {
     pub fn new(
         blob: Arc<dyn BlobSource>,
-        compression: Compression,
-        cache: Arc<ChunkCache>,
+        decoder: Arc<dyn ChunkDecoder>,
+        store: Arc<dyn ChunkStore>,
         fetches: Arc<Fetches>,
     ) -> Self {
         LayerReader {
             blob,
-            compression,
-            cache,
+            decoder,
+            store,
             inflight: Mutex::default(),
             counters: Arc::default(),
             fetches,
@@ -164,19 +147,19 @@ impl LayerReader {
             return Vec::new();
         }
         let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        let mut taken: HashSet<&ChunkKey> = wanted.iter().map(|c| &c.key).collect();
+        let mut taken: HashSet<ChunkId> = wanted.iter().map(|c| c.id).collect();
         let mut extra = Vec::new();
         for &i in missing {
             let start = wanted[i].blob_range.start;
             let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
             while let Some(next) = self.layout.get(at) {
                 if next.blob_range.end.saturating_sub(start) > self.amplify
-                    || inflight.contains_key(&next.key)
-                    || self.cache.contains(&next.key)
+                    || inflight.contains_key(&next.id)
+                    || self.store.is_ready(next)
                 {
                     break;
                 }
-                if taken.insert(&next.key) {
+                if taken.insert(next.id) {
                     extra.push(next);
                 }
                 at += 1;
@@ -190,36 +173,67 @@ impl LayerReader {
     }
 
     /// Returns bytes `range` of a file whose chunks (in file order) are `chunks`; shorter at
-    /// the end of the file.
+    /// the end of the file. Ready chunks are read from the store (just the part wanted); the
+    /// rest are fetched, verified and stored first.
     pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
         let wanted: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
             .collect();
-        let data = self.load(&wanted, Priority::Demand).await?;
+        let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(wanted.len());
+        for chunk in &wanted {
+            let part = self.store.read(chunk, chunk.part_of(&range)).await;
+            if part.is_some() {
+                self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            parts.push(part);
+        }
+        let missing: Vec<&ChunkSpec> = wanted
+            .iter()
+            .zip(&parts)
+            .filter(|(_, p)| p.is_none())
+            .map(|(c, _)| *c)
+            .collect();
+        if !missing.is_empty() {
+            let fetched = self.load(&missing, Priority::Demand).await?;
+            let mut fetched = fetched.into_iter();
+            for (slot, chunk) in parts.iter_mut().zip(&wanted) {
+                if slot.is_none() {
+                    let whole = fetched.next().ok_or(ReadError::Abandoned {
+                        digest: chunk.digest,
+                    })?;
+                    let part = chunk.part_of(&range);
+                    let end = (part.end as usize).min(whole.len());
+                    *slot = Some(whole.slice((part.start as usize).min(end)..end));
+                }
+            }
+        }
         self.note_prefetch_use(&wanted);
         self.counters
             .last_access_ms
             .store(unix_ms(), Ordering::Relaxed);
-        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
-        for (chunk, bytes) in wanted.iter().zip(data) {
-            let from = range.start.saturating_sub(chunk.file_offset) as usize;
-            let to = (range.end.min(chunk.file_offset + chunk.len) - chunk.file_offset) as usize;
-            out.extend_from_slice(&bytes[from.min(bytes.len())..to.min(bytes.len())]);
-        }
+        let len: usize = parts.iter().flatten().map(Bytes::len).sum();
+        let out = match parts.as_slice() {
+            // One chunk: hand its bytes on without a copy.
+            [Some(only)] => only.clone(),
+            _ => {
+                let mut out = BytesMut::with_capacity(len);
+                for part in parts.iter().flatten() {
+                    out.extend_from_slice(part);
+                }
+                out.freeze()
+            }
+        };
         self.counters
             .served_bytes
             .fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out.freeze())
+        Ok(out)
     }
 
     /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
     /// readahead, background fetch). Returns the uncompressed bytes it had to fetch.
     pub async fn warm(&self, chunks: &[ChunkSpec], priority: Priority) -> Result<u64, ReadError> {
-        let missing: Vec<&ChunkSpec> = chunks
-            .iter()
-            .filter(|c| !self.cache.contains(&c.key))
-            .collect();
+        let missing: Vec<&ChunkSpec> = chunks.iter().filter(|c| !self.store.is_ready(c)).collect();
         if missing.is_empty() {
             return Ok(0);
         }
@@ -233,9 +247,9 @@ impl LayerReader {
             .saturating_sub(before))
     }
 
-    /// Whether every chunk is in the cache (memory or disk), without reading any.
+    /// Whether every chunk is ready in the store, without reading any.
     pub fn is_cached(&self, chunks: &[ChunkSpec]) -> bool {
-        chunks.iter().all(|c| self.cache.contains(&c.key))
+        chunks.iter().all(|c| self.store.is_ready(c))
     }
 
     fn note_prefetch_use(&self, chunks: &[&ChunkSpec]) {
@@ -244,7 +258,7 @@ impl LayerReader {
         }
         let mut prefetched = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
         for chunk in chunks {
-            if prefetched.remove(&chunk.key) {
+            if prefetched.remove(&chunk.id) {
                 self.counters
                     .prefetch_used_bytes
                     .fetch_add(chunk.len, Ordering::Relaxed);
@@ -252,23 +266,19 @@ impl LayerReader {
         }
     }
 
+    /// The whole bytes of `chunks`, none of which was ready when the caller looked: fetched
+    /// here, or by the reader already fetching them.
     async fn load(
         &self,
         chunks: &[&ChunkSpec],
         priority: Priority,
     ) -> Result<Vec<Bytes>, ReadError> {
         let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
-        for (slot, chunk) in out.iter_mut().zip(chunks) {
-            if let Some(bytes) = self.cache.get(&chunk.key).await {
-                self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
-                *slot = Some(bytes);
-            }
-        }
         let wanted = chunks.len();
         let mut _demand = None;
         let mut with_neighbours;
         let mut chunks = chunks;
-        if priority == Priority::Demand && out.iter().any(Option::is_none) {
+        if priority == Priority::Demand && !chunks.is_empty() {
             self.counters
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
@@ -316,8 +326,8 @@ impl LayerReader {
         out.into_iter()
             .zip(chunks)
             .map(|(bytes, chunk)| {
-                bytes.ok_or_else(|| ReadError::Abandoned {
-                    key: chunk.key.clone(),
+                bytes.ok_or(ReadError::Abandoned {
+                    digest: chunk.digest,
                 })
             })
             .collect()
@@ -337,12 +347,12 @@ impl LayerReader {
         };
         let mut theirs = Vec::new();
         for &i in missing {
-            let key = &chunks[i].key;
-            match inflight.get(key) {
+            let id = chunks[i].id;
+            match inflight.get(&id) {
                 Some(rx) => theirs.push((i, rx.clone())),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    inflight.insert(key.clone(), rx);
+                    inflight.insert(id, rx);
                     claim.senders.push((i, tx));
                 }
             }
@@ -357,11 +367,17 @@ impl LayerReader {
         out: &mut [Option<Bytes>],
         first_speculative: usize,
     ) -> Result<(), ReadError> {
-        // A chunk fetched by another reader between our cache lookup and the claim is in the
-        // cache now; don't fetch it again.
+        // A chunk fetched by another reader between our lookup and the claim is in the store
+        // now; don't fetch it again.
         let mut pending = Vec::new();
         for (i, tx) in claim.senders.drain(..) {
-            match self.cache.get(&chunks[i].key).await {
+            let chunk = chunks[i];
+            let ready = if self.store.is_ready(chunk) {
+                self.store.read(chunk, 0..chunk.len).await
+            } else {
+                None
+            };
+            match ready {
                 Some(bytes) => {
                     let _ = tx.send(Some(Ok(bytes.clone())));
                     out[i] = Some(bytes);
@@ -444,7 +460,7 @@ impl LayerReader {
         self.prefetched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(chunk.key.clone());
+            .insert(chunk.id);
         self.counters
             .prefetch_bytes
             .fetch_add(chunk.len, Ordering::Relaxed);
@@ -489,56 +505,64 @@ impl LayerReader {
         let result = self.blob.read_range(range.clone()).await;
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
-        let blob = result.map_err(|reason| ReadError::Fetch {
-            start: range.start,
-            end: range.end,
-            reason,
-        })?;
+        let blob = result?;
         self.counters
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        // Decompressing and hashing a run (up to `max_request` of compressed bytes) is CPU
+        // work: it goes to the blocking pool, never onto the workers answering FUSE and gRPC.
+        let decoder = self.decoder.clone();
+        let verified =
+            tokio::task::spawn_blocking(move || decode_run(&*decoder, &specs, &blob, range))
+                .await
+                .map_err(|e| ReadError::Task(Arc::new(e)))??;
         let mut values = Vec::with_capacity(run.len());
-        for (i, _) in run {
-            let chunk = chunks[*i];
-            let from = (chunk.blob_range.start - range.start) as usize;
-            let to = (chunk.blob_range.end - range.start) as usize;
-            let compressed = blob.get(from..to).ok_or_else(|| ReadError::Fetch {
-                start: range.start,
-                end: range.end,
-                reason: format!("short read: {} bytes", blob.len()),
-            })?;
-            let bytes = self.decode(chunk, compressed)?;
+        for ((i, _), chunk) in run.iter().zip(verified) {
+            let spec = chunks[*i];
             if *i >= first_speculative {
-                self.note_prefetched(chunk);
+                self.note_prefetched(spec);
             }
-            if let Err(e) = self.cache.put(chunk.key.clone(), bytes.clone()).await {
-                // Served from memory anyway; the disk tier only saves a later refetch.
-                tracing::warn!(chunk = %chunk.key, error = %e, "caching chunk failed");
+            let bytes = chunk.bytes().clone();
+            if let Err(e) = self.store.put(spec, chunk).await {
+                // Served from memory anyway; the store only saves a later refetch.
+                tracing::warn!(chunk = %spec.digest, error = %crate::error_chain(&e), "storing chunk failed");
             }
             values.push(bytes);
         }
         Ok(values)
     }
+}
 
-    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Bytes, ReadError> {
-        let corrupt = |reason: String| ReadError::Corrupt {
-            key: chunk.key.clone(),
-            offset: chunk.blob_range.start,
-            reason,
-        };
-        let bytes = crate::format::decompress_chunk(
-            self.compression,
-            compressed,
-            chunk.inner_offset,
-            chunk.len,
-        )
-        .map_err(|e| corrupt(e.to_string()))?;
-        let actual = ChunkKey::of(&bytes);
-        if actual != chunk.key {
-            return Err(corrupt(format!("content hashes to {actual}")));
-        }
-        Ok(Bytes::from(bytes))
-    }
+/// Decodes and verifies each chunk of a fetched run; `blob` holds blob bytes `range`.
+fn decode_run(
+    decoder: &dyn ChunkDecoder,
+    specs: &[ChunkSpec],
+    blob: &Bytes,
+    range: Range<u64>,
+) -> Result<Vec<VerifiedChunk>, ReadError> {
+    specs
+        .iter()
+        .map(|spec| {
+            let from = (spec.blob_range.start - range.start) as usize;
+            let to = (spec.blob_range.end - range.start) as usize;
+            let compressed = blob.get(from..to).ok_or_else(|| ReadError::ShortBody {
+                range: range.clone(),
+                got: blob.len() as u64,
+            })?;
+            let bytes = decoder
+                .decode(spec, compressed)
+                .map_err(|e| ReadError::Decode {
+                    digest: spec.digest,
+                    offset: spec.blob_range.start,
+                    source: Arc::new(e),
+                })?;
+            chunk::verify(&spec.digest, Bytes::from(bytes)).map_err(|source| ReadError::Corrupt {
+                offset: spec.blob_range.start,
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Chunks this reader promised to fetch. Dropping it (a finished fetch, or a read cancelled
@@ -565,80 +589,41 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::format;
+    use crate::cache::ChunkCache;
     use crate::metadata::{LayerIndex, ROOT};
-
-    /// Serves a fixture blob from memory, counting requests; can be told to lie or fail.
-    struct MemoryBlob {
-        blob: Vec<u8>,
-        requests: AtomicUsize,
-        corrupt: bool,
-        fail: bool,
-    }
-
-    impl BlobSource for MemoryBlob {
-        fn read_range(
-            &self,
-            range: Range<u64>,
-        ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send + '_>> {
-            Box::pin(async move {
-                self.requests.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                if self.fail {
-                    return Err("registry unavailable".into());
-                }
-                let mut bytes = self.blob[range.start as usize..range.end as usize].to_vec();
-                if self.corrupt {
-                    let mid = bytes.len() / 2;
-                    bytes[mid] ^= 0x55;
-                }
-                Ok(Bytes::from(bytes))
-            })
-        }
-    }
+    use crate::test_utils::{open_fixture, FixtureBlob};
 
     struct Setup {
         _dir: tempfile::TempDir,
         index: LayerIndex,
-        blob: Arc<MemoryBlob>,
+        blob: Arc<FixtureBlob>,
+        decoder: Arc<dyn ChunkDecoder>,
         reader: LayerReader,
     }
 
-    fn setup(corrupt: bool, fail: bool) -> Setup {
-        let bytes = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/estargz.blob"
-        ))
-        .expect("fixture");
-        let location =
-            format::locate_toc(&bytes[bytes.len() - 64..], bytes.len() as u64).expect("footer");
-        let json = format::read_toc(
-            &location,
-            &bytes[location.offset as usize..(location.offset + location.len) as usize],
-            None,
-        )
-        .expect("toc");
-        let index = LayerIndex::build(&format::parse_toc(&json).expect("parse"), location.offset)
-            .expect("index");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cache =
-            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache"));
-        let blob = Arc::new(MemoryBlob {
-            blob: bytes,
+    async fn setup(corrupt: bool, fail: bool) -> Setup {
+        let (fixture, opened) = open_fixture("estargz").await;
+        let blob = Arc::new(FixtureBlob {
+            blob: fixture.blob.clone(),
             requests: AtomicUsize::new(0),
             corrupt,
             fail,
+            delay: std::time::Duration::from_millis(20),
         });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache =
+            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache"));
         let reader = LayerReader::new(
             blob.clone(),
-            location.compression,
+            opened.decoder.clone(),
             cache,
             Arc::new(Fetches::new(2)),
         );
         Setup {
             _dir: dir,
-            index,
+            index: opened.index,
             blob,
+            decoder: opened.decoder,
             reader,
         }
     }
@@ -659,7 +644,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_any_range_and_merges_neighbouring_chunks() {
-        let s = setup(false, false);
+        let s = setup(false, false).await;
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let expected = expected_multi_chunk();
         assert_eq!(size as usize, expected.len());
@@ -692,7 +677,7 @@ mod tests {
 
     #[tokio::test]
     async fn prefetch_is_counted_used_when_read_and_network_waits_are_counted() {
-        let s = setup(false, false);
+        let s = setup(false, false).await;
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let chunks = s.index.chunks_for(ino, 0, size).to_vec();
         assert!(chunks.len() > 1, "fixture has a multi-chunk file");
@@ -729,21 +714,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_miss_brings_its_uncached_neighbours_in_the_same_request() {
-        let s = setup(false, false);
-        let mut layout: Vec<ChunkSpec> = s
-            .index
-            .inodes()
-            .filter_map(|ino| s.index.node(ino))
-            .flat_map(|n| n.chunks.iter().cloned())
-            .collect();
-        layout.sort_by_key(|c| c.blob_range.start);
+        let s = setup(false, false).await;
+        let layout = s.index.chunks_in_blob_order();
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let chunks = s.index.chunks_for(ino, 0, size).to_vec();
         let reach = chunks[2].blob_range.end - chunks[0].blob_range.start;
         let dir = tempfile::tempdir().expect("tempdir");
         let reader = LayerReader::new(
             s.blob.clone(),
-            Compression::Gzip,
+            s.decoder.clone(),
             Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache")),
             Arc::new(Fetches::new(2)),
         )
@@ -781,7 +760,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_readers_share_one_fetch() {
-        let s = Arc::new(setup(false, false));
+        let s = Arc::new(setup(false, false).await);
         let (ino, _) = file(&s, "dir/multi-chunk.txt");
         let mut tasks = Vec::new();
         for _ in 0..8 {
@@ -802,7 +781,7 @@ mod tests {
 
     #[tokio::test]
     async fn lying_and_failing_registries_give_errors_not_bytes() {
-        let s = setup(true, false);
+        let s = setup(true, false).await;
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let err = s
             .reader
@@ -811,13 +790,16 @@ mod tests {
             .expect_err("corrupt bytes refused");
         assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
 
-        let s = setup(false, true);
+        let s = setup(false, true).await;
         let err = s
             .reader
             .read(s.index.chunks_for(ino, 0, 10), 0..10)
             .await
             .expect_err("fetch fails");
-        assert!(err.to_string().contains("registry unavailable"), "{err}");
+        assert!(
+            crate::error_chain(&err).contains("registry unavailable"),
+            "{err}"
+        );
         assert!(
             s.reader.inflight.lock().expect("lock").is_empty(),
             "nothing left in flight"

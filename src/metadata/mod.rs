@@ -1,31 +1,27 @@
-//! The layer index: a TOC turned into what a file system needs — an inode table with
-//! attributes, sorted directory children, hard links sharing one inode, and for each regular
-//! file the chunks that hold its bytes. Pure: no I/O.
+//! The layer index: a layer's tar entries turned into what a file system needs — an inode
+//! table with attributes, sorted directory children, hard links sharing one inode, and for
+//! each regular file the chunks that hold its bytes. Pure: no I/O, and no knowledge of any
+//! format: a format (`crate::format`) reads its own table of contents and feeds the entries,
+//! in tar order, to an [`IndexBuilder`].
 //!
 //! The tree is built to look to overlayfs exactly as containerd's tar applier would have left
-//! the layer on disk: `.wh.NAME` entries become 0/0 character devices named NAME,
-//! `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its directory, and the format's own files
-//! (the TOC and prefetch landmarks) are not shown. Names that would escape the layer, chunks
-//! that do not fit the blob, and duplicate names that disagree are refused, naming the entry.
+//! the layer on disk: `.wh.NAME` entries become 0/0 character devices named NAME, and
+//! `.wh..wh..opq` sets `trusted.overlay.opaque=y` on its directory. Names that would escape
+//! the layer, chunks that do not tile their file, and duplicate names that disagree are
+//! refused, naming the entry.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::SystemTime;
 
-use base64::Engine as _;
-
-use crate::cache::ChunkKey;
-use crate::format::{Toc, TocEntry, TOC_TAR_NAME};
-use crate::layer::ChunkSpec;
+use crate::chunk::{ChunkId, ChunkSpec};
 
 /// Inode number of the root directory.
 pub const ROOT: u64 = 1;
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
-/// Files the formats add to a layer that are not part of the image's contents.
-const HIDDEN: &[&str] = &[TOC_TAR_NAME, ".prefetch.landmark", ".no.prefetch.landmark"];
 
 /// The kind of an inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +61,7 @@ pub struct MetadataError {
     pub reason: String,
 }
 
-/// What the layer's eStargz landmark files say about prefetching on mount.
+/// What the layer's format says about prefetching on mount (eStargz landmark files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Landmark {
     /// `.prefetch.landmark`: the files before this blob offset are the ones the image's
@@ -86,10 +82,18 @@ pub struct LayerIndex {
 }
 
 impl LayerIndex {
-    /// Builds the index of a layer whose TOC starts at `toc_offset` in its blob (the end of the
-    /// last chunk's compressed stream).
-    pub fn build(toc: &Toc, toc_offset: u64) -> Result<Self, MetadataError> {
-        Builder::new(toc, toc_offset).run(toc)
+    /// Every chunk of the layer, each once, in blob order.
+    pub fn chunks_in_blob_order(&self) -> Vec<ChunkSpec> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out: Vec<ChunkSpec> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.chunks.iter())
+            .filter(|c| seen.insert(c.id))
+            .cloned()
+            .collect();
+        out.sort_by_key(|c| (c.blob_range.start, c.inner_offset));
+        out
     }
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
@@ -161,17 +165,69 @@ impl LayerIndex {
     }
 }
 
-struct Builder {
+/// The kind of a tar entry as a format reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File,
+    Symlink { target: String },
+    HardLink { target: String },
+    CharDevice { major: u32, minor: u32 },
+    BlockDevice { major: u32, minor: u32 },
+    Fifo,
+}
+
+/// One tar entry of a layer, as its format describes it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The path in the layer, as written in the tar (`./` and leading `/` allowed).
+    pub name: String,
+    pub kind: EntryKind,
+    /// Permission bits (setuid, setgid, sticky included); higher bits are ignored.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    /// Regular files: the file's size.
+    pub size: u64,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Regular files: the chunks holding the bytes, in file order; they must tile the file.
+    /// Their `id`s are assigned by the builder.
+    pub chunks: Vec<ChunkSpec>,
+}
+
+impl Entry {
+    /// An entry of `kind` at `name` with no attributes set (mode 0, root, the epoch).
+    pub fn new(name: impl Into<String>, kind: EntryKind) -> Self {
+        Entry {
+            name: name.into(),
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: SystemTime::UNIX_EPOCH,
+            size: 0,
+            xattrs: Vec::new(),
+            chunks: Vec::new(),
+        }
+    }
+}
+
+/// Builds a [`LayerIndex`] from entries in tar order.
+pub struct IndexBuilder {
     nodes: Vec<Node>,
-    /// Sorted stream offsets; the extent of a chunk ends at the next one.
-    offsets: Vec<u64>,
-    toc_offset: u64,
-    /// The file a following `chunk` entry continues.
-    last_file: Option<(String, u64)>,
+    children: HashMap<(u64, Box<[u8]>), u64>,
+    next_chunk: u32,
     landmark: Option<Landmark>,
 }
 
-fn err(entry: &str, reason: impl Into<String>) -> MetadataError {
+impl Default for IndexBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub(crate) fn err(entry: &str, reason: impl Into<String>) -> MetadataError {
     MetadataError {
         entry: entry.to_owned(),
         reason: reason.into(),
@@ -195,9 +251,9 @@ fn new_node(kind: NodeKind, perm: u32) -> Node {
     }
 }
 
-/// Splits a TOC name into components, refusing anything that leaves the layer. Leading `/` and
-/// `./` are dropped as tar extractors do.
-fn components(name: &str) -> Result<Vec<&str>, String> {
+/// Splits a tar name into components, refusing anything that leaves the layer. Leading `/`
+/// and `./` are dropped as tar extractors do.
+pub fn components(name: &str) -> Result<Vec<&str>, String> {
     if name.contains('\0') {
         return Err("name contains a NUL byte".into());
     }
@@ -212,38 +268,115 @@ fn components(name: &str) -> Result<Vec<&str>, String> {
     Ok(parts)
 }
 
-impl Builder {
-    fn new(toc: &Toc, toc_offset: u64) -> Self {
-        let mut offsets: Vec<u64> = toc
-            .entries
-            .iter()
-            .filter(|e| e.kind == "chunk" || (e.kind == "reg" && e.size > 0))
-            .map(|e| e.offset)
-            .collect();
-        offsets.push(toc_offset);
-        offsets.sort_unstable();
-        offsets.dedup();
+impl IndexBuilder {
+    pub fn new() -> Self {
         let mut root = new_node(NodeKind::Dir, 0o755);
         root.nlink = 2;
-        Builder {
+        IndexBuilder {
             nodes: vec![root],
-            offsets,
-            toc_offset,
-            last_file: None,
+            children: HashMap::new(),
+            next_chunk: 0,
             landmark: None,
         }
     }
 
-    fn run(mut self, toc: &Toc) -> Result<LayerIndex, MetadataError> {
-        let mut children: HashMap<(u64, Box<[u8]>), u64> = HashMap::new();
-        for entry in &toc.entries {
-            if entry.kind != "chunk" {
-                self.finish_file()?;
+    /// Records what the format says to prefetch on mount.
+    pub fn set_landmark(&mut self, landmark: Landmark) {
+        self.landmark = Some(landmark);
+    }
+
+    /// Adds the next entry. A later entry for an existing directory updates its attributes,
+    /// as unpacking the tar would.
+    pub fn add(&mut self, mut e: Entry) -> Result<(), MetadataError> {
+        let parts = components(&e.name).map_err(|r| err(&e.name, r))?;
+        let Some((&base, dirs)) = parts.split_last() else {
+            // the root directory itself
+            if e.kind == EntryKind::Dir {
+                apply_attrs(&mut self.nodes[0], &e);
             }
-            self.add(entry, &mut children)?;
+            return Ok(());
+        };
+        let parent = self.ensure_dirs(&e.name, dirs)?;
+        if base == OPAQUE_MARKER {
+            let dir = &mut self.nodes[(parent - 1) as usize];
+            dir.xattrs.retain(|(k, _)| k.as_ref() != OPAQUE_XATTR);
+            dir.xattrs
+                .push((OPAQUE_XATTR.into(), b"y".as_slice().into()));
+            return Ok(());
         }
-        self.finish_file()?;
-        for ((parent, name), ino) in children {
+        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
+            let mut node = new_node(NodeKind::CharDevice, 0);
+            node.mtime = e.mtime;
+            return self.insert(&e.name, parent, hidden, node).map(drop);
+        }
+        let key = (parent, Box::<[u8]>::from(base.as_bytes()));
+        let (kind, link_target, rdev) = match &e.kind {
+            EntryKind::HardLink { target } => {
+                let target =
+                    components(target).map_err(|r| err(&e.name, format!("link target: {r}")))?;
+                let ino = self.resolve(&target).ok_or_else(|| {
+                    err(
+                        &e.name,
+                        format!("hard link to missing {:?}", target.join("/")),
+                    )
+                })?;
+                let node = &mut self.nodes[(ino - 1) as usize];
+                if node.kind == NodeKind::Dir {
+                    return Err(err(&e.name, "hard link to a directory"));
+                }
+                if self.children.contains_key(&key) {
+                    return Err(err(&e.name, "duplicate name"));
+                }
+                node.nlink += 1;
+                self.children.insert(key, ino);
+                return Ok(());
+            }
+            EntryKind::Dir => (NodeKind::Dir, None, (0, 0)),
+            EntryKind::File => (NodeKind::File, None, (0, 0)),
+            EntryKind::Symlink { target } => (NodeKind::Symlink, Some(target.clone()), (0, 0)),
+            EntryKind::CharDevice { major, minor } => {
+                (NodeKind::CharDevice, None, (*major, *minor))
+            }
+            EntryKind::BlockDevice { major, minor } => {
+                (NodeKind::BlockDevice, None, (*major, *minor))
+            }
+            EntryKind::Fifo => (NodeKind::Fifo, None, (0, 0)),
+        };
+        if kind == NodeKind::Dir {
+            if let Some(&ino) = self.children.get(&key) {
+                let node = &mut self.nodes[(ino - 1) as usize];
+                if node.kind != NodeKind::Dir {
+                    return Err(err(&e.name, "directory and non-directory share a name"));
+                }
+                apply_attrs(node, &e);
+                return Ok(());
+            }
+        }
+        let mut node = new_node(kind, 0);
+        apply_attrs(&mut node, &e);
+        node.rdev = rdev;
+        if let Some(target) = link_target {
+            node.size = target.len() as u64;
+            node.link_target = target.into_bytes().into();
+        }
+        if kind == NodeKind::File {
+            node.size = e.size;
+            check_tiling(&e)?;
+            for chunk in &mut e.chunks {
+                chunk.id = ChunkId(self.next_chunk);
+                self.next_chunk = self
+                    .next_chunk
+                    .checked_add(1)
+                    .ok_or_else(|| err(&e.name, "more than 2^32 chunks in the layer"))?;
+            }
+            node.chunks = std::mem::take(&mut e.chunks);
+        }
+        self.insert(&e.name, parent, base, node).map(drop)
+    }
+
+    /// The finished index.
+    pub fn finish(mut self) -> LayerIndex {
+        for ((parent, name), ino) in std::mem::take(&mut self.children) {
             self.nodes[(parent - 1) as usize].children.push((name, ino));
         }
         let subdirs: Vec<u32> = self
@@ -256,172 +389,45 @@ impl Builder {
                     .count() as u32
             })
             .collect();
-        let mut file_bytes = 0;
+        let mut file_bytes: u64 = 0;
         for (node, subdirs) in self.nodes.iter_mut().zip(subdirs) {
             node.children.sort_by(|a, b| a.0.cmp(&b.0));
             match node.kind {
                 NodeKind::Dir => node.nlink = 2 + subdirs,
-                NodeKind::File => file_bytes += node.size,
+                NodeKind::File => file_bytes = file_bytes.saturating_add(node.size),
                 _ => {}
             }
         }
-        Ok(LayerIndex {
+        LayerIndex {
             nodes: self.nodes,
             file_bytes,
             landmark: self.landmark,
-        })
-    }
-
-    /// The chunks of the file just completed must tile it exactly, in order.
-    fn finish_file(&mut self) -> Result<(), MetadataError> {
-        let Some((name, ino)) = self.last_file.take() else {
-            return Ok(());
-        };
-        let node = &self.nodes[(ino - 1) as usize];
-        let mut next = 0;
-        for c in &node.chunks {
-            if c.file_offset != next {
-                return Err(err(
-                    &name,
-                    format!("chunks leave a gap or overlap at byte {next}"),
-                ));
-            }
-            next += c.len;
         }
-        if next != node.size {
-            return Err(err(
-                &name,
-                format!("chunks cover {next} of {} bytes", node.size),
-            ));
-        }
-        Ok(())
-    }
-
-    fn add(
-        &mut self,
-        e: &TocEntry,
-        children: &mut HashMap<(u64, Box<[u8]>), u64>,
-    ) -> Result<(), MetadataError> {
-        let parts = components(&e.name).map_err(|r| err(&e.name, r))?;
-        if e.kind == "chunk" {
-            return self.add_chunk(e);
-        }
-        let Some((&base, dirs)) = parts.split_last() else {
-            // the root directory itself
-            if e.kind == "dir" {
-                apply_attrs(&mut self.nodes[0], e)?;
-            }
-            return Ok(());
-        };
-        if dirs.is_empty() && HIDDEN.contains(&base) {
-            match base {
-                ".prefetch.landmark" => self.landmark = Some(Landmark::PrefetchBefore(e.offset)),
-                ".no.prefetch.landmark" => self.landmark = Some(Landmark::NoPrefetch),
-                _ => {}
-            }
-            return Ok(());
-        }
-        let parent = self.ensure_dirs(&e.name, dirs, children)?;
-        if base == OPAQUE_MARKER {
-            let dir = &mut self.nodes[(parent - 1) as usize];
-            dir.xattrs.retain(|(k, _)| k.as_ref() != OPAQUE_XATTR);
-            dir.xattrs
-                .push((OPAQUE_XATTR.into(), b"y".as_slice().into()));
-            return Ok(());
-        }
-        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-            let mut node = new_node(NodeKind::CharDevice, 0);
-            node.mtime = parse_time(e)?;
-            return self.insert(e, parent, hidden, node, children).map(drop);
-        }
-        let key = (parent, Box::<[u8]>::from(base.as_bytes()));
-        if e.kind == "hardlink" {
-            let target =
-                components(&e.link_name).map_err(|r| err(&e.name, format!("link target: {r}")))?;
-            let ino = self
-                .resolve(&target, children)
-                .ok_or_else(|| err(&e.name, format!("hard link to missing {:?}", e.link_name)))?;
-            let node = &mut self.nodes[(ino - 1) as usize];
-            if node.kind == NodeKind::Dir {
-                return Err(err(&e.name, "hard link to a directory"));
-            }
-            if children.contains_key(&key) {
-                return Err(err(&e.name, "duplicate name"));
-            }
-            node.nlink += 1;
-            children.insert(key, ino);
-            return Ok(());
-        }
-        let kind = match e.kind.as_str() {
-            "dir" => NodeKind::Dir,
-            "reg" => NodeKind::File,
-            "symlink" => NodeKind::Symlink,
-            "char" => NodeKind::CharDevice,
-            "block" => NodeKind::BlockDevice,
-            "fifo" => NodeKind::Fifo,
-            other => return Err(err(&e.name, format!("unknown entry type {other:?}"))),
-        };
-        if kind == NodeKind::Dir {
-            if let Some(&ino) = children.get(&key) {
-                let node = &mut self.nodes[(ino - 1) as usize];
-                if node.kind != NodeKind::Dir {
-                    return Err(err(&e.name, "directory and non-directory share a name"));
-                }
-                return apply_attrs(node, e);
-            }
-        }
-        let mut node = new_node(kind, 0);
-        apply_attrs(&mut node, e)?;
-        match kind {
-            NodeKind::Symlink => {
-                node.link_target = e.link_name.as_bytes().into();
-                node.size = e.link_name.len() as u64;
-            }
-            NodeKind::CharDevice | NodeKind::BlockDevice => node.rdev = (e.dev_major, e.dev_minor),
-            NodeKind::File => {
-                node.size = e.size;
-                if e.size > 0 {
-                    node.chunks.push(self.chunk(e, e.size)?);
-                }
-            }
-            _ => {}
-        }
-        let ino = self.insert(e, parent, base, node, children)?;
-        if kind == NodeKind::File {
-            self.last_file = Some((e.name.clone(), ino));
-        }
-        Ok(())
     }
 
     fn insert(
         &mut self,
-        e: &TocEntry,
+        entry: &str,
         parent: u64,
         name: &str,
         node: Node,
-        children: &mut HashMap<(u64, Box<[u8]>), u64>,
     ) -> Result<u64, MetadataError> {
         let key = (parent, Box::<[u8]>::from(name.as_bytes()));
-        if children.contains_key(&key) {
-            return Err(err(&e.name, "duplicate name"));
+        if self.children.contains_key(&key) {
+            return Err(err(entry, "duplicate name"));
         }
         self.nodes.push(node);
         let ino = self.nodes.len() as u64;
-        children.insert(key, ino);
+        self.children.insert(key, ino);
         Ok(ino)
     }
 
     /// The inode of the directory `dirs`, creating missing ones as stargz does (0755, root).
-    fn ensure_dirs(
-        &mut self,
-        entry: &str,
-        dirs: &[&str],
-        children: &mut HashMap<(u64, Box<[u8]>), u64>,
-    ) -> Result<u64, MetadataError> {
+    fn ensure_dirs(&mut self, entry: &str, dirs: &[&str]) -> Result<u64, MetadataError> {
         let mut current = ROOT;
         for dir in dirs {
             let key = (current, Box::<[u8]>::from(dir.as_bytes()));
-            current = match children.get(&key) {
+            current = match self.children.get(&key) {
                 Some(&ino) => {
                     if self.nodes[(ino - 1) as usize].kind != NodeKind::Dir {
                         return Err(err(entry, format!("parent {dir:?} is not a directory")));
@@ -431,7 +437,7 @@ impl Builder {
                 None => {
                     self.nodes.push(new_node(NodeKind::Dir, 0o755));
                     let ino = self.nodes.len() as u64;
-                    children.insert(key, ino);
+                    self.children.insert(key, ino);
                     ino
                 }
             };
@@ -439,88 +445,48 @@ impl Builder {
         Ok(current)
     }
 
-    fn resolve(&self, parts: &[&str], children: &HashMap<(u64, Box<[u8]>), u64>) -> Option<u64> {
+    fn resolve(&self, parts: &[&str]) -> Option<u64> {
         let mut current = ROOT;
         for part in parts {
-            current = *children.get(&(current, Box::<[u8]>::from(part.as_bytes())))?;
+            current = *self
+                .children
+                .get(&(current, Box::<[u8]>::from(part.as_bytes())))?;
         }
         Some(current)
     }
-
-    fn add_chunk(&mut self, e: &TocEntry) -> Result<(), MetadataError> {
-        let Some((name, ino)) = self.last_file.clone() else {
-            return Err(err(&e.name, "chunk without a preceding file"));
-        };
-        if name != e.name {
-            return Err(err(
-                &e.name,
-                format!("chunk follows a different file, {name:?}"),
-            ));
-        }
-        let size = self.nodes[(ino - 1) as usize].size;
-        let chunk = self.chunk(e, size)?;
-        self.nodes[(ino - 1) as usize].chunks.push(chunk);
-        Ok(())
-    }
-
-    fn chunk(&self, e: &TocEntry, file_size: u64) -> Result<ChunkSpec, MetadataError> {
-        let len = if e.chunk_size > 0 {
-            e.chunk_size
-        } else {
-            file_size
-                .checked_sub(e.chunk_offset)
-                .ok_or_else(|| err(&e.name, "chunk offset past the end of the file"))?
-        };
-        let key = ChunkKey::from_digest(&e.chunk_digest).ok_or_else(|| {
-            err(
-                &e.name,
-                format!("chunk without a sha256 chunkDigest ({:?})", e.chunk_digest),
-            )
-        })?;
-        let end = self
-            .offsets
-            .iter()
-            .copied()
-            .find(|o| *o > e.offset)
-            .filter(|end| *end <= self.toc_offset)
-            .ok_or_else(|| {
-                err(
-                    &e.name,
-                    format!("chunk offset {} outside the blob", e.offset),
-                )
-            })?;
-        Ok(ChunkSpec {
-            file_offset: e.chunk_offset,
-            len,
-            blob_range: e.offset..end,
-            inner_offset: e.inner_offset,
-            key,
-        })
-    }
 }
 
-fn apply_attrs(node: &mut Node, e: &TocEntry) -> Result<(), MetadataError> {
-    node.perm = e.mode & 0o7777;
-    node.uid = e.uid;
-    node.gid = e.gid;
-    node.mtime = parse_time(e)?;
-    node.xattrs.retain(|(k, _)| k.as_ref() == OPAQUE_XATTR);
-    for (name, value) in &e.xattrs {
-        let value = base64::engine::general_purpose::STANDARD
-            .decode(value)
-            .map_err(|_| err(&e.name, format!("xattr {name:?} is not base64")))?;
-        node.xattrs.push((name.as_str().into(), value.into()));
+/// The chunks of a file must tile it exactly, in order.
+fn check_tiling(e: &Entry) -> Result<(), MetadataError> {
+    let mut next: u64 = 0;
+    for c in &e.chunks {
+        if c.file_offset != next {
+            return Err(err(
+                &e.name,
+                format!("chunks leave a gap or overlap at byte {next}"),
+            ));
+        }
+        next = next
+            .checked_add(c.len)
+            .ok_or_else(|| err(&e.name, "chunk lengths overflow"))?;
+    }
+    if next != e.size {
+        return Err(err(
+            &e.name,
+            format!("chunks cover {next} of {} bytes", e.size),
+        ));
     }
     Ok(())
 }
 
-fn parse_time(e: &TocEntry) -> Result<SystemTime, MetadataError> {
-    match &e.modtime {
-        None => Ok(SystemTime::UNIX_EPOCH),
-        Some(t) => humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
-            .map_err(|_| err(&e.name, format!("bad modtime {t:?}"))),
+fn apply_attrs(node: &mut Node, e: &Entry) {
+    node.perm = e.mode & 0o7777;
+    node.uid = e.uid;
+    node.gid = e.gid;
+    node.mtime = e.mtime;
+    node.xattrs.retain(|(k, _)| k.as_ref() == OPAQUE_XATTR);
+    for (name, value) in &e.xattrs {
+        node.xattrs
+            .push((name.as_str().into(), value.as_slice().into()));
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -22,8 +22,8 @@ pub use readahead::Readahead;
 pub use recorder::ReadRecorder;
 pub use trace::{Trace, TraceEntry, TraceError, TraceStore};
 
-use crate::cache::ChunkKey;
-use crate::layer::{ChunkSpec, LayerReader, Priority, ReadError};
+use crate::chunk::ChunkSpec;
+use crate::layer::{LayerReader, Priority, ReadError};
 use crate::metadata::{Landmark, LayerIndex};
 
 /// One prefetch batch: a few MiB, so a demand read queued behind it waits little, and
@@ -120,21 +120,9 @@ pub fn plan_before(index: &LayerIndex, before: u64) -> Vec<ChunkSpec> {
     out
 }
 
-/// Every chunk of the layer, each key once, in blob order.
+/// Every chunk of the layer, each once, in blob order.
 pub fn plan_all(index: &LayerIndex) -> Vec<ChunkSpec> {
-    plan_before(index, u64::MAX)
-}
-
-/// Every distinct chunk key of the layer with its uncompressed length.
-pub fn chunk_keys(index: &LayerIndex) -> Vec<(ChunkKey, u64)> {
-    let mut seen = HashSet::new();
-    index
-        .inodes()
-        .filter_map(|ino| index.node(ino))
-        .flat_map(|n| n.chunks.iter())
-        .filter(|c| seen.insert(c.key.clone()))
-        .map(|c| (c.key.clone(), c.len))
-        .collect()
+    index.chunks_in_blob_order()
 }
 
 /// Fetches `plan` at `priority`, in order, `concurrency` batches at a time; stops at the
@@ -149,7 +137,8 @@ pub async fn fetch_plan(
     let mut batches: Vec<Vec<ChunkSpec>> = Vec::new();
     let mut batch_bytes = 0;
     for chunk in plan {
-        if !seen.insert(chunk.key.clone()) {
+        // Chunks of identical content are one entry in the store: fetch them once.
+        if !seen.insert(chunk.digest) {
             continue;
         }
         if batches.is_empty() || batch_bytes + chunk.len > BATCH_BYTES {
@@ -202,7 +191,9 @@ pub async fn after_mount(
                 elapsed = ?started.elapsed(),
                 "prefetched the layer's traced and prioritized files"
             ),
-            Err(e) => tracing::warn!(layer = %digest, error = %e, "prefetch stopped"),
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %crate::error_chain(&e), "prefetch stopped")
+            }
         }
     }
     if plan.background {
@@ -214,7 +205,9 @@ pub async fn after_mount(
                 elapsed = ?started.elapsed(),
                 "background fetch finished: the layer is fully cached"
             ),
-            Err(e) => tracing::warn!(layer = %digest, error = %e, "background fetch stopped"),
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %crate::error_chain(&e), "background fetch stopped")
+            }
         }
     }
     activity.set(Activity::Ready);
@@ -286,7 +279,7 @@ pub async fn flush_trace(
             entries = trace.entries.len(),
             "read trace saved"
         ),
-        Ok(Err(e)) => tracing::warn!(error = %e, "saving read trace failed"),
+        Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "saving read trace failed"),
         Err(e) => tracing::warn!(error = %e, "saving read trace failed"),
     }
 }

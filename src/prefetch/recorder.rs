@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::layer::ChunkSpec;
+use crate::chunk::ChunkSpec;
 
 /// One first read: a chunk of file `ino` at `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,15 +86,16 @@ impl ReadRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::ChunkKey;
+    use crate::chunk::{ChunkDigest, ChunkId};
 
     fn chunk(offset: u64) -> ChunkSpec {
         ChunkSpec {
+            id: ChunkId(offset as u32),
             file_offset: offset,
             len: 10,
             blob_range: 0..1,
             inner_offset: 0,
-            key: ChunkKey::of(&offset.to_le_bytes()),
+            digest: ChunkDigest::of(&offset.to_le_bytes()),
         }
     }
 

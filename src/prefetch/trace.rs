@@ -48,7 +48,7 @@ pub struct TraceEntry {
 pub enum TraceError {
     #[error("no trace for layer {digest}")]
     NotFound { digest: String },
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,

@@ -26,9 +26,9 @@ pub enum SnapshotError {
     InvalidFilter { filter: String, reason: String },
     #[error("lazy layer of snapshot id {id} could not be mounted after a restart; remove the image and pull it again")]
     LayerUnavailable { id: u64 },
-    #[error("metadata store: {0}")]
+    #[error("metadata store")]
     Store(#[from] crate::snapshot::store::StoreError),
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,

@@ -103,11 +103,11 @@ impl Snapshotter {
         let state = match remote.mount(&fs, &labels) {
             Ok(state) => state,
             Err(RemoteError::NotLazy(why)) => {
-                tracing::info!(key, %target, reason = %why, "layer is not lazy; containerd will download and unpack it");
+                tracing::info!(key, %target, reason = %crate::error_chain(&*why), "layer is not lazy; containerd will download and unpack it");
                 return Ok(mounts);
             }
-            Err(RemoteError::Failed(why)) => {
-                tracing::warn!(key, %target, error = %why, "lazy mount failed; falling back to download and unpack");
+            Err(e) => {
+                tracing::warn!(key, %target, error = %crate::error_chain(&e), "lazy mount failed; falling back to download and unpack");
                 return Ok(mounts);
             }
         };
@@ -119,7 +119,7 @@ impl Snapshotter {
             Err(e) => {
                 // The FUSE mount must not outlive a snapshot that does not record it.
                 if let Err(u) = remote.unmount(&fs) {
-                    tracing::warn!(mountpoint = %fs.display(), error = %u, "unmounting after failed commit failed");
+                    tracing::warn!(mountpoint = %fs.display(), error = %crate::error_chain(&u), "unmounting after failed commit failed");
                 }
                 if matches!(e, SnapshotError::AlreadyExists { .. }) {
                     // Another Prepare committed the same layer meanwhile: ours is redundant.
@@ -201,7 +201,7 @@ impl Snapshotter {
             match remote.remount(&fs, state) {
                 Ok(()) => tracing::info!(%key, "remounted lazy layer"),
                 Err(e) => {
-                    tracing::error!(%key, error = %e, "cannot mount lazy layer again; containers using it cannot start until the image is pulled again");
+                    tracing::error!(%key, error = %crate::error_chain(&e), "cannot mount lazy layer again; containers using it cannot start until the image is pulled again");
                     self.unavailable_ids().insert(record.id);
                 }
             }
@@ -263,14 +263,14 @@ impl Snapshotter {
             self.unavailable_ids().remove(&record.id);
             if let Some(remote) = &self.remote {
                 if let Err(e) = remote.unmount(&self.fs_dir(record.id)) {
-                    tracing::warn!(key, error = %e, "unmounting lazy layer failed");
+                    tracing::warn!(key, error = %crate::error_chain(&e), "unmounting lazy layer failed");
                 }
             }
         }
         // After the commit the directory is an orphan whatever happens next, so a failure here
         // only delays the space being freed until the next Cleanup.
         if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(key, dir = %dir.display(), error = %e, "removing snapshot directory failed; cleanup will retry");
+            tracing::warn!(key, dir = %dir.display(), error = %crate::error_chain(&e), "removing snapshot directory failed; cleanup will retry");
         }
         Ok(())
     }

@@ -23,19 +23,30 @@ pub const REMOTE_LABEL_VALUE: &str = "remote snapshot";
 /// with the snapshot. Opaque to the snapshotter.
 pub type RemoteState = serde_json::Value;
 
-/// Why a layer was not mounted remotely. Both variants send the layer down the ordinary path;
-/// they differ only in how loudly that is logged.
+/// The cause behind a `RemoteError`: the implementation's own typed error.
+pub type RemoteCause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a layer was not mounted remotely, or not unmounted. `NotLazy` and `Failed` both send
+/// the layer down the ordinary path; they differ only in how loudly that is logged.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     /// The labels do not describe a lazily pullable layer (plain gzip, no reference, ...).
-    #[error("not a lazy layer: {0}")]
-    NotLazy(String),
+    #[error("not a lazy layer")]
+    NotLazy(#[source] RemoteCause),
     /// It looked like a lazy layer but could not be mounted.
-    #[error("{0}")]
-    Failed(String),
+    #[error("lazy mount failed")]
+    Failed(#[source] RemoteCause),
+    #[error("unmounting {}", mountpoint.display())]
+    Unmount {
+        mountpoint: std::path::PathBuf,
+        #[source]
+        source: RemoteCause,
+    },
 }
 
-/// Mounts layers whose contents are fetched on demand.
+/// Mounts layers whose contents are fetched on demand. Every method blocks (it may wait on a
+/// registry or the kernel): call them from a blocking thread, never an async worker, as the
+/// snapshotter does.
 pub trait RemoteFs: Send + Sync {
     /// Mounts the layer `labels` describe at `mountpoint` (an existing, empty directory) and
     /// returns the state `remount` needs. On error nothing is left mounted.

@@ -25,15 +25,15 @@ const NEXT_ID: &str = "next_id";
 /// Errors of the store itself, as opposed to snapshot semantics.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("open {path}: {source}")]
+    #[error("open {path}")]
     Open {
         path: String,
         #[source]
         source: redb::DatabaseError,
     },
-    #[error("{0}")]
+    #[error("database")]
     Db(#[from] redb::Error),
-    #[error("record of snapshot {key:?} is corrupt: {source}")]
+    #[error("record of snapshot {key:?} is corrupt")]
     Corrupt {
         key: String,
         #[source]

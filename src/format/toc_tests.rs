@@ -1,7 +1,10 @@
 //! Index rules on hand-written TOCs (hostile ones included) and on the real fixtures.
 
+use std::ffi::OsStr;
+
 use super::*;
 use crate::format;
+use crate::metadata::{NodeKind, ROOT};
 
 fn toc(entries: serde_json::Value) -> Toc {
     serde_json::from_value(serde_json::json!({ "version": 1, "entries": entries }))
@@ -11,7 +14,7 @@ fn toc(entries: serde_json::Value) -> Toc {
 const D: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
 fn build(entries: serde_json::Value) -> Result<LayerIndex, MetadataError> {
-    LayerIndex::build(&toc(entries), 10_000)
+    build_index(&toc(entries), 10_000)
 }
 
 fn ino(index: &LayerIndex, path: &str) -> Option<u64> {
@@ -130,8 +133,8 @@ fn real_estargz_fixture_indexes() {
         None,
     )
     .expect("toc");
-    let index = LayerIndex::build(&format::parse_toc(&json).expect("parse"), location.offset)
-        .expect("index");
+    let index =
+        build_index(&format::parse_toc(&json).expect("parse"), location.offset).expect("index");
     let multi = ino(&index, "dir/multi-chunk.txt").expect("file");
     let node = index.node(multi).expect("node");
     assert!(node.chunks.len() >= 3);

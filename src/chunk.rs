@@ -1,0 +1,186 @@
+//! The vocabulary every lazy layer module shares about one chunk of a file, kept apart so that
+//! the index (`metadata`), the formats, the store (`cache`) and the reader (`layer`) can all
+//! speak of chunks without importing each other.
+//!
+//! A chunk has three names that must not be confused:
+//! - its **identity** ([`ChunkId`]): which chunk of which layer, a number the layer's index
+//!   hands out; what in-flight tables and prefetch plans are keyed by;
+//! - the **digest it is verified against** ([`ChunkDigest`]): the sha256 of its uncompressed
+//!   bytes as the layer's index claims it; bytes become [`VerifiedChunk`] only by matching it;
+//! - **where it is stored**: the store's business (`cache::ChunkStore`), derived from the spec.
+//!
+//! Two layers may hold chunks with the same digest; they are still different chunks.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+/// A chunk's identity within its layer: its position in the layer's chunk numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub u32);
+
+/// A sha256 digest of uncompressed bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkDigest([u8; 32]);
+
+impl ChunkDigest {
+    /// Accepts `sha256:<lowercase hex>` or bare lowercase hex; anything else is refused, so a
+    /// digest can never be a path or anything but 32 bytes.
+    pub fn parse(digest: &str) -> Option<Self> {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let mut out = [0; 32];
+        hex::decode_to_slice(hex, &mut out).ok()?;
+        Some(ChunkDigest(out))
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        ChunkDigest(Sha256::digest(bytes).into())
+    }
+
+    /// Lowercase hex, without the algorithm.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl std::fmt::Display for ChunkDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl std::fmt::Debug for ChunkDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// One chunk of a regular file, as the layer's index describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSpec {
+    pub id: ChunkId,
+    /// Where the chunk's bytes start in the file.
+    pub file_offset: u64,
+    /// Uncompressed length.
+    pub len: u64,
+    /// The compressed extent of the blob to fetch to decode the chunk (a gzip member, a zstd
+    /// frame, or whatever the format's decoder needs).
+    pub blob_range: Range<u64>,
+    /// Where the chunk starts in the bytes that decoding `blob_range` yields (non-zero when
+    /// several chunks share one compressed extent, or decoding resumes before the chunk).
+    pub inner_offset: u64,
+    /// What the uncompressed bytes must hash to.
+    pub digest: ChunkDigest,
+}
+
+impl ChunkSpec {
+    /// The part of `range` (file offsets) this chunk holds, relative to the chunk's start;
+    /// empty when they do not overlap.
+    pub fn part_of(&self, range: &Range<u64>) -> Range<u64> {
+        let end = self.file_offset.saturating_add(self.len);
+        let from = range.start.clamp(self.file_offset, end) - self.file_offset;
+        let to = range.end.clamp(self.file_offset, end) - self.file_offset;
+        from..to.max(from)
+    }
+}
+
+/// Uncompressed bytes that hashed to their chunk's digest. Only [`verify`] makes one, so a
+/// store handed a `VerifiedChunk` need not hash it again.
+#[derive(Debug, Clone)]
+pub struct VerifiedChunk {
+    digest: ChunkDigest,
+    bytes: Bytes,
+}
+
+impl VerifiedChunk {
+    pub fn digest(&self) -> &ChunkDigest {
+        &self.digest
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+}
+
+/// Bytes that do not hash to what the index says; carries the digest they do have.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("content hashes to {actual}, the layer's index says {expected}")]
+pub struct DigestMismatch {
+    pub expected: ChunkDigest,
+    pub actual: ChunkDigest,
+}
+
+/// Checks `bytes` against `expected`. CPU-bound (a sha256 of up to a chunk): call it off the
+/// async workers.
+pub fn verify(expected: &ChunkDigest, bytes: Bytes) -> Result<VerifiedChunk, DigestMismatch> {
+    let actual = ChunkDigest::of(&bytes);
+    if actual != *expected {
+        return Err(DigestMismatch {
+            expected: *expected,
+            actual,
+        });
+    }
+    Ok(VerifiedChunk {
+        digest: actual,
+        bytes,
+    })
+}
+
+/// Test-only: bytes already checked by other means (a fixture), wrapped without hashing.
+#[cfg(test)]
+pub fn assume_verified(bytes: Bytes) -> VerifiedChunk {
+    VerifiedChunk {
+        digest: ChunkDigest::of(&bytes),
+        bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_accept_only_sha256_hex() {
+        let hex = "a".repeat(64);
+        assert!(ChunkDigest::parse(&format!("sha256:{hex}")).is_some());
+        assert!(ChunkDigest::parse(&hex).is_some());
+        assert!(ChunkDigest::parse("sha256:../../etc/passwd").is_none());
+        assert!(ChunkDigest::parse(&"A".repeat(64)).is_none());
+        let d = ChunkDigest::of(b"x");
+        assert_eq!(ChunkDigest::parse(&d.to_string()), Some(d));
+    }
+
+    #[test]
+    fn verify_refuses_other_bytes() {
+        let expected = ChunkDigest::of(b"expected");
+        let err = verify(&expected, Bytes::from_static(b"other")).expect_err("mismatch");
+        assert_eq!(err.actual, ChunkDigest::of(b"other"));
+        let ok = verify(&expected, Bytes::from_static(b"expected")).expect("match");
+        assert_eq!(ok.bytes().as_ref(), b"expected");
+    }
+
+    #[test]
+    fn part_of_clips_to_the_chunk() {
+        let c = ChunkSpec {
+            id: ChunkId(0),
+            file_offset: 100,
+            len: 50,
+            blob_range: 0..10,
+            inner_offset: 0,
+            digest: ChunkDigest::of(b""),
+        };
+        assert_eq!(c.part_of(&(0..1000)), 0..50);
+        assert_eq!(c.part_of(&(120..130)), 20..30);
+        assert_eq!(c.part_of(&(140..200)), 40..50);
+        assert_eq!(c.part_of(&(0..10)), 0..0);
+    }
+}

@@ -1,0 +1,353 @@
+//! eStargz and zstd:chunked: finding, reading and verifying the TOC from the blob's footer,
+//! and decompressing single chunks. Both are [`LayerFormat`]s; the functions below them are
+//! pure, over bytes the caller fetched.
+//!
+//! - eStargz: the blob ends with a 51-byte footer, an empty gzip member whose extra field holds
+//!   `SG`, the TOC offset in 16 hex digits and `STARGZ` (47 bytes and no `SG` in old layers).
+//!   The TOC is a gzip member holding a tar with one file, `stargz.index.json`.
+//! - zstd:chunked as `ctr-remote` writes it: a 40-byte footer in a zstd skippable frame —
+//!   little-endian manifest offset, compressed length, uncompressed length, type, then the
+//!   magic `GnUlInUx`. The manifest is one zstd frame of the same JSON.
+//!
+//! Every chunk is an independent gzip member or zstd frame starting at its `offset`; its bytes
+//! are the first `chunkSize` bytes of that stream (the stream may go on with tar padding and
+//! the next headers).
+
+use std::io::Read;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::toc::{self, Toc};
+use super::{
+    BoxFuture, ChunkDecoder, FormatError, LayerFormat, LayerHints, Opened, Probe, Resolved,
+};
+use crate::chunk::ChunkSpec;
+
+/// The largest footer of any supported format; fetch at least this much of the blob's tail.
+pub const MAX_FOOTER: u64 = 64;
+const ESTARGZ_FOOTER: usize = 51;
+const ESTARGZ_LEGACY_FOOTER: usize = 47;
+const ZSTD_CHUNKED_FOOTER: usize = 40;
+const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
+/// The name of the TOC inside an eStargz layer's tar.
+pub const TOC_TAR_NAME: &str = "stargz.index.json";
+/// A TOC is metadata; anything near this size is hostile, not a layer.
+const MAX_TOC_BYTES: u64 = 256 << 20;
+/// The annotation (snapshot label) pinning the digest of the uncompressed TOC JSON.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Decompression buffers start at most this large and grow with the bytes that really come,
+/// so a chunk's claimed length alone never allocates.
+const INITIAL_CHUNK_BUFFER: u64 = 4 << 20;
+
+/// How the chunks of a layer are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+/// Where a layer's TOC is and how to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TocLocation {
+    pub compression: Compression,
+    /// Blob offset of the compressed TOC.
+    pub offset: u64,
+    /// Compressed length of the TOC.
+    pub len: u64,
+}
+
+/// Finds the TOC from the blob's last bytes (`tail`, at least `MAX_FOOTER` of them unless the
+/// blob is shorter).
+pub fn locate_toc(tail: &[u8], blob_size: u64) -> Result<TocLocation, FormatError> {
+    let location = zstd_chunked_footer(tail)
+        .or_else(|| estargz_footer(tail, ESTARGZ_FOOTER, true, blob_size))
+        .or_else(|| estargz_footer(tail, ESTARGZ_LEGACY_FOOTER, false, blob_size))
+        .ok_or(FormatError::NoFooter(tail.len()))?;
+    if location
+        .offset
+        .checked_add(location.len)
+        .is_none_or(|end| end > blob_size)
+        || location.len > MAX_TOC_BYTES
+    {
+        return Err(FormatError::TocOutOfBounds {
+            offset: location.offset,
+            len: location.len,
+            blob_size,
+        });
+    }
+    Ok(location)
+}
+
+fn estargz_footer(tail: &[u8], size: usize, with_sg: bool, blob_size: u64) -> Option<TocLocation> {
+    let footer = tail.get(tail.len().checked_sub(size)?..)?;
+    // gzip magic, deflate, FEXTRA flag
+    if footer[..3] != [0x1f, 0x8b, 0x08] || footer[3] & 0x04 == 0 {
+        return None;
+    }
+    let xlen = u16::from_le_bytes([footer[10], footer[11]]) as usize;
+    let extra = footer.get(12..12 + xlen)?;
+    let payload = if with_sg {
+        if xlen != 26 || &extra[..2] != b"SG" || u16::from_le_bytes([extra[2], extra[3]]) != 22 {
+            return None;
+        }
+        &extra[4..]
+    } else {
+        if xlen != 22 {
+            return None;
+        }
+        extra
+    };
+    if &payload[16..] != b"STARGZ" {
+        return None;
+    }
+    let offset = u64::from_str_radix(std::str::from_utf8(&payload[..16]).ok()?, 16).ok()?;
+    let toc_end = blob_size.checked_sub(size as u64)?;
+    Some(TocLocation {
+        compression: Compression::Gzip,
+        offset,
+        len: toc_end.checked_sub(offset)?,
+    })
+}
+
+fn zstd_chunked_footer(tail: &[u8]) -> Option<TocLocation> {
+    let footer = tail.get(tail.len().checked_sub(ZSTD_CHUNKED_FOOTER)?..)?;
+    if &footer[32..] != ZSTD_CHUNKED_MAGIC {
+        return None;
+    }
+    let word =
+        |i: usize| u64::from_le_bytes(footer[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    Some(TocLocation {
+        compression: Compression::Zstd,
+        offset: word(0),
+        len: word(1),
+    })
+}
+
+/// Decompresses a fetched TOC and returns the JSON bytes, checked against `expected_digest`
+/// (`sha256:<hex>` of the JSON) when the image pins one.
+pub fn read_toc(
+    location: &TocLocation,
+    compressed: &[u8],
+    expected_digest: Option<&str>,
+) -> Result<Vec<u8>, FormatError> {
+    let json = match location.compression {
+        Compression::Gzip => {
+            let mut tar_bytes = Vec::new();
+            flate2::read::GzDecoder::new(compressed)
+                .take(MAX_TOC_BYTES)
+                .read_to_end(&mut tar_bytes)
+                .map_err(FormatError::TocDecompress)?;
+            toc_from_tar(&tar_bytes)?
+        }
+        Compression::Zstd => {
+            let mut json = Vec::new();
+            zstd::stream::read::Decoder::new(compressed)
+                .map_err(FormatError::TocDecompress)?
+                .take(MAX_TOC_BYTES)
+                .read_to_end(&mut json)
+                .map_err(FormatError::TocDecompress)?;
+            json
+        }
+    };
+    if let Some(expected) = expected_digest {
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
+        if actual != expected {
+            return Err(FormatError::TocDigestMismatch {
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+    }
+    Ok(json)
+}
+
+fn toc_from_tar(tar_bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    let entries = archive.entries().map_err(FormatError::TocDecompress)?;
+    for entry in entries {
+        let mut entry = entry.map_err(FormatError::TocDecompress)?;
+        let is_toc = entry
+            .path()
+            .map(|p| p.as_os_str() == TOC_TAR_NAME)
+            .unwrap_or(false);
+        if is_toc {
+            let mut json = Vec::new();
+            entry
+                .read_to_end(&mut json)
+                .map_err(FormatError::TocDecompress)?;
+            return Ok(json);
+        }
+    }
+    Err(FormatError::TocMissing)
+}
+
+/// Parses TOC JSON.
+pub fn parse_toc(json: &[u8]) -> Result<Toc, FormatError> {
+    Ok(serde_json::from_slice(json)?)
+}
+
+/// The uncompressed bytes of one chunk: `len` bytes from `inner_offset` of the stream that
+/// starts at the beginning of `compressed`.
+pub fn decompress_chunk(
+    compression: Compression,
+    compressed: &[u8],
+    inner_offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, FormatError> {
+    let too_large = FormatError::ChunkTooLarge { inner_offset, len };
+    let want = inner_offset.checked_add(len).ok_or(too_large)?;
+    if usize::try_from(want).is_err() {
+        return Err(FormatError::ChunkTooLarge { inner_offset, len });
+    }
+    let mut out = Vec::with_capacity(want.min(INITIAL_CHUNK_BUFFER) as usize);
+    let result = match compression {
+        // GzDecoder stops at the end of the first member, which is exactly the chunk's stream.
+        Compression::Gzip => flate2::read::GzDecoder::new(compressed)
+            .take(want)
+            .read_to_end(&mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(compressed)
+            .map(|d| d.single_frame())
+            .and_then(|d| d.take(want).read_to_end(&mut out)),
+    };
+    result.map_err(FormatError::ChunkDecompress)?;
+    if (out.len() as u64) < want {
+        return Err(FormatError::ChunkShort {
+            got: out.len() as u64,
+            want,
+        });
+    }
+    Ok(out.split_off(inner_offset as usize))
+}
+
+/// What an eStargz or zstd:chunked layer saves: where its TOC was and what it hashes to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TocParams {
+    location: TocLocation,
+    toc_digest: String,
+}
+
+/// Decompresses chunks of a TOC-based layer: each one is an independent gzip member or zstd
+/// frame starting at its `blob_range`.
+struct StreamDecoder(Compression);
+
+impl ChunkDecoder for StreamDecoder {
+    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        decompress_chunk(self.0, compressed, chunk.inner_offset, chunk.len)
+    }
+}
+
+/// An eStargz layer: gzip members, a TOC tar at the end, a 51- or 47-byte footer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Estargz;
+
+/// A zstd:chunked layer as `ctr-remote` writes it: zstd frames, a zstd TOC, a 40-byte footer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZstdChunked;
+
+impl LayerFormat for Estargz {
+    fn name(&self) -> &'static str {
+        "estargz"
+    }
+
+    fn accepts(&self, hints: &LayerHints<'_>) -> Result<(), String> {
+        toc_digest(hints).map(drop)
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        probe: &'a Probe<'a>,
+    ) -> BoxFuture<'a, Result<Option<Resolved>, FormatError>> {
+        Box::pin(resolve_toc(probe, Compression::Gzip))
+    }
+
+    fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
+        open_toc(resolved)
+    }
+}
+
+impl LayerFormat for ZstdChunked {
+    fn name(&self) -> &'static str {
+        "zstd:chunked"
+    }
+
+    fn accepts(&self, hints: &LayerHints<'_>) -> Result<(), String> {
+        toc_digest(hints).map(drop)
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        probe: &'a Probe<'a>,
+    ) -> BoxFuture<'a, Result<Option<Resolved>, FormatError>> {
+        Box::pin(resolve_toc(probe, Compression::Zstd))
+    }
+
+    fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
+        open_toc(resolved)
+    }
+}
+
+fn toc_digest<'a>(hints: &LayerHints<'a>) -> Result<&'a str, String> {
+    hints
+        .annotations
+        .get(TOC_DIGEST_ANNOTATION)
+        .filter(|d| !d.is_empty())
+        .map(String::as_str)
+        .ok_or_else(|| {
+            format!(
+                "layer {} has no TOC digest annotation to verify against",
+                hints.digest
+            )
+        })
+}
+
+async fn resolve_toc(
+    probe: &Probe<'_>,
+    compression: Compression,
+) -> Result<Option<Resolved>, FormatError> {
+    let Ok(expected) = toc_digest(&probe.hints) else {
+        return Ok(None);
+    };
+    let location = match locate_toc(&probe.tail, probe.blob_size) {
+        Ok(location) if location.compression == compression => location,
+        Ok(_) | Err(FormatError::NoFooter(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let compressed = probe
+        .blob
+        .read_range(location.offset..location.offset + location.len)
+        .await?;
+    let json = read_toc(&location, &compressed, Some(expected))?;
+    let params = TocParams {
+        location,
+        toc_digest: expected.to_owned(),
+    };
+    Ok(Some(Resolved {
+        params: serde_json::to_value(&params).map_err(FormatError::Params)?,
+        index: json,
+    }))
+}
+
+fn open_toc(resolved: &Resolved) -> Result<Opened, FormatError> {
+    let params: TocParams =
+        serde_json::from_value(resolved.params.clone()).map_err(FormatError::Params)?;
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&resolved.index)));
+    if actual != params.toc_digest {
+        return Err(FormatError::TocDigestMismatch {
+            expected: params.toc_digest,
+            actual,
+        });
+    }
+    let toc: Toc = parse_toc(&resolved.index)?;
+    let index = toc::build_index(&toc, params.location.offset)?;
+    Ok(Opened {
+        index,
+        decoder: Arc::new(StreamDecoder(params.location.compression)),
+    })
+}
+
+#[cfg(test)]
+#[path = "stargz_tests.rs"]
+mod tests;

@@ -1,0 +1,194 @@
+//! What is kept of a resolved layer under `<root>/layers/<digest>/`: `layer.json` (where the
+//! layer came from, its format and the format's parameters) and `index` (the verified index
+//! document), so a restarted daemon opens its layers again without asking the registry.
+//! Files are written to a temporary name and renamed, so a crash leaves the old or the new.
+//!
+//! Blocking file I/O: call from blocking threads.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{LayerError, LayerSource};
+use crate::format::Resolved;
+
+/// What the snapshotter records with a lazy snapshot, and `layer.json` holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerState {
+    pub source: LayerSource,
+    pub blob_size: u64,
+    /// The name of the layer's format (`LayerFormat::name`).
+    pub format: String,
+    /// The format's parameters and verified index; the index bytes live in their own file,
+    /// not in the JSON.
+    pub resolved: Resolved,
+}
+
+/// The JSON form, without the index bytes. Layers saved before formats had names (the field
+/// `location`) are eStargz or zstd:chunked layers, and read as such.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedState {
+    pub source: LayerSource,
+    pub blob_size: u64,
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    location: Option<serde_json::Value>,
+}
+
+impl SavedState {
+    pub fn of(state: &LayerState) -> Self {
+        SavedState {
+            source: state.source.clone(),
+            blob_size: state.blob_size,
+            format: Some(state.format.clone()),
+            params: Some(state.resolved.params.clone()),
+            location: None,
+        }
+    }
+
+    /// The format name and its parameters, legacy states included.
+    fn format_and_params(&self) -> (String, serde_json::Value) {
+        match (&self.format, &self.params, &self.location) {
+            (Some(f), Some(p), _) => (f.clone(), p.clone()),
+            (_, _, Some(location)) => {
+                let compression = location.get("compression").and_then(|c| c.as_str());
+                let name = if compression == Some("zstd") {
+                    "zstd:chunked"
+                } else {
+                    "estargz"
+                };
+                let params = serde_json::json!({
+                    "location": location,
+                    "toc_digest": self.source.toc_digest.clone().unwrap_or_default(),
+                });
+                (name.to_owned(), params)
+            }
+            _ => (String::new(), serde_json::Value::Null),
+        }
+    }
+
+    /// The full state, with the index bytes read from wherever they were saved.
+    pub fn with_index(self, index: Vec<u8>) -> LayerState {
+        let (format, params) = self.format_and_params();
+        LayerState {
+            source: self.source,
+            blob_size: self.blob_size,
+            format,
+            resolved: Resolved { params, index },
+        }
+    }
+}
+
+/// The directory of saved layer states.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+const STATE_FILE: &str = "layer.json";
+const INDEX_FILE: &str = "index";
+/// What layers saved before the format seam called their index.
+const LEGACY_INDEX_FILE: &str = "toc.json";
+
+impl StateDir {
+    pub fn new(dir: PathBuf) -> Self {
+        StateDir { dir }
+    }
+
+    pub fn layer_dir(&self, digest: &str) -> PathBuf {
+        self.dir.join(digest.replace(':', "-"))
+    }
+
+    /// Saves `state`, replacing what was saved for the layer.
+    pub fn save(&self, state: &LayerState) -> Result<(), LayerError> {
+        let layer = &state.source.digest;
+        let dir = self.layer_dir(layer);
+        let io = |action: &'static str, path: &Path| {
+            let (layer, path) = (layer.clone(), path.to_path_buf());
+            move |source| LayerError::State {
+                layer,
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        let json = serde_json::to_vec_pretty(&SavedState::of(state)).map_err(|source| {
+            LayerError::StateJson {
+                layer: layer.clone(),
+                path: dir.join(STATE_FILE),
+                source,
+            }
+        })?;
+        // The index first: a state file never points at a missing or older index.
+        for (name, bytes) in [(INDEX_FILE, &state.resolved.index), (STATE_FILE, &json)] {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+            let path = dir.join(name);
+            std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
+        }
+        Ok(())
+    }
+
+    /// The saved state of layer `digest`; `Unknown` when none was saved.
+    pub fn load(&self, digest: &str) -> Result<LayerState, LayerError> {
+        let dir = self.layer_dir(digest);
+        if !dir.join(STATE_FILE).exists() {
+            return Err(LayerError::Unknown {
+                layer: digest.to_owned(),
+            });
+        }
+        self.load_dir(&dir)
+    }
+
+    /// The state saved in `dir`.
+    pub fn load_dir(&self, dir: &Path) -> Result<LayerState, LayerError> {
+        let saved = self.load_json(dir)?;
+        let layer = saved.source.digest.clone();
+        let mut path = dir.join(INDEX_FILE);
+        if !path.exists() && dir.join(LEGACY_INDEX_FILE).exists() {
+            path = dir.join(LEGACY_INDEX_FILE);
+        }
+        let index = std::fs::read(&path).map_err(|source| LayerError::State {
+            layer,
+            action: "read",
+            path,
+            source,
+        })?;
+        Ok(saved.with_index(index))
+    }
+
+    /// Just the JSON part of the state saved in `dir`, without reading the index.
+    pub fn load_json(&self, dir: &Path) -> Result<SavedState, LayerError> {
+        let path = dir.join(STATE_FILE);
+        let layer = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().replacen('-', ":", 1))
+            .unwrap_or_default();
+        let text = std::fs::read(&path).map_err(|source| LayerError::State {
+            layer: layer.clone(),
+            action: "read",
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| LayerError::StateJson {
+            layer,
+            path,
+            source,
+        })
+    }
+
+    /// The directories of every saved layer.
+    pub fn list(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join(STATE_FILE).exists())
+            .collect()
+    }
+}

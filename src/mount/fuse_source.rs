@@ -1,0 +1,207 @@
+//! The FUSE crate's view of a lazy layer: metadata from the layer index, bytes from the layer
+//! reader; reads are also shown to the trace recorder and the readahead detector.
+
+use std::ffi::{OsStr, OsString};
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lazysnap_fuse::{self as fuse, Attr, Device, DirEntry, FileKind, Ino, SourceError};
+use tokio::runtime::Handle;
+
+use super::MountTasks;
+use crate::layer::{LayerReader, Priority};
+use crate::metadata::{LayerIndex, Node, NodeKind};
+use crate::prefetch::{ReadRecorder, Readahead};
+
+/// One mounted layer, as the FUSE crate's `LayerSource`.
+pub struct IndexSource {
+    index: Arc<LayerIndex>,
+    reader: Arc<LayerReader>,
+    recorder: Option<Arc<ReadRecorder>>,
+    readahead: Readahead,
+    runtime: Handle,
+    /// Readahead runs here, owned by the mount and ended with it.
+    tasks: MountTasks,
+}
+
+impl IndexSource {
+    pub fn new(
+        index: Arc<LayerIndex>,
+        reader: Arc<LayerReader>,
+        recorder: Option<Arc<ReadRecorder>>,
+        readahead: Readahead,
+        runtime: Handle,
+        tasks: MountTasks,
+    ) -> Self {
+        IndexSource {
+            index,
+            reader,
+            recorder,
+            readahead,
+            runtime,
+            tasks,
+        }
+    }
+
+    /// Starts fetching ahead of a sequential reader, without waiting for it: the read itself
+    /// goes on at once, and the next ones find their chunks cached or in flight.
+    fn read_ahead(&self, ino: u64, offset: u64, end: u64) {
+        let Some(size) = self.index.node(ino).map(|n| n.size) else {
+            return;
+        };
+        let Some(ahead) = self.readahead.on_read(ino, offset..end.min(size), size) else {
+            return;
+        };
+        let chunks = self.index.chunks_for(ino, ahead.start, ahead.end);
+        if chunks.is_empty() || self.reader.is_cached(chunks) {
+            return;
+        }
+        let chunks = chunks.to_vec();
+        let reader = self.reader.clone();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // Finished readaheads are reaped here, so the set holds only what still runs.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn_on(
+            async move {
+                if let Err(e) = reader.warm(&chunks, Priority::Readahead).await {
+                    tracing::debug!(ino, error = %crate::error_chain(&e), "readahead failed");
+                }
+            },
+            &self.runtime,
+        );
+    }
+
+    fn node(&self, ino: Ino) -> Result<&Node, SourceError> {
+        self.index.node(ino.0).ok_or(SourceError::NotFound)
+    }
+
+    fn attr(&self, ino: Ino) -> Result<Attr, SourceError> {
+        let n = self.node(ino)?;
+        let kind = file_kind(n.kind);
+        // Directories report the size ext4 gives an empty one, like an unpacked layer.
+        let size = if n.kind == NodeKind::Dir {
+            4096
+        } else {
+            n.size
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            perm: (n.perm & 0o7777) as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: Device {
+                major: n.rdev.0,
+                minor: n.rdev.1,
+            },
+            size,
+            blocks: Attr::blocks_for(size),
+            mtime: n.mtime,
+        })
+    }
+}
+
+fn file_kind(kind: NodeKind) -> FileKind {
+    match kind {
+        NodeKind::Dir => FileKind::Directory,
+        NodeKind::File => FileKind::RegularFile,
+        NodeKind::Symlink => FileKind::Symlink,
+        NodeKind::CharDevice => FileKind::CharDevice,
+        NodeKind::BlockDevice => FileKind::BlockDevice,
+        NodeKind::Fifo => FileKind::Fifo,
+    }
+}
+
+impl fuse::LayerSource for IndexSource {
+    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
+        if self.node(parent)?.kind != NodeKind::Dir {
+            return Err(SourceError::NotDirectory);
+        }
+        let ino = self
+            .index
+            .lookup(parent.0, name)
+            .ok_or(SourceError::NotFound)?;
+        self.attr(Ino(ino))
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
+        self.attr(ino)
+    }
+
+    fn readdir(
+        &self,
+        dir: Ino,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        let node = self.node(dir)?;
+        if node.kind != NodeKind::Dir {
+            return Err(SourceError::NotDirectory);
+        }
+        for (name, child) in node.children.iter().skip(offset as usize) {
+            let kind = self
+                .index
+                .node(*child)
+                .map_or(FileKind::RegularFile, |n| file_kind(n.kind));
+            let entry = DirEntry {
+                ino: Ino(*child),
+                kind,
+                name: OsStr::from_bytes(name),
+            };
+            if add(entry).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
+        let node = self.node(ino)?;
+        if node.kind != NodeKind::Symlink {
+            return Err(SourceError::NotSymlink);
+        }
+        Ok(OsStr::from_bytes(&node.link_target).to_owned())
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
+        Ok(self
+            .node(ino)?
+            .xattrs
+            .iter()
+            .map(|(k, _)| OsString::from(k.as_ref()))
+            .collect())
+    }
+
+    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
+        self.node(ino)?
+            .xattrs
+            .iter()
+            .find(|(k, _)| k.as_bytes() == name.as_bytes())
+            .map(|(_, v)| Bytes::copy_from_slice(v))
+            .ok_or(SourceError::NoAttribute)
+    }
+
+    fn read(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, SourceError>> + Send {
+        let end = offset + u64::from(len);
+        let chunks = self.index.chunks_for(ino.0, offset, end);
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino.0, chunks);
+        }
+        self.read_ahead(ino.0, offset, end);
+        async move {
+            self.reader.read(chunks, offset..end).await.map_err(|e| {
+                tracing::warn!(ino = ino.0, offset, len, error = %crate::error_chain(&e), "read failed");
+                SourceError::io(e)
+            })
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The one place that wires lazy layers into the snapshotter: [`LazyLayers`] implements the
+//! snapshotter's `RemoteFs` by resolving a layer (`crate::layer`), saving its state, opening
+//! its index and mounting it with the `lazysnap-fuse` crate over [`IndexSource`], with the
+//! prefetch and trace tasks the mount owns. Reports for operators are in `report`.
+
+mod fuse_source;
+mod report;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lazysnap_fuse as fuse;
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+
+pub use fuse_source::IndexSource;
+
+use crate::cache::ChunkStore;
+use crate::config::PrefetchConfig;
+use crate::layer::{
+    self, unix_ms, Fetches, LayerError, LayerReader, LayerSource, LayerState, Resolver, StateDir,
+};
+use crate::metadata::LayerIndex;
+use crate::prefetch::{Activity, ActivityCell, MountPlan, ReadRecorder, Readahead, TraceStore};
+use crate::report::Totals;
+use crate::snapshot::{Labels, RemoteError, RemoteFs, RemoteState};
+
+/// Tasks a mount owns (prefetch, trace recording, readahead): aborted when it is unmounted,
+/// so none outlives the layer it serves.
+pub type MountTasks = Arc<Mutex<JoinSet<()>>>;
+
+struct Mounted {
+    handle: fuse::MountHandle,
+    reader: Arc<LayerReader>,
+    index: Arc<LayerIndex>,
+    digest: String,
+    reference: String,
+    mounted_unix_ms: u64,
+    activity: Arc<ActivityCell>,
+    recorder: Option<Arc<ReadRecorder>>,
+    tasks: MountTasks,
+}
+
+/// Where lazy layers keep their state, and how they behave.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// `<root>/layers`: each layer's saved index and description.
+    pub layers_dir: PathBuf,
+    /// A container's read that cannot be served in this time fails with EIO.
+    pub read_timeout: Duration,
+    pub prefetch: PrefetchConfig,
+}
+
+/// Lazily pulled layers, mounted over FUSE.
+pub struct LazyLayers {
+    resolver: Resolver,
+    store: Arc<dyn ChunkStore>,
+    traces: Arc<TraceStore>,
+    fetches: Arc<Fetches>,
+    states: StateDir,
+    options: LazyOptions,
+    runtime: Handle,
+    mounted: Mutex<HashMap<PathBuf, Mounted>>,
+    /// Per layer digest: figures of its mounts that are gone, so totals never go backwards.
+    retired: Mutex<HashMap<String, report::Retired>>,
+    retired_totals: Mutex<Totals>,
+}
+
+impl LazyLayers {
+    pub fn new(
+        resolver: Resolver,
+        store: Arc<dyn ChunkStore>,
+        traces: Arc<TraceStore>,
+        options: LazyOptions,
+        runtime: Handle,
+    ) -> Self {
+        LazyLayers {
+            resolver,
+            store,
+            traces,
+            fetches: Arc::new(Fetches::new(options.prefetch.concurrency)),
+            states: StateDir::new(options.layers_dir.clone()),
+            options,
+            runtime,
+            mounted: Mutex::default(),
+            retired: Mutex::default(),
+            retired_totals: Mutex::default(),
+        }
+    }
+
+    fn mounted(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
+        self.mounted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a resolved layer and mounts it at `mountpoint`, with the tasks that serve it.
+    fn mount_state(&self, mountpoint: &Path, state: &LayerState) -> Result<(), LayerError> {
+        let digest = &state.source.digest;
+        let opened = layer::open(self.resolver.formats(), state)?;
+        let index = Arc::new(opened.index);
+        let prefetch = &self.options.prefetch;
+        let reader = Arc::new(
+            LayerReader::new(
+                self.resolver.blob(&state.source)?,
+                opened.decoder,
+                self.store.clone(),
+                self.fetches.clone(),
+            )
+            .with_neighbours(
+                Arc::from(index.chunks_in_blob_order()),
+                prefetch.amplify_bytes,
+            ),
+        );
+        let recorder = (!prefetch.trace_window.is_zero()).then(|| {
+            Arc::new(ReadRecorder::new(
+                prefetch.trace_window,
+                prefetch.max_trace_entries,
+            ))
+        });
+        let tasks: MountTasks = Arc::default();
+        let source = Arc::new(IndexSource::new(
+            index.clone(),
+            reader.clone(),
+            recorder.clone(),
+            Readahead::new(prefetch.readahead_max_bytes),
+            self.runtime.clone(),
+            tasks.clone(),
+        ));
+        let options = fuse::MountOptions {
+            fsname: format!("lazysnap-{}", digest.replace(':', "-")),
+            read_timeout: self.options.read_timeout,
+            ..fuse::MountOptions::default()
+        };
+        let handle =
+            fuse::mount(source, mountpoint, options, self.runtime.clone()).map_err(|source| {
+                LayerError::Mount {
+                    layer: digest.clone(),
+                    source,
+                }
+            })?;
+        let activity = Arc::new(ActivityCell::default());
+        {
+            let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
+            if prefetch.enabled {
+                let plan = MountPlan {
+                    trace: true,
+                    landmarks: prefetch.landmarks,
+                    background: prefetch.background_fetch,
+                    concurrency: prefetch.concurrency,
+                };
+                let trace = self.traces.load(digest);
+                activity.set(Activity::Prefetching);
+                set.spawn_on(
+                    crate::prefetch::after_mount(
+                        digest.clone(),
+                        reader.clone(),
+                        index.clone(),
+                        trace,
+                        plan,
+                        activity.clone(),
+                    ),
+                    &self.runtime,
+                );
+            }
+            if let Some(recorder) = &recorder {
+                // Saved every few seconds, so a trace is there soon after a container's start
+                // even if the daemon is killed before the window ends.
+                let interval = prefetch.trace_window.min(Duration::from_secs(2));
+                set.spawn_on(
+                    crate::prefetch::record_trace(
+                        digest.clone(),
+                        recorder.clone(),
+                        index.clone(),
+                        self.traces.clone(),
+                        interval,
+                    ),
+                    &self.runtime,
+                );
+            }
+        }
+        self.mounted().insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                handle,
+                reader,
+                index,
+                digest: digest.clone(),
+                reference: state.source.reference.clone(),
+                mounted_unix_ms: unix_ms(),
+                activity,
+                recorder,
+                tasks,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// How the snapshotter sees a layer's failure: not lazy (ordinary path, quietly) or failed
+/// (ordinary path, with a warning); the cause stays attached.
+fn remote_error(e: LayerError) -> RemoteError {
+    match e {
+        LayerError::NotLazy { .. } => RemoteError::NotLazy(Box::new(e)),
+        e => RemoteError::Failed(Box::new(e)),
+    }
+}
+
+/// `RemoteFs` methods block: they are called by the snapshotter, which runs on tokio's
+/// blocking pool (`grpc::snapshots` and the daemon's startup both use `spawn_blocking`), and
+/// they wait on the registry with `Handle::block_on`, which must never run on an async worker.
+impl RemoteFs for LazyLayers {
+    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError> {
+        let source = LayerSource::from_labels(labels).ok_or_else(|| {
+            RemoteError::NotLazy("labels name no image reference and layer digest".into())
+        })?;
+        let state = self
+            .runtime
+            .block_on(self.resolver.resolve(&source, labels))
+            .map_err(remote_error)?;
+        self.states.save(&state).map_err(remote_error)?;
+        self.mount_state(mountpoint, &state).map_err(remote_error)?;
+        serde_json::to_value(layer::SavedState::of(&state))
+            .map_err(|e| RemoteError::Failed(Box::new(e)))
+    }
+
+    fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
+        let saved: layer::SavedState =
+            serde_json::from_value(state.clone()).map_err(|e| RemoteError::Failed(Box::new(e)))?;
+        let state = self
+            .states
+            .load(&saved.source.digest)
+            .map_err(remote_error)?;
+        self.mount_state(mountpoint, &state).map_err(remote_error)
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
+        let mounted = self.mounted().remove(mountpoint);
+        let Some(mounted) = mounted else {
+            return Ok(());
+        };
+        // Dropping the set aborts what is still running: prefetch, trace saving, readahead.
+        drop(std::mem::take(
+            &mut *mounted.tasks.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        self.retire(&mounted);
+        mounted.handle.unmount().map_err(|e| RemoteError::Unmount {
+            mountpoint: mountpoint.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+}
