@@ -10,24 +10,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{mounts_at, pattern, require_root, Mounted};
+use common::{mounts_at, pattern, require_root, wait_until, Mounted};
 use lazysnap_fuse::{detach_mount, mount, Ino, MemorySource, Meta, MountError, MountOptions};
 
 fn tree() -> MemorySource {
     let mut src = MemorySource::new();
     src.file(Ino::ROOT, "file", Meta::new(0o644), pattern(300_000));
     src
-}
-
-/// Polls `done` until it holds or five seconds pass.
-fn eventually(what: &str, done: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if done() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[test]
@@ -74,7 +63,9 @@ fn a_busy_mount_is_detached_and_serves_its_users_to_the_end() {
 
     // The last user gone, the kernel ends the session, which drops the source.
     drop(open);
-    eventually("the session to end", || Arc::strong_count(&source) == 1);
+    wait_until(Duration::from_secs(5), "the session to end", || {
+        Arc::strong_count(&source) == 1
+    });
 }
 
 #[test]
@@ -194,7 +185,9 @@ fn a_mount_left_by_a_crashed_daemon_can_be_detached() {
     fs::create_dir(&mountpoint).expect("mountpoint");
 
     let mut daemon = spawn_crashing_daemon(&mountpoint);
-    eventually("the child's mount", || mounts_at(&mountpoint).len() == 1);
+    wait_until(Duration::from_secs(5), "the child's mount", || {
+        mounts_at(&mountpoint).len() == 1
+    });
     assert!(fs::metadata(mountpoint.join("file")).is_ok());
 
     // SIGKILL: no unmount, no cleanup; the kernel closes /dev/fuse and the mount goes dead.

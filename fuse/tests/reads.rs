@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{pattern, Mounted};
+use common::{pattern, wait_until, Mounted};
 use lazysnap_fuse::{
     Attr, DirEntry, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError,
 };
@@ -111,15 +111,6 @@ impl LayerSource for Scripted {
             std::future::pending::<()>().await;
         }
         self.inner.read(ino, offset, len).await
-    }
-}
-
-/// Polls `done` until it holds or `limit` passes.
-fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(5));
     }
 }
 

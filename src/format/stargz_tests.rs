@@ -9,15 +9,11 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
-    let blob = std::fs::read(format!("{dir}{name}.blob")).expect("fixture blob");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{dir}{name}.json")).expect("fixture json"))
-            .expect("fixture json parses");
-    let toc_digest = meta["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
-        .as_str()
+    let (blob, annotations) = crate::test_utils::fixture(name);
+    let toc_digest = annotations
+        .get(TOC_DIGEST_ANNOTATION)
         .expect("toc digest annotation")
-        .to_owned();
+        .clone();
     Fixture { blob, toc_digest }
 }
 

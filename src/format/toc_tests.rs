@@ -3,7 +3,6 @@
 use std::ffi::OsStr;
 
 use super::*;
-use crate::format;
 use crate::metadata::{NodeKind, ROOT};
 
 fn toc(entries: serde_json::Value) -> Toc {
@@ -119,22 +118,10 @@ fn hostile_entries_are_refused_by_name() {
     assert!(ino(&index, "abs/file").is_some());
 }
 
-#[test]
-fn real_estargz_fixture_indexes() {
-    let blob = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/estargz.blob"
-    ))
-    .expect("fixture");
-    let location = format::locate_toc(&blob[blob.len() - 64..], blob.len() as u64).expect("footer");
-    let json = format::read_toc(
-        &location,
-        &blob[location.offset as usize..(location.offset + location.len) as usize],
-        None,
-    )
-    .expect("toc");
-    let index =
-        build_index(&format::parse_toc(&json).expect("parse"), location.offset).expect("index");
+#[tokio::test]
+async fn real_estargz_fixture_indexes() {
+    let (_, opened) = crate::test_utils::open_fixture("estargz").await;
+    let index = opened.index;
     let multi = ino(&index, "dir/multi-chunk.txt").expect("file");
     let node = index.node(multi).expect("node");
     assert!(node.chunks.len() >= 3);

@@ -186,7 +186,9 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
+    // Paused time: the sleeps below order the steps without costing real time, and a slow
+    // machine cannot reorder them.
+    #[tokio::test(start_paused = true)]
     async fn prefetch_waits_for_demand_and_background_for_prefetch() {
         let fetches = Arc::new(Fetches::new(2));
         let demand = fetches.demand();

@@ -5,6 +5,8 @@
 
 mod fuse_source;
 mod report;
+#[cfg(test)]
+mod seams_tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -71,13 +71,22 @@ impl Drop for Proc {
     }
 }
 
-/// Waits until `ready` holds, panicking with `what` and the log after `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, proc: &mut Proc, mut ready: impl FnMut() -> bool) {
+/// Polls `cond` every `interval` until it holds (true) or `timeout` passes (false): the one
+/// polling loop of the harness.
+pub fn poll_until(timeout: Duration, interval: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if ready() {
-            return;
+        if cond() {
+            return true;
         }
+        std::thread::sleep(interval);
+    }
+    false
+}
+
+/// Waits until `ready` holds, panicking with `what` and the log after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, proc: &mut Proc, mut ready: impl FnMut() -> bool) {
+    let ok = poll_until(timeout, Duration::from_millis(25), || {
         if !proc.is_running() {
             panic!(
                 "{} exited while waiting for {what}:\n{}",
@@ -85,9 +94,11 @@ pub fn wait_for(what: &str, timeout: Duration, proc: &mut Proc, mut ready: impl 
                 proc.log_tail(30)
             );
         }
-        std::thread::sleep(Duration::from_millis(25));
+        ready()
+    });
+    if !ok {
+        panic!("timed out waiting for {what}:\n{}", proc.log_tail(30));
     }
-    panic!("timed out waiting for {what}:\n{}", proc.log_tail(30));
 }
 
 /// A free TCP port on loopback (bound, read, released).

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -477,15 +477,10 @@ state = "{state}"
     }
 
     /// Waits (bounded) for `cond`, for effects containerd applies asynchronously (GC).
-    pub fn eventually(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if cond() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    pub fn eventually(&self, what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+        if !super::process::poll_until(timeout, Duration::from_millis(100), cond) {
+            panic!("timed out waiting for {what}\n{}", self.diagnostics());
         }
-        panic!("timed out waiting for {what}\n{}", self.diagnostics());
     }
 }
 

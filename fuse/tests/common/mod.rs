@@ -13,6 +13,15 @@ use lazysnap_fuse::{mount, LayerSource, MountHandle, MountOptions};
 use tempfile::TempDir;
 
 /// Fails the test at once, with the reason, when not run as root.
+/// Polls `done` until it holds, panicking with `what` once `limit` has passed.
+pub fn wait_until(limit: std::time::Duration, what: &str, done: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
