@@ -1,7 +1,9 @@
 //! The registry client against real `docker-registry` processes: ranged reads, mirrors from a
 //! containerd-style hosts directory with fallback to the origin, reuse of a redirected blob URL
 //! (through a tiny redirecting front, the one behaviour docker-registry's filesystem storage
-//! cannot show), and a bounded failure when every host is down.
+//! cannot show), and a bounded failure when every host is down. Servers that lie about sizes
+//! (a huge body for a small range, a whole blob instead of a range, an endless token answer)
+//! are tiny in-process fronts on 127.0.0.1: the client must refuse them without buffering.
 
 mod harness;
 
@@ -211,5 +213,188 @@ async fn an_unreachable_registry_fails_within_the_deadline() {
         started.elapsed() < Duration::from_secs(4),
         "took {:?}",
         started.elapsed()
+    );
+}
+
+/// What a hostile front answers.
+#[derive(Clone, Copy)]
+enum Lie {
+    /// A valid 206 head for the range asked, then `HUGE` bytes with no length (until close).
+    EndlessPartial,
+    /// A 206 announcing `HUGE` bytes in Content-Length.
+    AnnouncedPartial,
+    /// 200 and the "whole blob" of `HUGE` bytes, ignoring Range.
+    WholeBlob,
+    /// A bearer challenge whose token endpoint answers `HUGE` bytes with no length.
+    EndlessToken,
+}
+
+/// Half a gigabyte: far more than any test may hold in memory.
+const HUGE: u64 = 512 * 1024 * 1024;
+
+/// Starts a front answering every request with `lie`; returns its port and a channel that
+/// gets, per connection, how many body bytes the front managed to write before the client
+/// hung up.
+async fn hostile_front(lie: Lie) -> (u16, tokio::sync::mpsc::UnboundedReceiver<u64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let sent_tx = sent_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // Requests on this connection until one gets an endless body: the client
+                // asks for its token on the connection the challenge came on.
+                loop {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let range = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: ").or(l.strip_prefix("Range: ")))
+                        .and_then(|r| r.trim().strip_prefix("bytes="))
+                        .unwrap_or("0-0")
+                        .to_owned();
+                    let answer = match lie {
+                    Lie::EndlessPartial => format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {range}/{HUGE}\r\nConnection: close\r\n\r\n"
+                    ),
+                    Lie::AnnouncedPartial => format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {range}/{HUGE}\r\nContent-Length: {HUGE}\r\n\r\n"
+                    ),
+                    Lie::WholeBlob => {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {HUGE}\r\n\r\n")
+                    }
+                    Lie::EndlessToken if path.starts_with("/token") => {
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n".to_owned()
+                    }
+                    Lie::EndlessToken => format!(
+                        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"front\"\r\nContent-Length: 0\r\n\r\n"
+                    ),
+                };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if !answer.contains("Content-Length: 0") {
+                        break;
+                    }
+                }
+                // Zeros (spaces for JSON), written as fast as the client takes them.
+                let filler = if matches!(lie, Lie::EndlessToken) {
+                    b' '
+                } else {
+                    0
+                };
+                let chunk = vec![filler; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < HUGE {
+                    if stream.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    sent += chunk.len() as u64;
+                }
+                let _ = sent_tx.send(sent);
+            });
+        }
+    });
+    (port, sent_rx)
+}
+
+/// This process's resident set, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads 64 bytes from a front telling `lie` and returns the error, checking that it came
+/// fast, that the front could not push its whole body through, and that memory stayed flat.
+async fn read_from_liar(lie: Lie) -> (RegistryError, u16, String) {
+    let (port, mut sent) = hostile_front(lie).await;
+    let reference = Reference::parse(&format!("127.0.0.1:{port}/t:1")).expect("reference");
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let client = client(None, Duration::from_secs(20));
+    let rss_before = rss_kib();
+    let started = Instant::now();
+    let err = client
+        .read_range(&reference, &digest, 0..64)
+        .await
+        .expect_err("a lying registry gives an error, not bytes");
+    let elapsed = started.elapsed();
+    let grown_mib = rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}: {err}");
+    assert!(grown_mib < 64, "memory grew by {grown_mib} MiB: {err}");
+    // The front learns the client hung up when its writes fail.
+    let written = tokio::time::timeout(Duration::from_secs(10), sent.recv())
+        .await
+        .expect("the client hung up")
+        .expect("a connection");
+    assert!(
+        written < HUGE,
+        "the front wrote its whole {HUGE}-byte body, so it was read"
+    );
+    (err, port, digest)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_range_body_is_cut_off_at_the_range_length() {
+    let (err, port, digest) = read_from_liar(Lie::EndlessPartial).await;
+    assert!(
+        matches!(&err, RegistryError::TooLarge { limit: 64, .. }),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    for needle in [
+        format!("127.0.0.1:{port}"),
+        digest,
+        "0..64".to_owned(),
+        "sent more than 64 bytes".to_owned(),
+    ] {
+        assert!(message.contains(&needle), "{message:?} lacks {needle:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_announced_huge_range_body_is_refused_before_reading() {
+    let (err, _, _) = read_from_liar(Lie::AnnouncedPartial).await;
+    assert!(
+        matches!(&err, RegistryError::TooLarge { limit: 64, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_blob_for_a_range_is_refused_without_reading_it() {
+    let (err, _, _) = read_from_liar(Lie::WholeBlob).await;
+    assert!(
+        matches!(&err, RegistryError::BadResponse { reason, .. } if reason.contains("instead of 206")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endless_token_answer_is_cut_off() {
+    let (err, port, _) = read_from_liar(Lie::EndlessToken).await;
+    assert!(
+        matches!(&err, RegistryError::TooLarge { limit: 1_048_576, what, .. } if what.contains("token")),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("http://127.0.0.1:{port}/token")),
+        "{err}"
     );
 }

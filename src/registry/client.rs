@@ -3,8 +3,9 @@
 //! exponential backoff and jitter, and never past the caller's deadline, so a read of an
 //! unreachable registry fails within a bounded time instead of hanging a container.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_RANGE, RANGE, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 
 use super::auth::{Challenge, Credentials, Secret};
-use super::hosts::{self, Endpoint};
+use super::bounded::BoundedMap;
+use super::hosts::{self, Endpoint, HostsCache, HostsError};
 use super::reference::Reference;
 
 /// Client settings.
@@ -44,7 +46,11 @@ impl Default for RegistryConfig {
     }
 }
 
-/// Why a registry request failed. Messages name host, digest and range, never secrets.
+/// Why a registry request failed. Messages name host, digest and range, never secrets or URL
+/// query strings (signed blob URLs carry their credentials there). A cause is chained as the
+/// `source()`, never repeated in the message, so printing the chain shows it once. Clone,
+/// because one failed fetch is handed to every reader waiting for it; non-Clone causes are
+/// behind `Arc`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
     #[error("authentication failed at {host}: {reason}")]
@@ -56,6 +62,7 @@ pub enum RegistryError {
         host: String,
         attempts: u32,
         deadline: Duration,
+        /// The last attempt's failure, already stripped of URL query strings.
         last: String,
     },
     #[error("registry {host} sent a bad answer for {what}: {reason}")]
@@ -64,10 +71,50 @@ pub enum RegistryError {
         what: String,
         reason: String,
     },
-    #[error("http client: {0}")]
-    Client(String),
-    #[error("registry hosts configuration: {0}")]
-    Hosts(String),
+    /// The answer was (or announced it would be) longer than asked for or allowed; reading
+    /// stopped there instead of buffering it.
+    #[error("registry {host} sent more than {limit} bytes for {what}")]
+    TooLarge {
+        host: String,
+        what: String,
+        limit: u64,
+    },
+    #[error("cannot build the http client")]
+    HttpClient {
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    #[error("cannot read CA file {}", path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("CA file {} holds no usable PEM certificate", path.display())]
+    CaCertificate {
+        path: PathBuf,
+        /// None when the file parsed but held no certificate at all.
+        #[source]
+        source: Option<Arc<reqwest::Error>>,
+    },
+    /// Transparent: the hosts error already names the file (and so the registry host), and
+    /// callers that flatten errors to one line keep its reason.
+    #[error(transparent)]
+    Hosts(#[from] HostsError),
+    #[error("no host left to read {digest} from")]
+    NoEndpoint { digest: String },
+}
+
+impl RegistryError {
+    /// The registry (or every mirror and then the origin) does not have what was asked for.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RegistryError::NotFound { .. })
+    }
+
+    /// The registry refused the credentials, or none were configured for it.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, RegistryError::Unauthorized { .. })
+    }
 }
 
 /// Counters of everything the client did.
@@ -84,14 +131,33 @@ enum Attempt {
     Fatal(RegistryError),
 }
 
-/// Bearer tokens by (host, scope), with their expiry.
-type TokenCache = HashMap<(String, String), (Secret, Instant)>;
+/// Bearer tokens by (host, scope), until their expiry.
+type TokenCache = BoundedMap<(String, String), Secret>;
 /// HTTP clients by TLS settings (skip_verify, extra CAs) of hosts.toml entries.
 type ClientCache = HashMap<(bool, Vec<PathBuf>), reqwest::Client>;
 
 /// How long a blob's redirected URL (usually a signed object-storage URL) is reused; such URLs
 /// typically live 10 to 20 minutes, and a failure drops it earlier.
 const REDIRECT_REUSE: Duration = Duration::from_secs(5 * 60);
+
+// Caps on what the client remembers. A long-lived daemon sees an unbounded stream of digests
+// and repositories; these maps are caches, so past the cap the expired and then the
+// soonest-expiring entries go (see `bounded`), costing a round trip or a log line again.
+/// Redirected blob URLs remembered (one per blob being read, URLs of a few hundred bytes).
+const MAX_REDIRECTS: usize = 4096;
+/// (blob, mirror) fallbacks already logged.
+const MAX_FALLBACKS_LOGGED: usize = 4096;
+/// How long a logged fallback stays quiet: once per blob and mirror in practice, yet a mirror
+/// that keeps failing for the same blob shows up again in the logs after a while.
+const FALLBACK_LOG_QUIET: Duration = Duration::from_secs(60 * 60);
+/// Bearer tokens (one per host and repository).
+const MAX_TOKENS: usize = 1024;
+/// Mirrors marked down (hosts named in hosts.toml, so few).
+const MAX_MIRRORS_DOWN: usize = 1024;
+
+/// The most a token endpoint's answer may be. Real ones are a few kilobytes (a JWT and some
+/// fields); anything near this is broken or hostile and is refused rather than buffered.
+const MAX_TOKEN_BODY: u64 = 1024 * 1024;
 
 /// Where one attempt goes: an endpoint's client, URL and identity.
 #[derive(Clone)]
@@ -108,7 +174,7 @@ struct Target {
 pub struct RegistryClient {
     http: reqwest::Client,
     config: RegistryConfig,
-    /// (host, scope) → bearer token and its expiry.
+    /// (host, scope) → bearer token, until its expiry.
     tokens: Arc<Mutex<TokenCache>>,
     credentials: Arc<Mutex<HashMap<String, Credentials>>>,
     /// (host, repository) → credentials given for images of that repository (a kubelet's pull
@@ -116,16 +182,18 @@ pub struct RegistryClient {
     repository_credentials: Arc<Mutex<HashMap<(String, String), Credentials>>>,
     stats: Arc<RegistryStats>,
     clients: Arc<Mutex<ClientCache>>,
-    /// digest → (final URL after redirects, when it was learnt).
-    redirects: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    /// digest → final URL after redirects, until it is too old to trust.
+    redirects: Arc<Mutex<BoundedMap<String, String>>>,
     /// (digest, mirror) pairs whose fallback was logged, so a layer logs it once, not per chunk.
-    fallbacks_logged: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
-    /// Mirrors that failed, skipped until the instant given, so a mirror that hangs costs one
-    /// read a timeout, not every read.
-    mirrors_down: Arc<Mutex<HashMap<String, Instant>>>,
+    fallbacks_logged: Arc<Mutex<BoundedMap<(String, String), ()>>>,
+    /// Mirrors that failed, skipped until their expiry, so a mirror that hangs costs one read
+    /// a timeout, not every read.
+    mirrors_down: Arc<Mutex<BoundedMap<String, ()>>>,
     /// Hosts that asked for basic auth: later requests send it up front instead of paying a
     /// 401 round trip each.
-    basic_hosts: Arc<Mutex<std::collections::HashSet<String>>>,
+    basic_hosts: Arc<Mutex<HashSet<String>>>,
+    /// Parsed hosts.toml per registry host, so a chunk read does not read and parse the file.
+    hosts: Arc<HostsCache>,
 }
 
 /// How long a failed mirror is skipped before it is tried again.
@@ -137,18 +205,20 @@ impl RegistryClient {
         // build than aws-lc); installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = build_client(&config, false, &[])?;
+        let hosts = HostsCache::new(config.hosts_dir.clone(), hosts::RECHECK_EVERY);
         let client = RegistryClient {
             http,
             config,
-            tokens: Arc::default(),
+            tokens: Arc::new(Mutex::new(BoundedMap::new(MAX_TOKENS))),
             credentials: Arc::default(),
             repository_credentials: Arc::default(),
             stats: Arc::default(),
             clients: Arc::default(),
-            redirects: Arc::default(),
-            fallbacks_logged: Arc::default(),
-            mirrors_down: Arc::default(),
+            redirects: Arc::new(Mutex::new(BoundedMap::new(MAX_REDIRECTS))),
+            fallbacks_logged: Arc::new(Mutex::new(BoundedMap::new(MAX_FALLBACKS_LOGGED))),
+            mirrors_down: Arc::new(Mutex::new(BoundedMap::new(MAX_MIRRORS_DOWN))),
             basic_hosts: Arc::default(),
+            hosts: Arc::new(hosts),
         };
         client.load_docker_config();
         Ok(client)
@@ -299,23 +369,39 @@ impl RegistryClient {
                 .send(&target, reqwest::Method::GET, Some(range))
                 .await?;
             if response.url().as_str() != target.url {
-                self.redirects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(
-                        digest.to_owned(),
-                        (response.url().to_string(), Instant::now()),
-                    );
+                self.remember_redirect(digest, response.url().as_str());
             }
             self.take_range(response, &target.host, digest, range).await
         })
         .await
     }
 
+    fn remember_redirect(&self, digest: &str, url: &str) {
+        let now = Instant::now();
+        self.redirects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_owned(), url.to_owned(), now + REDIRECT_REUSE, now);
+    }
+
+    /// Whether this is the first failure of `mirror` for `digest` in a while, i.e. worth a
+    /// log line.
+    fn first_fallback(&self, digest: &str, mirror: &str) -> bool {
+        let now = Instant::now();
+        self.fallbacks_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (digest.to_owned(), mirror.to_owned()),
+                (),
+                now + FALLBACK_LOG_QUIET,
+                now,
+            )
+    }
+
     fn redirect_for(&self, digest: &str) -> Option<String> {
         let redirects = self.redirects.lock().unwrap_or_else(|p| p.into_inner());
-        let (url, learnt) = redirects.get(digest)?;
-        (learnt.elapsed() < REDIRECT_REUSE).then(|| url.clone())
+        redirects.get(digest, Instant::now()).cloned()
     }
 
     /// One GET of a redirected URL: no registry credentials go there (it is another host,
@@ -338,26 +424,31 @@ impl RegistryClient {
         match self.take_range(response, &host, digest, range).await {
             Ok(bytes) => Ok(bytes),
             Err(Attempt::Retry(reason)) => Err(reason),
-            Err(Attempt::Fatal(e)) => Err(e.to_string()),
+            Err(Attempt::Fatal(e)) => Err(chain(&e)),
         }
     }
 
-    /// Checks that `response` is exactly the requested range and returns its bytes.
+    /// Checks that `response` is exactly the requested range and returns its bytes. The body
+    /// is streamed into a buffer of the range's size and reading stops as soon as the
+    /// registry sends more, so a lying or broken server cannot make us buffer a whole blob
+    /// (or an endless stream) for a small range.
     async fn take_range(
         &self,
-        response: reqwest::Response,
+        mut response: reqwest::Response,
         host: &str,
         digest: &str,
         range: &Range<u64>,
     ) -> Result<Bytes, Attempt> {
+        let what = || format!("blob {digest} bytes {}..{}", range.start, range.end);
         let bad = |reason: String| {
             Attempt::Fatal(RegistryError::BadResponse {
                 host: host.to_owned(),
-                what: format!("blob {digest} bytes {}..{}", range.start, range.end),
+                what: what(),
                 reason,
             })
         };
-        // A 200 would be the whole blob: never take it for the range we asked for.
+        // A 200 would be the whole blob: never take it for the range we asked for. Its body
+        // is not read; dropping the response closes the connection.
         if response.status() != StatusCode::PARTIAL_CONTENT {
             return Err(bad(format!("status {} instead of 206", response.status())));
         }
@@ -371,21 +462,20 @@ impl RegistryClient {
         if !content_range.starts_with(&expected) {
             return Err(bad(format!("Content-Range {content_range:?}")));
         }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Attempt::Retry(format!("reading body: {e}")))?;
-        self.stats
-            .bytes
-            .fetch_add(body.len() as u64, Ordering::Relaxed);
-        if body.len() as u64 != range.end - range.start {
-            return Err(Attempt::Retry(format!(
-                "short body: {} of {} bytes",
-                body.len(),
-                range.end - range.start
-            )));
+        let len = range.end - range.start;
+        match read_body(&mut response, len, &self.stats.bytes).await {
+            Ok(body) if body.len() as u64 == len => Ok(body),
+            Ok(body) => Err(Attempt::Retry(format!(
+                "short body: {} of {len} bytes",
+                body.len()
+            ))),
+            Err(BodyError::TooLarge) => Err(Attempt::Fatal(RegistryError::TooLarge {
+                host: host.to_owned(),
+                what: what(),
+                limit: len,
+            })),
+            Err(BodyError::Read(reason)) => Err(Attempt::Retry(format!("reading body: {reason}"))),
         }
-        Ok(body)
     }
 
     /// Tries the mirrors of `reference`'s host in order, one attempt each, then the origin
@@ -401,8 +491,7 @@ impl RegistryClient {
         F: FnMut(Target) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let endpoints = hosts::endpoints(self.config.hosts_dir.as_deref(), reference)
-            .map_err(|e| RegistryError::Hosts(e.to_string()))?;
+        let endpoints = self.hosts.endpoints(reference)?;
         let deadline = Instant::now() + self.config.read_deadline;
         for endpoint in &endpoints {
             if !endpoint.is_origin && self.mirror_is_down(endpoint.host()) {
@@ -424,37 +513,31 @@ impl RegistryClient {
             let reason = match tokio::time::timeout(remaining, attempt(target.clone())).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(Attempt::Retry(reason))) => reason,
-                Ok(Err(Attempt::Fatal(e))) => e.to_string(),
+                Ok(Err(Attempt::Fatal(e))) => chain(&e),
                 Err(_) => "deadline reached".to_owned(),
             };
+            let now = Instant::now();
             self.mirrors_down
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(target.host.clone(), Instant::now() + MIRROR_RETRY_AFTER);
-            let first = self
-                .fallbacks_logged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((digest.to_owned(), target.host.clone()));
+                .insert(target.host.clone(), (), now + MIRROR_RETRY_AFTER, now);
+            let first = self.first_fallback(digest, &target.host);
             if first {
                 tracing::warn!(mirror = %target.host, digest, %reason, "mirror failed; trying the next host");
             }
         }
-        Err(RegistryError::Hosts(format!(
-            "no host to read {digest} from"
-        )))
+        Err(RegistryError::NoEndpoint {
+            digest: digest.to_owned(),
+        })
     }
 
     fn mirror_is_down(&self, host: &str) -> bool {
         let mut down = self.mirrors_down.lock().unwrap_or_else(|p| p.into_inner());
-        match down.get(host) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                down.remove(host);
-                false
-            }
-            None => false,
+        if down.get(host, Instant::now()).is_some() {
+            return true;
         }
+        down.remove(host);
+        false
     }
 
     /// The HTTP client for an endpoint's TLS settings (one per distinct setting, so the
@@ -603,8 +686,8 @@ impl RegistryClient {
                 .and_then(basic);
         }
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let (token, expiry) = tokens.get(&(host.to_owned(), scope.to_owned()))?;
-        (*expiry > Instant::now()).then(|| bearer(token)).flatten()
+        let token = tokens.get(&(host.to_owned(), scope.to_owned()), Instant::now())?;
+        bearer(token)
     }
 
     fn forget_token(&self, host: &str, scope: &str) {
@@ -662,7 +745,7 @@ impl RegistryClient {
                     request = request.basic_auth(&c.username, Some(&c.password.0));
                 }
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let response = request
+                let mut response = request
                     .send()
                     .await
                     .map_err(|e| Attempt::Retry(describe(&e)))?;
@@ -678,9 +761,20 @@ impl RegistryClient {
                         response.status()
                     )));
                 }
-                let body: serde_json::Value = response
-                    .json()
-                    .await
+                let body = match read_body(&mut response, MAX_TOKEN_BODY, &self.stats.bytes).await {
+                    Ok(body) => body,
+                    Err(BodyError::TooLarge) => {
+                        return Err(Attempt::Fatal(RegistryError::TooLarge {
+                            host: target.host.clone(),
+                            what: format!("the token from {}", without_query(&realm)),
+                            limit: MAX_TOKEN_BODY,
+                        }))
+                    }
+                    Err(BodyError::Read(reason)) => {
+                        return Err(Attempt::Retry(format!("token endpoint: {reason}")))
+                    }
+                };
+                let body: serde_json::Value = serde_json::from_slice(&body)
                     .map_err(|_| unauthorized("token endpoint sent no JSON"))?;
                 let token = body
                     .get("token")
@@ -693,14 +787,14 @@ impl RegistryClient {
                     .and_then(|e| e.as_u64())
                     .unwrap_or(60);
                 // Renew a little early so a token never expires between check and use.
-                let expiry =
-                    Instant::now() + Duration::from_secs(lifetime.saturating_sub(5).max(1));
+                let now = Instant::now();
+                let expiry = now + Duration::from_secs(lifetime.saturating_sub(5).max(1));
                 let value = bearer(&Secret(token.clone()))
                     .ok_or_else(|| unauthorized("token is not valid header text"))?;
                 self.tokens
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((target.host.clone(), scope), (Secret(token), expiry));
+                    .insert((target.host.clone(), scope), Secret(token), expiry, now);
                 Ok(value)
             }
             None => Err(unauthorized(
@@ -727,17 +821,94 @@ fn build_client(
         .pool_max_idle_per_host(16)
         .danger_accept_invalid_certs(skip_verify);
     for path in ca {
-        let pem = std::fs::read(path)
-            .map_err(|e| RegistryError::Hosts(format!("CA file {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| RegistryError::Hosts(format!("CA file {}: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| RegistryError::CaFile {
+            path: path.clone(),
+            source: Arc::new(e),
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::CaCertificate {
+                path: path.clone(),
+                source: Some(Arc::new(e.without_url())),
+            }
+        })?;
+        // An empty bundle would silently leave the mirror unverifiable; say so instead.
+        if certs.is_empty() {
+            return Err(RegistryError::CaCertificate {
+                path: path.clone(),
+                source: None,
+            });
+        }
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder
-        .build()
-        .map_err(|e| RegistryError::Client(e.to_string()))
+    builder.build().map_err(|e| RegistryError::HttpClient {
+        source: Arc::new(e.without_url()),
+    })
+}
+
+/// Why a body was not read whole.
+enum BodyError {
+    /// More than the limit was announced (Content-Length) or sent.
+    TooLarge,
+    /// The transport failed; already stripped of URL query strings.
+    Read(String),
+}
+
+/// Reads `response`'s body, at most `limit` bytes: refused up front if its Content-Length
+/// says more, and cut off as soon as more arrives (a chunked or lying body). The buffer is
+/// sized once from the smaller of the two, so a range read does not reallocate. Counts the
+/// bytes received in `counter`.
+async fn read_body(
+    response: &mut reqwest::Response,
+    limit: u64,
+    counter: &AtomicU64,
+) -> Result<Bytes, BodyError> {
+    let announced = response.content_length();
+    if announced.is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge);
+    }
+    let capacity = usize::try_from(announced.unwrap_or(limit).min(limit)).unwrap_or(0);
+    let mut body = BytesMut::with_capacity(capacity);
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| BodyError::Read(describe(&e)))?
+    {
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// An error and its causes on one line, for logs and for failures kept as text.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// A URL for messages: scheme, host, port and path, without the query (which can carry
+/// credentials).
+fn without_query(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => format!(
+            "{}://{}{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            url.path()
+        ),
+        Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_owned(),
+    }
 }
 
 fn bearer(token: &Secret) -> Option<HeaderValue> {
@@ -781,4 +952,74 @@ fn rand_u16() -> u16 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish() as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_redirects_and_fallbacks_stay_bounded() {
+        let client = RegistryClient::new(RegistryConfig::default()).expect("client");
+        for i in 0..MAX_REDIRECTS + 500 {
+            client.remember_redirect(&format!("sha256:{i}"), &format!("http://s/{i}"));
+            assert!(client.first_fallback(&format!("sha256:{i}"), "mirror:5000"));
+        }
+        assert_eq!(client.redirects.lock().expect("lock").len(), MAX_REDIRECTS);
+        assert_eq!(
+            client.fallbacks_logged.lock().expect("lock").len(),
+            MAX_FALLBACKS_LOGGED
+        );
+        let last = MAX_REDIRECTS + 499;
+        assert_eq!(
+            client.redirect_for(&format!("sha256:{last}")).as_deref(),
+            Some(format!("http://s/{last}").as_str()),
+            "the newest redirect is kept"
+        );
+        assert!(
+            !client.first_fallback(&format!("sha256:{last}"), "mirror:5000"),
+            "a recent fallback is not logged twice"
+        );
+    }
+
+    #[test]
+    fn error_messages_name_the_file_and_chain_the_cause_once() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing-ca.pem");
+        let err = build_client(
+            &RegistryConfig::default(),
+            false,
+            std::slice::from_ref(&missing),
+        )
+        .expect_err("no CA file");
+        assert!(matches!(err, RegistryError::CaFile { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("missing-ca.pem"), "{message}");
+        let cause = std::error::Error::source(&err)
+            .expect("a source")
+            .to_string();
+        assert!(!message.contains(&cause), "{message} repeats {cause}");
+        assert_eq!(chain(&err), format!("{message}: {cause}"));
+        let cloned = err.clone();
+        assert_eq!(cloned.to_string(), message);
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let err = build_client(&RegistryConfig::default(), false, &[empty])
+            .expect_err("no certificate in the file");
+        assert!(
+            matches!(err, RegistryError::CaCertificate { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn urls_in_messages_lose_their_query() {
+        assert_eq!(
+            without_query("https://auth.example:8443/token?scope=x&secret=s3cr3t"),
+            "https://auth.example:8443/token"
+        );
+        assert_eq!(without_query("not a url?secret=1"), "not a url");
+    }
 }

@@ -4,10 +4,12 @@
 //! caches, FUSE or containerd.
 
 mod auth;
+mod bounded;
 mod client;
 mod hosts;
 mod reference;
 
 pub use auth::{Credentials, Secret};
 pub use client::{RegistryClient, RegistryConfig, RegistryError, RegistryStats};
-pub use reference::{Reference, ReferenceError};
+pub use hosts::HostsError;
+pub use reference::{Reference, ReferenceError, ReferenceProblem};

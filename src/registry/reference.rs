@@ -14,15 +14,37 @@ pub struct Reference {
 }
 
 /// Why a reference string was refused.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid image reference {0:?}")]
-pub struct ReferenceError(pub String);
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid image reference {input:?}: {problem}")]
+pub struct ReferenceError {
+    pub input: String,
+    pub problem: ReferenceProblem,
+}
+
+/// What is wrong with a refused reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceProblem {
+    #[error("empty")]
+    Empty,
+    #[error("contains whitespace")]
+    Whitespace,
+    #[error("no repository")]
+    NoRepository,
+    #[error("empty tag or digest")]
+    NoObject,
+}
 
 impl Reference {
     pub fn parse(input: &str) -> Result<Self, ReferenceError> {
-        let bad = || ReferenceError(input.to_owned());
-        if input.is_empty() || input.contains(char::is_whitespace) {
-            return Err(bad());
+        let bad = |problem| ReferenceError {
+            input: input.to_owned(),
+            problem,
+        };
+        if input.is_empty() {
+            return Err(bad(ReferenceProblem::Empty));
+        }
+        if input.contains(char::is_whitespace) {
+            return Err(bad(ReferenceProblem::Whitespace));
         }
         let (name, object) = match input.split_once('@') {
             Some((name, digest)) => (name, digest.to_owned()),
@@ -45,8 +67,11 @@ impl Reference {
         } else {
             repository
         };
-        if repository.is_empty() || object.is_empty() {
-            return Err(bad());
+        if repository.is_empty() {
+            return Err(bad(ReferenceProblem::NoRepository));
+        }
+        if object.is_empty() {
+            return Err(bad(ReferenceProblem::NoObject));
         }
         Ok(Reference {
             host,
@@ -120,7 +145,15 @@ mod tests {
         assert!(Reference::parse("localhost:5000/x")
             .expect("parse")
             .is_loopback());
-        assert!(Reference::parse("").is_err());
-        assert!(Reference::parse("a b").is_err());
+        let problem = |input| Reference::parse(input).map_err(|e| e.problem).err();
+        assert_eq!(problem(""), Some(ReferenceProblem::Empty));
+        assert_eq!(problem("a b"), Some(ReferenceProblem::Whitespace));
+        assert_eq!(problem("ghcr.io/"), Some(ReferenceProblem::NoRepository));
+        assert_eq!(problem("ghcr.io/a/b:"), Some(ReferenceProblem::NoObject));
+        let err = Reference::parse("a b").expect_err("whitespace");
+        assert_eq!(
+            err.to_string(),
+            "invalid image reference \"a b\": contains whitespace"
+        );
     }
 }
