@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 use super::types::{Info, Kind, Labels, Usage};
 
 /// key or name → JSON-encoded `Record`. JSON keeps the file debuggable and lets fields be added.
-const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
 /// (parent, child) → (): answers "has children?" without scanning every snapshot.
-const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("children");
+const CHILDREN: TableDefinition<'_, (&str, &str), ()> = TableDefinition::new("children");
 /// Counters; only `next_id` for now.
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const COUNTERS: TableDefinition<'_, &str, u64> = TableDefinition::new("counters");
 const NEXT_ID: &str = "next_id";
 
 /// Errors of the store itself, as opposed to snapshot semantics.

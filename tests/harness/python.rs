@@ -130,7 +130,7 @@ impl Tree {
 
     fn resolve(&mut self, path: &Path, depth: usize) {
         assert!(depth < 40, "too many symlinks resolving {}", path.display());
-        let components: Vec<Component> = path.components().collect();
+        let components: Vec<Component<'_>> = path.components().collect();
         let mut real = PathBuf::from("/");
         for (i, component) in components.iter().enumerate() {
             let name = match component {
