@@ -12,7 +12,7 @@ pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.referen
 pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-pub const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+pub const TOC_DIGEST: &str = crate::format::TOC_DIGEST_ANNOTATION;
 
 /// A layer blob in a registry, as named by snapshot labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

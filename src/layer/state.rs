@@ -192,3 +192,56 @@ impl StateDir {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> LayerState {
+        LayerState {
+            source: LayerSource {
+                reference: "r/a:1".into(),
+                digest: "sha256:aa".into(),
+                toc_digest: Some("sha256:bb".into()),
+            },
+            blob_size: 1000,
+            format: "estargz".into(),
+            resolved: Resolved {
+                params: serde_json::json!({"k": 1}),
+                index: b"{}".to_vec(),
+            },
+        }
+    }
+
+    #[test]
+    fn saved_state_round_trips_and_unknown_layers_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = StateDir::new(dir.path().to_path_buf());
+        states.save(&state()).expect("save");
+        assert_eq!(states.load("sha256:aa").expect("load"), state());
+        assert_eq!(states.list().len(), 1);
+        let err = states.load("sha256:cc").expect_err("unknown");
+        assert!(matches!(err, LayerError::Unknown { .. }), "{err}");
+    }
+
+    #[test]
+    fn states_saved_before_format_names_read_as_toc_layers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layer = dir.path().join("sha256-aa");
+        std::fs::create_dir_all(&layer).expect("mkdir");
+        let legacy = serde_json::json!({
+            "source": {"reference": "r/a:1", "digest": "sha256:aa", "toc_digest": "sha256:bb"},
+            "blob_size": 1000,
+            "location": {"compression": "zstd", "offset": 10, "len": 20},
+        });
+        std::fs::write(layer.join("layer.json"), legacy.to_string()).expect("write");
+        std::fs::write(layer.join("toc.json"), b"{}").expect("write");
+        let state = StateDir::new(dir.path().to_path_buf())
+            .load("sha256:aa")
+            .expect("legacy state loads");
+        assert_eq!(state.format, "zstd:chunked");
+        assert_eq!(state.resolved.params["toc_digest"], "sha256:bb");
+        assert_eq!(state.resolved.params["location"]["len"], 20);
+        assert_eq!(state.resolved.index, b"{}");
+    }
+}
