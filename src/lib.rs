@@ -17,6 +17,7 @@
 //! - `prefetch`: read traces, trace/landmark prefetch, readahead, background fetch; over
 //!   `layer` and `metadata`.
 //! - `metrics`: the Prometheus endpoint over the same figures as the control API.
+//! - `socket`: binding the daemon's Unix sockets with their mode and group, umask-proof.
 //! - `daemon`: wiring for `lazysnap serve`: state dir, sockets, signals.
 //!
 //! Dependencies point one way: `daemon → grpc → snapshot → (RemoteFs) ← mount → {layer,
@@ -35,3 +36,4 @@ pub mod mount;
 pub mod prefetch;
 pub mod registry;
 pub mod snapshot;
+pub mod socket;
