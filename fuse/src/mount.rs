@@ -34,7 +34,9 @@ pub struct MountOptions {
     /// The filesystem type shows as `fuse.<subtype>`. No commas. Default `lazysnap`.
     pub subtype: String,
     /// A read not answered within this time fails with `EIO`, so that no process in a
-    /// container hangs on an unreachable registry. Default 30 s.
+    /// container hangs on an unreachable registry. A read that failed with `EIO` is
+    /// remembered this long too: reads overlapping it (the kernel's retries) fail at once, so
+    /// one `read(2)` waits at most this long. Default 30 s.
     pub read_timeout: Duration,
     /// How long the kernel trusts entries, attributes and negative lookups without asking
     /// again. Layers are immutable, so this only bounds the kernel's memory. Default 1 day.
@@ -100,6 +102,7 @@ pub fn mount<S: LayerSource>(
             read_timeout: options.read_timeout,
             cache_ttl: options.cache_ttl,
             passthrough: options.passthrough,
+            name: options.fsname.clone(),
         },
     );
     let mut session = Session::new(fs, &mountpoint, &config).map_err(failed)?;
