@@ -202,7 +202,8 @@ fn a_failed_range_fails_retries_at_once_for_one_deadline() {
         let mut buf = [0u8; 4096];
         fs::File::open(path)?.read_at(&mut buf, 512 << 10).map(drop)
     }
-    let cases: [(&str, Ino, fn(&Path) -> io::Result<()>); 2] = [
+    type ReadFn = fn(&Path) -> io::Result<()>;
+    let cases: [(&str, Ino, ReadFn); 2] = [
         ("whole", whole, read_whole),
         ("middle", middle, read_middle),
     ];
