@@ -116,53 +116,87 @@ impl ReadFailures {
         reason
     }
 
-    /// Remembers that a read of `range` of `ino` failed, and logs it unless this mount
-    /// already logged a failure of this kind in the current window.
-    pub(crate) fn record(&self, ino: Ino, range: Range<u64>, kind: FailureKind, reason: String) {
+    /// Remembers that a read of `range` of `ino` failed. Returns the failure to log, unless
+    /// this mount already logged one of this kind in the current window. It must be called
+    /// before the reader gets its `EIO`: the kernel's retry comes at once and must find it.
+    pub(crate) fn record(
+        &self,
+        ino: Ino,
+        range: Range<u64>,
+        kind: FailureKind,
+        reason: String,
+    ) -> Option<Unlogged<'_>> {
         let now = Instant::now();
         let reason: Arc<str> = reason.into();
-        let logged = {
-            let mut state = self.lock();
-            if state.failed.len() > SWEEP_ABOVE {
-                state.failed.retain(|_, failed| {
-                    failed.retain(|f| f.until > now);
-                    !failed.is_empty()
-                });
-            }
-            state.failed.entry(ino).or_default().push(Failed {
-                range: range.clone(),
-                until: now + self.window,
-                reason: Arc::clone(&reason),
+        let mut state = self.lock();
+        if state.failed.len() > SWEEP_ABOVE {
+            state.failed.retain(|_, failed| {
+                failed.retain(|f| f.until > now);
+                !failed.is_empty()
             });
-            let throttle = match kind {
-                FailureKind::Timeout => &mut state.timeouts,
-                FailureKind::Source => &mut state.errors,
-            };
-            throttle.admit(now, self.window)
+        }
+        state.failed.entry(ino).or_default().push(Failed {
+            range: range.clone(),
+            until: now + self.window,
+            reason: Arc::clone(&reason),
+        });
+        let throttle = match kind {
+            FailureKind::Timeout => &mut state.timeouts,
+            FailureKind::Source => &mut state.errors,
         };
-        // Logged outside the lock: a slow subscriber must not hold up the dispatch thread.
-        if let Some(unlogged) = logged {
-            let window = self.window;
-            match kind {
-                FailureKind::Timeout => warn!(
-                    mount = %self.mount,
-                    ino = ino.0,
-                    offset = range.start,
-                    len = range.end - range.start,
-                    %reason,
-                    failed_reads_since_last_line = unlogged,
-                    "read timed out, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
-                ),
-                FailureKind::Source => warn!(
-                    mount = %self.mount,
-                    ino = ino.0,
-                    offset = range.start,
-                    len = range.end - range.start,
-                    %reason,
-                    failed_reads_since_last_line = unlogged,
-                    "read failed, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
-                ),
-            }
+        let since_last = throttle.admit(now, self.window)?;
+        Some(Unlogged {
+            failures: self,
+            ino,
+            range,
+            kind,
+            reason,
+            since_last,
+        })
+    }
+}
+
+/// A failure to be logged, once the reader has its answer.
+#[derive(Debug)]
+pub(crate) struct Unlogged<'a> {
+    failures: &'a ReadFailures,
+    ino: Ino,
+    range: Range<u64>,
+    kind: FailureKind,
+    reason: Arc<str>,
+    since_last: u64,
+}
+
+impl Unlogged<'_> {
+    pub(crate) fn log(self) {
+        let Unlogged {
+            failures,
+            ino,
+            range,
+            kind,
+            reason,
+            since_last,
+        } = self;
+        let window = failures.window;
+        match kind {
+            FailureKind::Timeout => warn!(
+                mount = %failures.mount,
+                ino = ino.0,
+                offset = range.start,
+                len = range.end - range.start,
+                %reason,
+                failed_reads_since_last_line = since_last,
+                "read timed out, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
+            ),
+            FailureKind::Source => warn!(
+                mount = %failures.mount,
+                ino = ino.0,
+                offset = range.start,
+                len = range.end - range.start,
+                %reason,
+                failed_reads_since_last_line = since_last,
+                "read failed, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
+            ),
         }
     }
 }
@@ -175,11 +209,18 @@ mod tests {
     fn overlapping_reads_fail_until_the_window_ends() {
         let failures = ReadFailures::new(Duration::from_millis(200), "test".into());
         let ino = Ino(5);
-        failures.record(ino, 4096..8192, FailureKind::Timeout, "slow".into());
+        let unlogged = failures.record(ino, 4096..8192, FailureKind::Timeout, "slow".into());
+        assert!(unlogged.is_some(), "the first failure is logged");
+        assert!(
+            failures
+                .record(ino, 0..10, FailureKind::Timeout, "slow".into())
+                .is_none(),
+            "the second one in the window is not"
+        );
         assert_eq!(failures.check(ino, &(0..4097)).as_deref(), Some("slow"));
         assert_eq!(failures.check(ino, &(8191..9000)).as_deref(), Some("slow"));
         assert_eq!(
-            failures.check(ino, &(0..4096)),
+            failures.check(ino, &(4000..4096)),
             None,
             "touching is not overlapping"
         );

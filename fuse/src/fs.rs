@@ -327,9 +327,13 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                 ),
             };
             let (kind, reason) = failed;
-            // Answer first: the reader should not wait on the bookkeeping.
+            // Remembered before the reader hears of it: the kernel retries at once, and the
+            // retry must find the failure. Logged after, so the reader does not wait on it.
+            let unlogged = failures.record(ino, range, kind, reason);
             reply.error(Errno::EIO);
-            failures.record(ino, range, kind, reason);
+            if let Some(unlogged) = unlogged {
+                unlogged.log();
+            }
         });
     }
 
