@@ -30,6 +30,10 @@ pub struct Config {
     /// Unix socket of lazysnap's control API, which the `lazysnap cache|trace|mounts` commands
     /// use. Default `/run/lazysnap/control.sock`.
     pub control_address: PathBuf,
+    /// Group (name or numeric id) whose members may use the control API besides root: the
+    /// control socket is then 0660 and owned by it. Default none: the socket is 0600 and only
+    /// root may call.
+    pub control_group: Option<String>,
     /// Log level of lazysnap itself (`error`, `warn`, `info`, `debug`, `trace`; libraries log
     /// at `warn`), or full tracing directives such as `info,h2=debug`; `RUST_LOG` wins when
     /// set. Default `info`.
@@ -54,6 +58,7 @@ impl Default for Config {
             root: DEFAULT_ROOT.into(),
             address: DEFAULT_ADDRESS.into(),
             control_address: DEFAULT_CONTROL_ADDRESS.into(),
+            control_group: None,
             log_level: "info".into(),
             registry: RegistryConfig::default(),
             fuse: FuseConfig::default(),
@@ -284,6 +289,34 @@ impl Config {
         }
     }
 
+    /// The id and name of `control_group`, looked up in the system's group database; `None`
+    /// when it is not set.
+    pub fn control_gid(&self) -> Result<Option<(nix::unistd::Gid, String)>, ConfigError> {
+        let Some(group) = &self.control_group else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "control_group",
+            reason,
+        };
+        let found = match group.parse::<u32>() {
+            Ok(id) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id)).map(|g| {
+                // A numeric id without a name is still a group the kernel can check.
+                Some(
+                    g.map_or((nix::unistd::Gid::from_raw(id), group.clone()), |g| {
+                        (g.gid, g.name)
+                    }),
+                )
+            }),
+            Err(_) => nix::unistd::Group::from_name(group).map(|g| g.map(|g| (g.gid, g.name))),
+        };
+        match found {
+            Ok(Some(found)) => Ok(Some(found)),
+            Ok(None) => Err(invalid(format!("no group {group:?} on this system"))),
+            Err(e) => Err(invalid(format!("looking up group {group:?}: {e}"))),
+        }
+    }
+
     /// Checks what serde cannot: values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.root.is_absolute() {
@@ -318,6 +351,14 @@ impl Config {
                 key: "cri.image_service_address",
                 reason: "must differ from `address` and `control_address`".into(),
             });
+        }
+        if let Some(group) = &self.control_group {
+            if group.is_empty() || group.contains([':', '\n']) || group.trim() != group {
+                return Err(ConfigError::Invalid {
+                    key: "control_group",
+                    reason: format!("{group:?} is not a group name or id"),
+                });
+            }
         }
         if self.prefetch.concurrency == 0 {
             return Err(ConfigError::Invalid {
@@ -417,6 +458,27 @@ mod tests {
         let err = Config::parse("control_address = \"/run/lazysnap/lazysnap.sock\"")
             .expect_err("same socket");
         assert!(err.to_string().contains("control_address"), "{err}");
+    }
+
+    #[test]
+    fn control_group_is_read_and_resolved() {
+        let c = Config::parse("control_group = \"root\"").expect("parse");
+        assert_eq!(c.control_group.as_deref(), Some("root"));
+        let (gid, name) = c.control_gid().expect("resolve").expect("set");
+        assert_eq!((gid.as_raw(), name.as_str()), (0, "root"));
+        let c = Config::parse("control_group = \"0\"").expect("parse numeric");
+        assert_eq!(
+            c.control_gid().expect("resolve").map(|g| g.0.as_raw()),
+            Some(0)
+        );
+        assert_eq!(Config::default().control_gid().expect("unset"), None);
+        let c = Config::parse("control_group = \"no-such-group-here\"").expect("parse");
+        let err = c.control_gid().expect_err("unknown group");
+        assert!(err.to_string().contains("`control_group`"), "{err}");
+        let err = Config::parse("control_group = \"\"").expect_err("empty");
+        assert!(err.to_string().contains("`control_group`"), "{err}");
+        let err = Config::parse("control_group = 4").expect_err("not a string");
+        assert!(err.to_string().contains("control_group"), "{err}");
     }
 
     #[test]

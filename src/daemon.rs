@@ -2,11 +2,9 @@
 //! socket and (if configured) the metrics address, and serves until SIGTERM or SIGINT, then
 //! lets in-flight calls finish.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::ChunkCache;
@@ -19,6 +17,7 @@ use crate::prefetch::TraceStore;
 use crate::registry::{self, RegistryClient};
 use crate::report::LazyNode;
 use crate::snapshot::{RemoteFs, Snapshotter};
+use crate::socket::{bind, SocketAccess};
 
 /// Runs the daemon with `config` until a termination signal arrives.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -26,6 +25,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // without a handler a SIGTERM landing on one would kill the daemon without unmounting.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    // Resolved before anything is mounted, so a typo in the group fails the start cleanly.
+    let control_group = config.control_gid()?;
     std::fs::create_dir_all(&config.root)
         .with_context(|| format!("create root dir {}", config.root.display()))?;
     let layers = if config.fuse.lazy_pull {
@@ -49,8 +50,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(snapshotter)
     })
     .await??;
-    let listener = bind(&config.address)?;
-    let control_listener = bind(&config.control_address)?;
+    let listener = bind(&config.address, SocketAccess::ROOT_ONLY)?;
+    let control_listener = bind(
+        &config.control_address,
+        SocketAccess::control(control_group.as_ref().map(|(gid, _)| *gid)),
+    )?;
     let metrics_listener = match (config.metrics.address, &layers) {
         (Some(address), Some(_)) => Some(crate::metrics::bind(address).await?),
         (Some(address), None) => {
@@ -79,7 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let proxy =
                 grpc::CriImageProxy::new(&config.cri.containerd_address, layers.registry().clone())
                     .map_err(|e| anyhow::anyhow!("CRI image proxy: {}", e.message()))?;
-            let listener = bind(address)?;
+            let listener = bind(address, SocketAccess::ROOT_ONLY)?;
             tracing::info!(address = %address.display(), containerd = %config.cri.containerd_address.display(), "serving the CRI image service for the kubelet");
             let address = address.clone();
             let stop = stopped();
@@ -97,6 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let control = tokio::spawn(grpc::serve_control(
         grpc::ControlService::new(layers.clone().map(|l| l as Arc<dyn LazyNode>)),
+        grpc::ControlAccess::new(control_group),
         control_listener,
         stopped(),
     ));
@@ -156,24 +161,4 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
         },
         tokio::runtime::Handle::current(),
     )))
-}
-
-/// Binds the Unix socket, replacing a stale socket file from an earlier run but refusing to
-/// take over a socket another live process still answers on.
-fn bind(address: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("create socket dir {}", dir.display()))?;
-    }
-    if address.exists() {
-        if std::os::unix::net::UnixStream::connect(address).is_ok() {
-            anyhow::bail!(
-                "socket {} is in use by another process (is lazysnap already running?)",
-                address.display()
-            );
-        }
-        std::fs::remove_file(address)
-            .with_context(|| format!("remove stale socket {}", address.display()))?;
-    }
-    UnixListener::bind(address).with_context(|| format!("bind {}", address.display()))
 }

@@ -25,6 +25,7 @@
 //! - `prefetch`: read traces, trace/landmark prefetch, readahead, background fetch; over
 //!   `layer` and `metadata`.
 //! - `metrics`: the Prometheus endpoint over the same figures as the control API.
+//! - `socket`: binding the daemon's Unix sockets with their mode and group, umask-proof.
 //! - `daemon`: wiring for `lazysnap serve`: state dir, sockets, signals.
 //!
 //! Dependencies point one way: `daemon → {grpc, metrics} → {snapshot, report}`;
@@ -46,6 +47,7 @@ pub mod prefetch;
 pub mod registry;
 pub mod report;
 pub mod snapshot;
+pub mod socket;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

@@ -4,7 +4,9 @@
 //! Metadata requests are answered on the dispatch thread, straight from the source. Reads are
 //! spawned onto the tokio runtime and answered from there (fuser replies are `Send`), so a read
 //! waiting on the network never holds up lookups or reads of other files; each read races the
-//! mount's deadline and loses to it with `EIO`. With passthrough on, files the source holds
+//! mount's deadline and loses to it with `EIO`. A read that failed with `EIO` is remembered for
+//! a while (`failures`), and reads overlapping it fail at once, so the kernel's retries do not
+//! wait out the deadline again. With passthrough on, files the source holds
 //! complete on local disk are opened onto that copy, and the kernel reads it without us.
 //!
 //! Nothing here knows where bytes come from, and nothing here writes: the mount is read-only,
@@ -26,6 +28,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::debug;
 
+use crate::failures::{FailureKind, ReadFailures};
 use crate::{Attr, FileKind, Ino, LayerSource, SourceError};
 
 /// How many background requests (readahead) the kernel sends at a time; it queues the rest
@@ -52,6 +55,8 @@ pub(crate) struct FsConfig {
     pub(crate) cache_ttl: Duration,
     /// Whether to ask the kernel for passthrough; cleared at init if it cannot.
     pub(crate) passthrough: bool,
+    /// The mount's name (fsname), for log lines.
+    pub(crate) name: String,
 }
 
 /// A read-only FUSE filesystem over a [`LayerSource`].
@@ -66,6 +71,8 @@ pub(crate) struct LayerFs<S> {
     parents: Mutex<HashMap<Ino, Ino>>,
     /// With passthrough: the regular files open now, and how (see [`Opened`]).
     open_files: Mutex<HashMap<Ino, Opened>>,
+    /// Reads that failed with EIO lately; overlapping reads fail at once.
+    failures: Arc<ReadFailures>,
 }
 
 /// How the open handles of one inode read. The kernel lets an inode be open either through
@@ -80,12 +87,16 @@ struct Opened {
 
 impl<S: LayerSource> LayerFs<S> {
     pub(crate) fn new(source: Arc<S>, runtime: Handle, config: FsConfig) -> Self {
+        // A failure is remembered as long as a read may wait: a retry within that time would
+        // most likely fail the same way, and a reader's read(2) must not outlast it.
+        let failures = Arc::new(ReadFailures::new(config.read_timeout, config.name.clone()));
         Self {
             source,
             runtime,
             config,
             parents: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
+            failures,
         }
     }
 
@@ -285,34 +296,43 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         if len == 0 {
             return reply.data(&[]);
         }
+        let range = offset..offset + u64::from(len);
+        if let Some(reason) = self.failures.check(ino, &range) {
+            debug!(ino = ino.0, offset, len, %reason, "read overlaps a recent failure");
+            return reply.error(Errno::EIO);
+        }
         let source = Arc::clone(&self.source);
+        let failures = Arc::clone(&self.failures);
         let deadline = self.config.read_timeout;
         // If the runtime is shutting down the task is dropped unrun, and so is `reply`, whose
         // drop answers EIO: the reader is never left hanging.
         self.runtime.spawn(async move {
-            match tokio::time::timeout(deadline, source.read(ino, offset, len)).await {
-                Ok(Ok(data)) if data.len() >= len as usize => reply.data(&data[..len as usize]),
-                Ok(Ok(data)) => {
-                    debug!(
-                        ino = ino.0,
-                        offset,
-                        len,
-                        got = data.len(),
-                        "short read from source"
-                    );
-                    reply.error(Errno::EIO);
+            let failed = match tokio::time::timeout(deadline, source.read(ino, offset, len)).await {
+                Ok(Ok(data)) if data.len() >= len as usize => {
+                    return reply.data(&data[..len as usize]);
                 }
-                Ok(Err(err)) => reply.error(errno(&err, "read", ino)),
-                Err(_elapsed) => {
-                    debug!(
-                        ino = ino.0,
-                        offset,
-                        len,
-                        ?deadline,
-                        "read missed its deadline"
-                    );
-                    reply.error(Errno::EIO);
-                }
+                Ok(Ok(data)) => (
+                    FailureKind::Source,
+                    format!("the source gave {} bytes of {len}", data.len()),
+                ),
+                Ok(Err(err)) => match &err {
+                    SourceError::Io(cause) => (FailureKind::Source, cause.to_string()),
+                    // Not a failure to produce bytes (a read of something unreadable): no
+                    // retry would fare better or worse, so nothing to remember.
+                    _ => return reply.error(errno(&err, "read", ino)),
+                },
+                Err(_elapsed) => (
+                    FailureKind::Timeout,
+                    format!("no answer from the source within {deadline:?}"),
+                ),
+            };
+            let (kind, reason) = failed;
+            // Remembered before the reader hears of it: the kernel retries at once, and the
+            // retry must find the failure. Logged after, so the reader does not wait on it.
+            let unlogged = failures.record(ino, range, kind, reason);
+            reply.error(Errno::EIO);
+            if let Some(unlogged) = unlogged {
+                unlogged.log();
             }
         });
     }

@@ -10,6 +10,8 @@
 //! - `fs`: the `fuser` filesystem translating kernel requests into source calls; reads run on
 //!   a tokio runtime under a deadline, so a slow fetch never stalls the mount; optional kernel
 //!   passthrough to local copies the source offers.
+//! - `failures`: reads that recently failed with `EIO`, so the kernel's retries fail at once
+//!   instead of waiting out the deadline again; throttled warnings naming the reason.
 //! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
 //! - `memory` (feature `test-util`): `MemorySource`, an in-memory tree for tests.
@@ -17,6 +19,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod error;
+mod failures;
 mod fs;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;

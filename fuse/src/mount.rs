@@ -22,7 +22,8 @@ use crate::{LayerSource, MountError};
 
 /// How long an unmount waits for the session thread to notice. After an unmount the kernel
 /// ends the session at once, unless the filesystem is still mounted elsewhere (a bind mount
-/// of the mountpoint); then the thread is left to end with the last of those.
+/// of the mountpoint, or overlayfs's private clone of it as a container's lower layer); then
+/// the thread is left to end with the last of those. Dropping a handle does not wait.
 const SESSION_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// How a layer is mounted.
@@ -34,7 +35,9 @@ pub struct MountOptions {
     /// The filesystem type shows as `fuse.<subtype>`. No commas. Default `lazysnap`.
     pub subtype: String,
     /// A read not answered within this time fails with `EIO`, so that no process in a
-    /// container hangs on an unreachable registry. Default 30 s.
+    /// container hangs on an unreachable registry. A read that failed with `EIO` is
+    /// remembered this long too: reads overlapping it (the kernel's retries) fail at once, so
+    /// one `read(2)` waits at most this long. Default 30 s.
     pub read_timeout: Duration,
     /// How long the kernel trusts entries, attributes and negative lookups without asking
     /// again. Layers are immutable, so this only bounds the kernel's memory. Default 1 day.
@@ -100,6 +103,7 @@ pub fn mount<S: LayerSource>(
             read_timeout: options.read_timeout,
             cache_ttl: options.cache_ttl,
             passthrough: options.passthrough,
+            name: options.fsname.clone(),
         },
     );
     let mut session = Session::new(fs, &mountpoint, &config).map_err(failed)?;
@@ -152,7 +156,10 @@ fn session_config(options: &MountOptions) -> io::Result<fuser::Config> {
     Ok(config)
 }
 
-/// A mounted layer. Dropping it unmounts, like [`MountHandle::unmount`] but ignoring errors.
+/// A mounted layer. Dropping it unmounts like [`MountHandle::unmount`], ignoring errors and
+/// without waiting for the session to end: a daemon drops its handles as it exits, and a
+/// layer still used elsewhere (the lower layer of a running container's overlay) keeps its
+/// session alive after the unmount, so waiting would only hold up the exit.
 #[derive(Debug)]
 pub struct MountHandle {
     mountpoint: PathBuf,
@@ -184,15 +191,18 @@ impl MountHandle {
     /// # Errors
     /// [`MountError::Unmount`] if the kernel refuses both the unmount and the detach.
     pub fn unmount(mut self) -> Result<(), MountError> {
-        self.unmount_inner()
+        self.unmount_inner(true)
     }
 
-    fn unmount_inner(&mut self) -> Result<(), MountError> {
+    /// Unmounts (or detaches a busy mount); with `wait`, waits briefly for the session to end.
+    fn unmount_inner(&mut self, wait: bool) -> Result<(), MountError> {
         let Some(mut unmounter) = self.unmounter.take() else {
             return Ok(());
         };
         match unmounter.unmount() {
-            Ok(()) => self.wait_for_session(),
+            Ok(()) if wait => self.wait_for_session(),
+            // The thread ends with the session, or with the process.
+            Ok(()) => self.thread = None,
             Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
                 umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|errno| {
                     MountError::Unmount {
@@ -235,7 +245,7 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        if let Err(err) = self.unmount_inner() {
+        if let Err(err) = self.unmount_inner(false) {
             debug!(error = %err, "unmount on drop failed");
         }
     }

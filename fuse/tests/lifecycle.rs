@@ -43,6 +43,39 @@ fn dropping_the_handle_unmounts() {
     assert!(mounts_at(&m.mountpoint).is_empty());
 }
 
+/// A layer still mounted elsewhere (here a bind mount; in a container, overlayfs's private
+/// clone of its lower layer) keeps its session after the unmount. `unmount` waits a little
+/// for the session to end; dropping the handle, as a daemon does at exit, must not.
+#[test]
+fn dropping_a_handle_in_use_elsewhere_does_not_wait_for_the_session() {
+    use nix::mount::{mount as sys_mount, umount2, MntFlags, MsFlags};
+    let source = Arc::new(tree());
+    let mut m = Mounted::new(Arc::clone(&source), MountOptions::default());
+    let bind = m.dir.path().join("bind");
+    fs::create_dir(&bind).expect("bind dir");
+    sys_mount(
+        Some(&m.mountpoint),
+        &bind,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount");
+
+    let started = std::time::Instant::now();
+    drop(m.handle.take());
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(500), "drop took {took:?}");
+    assert!(mounts_at(&m.mountpoint).is_empty());
+    // The bind mount still reads, through the session that lives on.
+    assert_eq!(fs::read(bind.join("file")).ok(), Some(pattern(300_000)));
+
+    umount2(&bind, MntFlags::MNT_DETACH).expect("unmount the bind mount");
+    wait_until(Duration::from_secs(5), "the session to end", || {
+        Arc::strong_count(&source) == 1
+    });
+}
+
 #[test]
 fn a_busy_mount_is_detached_and_serves_its_users_to_the_end() {
     let source = Arc::new(tree());

@@ -3,12 +3,19 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tracing_subscriber::EnvFilter;
 
 use lazysnap::config::Config;
+
+/// How long, once the servers have stopped, the runtime waits for work still running on it:
+/// a trace being written finishes in this time. What is left (a blocking thread stuck in a
+/// registry read, a task waiting on the network) would keep a stopped daemon alive for up to
+/// a request timeout, and dies with the process instead.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -60,5 +67,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("lazysnap")
         .build()
         .context("start tokio runtime")?;
-    runtime.block_on(lazysnap::daemon::run(config))
+    let result = runtime.block_on(lazysnap::daemon::run(config));
+    // Dropping the runtime would wait for every blocking task, however long it takes.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }

@@ -6,6 +6,7 @@
 mod control;
 mod convert;
 mod cri_proxy;
+mod peer;
 pub mod proto;
 mod snapshots;
 mod status;
@@ -15,9 +16,11 @@ use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 pub use control::ControlService;
 pub use cri_proxy::CriImageProxy;
+pub use peer::ControlAccess;
 pub use snapshots::SnapshotsService;
 
 use crate::snapshot::Snapshotter;
@@ -37,15 +40,20 @@ pub async fn serve(
         .await
 }
 
-/// Serves the control API on `listener` until `shutdown` resolves.
+/// Serves the control API on `listener` until `shutdown` resolves, to the callers `access`
+/// admits: each connection's peer is checked as it is accepted, and every request on a refused
+/// connection is answered `PermissionDenied`.
 pub async fn serve_control(
     control: ControlService,
+    access: ControlAccess,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let incoming =
+        UnixListenerStream::new(listener).map(move |accepted| accepted.map(|s| access.check(s)));
     tonic::transport::Server::builder()
-        .add_service(ControlServer::new(control))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .add_service(ControlServer::with_interceptor(control, peer::interceptor))
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
