@@ -307,7 +307,7 @@ impl LayerReader {
                 break;
             }
             let (mine, theirs) = self.claim(chunks, &missing);
-            self.fetch_claimed(chunks, mine, &mut out, first_speculative)
+            self.fetch_claimed(chunks, mine, &mut out, wanted, first_speculative)
                 .await?;
             for (i, mut rx) in theirs {
                 let value = rx
@@ -365,6 +365,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         mut claim: Claim<'_>,
         out: &mut [Option<Bytes>],
+        wanted: usize,
         first_speculative: usize,
     ) -> Result<(), ReadError> {
         // A chunk fetched by another reader between our lookup and the claim is in the store
@@ -396,20 +397,23 @@ impl LayerReader {
             .enumerate()
             .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative))
             .collect();
-        let results: Vec<(usize, Result<Vec<Bytes>, ReadError>)> = stream::iter(fetches)
+        let results: Vec<(usize, Vec<Result<Bytes, ReadError>>)> = stream::iter(fetches)
             .buffer_unordered(RUNS_IN_FLIGHT)
             .collect()
             .await;
+        // Only the chunks the caller asked for can fail its read: a neighbour that came along
+        // and does not decode fails its own waiters, not this reader.
         let mut first_error = None;
-        for (k, result) in results {
-            match result {
-                Ok(values) => {
-                    for ((i, _), bytes) in runs[k].iter().zip(values) {
-                        out[*i] = Some(bytes);
+        for (k, values) in results {
+            for ((i, _), value) in runs[k].iter().zip(values) {
+                match value {
+                    Ok(bytes) => out[*i] = Some(bytes),
+                    Err(e) if *i < wanted => {
+                        first_error.get_or_insert(e);
                     }
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
+                    Err(e) => {
+                        tracing::debug!(error = %crate::error_chain(&e), "fetching a neighbouring chunk failed")
+                    }
                 }
             }
         }
@@ -419,14 +423,15 @@ impl LayerReader {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Fetches one run and answers its waiters; returns the run's number with the result.
+    /// Fetches one run and answers its waiters; returns the run's number with each chunk's
+    /// outcome.
     async fn fetch_and_answer(
         &self,
         k: usize,
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         first_speculative: usize,
-    ) -> (usize, Result<Vec<Bytes>, ReadError>) {
+    ) -> (usize, Vec<Result<Bytes, ReadError>>) {
         let start = chunks[run[0].0].blob_range.start;
         let end = run
             .iter()
@@ -436,22 +441,17 @@ impl LayerReader {
         self.counters
             .chunk_misses
             .fetch_add(run.len() as u64, Ordering::Relaxed);
-        let result = self
+        let values = match self
             .fetch_run(chunks, run, start..end, first_speculative)
-            .await;
-        match &result {
-            Ok(values) => {
-                for ((_, tx), bytes) in run.iter().zip(values) {
-                    let _ = tx.send(Some(Ok(bytes.clone())));
-                }
-            }
-            Err(e) => {
-                for (_, tx) in run {
-                    let _ = tx.send(Some(Err(e.clone())));
-                }
-            }
+            .await
+        {
+            Ok(values) => values,
+            Err(e) => vec![Err(e); run.len()],
+        };
+        for ((_, tx), value) in run.iter().zip(&values) {
+            let _ = tx.send(Some(value.clone()));
         }
-        (k, result)
+        (k, values)
     }
 
     /// Must come before the chunk is visible in the cache: a container reading it from there
@@ -498,7 +498,7 @@ impl LayerReader {
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
         first_speculative: usize,
-    ) -> Result<Vec<Bytes>, ReadError> {
+    ) -> Result<Vec<Result<Bytes, ReadError>>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -516,10 +516,17 @@ impl LayerReader {
         let verified =
             tokio::task::spawn_blocking(move || decode_run(&*decoder, &specs, &blob, range))
                 .await
-                .map_err(|e| ReadError::Task(Arc::new(e)))??;
+                .map_err(|e| ReadError::Task(Arc::new(e)))?;
         let mut values = Vec::with_capacity(run.len());
         for ((i, _), chunk) in run.iter().zip(verified) {
             let spec = chunks[*i];
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    values.push(Err(e));
+                    continue;
+                }
+            };
             if *i >= first_speculative {
                 self.note_prefetched(spec);
             }
@@ -528,7 +535,7 @@ impl LayerReader {
                 // Served from memory anyway; the store only saves a later refetch.
                 tracing::warn!(chunk = %spec.digest, error = %crate::error_chain(&e), "storing chunk failed");
             }
-            values.push(bytes);
+            values.push(Ok(bytes));
         }
         Ok(values)
     }
@@ -540,7 +547,7 @@ fn decode_run(
     specs: &[ChunkSpec],
     blob: &Bytes,
     range: Range<u64>,
-) -> Result<Vec<VerifiedChunk>, ReadError> {
+) -> Vec<Result<VerifiedChunk, ReadError>> {
     specs
         .iter()
         .map(|spec| {
