@@ -38,10 +38,16 @@ fn commit() -> String {
         return "unknown".to_owned();
     };
     // Rebuild when HEAD moves: HEAD itself (checkout of another branch), the branch it points
-    // to (a commit), and packed-refs (where `git gc` moves the branch). `--git-path` gives the
-    // right files in linked worktrees too, where `.git` is a file and refs live in the common
-    // git dir.
-    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    // to (a commit), packed-refs (where `git gc` moves the branch), and HEAD's reflog, which
+    // every commit, checkout and reset appends to, even one that creates the branch's loose
+    // ref file after it was only packed. `--git-path` gives the right files in linked
+    // worktrees too, where `.git` is a file and refs live in the common git dir. Only existing
+    // files are named: cargo reruns build scripts on every build for a missing one.
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "packed-refs".to_owned(),
+    ];
     if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watched.push(head_ref);
     }
