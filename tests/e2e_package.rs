@@ -26,6 +26,12 @@ const CONFIG_DIR: &str = "/etc/lazysnap";
 const STATE: &str = "/var/lib/lazysnap";
 const DOC: &str = "/usr/share/doc/lazysnap";
 const MAN: &str = "/usr/share/man/man8/lazysnap.8.gz";
+const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+/// The links `systemctl enable lazysnap` makes, from the unit's `WantedBy=`.
+const ENABLE_LINKS: &[&str] = &[
+    "/etc/systemd/system/multi-user.target.wants/lazysnap.service",
+    "/etc/systemd/system/containerd.service.wants/lazysnap.service",
+];
 
 /// Runs `program args`; returns stdout and stderr together, panicking with them on failure.
 fn run(program: &str, args: &[&str]) -> String {
@@ -188,6 +194,15 @@ fn debian_package_installs_serves_a_lazy_pull_removes_and_purges() {
         assert!(fields.contains(dep), "Depends lacks {dep}:\n{fields}");
     }
 
+    // The machine's containerd is not set up for lazysnap (a stock Debian config), which is
+    // what the first install below expects; its config must come out of the test unchanged.
+    let containerd_config_before = std::fs::read(CONTAINERD_CONFIG)
+        .unwrap_or_else(|e| panic!("{CONTAINERD_CONFIG} (shipped by Debian's containerd): {e}"));
+    assert!(
+        !String::from_utf8_lossy(&containerd_config_before).contains("lazysnap"),
+        "{CONTAINERD_CONFIG} already names lazysnap; this test expects containerd's stock config"
+    );
+
     let _purge = PurgeOnDrop;
     let links_before = unit_links();
     let installed = run("dpkg", &["-i", deb_str]);
@@ -282,12 +297,6 @@ fn debian_package_installs_serves_a_lazy_pull_removes_and_purges() {
     assert!(
         new_links.is_empty(),
         "the unit was enabled on install: {new_links:?}"
-    );
-    let containerd_config =
-        std::fs::read_to_string("/etc/containerd/config.toml").unwrap_or_default();
-    assert!(
-        !containerd_config.contains("lazysnap"),
-        "containerd's config names lazysnap: {containerd_config}"
     );
 
     // The unit, checked by systemd itself where its analyzer exists.
@@ -398,4 +407,71 @@ fn debian_package_installs_serves_a_lazy_pull_removes_and_purges() {
         leftover.is_empty(),
         "systemd links or state left after purge: {leftover:?}"
     );
+
+    // --- a node whose containerd is configured for lazysnap: installing enables the unit ---
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let configured = scratch.path().join("config.toml");
+    std::fs::write(
+        &configured,
+        include_str!("../packaging/containerd-config.toml"),
+    )
+    .expect("write containerd config");
+    let installed = install_seeing_containerd_config(deb_str, &configured);
+    assert!(
+        !installed.contains("not enabled"),
+        "postinst did not see containerd's lazysnap plugin:\n{installed}"
+    );
+    for link in ENABLE_LINKS {
+        assert_eq!(
+            std::fs::read_link(link).unwrap_or_else(|e| panic!("{link} after install: {e}")),
+            Path::new(UNIT),
+            "{installed}"
+        );
+    }
+    // Without systemd running, nothing may have been started (there is nothing to start it).
+    run("dpkg", &["-r", PACKAGE]);
+    assert_absent(BIN, "dpkg -r");
+    run("dpkg", &["--purge", PACKAGE]);
+    for link in ENABLE_LINKS {
+        assert_absent(link, "dpkg --purge");
+    }
+    let leftover: Vec<PathBuf> = unit_links()
+        .into_iter()
+        .filter(|p| !links_before.contains(p))
+        .collect();
+    assert!(
+        leftover.is_empty(),
+        "systemd links or state left after purge: {leftover:?}"
+    );
+    for path in [STATE, CONFIG_DIR] {
+        assert_absent(path, "dpkg --purge");
+    }
+
+    assert_eq!(
+        std::fs::read(CONTAINERD_CONFIG).expect("read containerd config"),
+        containerd_config_before,
+        "{CONTAINERD_CONFIG} changed"
+    );
+}
+
+/// `dpkg -i deb` while `/etc/containerd/config.toml` reads as `config`: bind-mounted over it
+/// in a private mount namespace of dpkg's own, so the machine's file is never changed and no
+/// other process sees the difference.
+fn install_seeing_containerd_config(deb: &str, config: &Path) -> String {
+    let config = config.to_str().expect("utf-8 path");
+    run(
+        "unshare",
+        &[
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$1\" \"$2\" && exec dpkg -i \"$3\"",
+            "sh",
+            config,
+            CONTAINERD_CONFIG,
+            deb,
+        ],
+    )
 }
