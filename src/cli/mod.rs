@@ -16,9 +16,17 @@ use clap::{Args, Parser, Subcommand};
 
 use lazysnap::config::DEFAULT_CONTROL_ADDRESS;
 
+/// The version `--version` prints: the crate's, and the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("LAZYSNAP_COMMIT"),
+    ")"
+);
+
 /// lazysnap: a containerd remote snapshotter that pulls eStargz and zstd:chunked layers lazily.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,6 +100,18 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        let version = Cli::command().render_version();
+        let expected = format!(
+            "lazysnap {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            env!("LAZYSNAP_COMMIT")
+        );
+        assert_eq!(version.trim_end(), expected);
+        assert!(!env!("LAZYSNAP_COMMIT").is_empty());
     }
 
     #[test]
