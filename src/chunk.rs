@@ -60,6 +60,35 @@ impl std::fmt::Debug for ChunkDigest {
     }
 }
 
+/// Which layer blob a chunk was read from and verified against, as the store scopes chunks:
+/// a chunk is served to a layer only if that layer's own blob was shown to hold it. The
+/// blob's digest and, when the image pins one, its TOC digest (the index that says where
+/// each chunk is in the blob), hashed into one 32-byte name: two images share chunks without
+/// fetching only if they name the same blob with the same index.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId([u8; 32]);
+
+impl BlobId {
+    pub fn new(blob_digest: &str, toc_digest: Option<&str>) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"lazysnap blob id v1\0");
+        h.update(blob_digest.as_bytes());
+        h.update(b"\0");
+        h.update(toc_digest.unwrap_or("").as_bytes());
+        BlobId(h.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "blob-id:{}", hex::encode(&self.0[..8]))
+    }
+}
+
 /// One chunk of a regular file, as the layer's index describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkSpec {

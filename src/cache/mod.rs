@@ -10,6 +10,13 @@
 //! torn write (crash, full disk) or bit rot is detected, dropped and reported as a miss, never
 //! served. The store knows chunk specs and bytes; which chunk a file offset needs is the layer
 //! reader's job.
+//!
+//! **Scope.** Bytes are shared, proof is not: a chunk is served to a layer only if that
+//! layer's own blob ([`BlobId`]) was verified to hold it. A layer's index only *claims* its
+//! chunks' digests, and a file's digest is public knowledge (SBOMs list them), so serving any
+//! cached chunk whose digest an index names would let one image read another's files. A blob
+//! that names a chunk cached for other blobs fetches it once from itself and verifies it; the
+//! chunk is still stored once, and its record gains the blob (see `disk`).
 
 mod disk;
 mod memory;
@@ -21,10 +28,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use disk::{DiskStore, Evicted};
+pub use disk::{DiskStore, Evicted, Stored};
 pub use memory::MemoryTier;
 
-use crate::chunk::{ChunkDigest, ChunkSpec, VerifiedChunk};
+use crate::chunk::{BlobId, ChunkDigest, ChunkSpec, VerifiedChunk};
 use crate::BoxFuture;
 
 /// Where a chunk file is on disk: the lowercase hex sha256 of its bytes.
@@ -104,26 +111,39 @@ pub struct StoreStats {
     pub evicted: Evicted,
 }
 
-/// Where verified chunk bytes live. Readiness is explicit: a chunk is ready once `put` has
-/// stored it, and `read` of a ready chunk needs no network; a store may still lose a ready
-/// chunk (eviction, damage found on read), which `read` reports as `None`.
+/// Where verified chunk bytes live. Readiness is explicit: a chunk is ready for a blob once
+/// `put` has stored it for that blob, and `read` of a ready chunk needs no network; a store may
+/// still lose a ready chunk (eviction, damage found on read), which `read` reports as `None`.
+/// Every question about a chunk's bytes names the blob asking: a chunk put for one blob is not
+/// ready for another (see the module's "Scope").
 pub trait ChunkStore: Send + Sync {
-    /// Whether the chunk's bytes are here, without reading them.
-    fn is_ready(&self, chunk: &ChunkSpec) -> bool;
-    /// Bytes `range` (relative to the chunk's start) of a ready chunk; `None` if it is not.
-    fn read<'a>(&'a self, chunk: &'a ChunkSpec, range: Range<u64>) -> BoxFuture<'a, Option<Bytes>>;
-    /// Stores a chunk's verified bytes and makes it ready.
+    /// Whether the chunk's bytes are here for `blob`, without reading them.
+    fn is_ready(&self, blob: &BlobId, chunk: &ChunkSpec) -> bool;
+    /// Bytes `range` (relative to the chunk's start) of a chunk ready for `blob`; `None` if it
+    /// is not.
+    fn read<'a>(
+        &'a self,
+        blob: &'a BlobId,
+        chunk: &'a ChunkSpec,
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Option<Bytes>>;
+    /// Stores a chunk's bytes, verified as fetched from `blob`, and makes it ready for `blob`.
     fn put<'a>(
         &'a self,
+        blob: &'a BlobId,
         chunk: &'a ChunkSpec,
         bytes: VerifiedChunk,
     ) -> BoxFuture<'a, Result<(), CacheError>>;
-    /// Drops these chunks.
+    /// Drops these chunks, for every blob.
     fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted>;
-    /// Evicts least recently used data down to `target` bytes.
+    /// Evicts least recently used data down to `target` bytes (reserved bytes included).
     fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted>;
-    /// How many of `chunks` are here, and their bytes.
-    fn present(&self, chunks: &[ChunkSpec]) -> (u64, u64);
+    /// How many of `chunks` are here for `blob`, and their bytes.
+    fn present(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> (u64, u64);
+    /// Sets the bytes kept next to the store that count against its disk budget but that it
+    /// cannot evict (saved layer state), evicting chunks to make room for them. Blocking (it
+    /// may unlink files), but brief.
+    fn reserve(&self, bytes: u64) -> Evicted;
     fn stats(&self) -> StoreStats;
 }
 
@@ -145,22 +165,22 @@ impl ChunkCache {
         })
     }
 
-    /// The bytes stored under `key`, from memory or (verified) from disk.
-    pub async fn get(&self, key: &ChunkKey) -> Option<Bytes> {
-        if let Some(bytes) = self.memory.get(key).await {
+    /// The bytes stored under `key` for `blob`, from memory or (verified) from disk.
+    pub async fn get(&self, blob: &BlobId, key: &ChunkKey) -> Option<Bytes> {
+        if let Some(bytes) = self.memory.get(blob, key).await {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Some(bytes);
         }
         let disk = self.disk.clone();
-        let owned = key.clone();
-        let found = tokio::task::spawn_blocking(move || disk.get(&owned))
+        let (owned, b) = (key.clone(), *blob);
+        let found = tokio::task::spawn_blocking(move || disk.get_for(&owned, &b))
             .await
             .ok()
             .flatten();
         match found {
             Some(disk::Found::Valid(bytes)) => {
                 self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.memory.insert(key.clone(), bytes.clone()).await;
+                self.memory.insert(*blob, key.clone(), bytes.clone()).await;
                 Some(bytes)
             }
             Some(disk::Found::Corrupt) => {
@@ -175,22 +195,29 @@ impl ChunkCache {
         }
     }
 
-    /// Whether `key` is cached, without reading or verifying it.
-    pub fn contains(&self, key: &ChunkKey) -> bool {
-        self.memory.contains(key) || self.disk.contains(key)
+    /// Whether `key` is cached for `blob`, without reading or verifying it.
+    pub fn contains(&self, blob: &BlobId, key: &ChunkKey) -> bool {
+        self.memory.contains(blob, key) || self.disk.contains_for(key, blob)
     }
 
-    /// Stores verified bytes. The memory tier always takes them, so a failing disk (full, read
-    /// only) degrades to fetching again later but never fails the read that brought them.
-    pub async fn put_verified(&self, chunk: VerifiedChunk) -> Result<(), CacheError> {
+    /// Stores bytes verified as fetched from `blob`. The memory tier always takes them, so a
+    /// failing disk (full, read only) degrades to fetching again later but never fails the
+    /// read that brought them.
+    pub async fn put_verified(
+        &self,
+        blob: &BlobId,
+        chunk: VerifiedChunk,
+    ) -> Result<(), CacheError> {
         let digest = *chunk.digest();
         let key = ChunkKey::from(&digest);
         let bytes = chunk.into_bytes();
-        self.memory.insert(key.clone(), bytes.clone()).await;
+        self.memory.insert(*blob, key.clone(), bytes.clone()).await;
         let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || disk.put(&key, &bytes))
+        let blob = *blob;
+        tokio::task::spawn_blocking(move || disk.put(&key, &bytes, &blob))
             .await
             .map_err(|source| CacheError::Task { digest, source })?
+            .map(drop)
     }
 
     pub fn counters(&self) -> &CacheCounters {
@@ -201,7 +228,7 @@ impl ChunkCache {
     pub async fn evict_keys(&self, keys: impl IntoIterator<Item = ChunkKey>) -> Evicted {
         let mut total = Evicted::default();
         for key in keys {
-            self.memory.remove(&key).await;
+            self.memory.remove_key(&key);
             let disk = self.disk.clone();
             total += tokio::task::spawn_blocking(move || disk.remove(&key))
                 .await
@@ -217,13 +244,18 @@ impl ChunkCache {
 }
 
 impl ChunkStore for ChunkCache {
-    fn is_ready(&self, chunk: &ChunkSpec) -> bool {
-        self.contains(&ChunkKey::from(&chunk.digest))
+    fn is_ready(&self, blob: &BlobId, chunk: &ChunkSpec) -> bool {
+        self.contains(blob, &ChunkKey::from(&chunk.digest))
     }
 
-    fn read<'a>(&'a self, chunk: &'a ChunkSpec, range: Range<u64>) -> BoxFuture<'a, Option<Bytes>> {
+    fn read<'a>(
+        &'a self,
+        blob: &'a BlobId,
+        chunk: &'a ChunkSpec,
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
-            let bytes = self.get(&ChunkKey::from(&chunk.digest)).await?;
+            let bytes = self.get(blob, &ChunkKey::from(&chunk.digest)).await?;
             let end = (range.end as usize).min(bytes.len());
             let start = (range.start as usize).min(end);
             Some(bytes.slice(start..end))
@@ -232,10 +264,11 @@ impl ChunkStore for ChunkCache {
 
     fn put<'a>(
         &'a self,
+        blob: &'a BlobId,
         _chunk: &'a ChunkSpec,
         bytes: VerifiedChunk,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
-        Box::pin(self.put_verified(bytes))
+        Box::pin(self.put_verified(blob, bytes))
     }
 
     fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted> {
@@ -256,12 +289,12 @@ impl ChunkStore for ChunkCache {
         })
     }
 
-    fn present(&self, chunks: &[ChunkSpec]) -> (u64, u64) {
+    fn present(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> (u64, u64) {
         let mut seen = std::collections::HashSet::new();
         let (mut count, mut bytes) = (0, 0);
         for chunk in chunks {
             let key = ChunkKey::from(&chunk.digest);
-            if let Some(size) = self.disk.size_of(&key) {
+            if let Some(size) = self.disk.size_for(&key, blob) {
                 if seen.insert(key) {
                     count += 1;
                     bytes += size;
@@ -269,6 +302,10 @@ impl ChunkStore for ChunkCache {
             }
         }
         (count, bytes)
+    }
+
+    fn reserve(&self, bytes: u64) -> Evicted {
+        self.disk.reserve(bytes)
     }
 
     fn stats(&self) -> StoreStats {
@@ -294,25 +331,77 @@ impl ChunkStore for ChunkCache {
 mod tests {
     use super::*;
 
+    fn blob(n: u8) -> BlobId {
+        BlobId::new(&format!("sha256:{}", hex::encode([n; 32])), None)
+    }
+
     #[tokio::test]
     async fn round_trip_through_both_tiers() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = Bytes::from_static(b"chunk bytes");
         let key = ChunkKey::of(&data);
+        let a = blob(1);
         {
             let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
-            assert_eq!(cache.get(&key).await, None);
+            assert_eq!(cache.get(&a, &key).await, None);
             let verified =
                 crate::chunk::verify(&ChunkDigest::of(&data), data.clone()).expect("verified");
-            cache.put_verified(verified).await.expect("put");
-            assert_eq!(cache.get(&key).await, Some(data.clone()));
+            cache.put_verified(&a, verified).await.expect("put");
+            assert_eq!(cache.get(&a, &key).await, Some(data.clone()));
             assert_eq!(cache.counters().memory_hits.load(Ordering::Relaxed), 1);
         }
         // A new cache (daemon restart) finds it on disk.
         let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("reopen");
-        assert!(cache.contains(&key));
-        assert_eq!(cache.get(&key).await, Some(data));
+        assert!(cache.contains(&a, &key));
+        assert_eq!(cache.get(&a, &key).await, Some(data));
         assert_eq!(cache.counters().disk_hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_is_served_only_to_blobs_it_was_verified_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = Bytes::from_static(b"a private file");
+        let digest = ChunkDigest::of(&data);
+        let key = ChunkKey::from(&digest);
+        let (victim, attacker, other) = (blob(1), blob(2), blob(3));
+        let spec = ChunkSpec {
+            id: crate::chunk::ChunkId(0),
+            file_offset: 0,
+            len: data.len() as u64,
+            blob_range: 0..1,
+            inner_offset: 0,
+            digest,
+        };
+        {
+            let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
+            let verified = crate::chunk::verify(&digest, data.clone()).expect("verified");
+            cache.put(&victim, &spec, verified).await.expect("put");
+            assert!(cache.is_ready(&victim, &spec));
+            assert!(
+                !cache.is_ready(&attacker, &spec),
+                "not proven for the attacker"
+            );
+            assert_eq!(cache.read(&attacker, &spec, 0..4).await, None);
+            assert_eq!(
+                cache.present(&attacker, std::slice::from_ref(&spec)),
+                (0, 0)
+            );
+            // Another blob that really holds the bytes proves it by fetching: then it reads,
+            // and the chunk is still one file.
+            let verified = crate::chunk::verify(&digest, data.clone()).expect("verified");
+            cache.put(&other, &spec, verified).await.expect("put");
+            assert_eq!(
+                cache.read(&other, &spec, 0..9).await.as_deref(),
+                Some(&b"a private"[..])
+            );
+            assert_eq!(cache.stats().disk_entries, 1);
+        }
+        // Scopes survive a restart, and stay scopes.
+        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("reopen");
+        assert!(cache.is_ready(&victim, &spec) && cache.is_ready(&other, &spec));
+        assert!(!cache.is_ready(&attacker, &spec));
+        assert_eq!(cache.get(&attacker, &key).await, None);
+        assert_eq!(cache.get(&other, &key).await, Some(data));
     }
 
     #[tokio::test]
@@ -324,7 +413,7 @@ mod tests {
         let err =
             crate::chunk::verify(&expected, Bytes::from_static(b"other")).expect_err("mismatch");
         assert_eq!(err.actual, ChunkDigest::of(b"other"));
-        assert_eq!(cache.get(&ChunkKey::from(&expected)).await, None);
+        assert_eq!(cache.get(&blob(1), &ChunkKey::from(&expected)).await, None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
 use crate::cache::ChunkStore;
-use crate::chunk::{self, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, VerifiedChunk};
+use crate::chunk::{self, BlobId, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, VerifiedChunk};
 use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
 
 /// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
@@ -88,6 +88,9 @@ const RUNS_IN_FLIGHT: usize = 4;
 /// The reader of one mounted layer.
 pub struct LayerReader {
     blob: Arc<dyn BlobSource>,
+    /// The blob's identity for the store: chunks are ready for this layer only if they were
+    /// verified from this blob.
+    blob_id: BlobId,
     decoder: Arc<dyn ChunkDecoder>,
     store: Arc<dyn ChunkStore>,
     inflight: Mutex<HashMap<ChunkId, watch::Receiver<Shared>>>,
@@ -109,12 +112,14 @@ pub struct LayerReader {
 impl LayerReader {
     pub fn new(
         blob: Arc<dyn BlobSource>,
+        blob_id: BlobId,
         decoder: Arc<dyn ChunkDecoder>,
         store: Arc<dyn ChunkStore>,
         fetches: Arc<Fetches>,
     ) -> Self {
         LayerReader {
             blob,
+            blob_id,
             decoder,
             store,
             inflight: Mutex::default(),
@@ -155,7 +160,7 @@ impl LayerReader {
             while let Some(next) = self.layout.get(at) {
                 if next.blob_range.end.saturating_sub(start) > self.amplify
                     || inflight.contains_key(&next.id)
-                    || self.store.is_ready(next)
+                    || self.store.is_ready(&self.blob_id, next)
                 {
                     break;
                 }
@@ -182,7 +187,10 @@ impl LayerReader {
             .collect();
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(wanted.len());
         for chunk in &wanted {
-            let part = self.store.read(chunk, chunk.part_of(&range)).await;
+            let part = self
+                .store
+                .read(&self.blob_id, chunk, chunk.part_of(&range))
+                .await;
             if part.is_some() {
                 self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
             }
@@ -233,7 +241,10 @@ impl LayerReader {
     /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
     /// readahead, background fetch). Returns the uncompressed bytes it had to fetch.
     pub async fn warm(&self, chunks: &[ChunkSpec], priority: Priority) -> Result<u64, ReadError> {
-        let missing: Vec<&ChunkSpec> = chunks.iter().filter(|c| !self.store.is_ready(c)).collect();
+        let missing: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| !self.store.is_ready(&self.blob_id, c))
+            .collect();
         if missing.is_empty() {
             return Ok(0);
         }
@@ -249,7 +260,7 @@ impl LayerReader {
 
     /// Whether every chunk is ready in the store, without reading any.
     pub fn is_cached(&self, chunks: &[ChunkSpec]) -> bool {
-        chunks.iter().all(|c| self.store.is_ready(c))
+        chunks.iter().all(|c| self.store.is_ready(&self.blob_id, c))
     }
 
     fn note_prefetch_use(&self, chunks: &[&ChunkSpec]) {
@@ -373,8 +384,8 @@ impl LayerReader {
         let mut pending = Vec::new();
         for (i, tx) in claim.senders.drain(..) {
             let chunk = chunks[i];
-            let ready = if self.store.is_ready(chunk) {
-                self.store.read(chunk, 0..chunk.len).await
+            let ready = if self.store.is_ready(&self.blob_id, chunk) {
+                self.store.read(&self.blob_id, chunk, 0..chunk.len).await
             } else {
                 None
             };
@@ -531,7 +542,7 @@ impl LayerReader {
                 self.note_prefetched(spec);
             }
             let bytes = chunk.bytes().clone();
-            if let Err(e) = self.store.put(spec, chunk).await {
+            if let Err(e) = self.store.put(&self.blob_id, spec, chunk).await {
                 // Served from memory anyway; the store only saves a later refetch.
                 tracing::warn!(chunk = %spec.digest, error = %crate::error_chain(&e), "storing chunk failed");
             }
@@ -605,6 +616,7 @@ mod tests {
         index: LayerIndex,
         blob: Arc<FixtureBlob>,
         decoder: Arc<dyn ChunkDecoder>,
+        cache: Arc<ChunkCache>,
         reader: LayerReader,
     }
 
@@ -622,8 +634,9 @@ mod tests {
             Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache"));
         let reader = LayerReader::new(
             blob.clone(),
+            BlobId::new("sha256:fixture", None),
             opened.decoder.clone(),
-            cache,
+            cache.clone(),
             Arc::new(Fetches::new(2)),
         );
         Setup {
@@ -631,6 +644,7 @@ mod tests {
             index: opened.index,
             blob,
             decoder: opened.decoder,
+            cache,
             reader,
         }
     }
@@ -729,6 +743,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reader = LayerReader::new(
             s.blob.clone(),
+            BlobId::new("sha256:fixture", None),
             s.decoder.clone(),
             Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache")),
             Arc::new(Fetches::new(2)),
@@ -763,6 +778,60 @@ mod tests {
             c.prefetch_used_bytes.load(Ordering::Relaxed),
             chunks[1].len + chunks[2].len
         );
+    }
+
+    #[tokio::test]
+    async fn chunks_cached_for_another_blob_are_fetched_from_this_one_and_verified() {
+        let s = setup(false, false).await;
+        let (ino, size) = file(&s, "dir/multi-chunk.txt");
+        let chunks = s.index.chunks_for(ino, 0, size).to_vec();
+        s.reader.read(&chunks, 0..size).await.expect("read");
+        assert!(s.reader.is_cached(&chunks));
+        // Another layer whose index names the same chunks but whose blob holds other bytes:
+        // the cache does not serve it what the first blob proved, and its own bytes fail.
+        let lying = Arc::new(FixtureBlob {
+            blob: s.blob.blob.clone(),
+            requests: AtomicUsize::new(0),
+            corrupt: true,
+            fail: false,
+            delay: std::time::Duration::ZERO,
+        });
+        let other = |blob: Arc<FixtureBlob>, id: &str| {
+            LayerReader::new(
+                blob,
+                BlobId::new(id, None),
+                s.decoder.clone(),
+                s.cache.clone(),
+                Arc::new(Fetches::new(2)),
+            )
+        };
+        let attacker = other(lying.clone(), "sha256:attacker");
+        assert!(!attacker.is_cached(&chunks));
+        let err = attacker
+            .read(&chunks, 0..size)
+            .await
+            .expect_err("other bytes refused");
+        assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
+        assert!(
+            lying.requests.load(Ordering::SeqCst) >= 1,
+            "it had to fetch"
+        );
+        // A layer whose blob really holds the bytes fetches once, then reads from the cache.
+        let honest = Arc::new(FixtureBlob {
+            blob: s.blob.blob.clone(),
+            ..FixtureBlob::default()
+        });
+        let third = other(honest.clone(), "sha256:third");
+        let got = third.read(&chunks, 0..size).await.expect("read");
+        assert_eq!(got.as_ref(), expected_multi_chunk().as_slice());
+        let fetched = honest.requests.load(Ordering::SeqCst);
+        assert_eq!(fetched, 1);
+        third.read(&chunks, 0..size).await.expect("read again");
+        assert_eq!(honest.requests.load(Ordering::SeqCst), fetched);
+        // The same blob in another layer reader shares everything.
+        let same = other(honest.clone(), "sha256:fixture");
+        same.read(&chunks, 0..size).await.expect("read");
+        assert_eq!(honest.requests.load(Ordering::SeqCst), fetched);
     }
 
     #[tokio::test]

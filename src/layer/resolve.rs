@@ -1,10 +1,12 @@
-//! Resolving a layer: which of the known formats it is in, and its verified index. The blob's
-//! size and tail are fetched once and shown to every format that could claim the layer.
+//! Resolving a layer: which of the known formats it is in, and its verified index. A layer
+//! whose state is still saved (another snapshot of it is there) is taken from there without a
+//! request, when the image pins the same TOC; otherwise the blob's size and tail are fetched
+//! once and shown to every format that could claim the layer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{LayerError, LayerSource, LayerState, RegistryBlob};
+use super::{LayerError, LayerSource, LayerState, RegistryBlob, StateDir};
 use crate::format::{Formats, LayerHints, Probe, MAX_FOOTER};
 use crate::registry::{Reference, RegistryClient};
 
@@ -35,6 +37,43 @@ impl Resolver {
             reference,
             source.digest.clone(),
         )))
+    }
+
+    /// The layer's saved state, if one is there for the same blob and the image pins the
+    /// same TOC: no registry request. The state's format must still accept the layer's
+    /// labels, and its saved TOC digest must be the one the labels pin; opening it
+    /// (`layer::open`) verifies the saved index against that digest again. The reference is
+    /// the one being pulled now (its repository and credentials serve the reads). Blocking
+    /// (reads the state): call from a blocking thread.
+    pub fn saved(
+        &self,
+        states: &StateDir,
+        source: &LayerSource,
+        annotations: &BTreeMap<String, String>,
+    ) -> Option<LayerState> {
+        let pinned = source.toc_digest.as_deref()?;
+        let mut state = states.load(&source.digest).ok()?;
+        let hints = LayerHints {
+            digest: &source.digest,
+            annotations,
+        };
+        let format = self.formats.by_name(&state.format)?;
+        let params_toc = state
+            .resolved
+            .params
+            .get("toc_digest")
+            .and_then(|v| v.as_str());
+        let same = state.source.digest == source.digest
+            && state.source.toc_digest.as_deref() == Some(pinned)
+            && params_toc.is_none_or(|t| t == pinned)
+            && format.accepts(&hints).is_ok();
+        if !same {
+            tracing::debug!(layer = %source.digest, "saved state is for another TOC; resolving again");
+            return None;
+        }
+        tracing::debug!(layer = %source.digest, format = format.name(), "reusing saved layer state");
+        state.source = source.clone();
+        Some(state)
     }
 
     /// Finds the layer's format and its verified index. `NotLazy` when no format claims it;

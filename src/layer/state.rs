@@ -1,7 +1,11 @@
 //! What is kept of a resolved layer under `<root>/layers/<digest>/`: `layer.json` (where the
-//! layer came from, its format and the format's parameters) and `index` (the verified index
-//! document), so a restarted daemon opens its layers again without asking the registry.
-//! Files are written to a temporary name and renamed, so a crash leaves the old or the new.
+//! layer came from, its format and the format's parameters) and `index.zst` (the verified index
+//! document, zstd-compressed), so a restarted daemon opens its layers again, and a layer pulled
+//! again while its state is here is mounted, without asking the registry. States saved before
+//! compression (`index`, or `toc.json` before that) still load. Files are written to a
+//! temporary name and renamed, so a crash leaves the old or the new. The state of a layer is
+//! removed with its last snapshot (`crate::mount`), and its bytes count against the cache's
+//! disk budget.
 //!
 //! Blocking file I/O: call from blocking threads.
 
@@ -89,7 +93,9 @@ pub struct StateDir {
 }
 
 const STATE_FILE: &str = "layer.json";
-const INDEX_FILE: &str = "index";
+const INDEX_FILE: &str = "index.zst";
+/// The index before it was compressed.
+const PLAIN_INDEX_FILE: &str = "index";
 /// What layers saved before the format seam called their index.
 const LEGACY_INDEX_FILE: &str = "toc.json";
 
@@ -104,7 +110,37 @@ impl StateDir {
 
     /// Saves `state`, replacing what was saved for the layer.
     pub fn save(&self, state: &LayerState) -> Result<(), LayerError> {
+        self.save_encoded(&Self::encode(state)?)
+    }
+
+    /// The files `state` is saved as, so their size is known before they are written.
+    /// CPU-bound (compresses the index).
+    pub fn encode(state: &LayerState) -> Result<Encoded, LayerError> {
         let layer = &state.source.digest;
+        let json = serde_json::to_vec_pretty(&SavedState::of(state)).map_err(|source| {
+            LayerError::StateJson {
+                layer: layer.clone(),
+                path: PathBuf::from(STATE_FILE),
+                source,
+            }
+        })?;
+        let index =
+            zstd::bulk::compress(&state.resolved.index, 3).map_err(|source| LayerError::State {
+                layer: layer.clone(),
+                action: "compress",
+                path: PathBuf::from(INDEX_FILE),
+                source,
+            })?;
+        Ok(Encoded {
+            layer: layer.clone(),
+            index,
+            json,
+        })
+    }
+
+    /// Writes what `encode` made.
+    pub fn save_encoded(&self, encoded: &Encoded) -> Result<(), LayerError> {
+        let layer = &encoded.layer;
         let dir = self.layer_dir(layer);
         let io = |action: &'static str, path: &Path| {
             let (layer, path) = (layer.clone(), path.to_path_buf());
@@ -116,21 +152,67 @@ impl StateDir {
             }
         };
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let json = serde_json::to_vec_pretty(&SavedState::of(state)).map_err(|source| {
-            LayerError::StateJson {
-                layer: layer.clone(),
-                path: dir.join(STATE_FILE),
-                source,
-            }
-        })?;
         // The index first: a state file never points at a missing or older index.
-        for (name, bytes) in [(INDEX_FILE, &state.resolved.index), (STATE_FILE, &json)] {
+        for (name, bytes) in [(INDEX_FILE, &encoded.index), (STATE_FILE, &encoded.json)] {
             let tmp = dir.join(format!(".{name}.tmp"));
             std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
             let path = dir.join(name);
             std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
         }
+        for old in [PLAIN_INDEX_FILE, LEGACY_INDEX_FILE] {
+            let _ = std::fs::remove_file(dir.join(old));
+        }
         Ok(())
+    }
+
+    /// Removes the state of layer `digest`; the bytes it held.
+    pub fn remove(&self, digest: &str) -> u64 {
+        let dir = self.layer_dir(digest);
+        let bytes = dir_bytes(&dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                tracing::warn!(layer = %digest, dir = %dir.display(), error = %e, "removing saved layer state failed");
+                0
+            }
+        }
+    }
+
+    /// Removes the state of every layer but `keep` (digests), half-written ones included;
+    /// the bytes freed.
+    pub fn remove_all_but(&self, keep: &[&str]) -> u64 {
+        let keep: Vec<PathBuf> = keep.iter().map(|d| self.layer_dir(d)).collect();
+        let mut freed = 0;
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if keep.contains(&path) {
+                continue;
+            }
+            let bytes = dir_bytes(&path);
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => freed += bytes,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "removing saved layer state failed")
+                }
+            }
+        }
+        freed
+    }
+
+    /// Bytes of every file under the directory: what saved states hold on disk.
+    pub fn disk_usage(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| dir_bytes(&e.path()))
+            .sum()
     }
 
     /// The saved state of layer `digest`; `Unknown` when none was saved.
@@ -148,16 +230,26 @@ impl StateDir {
     pub fn load_dir(&self, dir: &Path) -> Result<LayerState, LayerError> {
         let saved = self.load_json(dir)?;
         let layer = saved.source.digest.clone();
-        let mut path = dir.join(INDEX_FILE);
-        if !path.exists() && dir.join(LEGACY_INDEX_FILE).exists() {
+        let compressed = dir.join(INDEX_FILE);
+        let mut path = dir.join(PLAIN_INDEX_FILE);
+        if compressed.exists() {
+            path = compressed;
+        } else if !path.exists() && dir.join(LEGACY_INDEX_FILE).exists() {
             path = dir.join(LEGACY_INDEX_FILE);
         }
-        let index = std::fs::read(&path).map_err(|source| LayerError::State {
-            layer,
-            action: "read",
-            path,
-            source,
-        })?;
+        let err = |action| {
+            let (layer, path) = (layer.clone(), path.clone());
+            move |source| LayerError::State {
+                layer,
+                action,
+                path,
+                source,
+            }
+        };
+        let mut index = std::fs::read(&path).map_err(err("read"))?;
+        if path.ends_with(INDEX_FILE) {
+            index = zstd::stream::decode_all(index.as_slice()).map_err(err("decompress"))?;
+        }
         Ok(saved.with_index(index))
     }
 
@@ -193,6 +285,38 @@ impl StateDir {
     }
 }
 
+/// A layer's state as it will be written.
+pub struct Encoded {
+    layer: String,
+    index: Vec<u8>,
+    json: Vec<u8>,
+}
+
+impl Encoded {
+    /// The bytes it will take on disk.
+    pub fn len(&self) -> u64 {
+        (self.index.len() + self.json.len()) as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bytes of the files in `dir` (one level: a layer's directory has no subdirectories), or of
+/// `dir` itself if it is a file.
+fn dir_bytes(dir: &Path) -> u64 {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(dir).map_or(0, |m| if m.is_file() { m.len() } else { 0 }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +344,13 @@ mod tests {
         states.save(&state()).expect("save");
         assert_eq!(states.load("sha256:aa").expect("load"), state());
         assert_eq!(states.list().len(), 1);
+        let on_disk = states.disk_usage();
+        assert_eq!(on_disk, StateDir::encode(&state()).expect("encode").len());
+        assert!(dir.path().join("sha256-aa").join("index.zst").exists());
+        assert_eq!(states.remove_all_but(&["sha256:aa"]), 0);
+        assert_eq!(states.remove("sha256:aa"), on_disk);
+        assert_eq!(states.disk_usage(), 0);
+        assert!(states.list().is_empty());
         let err = states.load("sha256:cc").expect_err("unknown");
         assert!(matches!(err, LayerError::Unknown { .. }), "{err}");
     }

@@ -2,6 +2,10 @@
 //! snapshotter's `RemoteFs` by resolving a layer (`crate::layer`), saving its state, opening
 //! its index and mounting it with the `lazysnap-fuse` crate over [`IndexSource`], with the
 //! prefetch and trace tasks the mount owns. Reports for operators are in `report`.
+//!
+//! A layer's saved state lives as long as a snapshot mounts it: it is written (within the
+//! cache's disk budget) at the first mount, reused by later mounts of the same layer, and
+//! removed when the last mount of the layer goes (or by `cache prune` if none is left).
 
 mod fuse_source;
 mod report;
@@ -20,6 +24,7 @@ use tokio::task::JoinSet;
 pub use fuse_source::IndexSource;
 
 use crate::cache::ChunkStore;
+use crate::chunk::BlobId;
 use crate::config::PrefetchConfig;
 use crate::layer::{
     self, unix_ms, Fetches, LayerError, LayerReader, LayerSource, LayerState, Resolver, StateDir,
@@ -68,6 +73,9 @@ pub struct LazyLayers {
     /// Per layer digest: figures of its mounts that are gone, so totals never go backwards.
     retired: Mutex<HashMap<String, report::Retired>>,
     retired_totals: Mutex<Totals>,
+    /// Held while saved states are written, taken for a mount or removed, so that a state is
+    /// never removed between being found (or saved) and its mount being recorded.
+    lifecycle: Mutex<()>,
 }
 
 impl LazyLayers {
@@ -78,18 +86,48 @@ impl LazyLayers {
         options: LazyOptions,
         runtime: Handle,
     ) -> Self {
+        let states = StateDir::new(options.layers_dir.clone());
+        store.reserve(states.disk_usage());
         LazyLayers {
             resolver,
             store,
             traces,
             fetches: Arc::new(Fetches::new(options.prefetch.concurrency)),
-            states: StateDir::new(options.layers_dir.clone()),
+            states,
             options,
             runtime,
             mounted: Mutex::default(),
             retired: Mutex::default(),
             retired_totals: Mutex::default(),
+            lifecycle: Mutex::default(),
         }
+    }
+
+    fn lifecycle(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves a layer's state within the disk budget: room is made for it before it is
+    /// written. Call with `lifecycle` held.
+    fn save_state(&self, state: &LayerState) -> Result<(), LayerError> {
+        let encoded = StateDir::encode(state)?;
+        self.store.reserve(self.states.disk_usage() + encoded.len());
+        let saved = self.states.save_encoded(&encoded);
+        self.store.reserve(self.states.disk_usage());
+        saved
+    }
+
+    /// Removes the saved state of `digest` unless a mount still uses it. Call with
+    /// `lifecycle` held.
+    fn drop_state_if_unused(&self, digest: &str) {
+        if self.mounted().values().any(|m| m.digest == digest) {
+            return;
+        }
+        let freed = self.states.remove(digest);
+        if freed > 0 {
+            tracing::debug!(layer = %digest, bytes = freed, "removed saved layer state");
+        }
+        self.store.reserve(self.states.disk_usage());
     }
 
     fn mounted(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
@@ -105,6 +143,7 @@ impl LazyLayers {
         let reader = Arc::new(
             LayerReader::new(
                 self.resolver.blob(&state.source)?,
+                BlobId::new(&state.source.digest, state.source.toc_digest.as_deref()),
                 opened.decoder,
                 self.store.clone(),
                 self.fetches.clone(),
@@ -216,12 +255,32 @@ impl RemoteFs for LazyLayers {
         let source = LayerSource::from_labels(labels).ok_or_else(|| {
             RemoteError::NotLazy("labels name no image reference and layer digest".into())
         })?;
+        {
+            // Another snapshot of the same layer is here: its saved state, no request.
+            let _lifecycle = self.lifecycle();
+            if let Some(state) = self.resolver.saved(&self.states, &source, labels) {
+                match self.mount_state(mountpoint, &state) {
+                    Ok(()) => {
+                        return serde_json::to_value(layer::SavedState::of(&state))
+                            .map_err(|e| RemoteError::Failed(Box::new(e)));
+                    }
+                    Err(e @ LayerError::Format { .. }) => {
+                        tracing::warn!(layer = %source.digest, error = %crate::error_chain(&e), "saved layer state does not open; resolving the layer again");
+                    }
+                    Err(e) => return Err(remote_error(e)),
+                }
+            }
+        }
         let state = self
             .runtime
             .block_on(self.resolver.resolve(&source, labels))
             .map_err(remote_error)?;
-        self.states.save(&state).map_err(remote_error)?;
-        self.mount_state(mountpoint, &state).map_err(remote_error)?;
+        let _lifecycle = self.lifecycle();
+        self.save_state(&state).map_err(remote_error)?;
+        if let Err(e) = self.mount_state(mountpoint, &state) {
+            self.drop_state_if_unused(&state.source.digest);
+            return Err(remote_error(e));
+        }
         serde_json::to_value(layer::SavedState::of(&state))
             .map_err(|e| RemoteError::Failed(Box::new(e)))
     }
@@ -229,18 +288,34 @@ impl RemoteFs for LazyLayers {
     fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
         let saved: layer::SavedState =
             serde_json::from_value(state.clone()).map_err(|e| RemoteError::Failed(Box::new(e)))?;
-        let state = self
+        let _lifecycle = self.lifecycle();
+        let mut state = self
             .states
             .load(&saved.source.digest)
             .map_err(remote_error)?;
+        if state.source.toc_digest != saved.source.toc_digest {
+            return Err(RemoteError::Failed(
+                format!(
+                    "the saved state of layer {} is for TOC {:?}, the snapshot's for {:?}",
+                    saved.source.digest, state.source.toc_digest, saved.source.toc_digest
+                )
+                .into(),
+            ));
+        }
+        // The reference this snapshot was pulled as (another image's may have saved the state).
+        state.source = saved.source;
         self.mount_state(mountpoint, &state).map_err(remote_error)
     }
 
+    /// The layer's saved state goes with its last mount.
     fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
+        let lifecycle = self.lifecycle();
         let mounted = self.mounted().remove(mountpoint);
         let Some(mounted) = mounted else {
             return Ok(());
         };
+        self.drop_state_if_unused(&mounted.digest);
+        drop(lifecycle);
         // Dropping the set aborts what is still running: prefetch, trace saving, readahead.
         drop(std::mem::take(
             &mut *mounted.tasks.lock().unwrap_or_else(|p| p.into_inner()),

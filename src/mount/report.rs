@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::{LazyLayers, Mounted};
 use crate::cache::Evicted;
+use crate::chunk::BlobId;
 use crate::format::BoxFuture;
 use crate::layer::{self, Fetches, LayerCounters, LayerError};
 use crate::metadata::LayerIndex;
@@ -92,6 +93,21 @@ impl LazyLayers {
             registry_retries = get(&registry.retries),
             "totals"
         );
+    }
+
+    /// Removes the saved state of every layer no snapshot mounts. Brief blocking file I/O.
+    fn prune_unmounted_states(&self) {
+        let _lifecycle = self.lifecycle();
+        let mounted: Vec<String> = self.mounted().values().map(|m| m.digest.clone()).collect();
+        let keep: Vec<&str> = mounted.iter().map(String::as_str).collect();
+        let freed = self.states.remove_all_but(&keep);
+        if freed > 0 {
+            tracing::info!(
+                bytes = freed,
+                "removed the saved state of layers no snapshot mounts"
+            );
+        }
+        self.store.reserve(self.states.disk_usage());
     }
 
     /// Totals over every lazy layer since the daemon started.
@@ -212,7 +228,8 @@ impl LazyNode for LazyLayers {
                 },
             };
             let chunks = index.chunks_in_blob_order();
-            let (cached_chunks, cached_bytes) = self.store.present(&chunks);
+            let blob = BlobId::new(&digest, state.source.toc_digest.as_deref());
+            let (cached_chunks, cached_bytes) = self.store.present(&blob, &chunks);
             let old = retired.get(&digest).copied().unwrap_or_default();
             let mut references = live
                 .as_ref()
@@ -259,8 +276,11 @@ impl LazyNode for LazyLayers {
         })
     }
 
+    /// Saved states of layers no snapshot mounts go first (they are not needed to open any
+    /// mount, and a pull of the layer resolves it again), then chunks down to the target.
     fn prune(&self, target: Option<u64>) -> BoxFuture<'_, (Evicted, u64)> {
         Box::pin(async move {
+            self.prune_unmounted_states();
             let target = target.unwrap_or(self.store.stats().disk_budget_bytes);
             let evicted = self.store.prune_to(target).await;
             (evicted, self.store.stats().disk_used_bytes)

@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::IndexSource;
 use crate::cache::{CacheError, ChunkStore, Evicted, StoreStats};
-use crate::chunk::{ChunkDigest, ChunkId, ChunkSpec, VerifiedChunk};
+use crate::chunk::{BlobId, ChunkDigest, ChunkId, ChunkSpec, VerifiedChunk};
 use crate::format::{
     BoxFuture, ChunkDecoder, FormatError, Formats, LayerFormat, LayerHints, Opened, Probe, Resolved,
 };
@@ -129,23 +129,24 @@ impl LayerFormat for ToyFormat {
     }
 }
 
-/// A store in a map, counting what it was asked.
+/// A store in a map, counting what it was asked; scoped by blob like any store must be.
 #[derive(Default)]
 struct ToyStore {
-    chunks: Mutex<HashMap<ChunkDigest, Bytes>>,
+    chunks: Mutex<HashMap<(BlobId, ChunkDigest), Bytes>>,
     puts: AtomicUsize,
 }
 
 impl ChunkStore for ToyStore {
-    fn is_ready(&self, chunk: &ChunkSpec) -> bool {
+    fn is_ready(&self, blob: &BlobId, chunk: &ChunkSpec) -> bool {
         self.chunks
             .lock()
             .expect("lock")
-            .contains_key(&chunk.digest)
+            .contains_key(&(*blob, chunk.digest))
     }
 
     fn read<'a>(
         &'a self,
+        blob: &'a BlobId,
         chunk: &'a ChunkSpec,
         range: std::ops::Range<u64>,
     ) -> BoxFuture<'a, Option<Bytes>> {
@@ -153,13 +154,14 @@ impl ChunkStore for ToyStore {
             .chunks
             .lock()
             .expect("lock")
-            .get(&chunk.digest)
+            .get(&(*blob, chunk.digest))
             .cloned();
         Box::pin(async move { found.map(|b| b.slice(range.start as usize..range.end as usize)) })
     }
 
     fn put<'a>(
         &'a self,
+        blob: &'a BlobId,
         chunk: &'a ChunkSpec,
         bytes: VerifiedChunk,
     ) -> BoxFuture<'a, Result<(), CacheError>> {
@@ -167,7 +169,7 @@ impl ChunkStore for ToyStore {
         self.chunks
             .lock()
             .expect("lock")
-            .insert(chunk.digest, bytes.into_bytes());
+            .insert((*blob, chunk.digest), bytes.into_bytes());
         Box::pin(async { Ok(()) })
     }
 
@@ -175,12 +177,16 @@ impl ChunkStore for ToyStore {
         let mut map = self.chunks.lock().expect("lock");
         let mut evicted = Evicted::default();
         for c in chunks {
-            if let Some(b) = map.remove(&c.digest) {
-                evicted += Evicted {
-                    entries: 1,
-                    bytes: b.len() as u64,
-                };
-            }
+            map.retain(|(_, digest), b| {
+                let keep = *digest != c.digest;
+                if !keep {
+                    evicted += Evicted {
+                        entries: 1,
+                        bytes: b.len() as u64,
+                    };
+                }
+                keep
+            });
         }
         Box::pin(async move { evicted })
     }
@@ -189,12 +195,16 @@ impl ChunkStore for ToyStore {
         Box::pin(async { Evicted::default() })
     }
 
-    fn present(&self, chunks: &[ChunkSpec]) -> (u64, u64) {
+    fn present(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> (u64, u64) {
         let map = self.chunks.lock().expect("lock");
         chunks
             .iter()
-            .filter_map(|c| map.get(&c.digest))
+            .filter_map(|c| map.get(&(*blob, c.digest)))
             .fold((0, 0), |(n, b), x| (n + 1, b + x.len() as u64))
+    }
+
+    fn reserve(&self, _bytes: u64) -> Evicted {
+        Evicted::default()
     }
 
     fn stats(&self) -> StoreStats {
@@ -235,6 +245,7 @@ async fn a_third_format_and_a_second_store_mount_through_the_seams() {
     let store = Arc::new(ToyStore::default());
     let reader = Arc::new(LayerReader::new(
         blob.clone(),
+        BlobId::new(&state.source.digest, None),
         opened.decoder,
         store.clone(),
         Arc::new(Fetches::new(2)),
