@@ -15,6 +15,9 @@ pub struct File {
     pub data: Vec<u8>,
     /// Write this chunk digest into the TOC instead of the real one.
     pub lie_about_digest: bool,
+    /// Claim this digest (`sha256:...`) for the file and its chunk in the TOC, whatever its
+    /// bytes: a layer that names another image's file without holding it.
+    pub claim_digest: Option<String>,
 }
 
 impl File {
@@ -23,6 +26,15 @@ impl File {
             name: name.into(),
             data: data.into(),
             lie_about_digest: false,
+            claim_digest: None,
+        }
+    }
+
+    /// A file whose TOC entry claims `digest` while its bytes are `data`.
+    pub fn claiming(name: &str, data: impl Into<Vec<u8>>, digest: &str) -> File {
+        File {
+            claim_digest: Some(digest.into()),
+            ..File::new(name, data)
         }
     }
 }
@@ -87,7 +99,10 @@ pub fn layer(dirs: &[&str], files: &[File]) -> Layer {
         body.extend(padding(file.data.len() as u64));
         tar_stream.extend_from_slice(&body);
         blob.extend(gzip(&body));
-        let real = digest(&file.data);
+        let real = file
+            .claim_digest
+            .clone()
+            .unwrap_or_else(|| digest(&file.data));
         let chunk_digest = if file.lie_about_digest {
             digest(b"something else")
         } else {
