@@ -3,9 +3,10 @@
 //! When a FUSE read of a page-cache range fails, the kernel does not give up: it retries the
 //! page the reader is waiting on with a read of its own (and a reader that gets `EIO` often
 //! tries again itself). Each retry is a fresh request that would wait out the read deadline
-//! again, so one `read(2)` took two or three deadlines. Remembering the failed range for a
-//! while (the mount's read timeout) and failing overlapping reads immediately bounds a
-//! `read(2)` by one deadline, however the kernel retries.
+//! again, so one `read(2)` took two or three deadlines. Remembering the failed range briefly
+//! and failing overlapping reads immediately bounds a `read(2)` by one deadline, however the
+//! kernel retries. Briefly: the kernel's retries come within milliseconds, while a container
+//! that reads again once the registry is back must not be failed for a whole read timeout.
 //!
 //! Failures are also what an operator needs to see, but a container hammering an unreachable
 //! registry fails thousands of reads; the log gets one line per mount and kind per window,
@@ -19,6 +20,10 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::Ino;
+
+/// The longest a failure is remembered: far longer than the kernel takes to retry a read, far
+/// shorter than an operator takes to bring a registry back.
+const REMEMBER_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Above this many inodes with remembered failures, expired ones are swept on every record,
 /// so a mount whose every file failed once does not keep them all.
@@ -36,8 +41,10 @@ pub(crate) enum FailureKind {
 /// The recently failed reads of one mount.
 #[derive(Debug)]
 pub(crate) struct ReadFailures {
-    /// How long a failure is remembered, and the log's throttling window.
+    /// The log's throttling window (the mount's read timeout).
     window: Duration,
+    /// How long a failure is remembered: the window, at most `REMEMBER_AT_MOST`.
+    remember: Duration,
     /// The mount's name (its fsname), for the log.
     mount: String,
     state: Mutex<State>,
@@ -85,6 +92,7 @@ impl ReadFailures {
     pub(crate) fn new(window: Duration, mount: String) -> Self {
         Self {
             window,
+            remember: window.min(REMEMBER_AT_MOST),
             mount,
             state: Mutex::new(State::default()),
         }
@@ -137,7 +145,7 @@ impl ReadFailures {
         }
         state.failed.entry(ino).or_default().push(Failed {
             range: range.clone(),
-            until: now + self.window,
+            until: now + self.remember,
             reason: Arc::clone(&reason),
         });
         let throttle = match kind {
@@ -177,7 +185,7 @@ impl Unlogged<'_> {
             reason,
             since_last,
         } = self;
-        let window = failures.window;
+        let (window, remember) = (failures.window, failures.remember);
         match kind {
             FailureKind::Timeout => warn!(
                 mount = %failures.mount,
@@ -186,7 +194,7 @@ impl Unlogged<'_> {
                 len = range.end - range.start,
                 %reason,
                 failed_reads_since_last_line = since_last,
-                "read timed out, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
+                "read timed out, the reader gets EIO; overlapping reads fail at once for {remember:?} (one line per mount per {window:?})"
             ),
             FailureKind::Source => warn!(
                 mount = %failures.mount,
@@ -195,7 +203,7 @@ impl Unlogged<'_> {
                 len = range.end - range.start,
                 %reason,
                 failed_reads_since_last_line = since_last,
-                "read failed, the reader gets EIO; overlapping reads fail at once for {window:?} (one line per mount per {window:?})"
+                "read failed, the reader gets EIO; overlapping reads fail at once for {remember:?} (one line per mount per {window:?})"
             ),
         }
     }
