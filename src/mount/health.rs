@@ -3,6 +3,10 @@
 //! daemon's back (`umount -l`). The directory left behind is empty, and a container stacking it
 //! would silently miss the layer's files, so the snapshotter checks before handing a layer out.
 //!
+//! (After an abort, fuser's session ends and unmounts the mount itself, so what is left is
+//! the empty directory underneath, as after `umount -l`; until then the mount answers
+//! `ENOTCONN`. Either way the probe below fails.)
+//!
 //! A probe is two system calls on the mountpoint: `stat`, whose device must still be the one
 //! the FUSE mount had when it was made (after `umount -l` it is the directory underneath), and
 //! `statfs`, which the kernel always sends to the FUSE server (after an abort it fails with
@@ -108,6 +112,7 @@ fn describe(call: &str, e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn a_plain_directory_is_not_the_mount() {
@@ -124,5 +129,142 @@ mod tests {
         assert!(!health.probing.load(Ordering::Acquire), "probe returned");
         let err = probe(&dir.path().join("missing"), dev).expect_err("gone");
         assert!(err.starts_with("stat: "), "{err}");
+    }
+
+    /// A root directory and nothing else.
+    struct EmptyRoot;
+
+    impl lazysnap_fuse::LayerSource for EmptyRoot {
+        fn lookup(
+            &self,
+            _: lazysnap_fuse::Ino,
+            _: &std::ffi::OsStr,
+        ) -> Result<lazysnap_fuse::Attr, lazysnap_fuse::SourceError> {
+            Err(lazysnap_fuse::SourceError::NotFound)
+        }
+        fn getattr(
+            &self,
+            ino: lazysnap_fuse::Ino,
+        ) -> Result<lazysnap_fuse::Attr, lazysnap_fuse::SourceError> {
+            Ok(lazysnap_fuse::Attr {
+                ino,
+                kind: lazysnap_fuse::FileKind::Directory,
+                perm: 0o755,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                rdev: lazysnap_fuse::Device { major: 0, minor: 0 },
+                size: 4096,
+                blocks: 8,
+                mtime: std::time::SystemTime::UNIX_EPOCH,
+            })
+        }
+        fn readdir(
+            &self,
+            _: lazysnap_fuse::Ino,
+            _: u64,
+            _: &mut dyn FnMut(lazysnap_fuse::DirEntry<'_>) -> std::ops::ControlFlow<()>,
+        ) -> Result<(), lazysnap_fuse::SourceError> {
+            Ok(())
+        }
+        fn readlink(
+            &self,
+            _: lazysnap_fuse::Ino,
+        ) -> Result<std::ffi::OsString, lazysnap_fuse::SourceError> {
+            Err(lazysnap_fuse::SourceError::NotSymlink)
+        }
+        fn listxattr(
+            &self,
+            _: lazysnap_fuse::Ino,
+        ) -> Result<Vec<std::ffi::OsString>, lazysnap_fuse::SourceError> {
+            Ok(Vec::new())
+        }
+        fn getxattr(
+            &self,
+            _: lazysnap_fuse::Ino,
+            _: &std::ffi::OsStr,
+        ) -> Result<bytes::Bytes, lazysnap_fuse::SourceError> {
+            Err(lazysnap_fuse::SourceError::NoAttribute)
+        }
+        async fn read(
+            &self,
+            _: lazysnap_fuse::Ino,
+            _: u64,
+            _: u32,
+        ) -> Result<bytes::Bytes, lazysnap_fuse::SourceError> {
+            Err(lazysnap_fuse::SourceError::IsDirectory)
+        }
+    }
+
+    fn fusectl() -> bool {
+        let mounted = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(2) == Some("fusectl"));
+        mounted
+            || nix::mount::mount(
+                Some("fusectl"),
+                "/sys/fs/fuse/connections",
+                Some("fusectl"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .is_ok()
+    }
+
+    /// A real FUSE mount: alive, then its connection aborted; and what a check costs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_mount_passes_and_an_aborted_one_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let handle = lazysnap_fuse::mount(
+            Arc::new(EmptyRoot),
+            dir.path(),
+            lazysnap_fuse::MountOptions::default(),
+            tokio::runtime::Handle::current(),
+        )
+        .expect("mount");
+        let point = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let dev = std::fs::metadata(&point).expect("stat").dev();
+            let health = Health::default();
+            const N: u32 = 2000;
+            let started = Instant::now();
+            for _ in 0..N {
+                probe(&point, dev).expect("alive");
+            }
+            let probe_cost = started.elapsed() / N;
+            let started = Instant::now();
+            for _ in 0..N {
+                health.check(&point, dev, true).expect("alive");
+            }
+            let bounded_cost = started.elapsed() / N;
+            let started = Instant::now();
+            for _ in 0..N {
+                health.check(&point, dev, false).expect("alive");
+            }
+            let cached_cost = started.elapsed() / N;
+            eprintln!(
+                "check of a live FUSE mount: probe {probe_cost:?}, probe on its own thread {bounded_cost:?}, trusted recent answer {cached_cost:?}"
+            );
+            if fusectl() {
+                let abort = format!(
+                    "/sys/fs/fuse/connections/{}/abort",
+                    nix::sys::stat::minor(dev)
+                );
+                std::fs::write(&abort, "1").expect("abort");
+                // fuser's session ends on the abort and unmounts: the probe finds either the
+                // aborted connection or the directory underneath.
+                let err = health.check(&point, dev, true).expect_err("aborted");
+                assert!(
+                    err.contains("FUSE connection aborted") || err.contains("not mounted"),
+                    "{err}"
+                );
+            }
+        })
+        .await
+        .expect("join");
+        // Aborted: the unmount may or may not find it; detach whatever is left.
+        let _ = handle.unmount();
+        let _ = nix::mount::umount2(dir.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
