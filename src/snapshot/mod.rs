@@ -548,11 +548,10 @@ impl Snapshotter {
         if remote.check(fs).is_ok() {
             return Ok(());
         }
-        let layer = match &dead {
-            RemoteError::Dead { layer, .. } => layer.clone(),
-            _ => String::new(),
+        let (layer, cause) = match &dead {
+            RemoteError::Dead { layer, reason, .. } => (layer.clone(), reason.clone()),
+            other => (String::new(), crate::error_chain(other)),
         };
-        let cause = crate::error_chain(&dead);
         // Drops the dead mount's entry (and its tasks); the kernel side may already be gone.
         if let Err(e) = remote.unmount(fs) {
             tracing::debug!(mountpoint = %fs.display(), error = %crate::error_chain(&e), "unmounting dead lazy layer");
