@@ -75,6 +75,9 @@ pub trait LazyNode: Send + Sync {
     fn stats(&self) -> Stats;
     /// The lazy layers mounted now.
     fn mounts(&self) -> Vec<MountReport>;
+    /// Checks now that each mount is still served, so `mounts` reports a dead one as
+    /// `Activity::Dead`. Blocking (bounded): call it off the async workers.
+    fn check_mounts(&self) {}
     /// Every layer this node has saved, with what of it is cached. Reads saved state from
     /// disk: call it off the async workers.
     fn layers(&self) -> Vec<LayerReport>;

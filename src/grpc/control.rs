@@ -234,8 +234,15 @@ impl Control for ControlService {
         &self,
         _: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
-        let mounts = match &self.layers {
-            Some(layers) => layers.mounts(),
+        let mounts = match self.layers.clone() {
+            // Checking a mount is a stat or two through FUSE: off the async workers.
+            Some(layers) => {
+                blocking(move || {
+                    layers.check_mounts();
+                    layers.mounts()
+                })
+                .await?
+            }
             None => Vec::new(),
         };
         Ok(Response::new(pb::MountsResponse {

@@ -22,7 +22,9 @@ impl From<SnapshotError> for Status {
             | SnapshotError::ImmutableField { .. }
             | SnapshotError::InvalidKey { .. }
             | SnapshotError::InvalidFilter { .. } => Status::invalid_argument(message),
-            SnapshotError::LayerUnavailable { .. } => Status::unavailable(message),
+            SnapshotError::LayerUnavailable { .. } | SnapshotError::LayerDead { .. } => {
+                Status::unavailable(message)
+            }
             SnapshotError::Io { ref source, .. }
                 if source.raw_os_error() == Some(nix::libc::ENOSPC) =>
             {

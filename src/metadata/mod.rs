@@ -51,6 +51,9 @@ pub struct Node {
     /// Sorted by name, so readdir offsets are stable.
     pub children: Vec<(Box<[u8]>, u64)>,
     pub chunks: Vec<ChunkSpec>,
+    /// A directory the layer implies (a parent of its entries) but does not list: its
+    /// attributes are placeholders, for the mount to take from the layers below.
+    pub implied: bool,
 }
 
 /// Why a TOC cannot be served. Every message names the entry.
@@ -98,6 +101,11 @@ impl LayerIndex {
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
         ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
+    }
+
+    pub fn node_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        ino.checked_sub(1)
+            .and_then(|i| self.nodes.get_mut(i as usize))
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Option<u64> {
@@ -248,6 +256,7 @@ fn new_node(kind: NodeKind, perm: u32) -> Node {
         xattrs: Vec::new(),
         children: Vec::new(),
         chunks: Vec::new(),
+        implied: false,
     }
 }
 
@@ -435,7 +444,9 @@ impl IndexBuilder {
                     ino
                 }
                 None => {
-                    self.nodes.push(new_node(NodeKind::Dir, 0o755));
+                    let mut node = new_node(NodeKind::Dir, 0o755);
+                    node.implied = true;
+                    self.nodes.push(node);
                     let ino = self.nodes.len() as u64;
                     self.children.insert(key, ino);
                     ino
@@ -480,6 +491,7 @@ fn check_tiling(e: &Entry) -> Result<(), MetadataError> {
 }
 
 fn apply_attrs(node: &mut Node, e: &Entry) {
+    node.implied = false;
     node.perm = e.mode & 0o7777;
     node.uid = e.uid;
     node.gid = e.gid;

@@ -8,11 +8,14 @@
 //! removed when the last mount of the layer goes (or by `cache prune` if none is left).
 
 mod fuse_source;
+mod health;
+mod lower;
 mod report;
 #[cfg(test)]
 mod seams_tests;
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,6 +43,9 @@ pub type MountTasks = Arc<Mutex<JoinSet<()>>>;
 
 struct Mounted {
     handle: fuse::MountHandle,
+    /// The device of the FUSE mount, as `stat` of the mountpoint showed it once mounted.
+    dev: u64,
+    health: Arc<health::Health>,
     reader: Arc<LayerReader>,
     index: Arc<LayerIndex>,
     digest: String,
@@ -134,11 +140,22 @@ impl LazyLayers {
         self.mounted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a resolved layer and mounts it at `mountpoint`, with the tasks that serve it.
-    fn mount_state(&self, mountpoint: &Path, state: &LayerState) -> Result<(), LayerError> {
+    /// Opens a resolved layer and mounts it at `mountpoint` over the layers `lower` (nearest
+    /// first), with the tasks that serve it.
+    fn mount_state(
+        &self,
+        mountpoint: &Path,
+        state: &LayerState,
+        lower: &[PathBuf],
+    ) -> Result<(), LayerError> {
         let digest = &state.source.digest;
         let opened = layer::open(self.resolver.formats(), state)?;
-        let index = Arc::new(opened.index);
+        let mut index = opened.index;
+        let adopted = lower::adopt_lower_attrs(&mut index, lower);
+        if adopted > 0 {
+            tracing::debug!(layer = %digest, directories = adopted, "implied directories take their attributes from the layers below");
+        }
+        let index = Arc::new(index);
         let prefetch = &self.options.prefetch;
         let reader = Arc::new(
             LayerReader::new(
@@ -180,6 +197,16 @@ impl LazyLayers {
                     source,
                 }
             })?;
+        // Dropping the handle on error unmounts.
+        let dev = std::fs::symlink_metadata(mountpoint)
+            .map_err(|source| LayerError::Mount {
+                layer: digest.clone(),
+                source: fuse::MountError::Mount {
+                    mountpoint: mountpoint.to_path_buf(),
+                    source,
+                },
+            })?
+            .dev();
         let activity = Arc::new(ActivityCell::default());
         {
             let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -224,6 +251,8 @@ impl LazyLayers {
             mountpoint.to_path_buf(),
             Mounted {
                 handle,
+                dev,
+                health: Arc::default(),
                 reader,
                 index,
                 digest: digest.clone(),
@@ -235,6 +264,47 @@ impl LazyLayers {
             },
         );
         Ok(())
+    }
+}
+
+impl LazyLayers {
+    /// Checks the mount at `mountpoint`; a dead one shows as such in `lazysnap mounts` until
+    /// it is mounted again. With `fresh`, a recent good answer is not trusted.
+    fn check_mount(&self, mountpoint: &Path, fresh: bool) -> Result<(), RemoteError> {
+        let found = self.mounted().get(mountpoint).map(|m| {
+            (
+                m.dev,
+                m.health.clone(),
+                m.activity.clone(),
+                m.digest.clone(),
+            )
+        });
+        let Some((dev, health, activity, digest)) = found else {
+            return Err(RemoteError::Dead {
+                layer: String::new(),
+                mountpoint: mountpoint.to_path_buf(),
+                reason: "no lazy layer is mounted there by this daemon".to_owned(),
+            });
+        };
+        health.check(mountpoint, dev, fresh).map_err(|reason| {
+            activity.set_dead();
+            RemoteError::Dead {
+                layer: digest,
+                mountpoint: mountpoint.to_path_buf(),
+                reason,
+            }
+        })
+    }
+
+    /// Checks every mount now, so that the report shows the dead ones (`lazysnap mounts`).
+    /// Blocking: call it off the async workers.
+    pub(crate) fn check_all_mounts(&self) {
+        let points: Vec<PathBuf> = self.mounted().keys().cloned().collect();
+        for point in points {
+            if let Err(e) = self.check_mount(&point, true) {
+                tracing::debug!(error = %crate::error_chain(&e), "lazy layer mount is dead");
+            }
+        }
     }
 }
 
@@ -251,7 +321,12 @@ fn remote_error(e: LayerError) -> RemoteError {
 /// blocking pool (`grpc::snapshots` and the daemon's startup both use `spawn_blocking`), and
 /// they wait on the registry with `Handle::block_on`, which must never run on an async worker.
 impl RemoteFs for LazyLayers {
-    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError> {
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &Labels,
+        lower: &[PathBuf],
+    ) -> Result<RemoteState, RemoteError> {
         let source = LayerSource::from_labels(labels).ok_or_else(|| {
             RemoteError::NotLazy("labels name no image reference and layer digest".into())
         })?;
@@ -259,7 +334,7 @@ impl RemoteFs for LazyLayers {
             // Another snapshot of the same layer is here: its saved state, no request.
             let _lifecycle = self.lifecycle();
             if let Some(state) = self.resolver.saved(&self.states, &source, labels) {
-                match self.mount_state(mountpoint, &state) {
+                match self.mount_state(mountpoint, &state, lower) {
                     Ok(()) => {
                         return serde_json::to_value(layer::SavedState::of(&state))
                             .map_err(|e| RemoteError::Failed(Box::new(e)));
@@ -277,7 +352,7 @@ impl RemoteFs for LazyLayers {
             .map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
         self.save_state(&state).map_err(remote_error)?;
-        if let Err(e) = self.mount_state(mountpoint, &state) {
+        if let Err(e) = self.mount_state(mountpoint, &state, lower) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
@@ -285,7 +360,12 @@ impl RemoteFs for LazyLayers {
             .map_err(|e| RemoteError::Failed(Box::new(e)))
     }
 
-    fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
+    fn remount(
+        &self,
+        mountpoint: &Path,
+        state: &RemoteState,
+        lower: &[PathBuf],
+    ) -> Result<(), RemoteError> {
         let saved: layer::SavedState =
             serde_json::from_value(state.clone()).map_err(|e| RemoteError::Failed(Box::new(e)))?;
         let _lifecycle = self.lifecycle();
@@ -304,7 +384,8 @@ impl RemoteFs for LazyLayers {
         }
         // The reference this snapshot was pulled as (another image's may have saved the state).
         state.source = saved.source;
-        self.mount_state(mountpoint, &state).map_err(remote_error)
+        self.mount_state(mountpoint, &state, lower)
+            .map_err(remote_error)
     }
 
     /// The layer's saved state goes with its last mount.
@@ -325,5 +406,9 @@ impl RemoteFs for LazyLayers {
             mountpoint: mountpoint.to_path_buf(),
             source: Box::new(e),
         })
+    }
+
+    fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
+        self.check_mount(mountpoint, false)
     }
 }

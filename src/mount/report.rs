@@ -150,6 +150,10 @@ impl LazyNode for LazyLayers {
         }
     }
 
+    fn check_mounts(&self) {
+        self.check_all_mounts();
+    }
+
     fn mounts(&self) -> Vec<MountReport> {
         let mut out: Vec<MountReport> = self
             .mounted()

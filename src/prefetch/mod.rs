@@ -37,6 +37,9 @@ pub enum Activity {
     Prefetching = 0,
     Ready = 1,
     Background = 2,
+    /// The mount is no longer served (its FUSE connection died, or it was unmounted behind the
+    /// daemon's back); it stays so until the layer is mounted again.
+    Dead = 3,
 }
 
 impl Activity {
@@ -45,6 +48,7 @@ impl Activity {
             Activity::Prefetching => "prefetching",
             Activity::Ready => "ready",
             Activity::Background => "background",
+            Activity::Dead => "dead",
         }
     }
 }
@@ -60,14 +64,24 @@ impl Default for ActivityCell {
 }
 
 impl ActivityCell {
+    /// Sets what the layer is doing; a dead mount stays dead.
     pub fn set(&self, activity: Activity) {
-        self.0.store(activity as u8, Ordering::Relaxed);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+                (current != Activity::Dead as u8).then_some(activity as u8)
+            });
+    }
+
+    pub fn set_dead(&self) {
+        self.0.store(Activity::Dead as u8, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> Activity {
         match self.0.load(Ordering::Relaxed) {
             0 => Activity::Prefetching,
             2 => Activity::Background,
+            3 => Activity::Dead,
             _ => Activity::Ready,
         }
     }

@@ -26,6 +26,15 @@ pub enum SnapshotError {
     InvalidFilter { filter: String, reason: String },
     #[error("lazy layer of snapshot id {id} could not be mounted after a restart; remove the image and pull it again")]
     LayerUnavailable { id: u64 },
+    #[error("lazy layer {layer} of snapshot {key:?} at {} died and could not be mounted again ({cause}); remove the image and pull it again if this persists", mountpoint.display())]
+    LayerDead {
+        key: String,
+        layer: String,
+        mountpoint: PathBuf,
+        cause: String,
+        #[source]
+        source: Box<crate::snapshot::RemoteError>,
+    },
     #[error("metadata store")]
     Store(#[from] crate::snapshot::store::StoreError),
     #[error("{action} {}", path.display())]

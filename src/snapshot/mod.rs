@@ -41,6 +41,9 @@ pub struct Snapshotter {
     /// empty, so any mount stacking them is refused rather than handing containerd a layer
     /// with silently missing files.
     unavailable: Mutex<HashSet<u64>>,
+    /// Held while a dead lazy mount is repaired, so that two calls finding it dead do not
+    /// both mount it again.
+    repairing: Mutex<()>,
     /// Held shared while a snapshot directory is being made and recorded, exclusively by
     /// `cleanup`: otherwise cleanup could read the records, then find a directory that a
     /// concurrent Prepare has made since, and remove it as an orphan under a live snapshot.
@@ -77,6 +80,7 @@ impl Snapshotter {
             overlay_options,
             remote,
             unavailable: Mutex::default(),
+            repairing: Mutex::default(),
             making_dirs: RwLock::new(()),
         })
     }
@@ -100,7 +104,8 @@ impl Snapshotter {
         let mounts = self.create(Kind::Active, key, parent, labels.clone())?;
         let record = self.get(key)?;
         let fs = self.fs_dir(record.id);
-        let state = match remote.mount(&fs, &labels) {
+        let lower = self.lower_dirs(&self.store.parent_ids(&record)?);
+        let state = match remote.mount(&fs, &labels, &lower) {
             Ok(state) => state,
             Err(RemoteError::NotLazy(why)) => {
                 tracing::info!(key, %target, reason = %crate::error_chain(&*why), "layer is not lazy; containerd will download and unpack it");
@@ -193,12 +198,22 @@ impl Snapshotter {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
+        // Parents first: a layer's implied directories read their attributes through the
+        // layers below it, which must be mounted by then.
+        let mut layers = Vec::new();
         for (key, record) in self.store.all()? {
+            if record.remote.is_some() {
+                let parents = self.store.parent_ids(&record)?;
+                layers.push((parents.len(), key, record, parents));
+            }
+        }
+        layers.sort_by_key(|(depth, ..)| *depth);
+        for (_, key, record, parents) in layers {
             let Some(state) = &record.remote else {
                 continue;
             };
             let fs = self.fs_dir(record.id);
-            match remote.remount(&fs, state) {
+            match remote.remount(&fs, state, &self.lower_dirs(&parents)) {
                 Ok(()) => tracing::info!(%key, "remounted lazy layer"),
                 Err(e) => {
                     tracing::error!(%key, error = %crate::error_chain(&e), "cannot mount lazy layer again; containers using it cannot start until the image is pulled again");
@@ -478,14 +493,91 @@ impl Snapshotter {
     }
 
     fn mounts_of(&self, record: &Record) -> Result<Vec<Mount>, SnapshotError> {
-        let parents = self.store.parent_ids(record)?;
+        let chain = self.store.parents(record)?;
+        let parents: Vec<u64> = chain.iter().map(|(_, r)| r.id).collect();
         {
             let unavailable = self.unavailable_ids();
             if let Some(id) = parents.iter().find(|id| unavailable.contains(id)) {
                 return Err(SnapshotError::LayerUnavailable { id: *id });
             }
         }
+        self.ensure_served(&chain)?;
         Ok(self.overlay_mounts(record.id, record.kind, &parents))
+    }
+
+    /// The `fs` dirs of `ids`, as overlayfs stacks them (nearest first).
+    fn lower_dirs(&self, ids: &[u64]) -> Vec<PathBuf> {
+        ids.iter().map(|id| self.fs_dir(*id)).collect()
+    }
+
+    /// Checks that every lazy layer in `chain` (a parent chain, nearest first) is still served
+    /// at its `fs` dir, and mounts again the ones that died, farthest first, so each is
+    /// mounted over live layers. A layer that cannot be repaired fails the call: handing out
+    /// its empty directory would silently drop the layer's files from the container.
+    fn ensure_served(&self, chain: &[(String, Record)]) -> Result<(), SnapshotError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        for (i, (key, record)) in chain.iter().enumerate().rev() {
+            let Some(state) = &record.remote else {
+                continue;
+            };
+            let fs = self.fs_dir(record.id);
+            let Err(dead) = remote.check(&fs) else {
+                continue;
+            };
+            let lower: Vec<u64> = chain[i + 1..].iter().map(|(_, r)| r.id).collect();
+            self.repair(remote.as_ref(), key, state, &fs, &lower, dead)?;
+        }
+        Ok(())
+    }
+
+    /// Mounts a dead lazy layer again from its saved state: whatever is left at `fs` is
+    /// detached first.
+    fn repair(
+        &self,
+        remote: &dyn RemoteFs,
+        key: &str,
+        state: &RemoteState,
+        fs: &Path,
+        lower: &[u64],
+        dead: RemoteError,
+    ) -> Result<(), SnapshotError> {
+        let _one = self.repairing.lock().unwrap_or_else(|p| p.into_inner());
+        // Another call may have repaired it while this one waited.
+        if remote.check(fs).is_ok() {
+            return Ok(());
+        }
+        let (layer, cause) = match &dead {
+            RemoteError::Dead { layer, reason, .. } => (layer.clone(), reason.clone()),
+            other => (String::new(), crate::error_chain(other)),
+        };
+        // Drops the dead mount's entry (and its tasks); the kernel side may already be gone.
+        if let Err(e) = remote.unmount(fs) {
+            tracing::debug!(mountpoint = %fs.display(), error = %crate::error_chain(&e), "unmounting dead lazy layer");
+        }
+        let failed = |source: RemoteError| {
+            let e = SnapshotError::LayerDead {
+                key: key.to_owned(),
+                layer: layer.clone(),
+                mountpoint: fs.to_path_buf(),
+                cause: cause.clone(),
+                source: Box::new(source),
+            };
+            tracing::error!(key, %layer, mountpoint = %fs.display(), error = %crate::error_chain(&e), "cannot repair dead lazy layer mount");
+            e
+        };
+        let detached = mountinfo::detach_all_at(fs).map_err(|e| {
+            failed(RemoteError::Unmount {
+                mountpoint: fs.to_path_buf(),
+                source: Box::new(e),
+            })
+        })?;
+        remote
+            .remount(fs, state, &self.lower_dirs(lower))
+            .map_err(failed)?;
+        tracing::warn!(key, %layer, mountpoint = %fs.display(), %cause, detached, "lazy layer mount was dead; mounted it again");
+        Ok(())
     }
 
     /// The same mounts containerd's overlayfs snapshotter returns: a bind mount when there is a

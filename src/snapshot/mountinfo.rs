@@ -30,6 +30,21 @@ pub fn detach_under(dir: &Path) -> std::io::Result<usize> {
     Ok(points.len())
 }
 
+/// Lazily detaches every mount stacked exactly at `point` (a dead FUSE mount, possibly
+/// several); returns how many were detached.
+pub fn detach_all_at(point: &Path) -> nix::Result<usize> {
+    // A bound, in case something keeps mounting there.
+    for detached in 0..16 {
+        match umount2(point, MntFlags::MNT_DETACH) {
+            Ok(()) => {}
+            // EINVAL: not a mountpoint (any more); ENOENT: not even there.
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => return Ok(detached),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(nix::errno::Errno::EBUSY)
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
 fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();

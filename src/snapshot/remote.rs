@@ -8,7 +8,7 @@
 //! unpack. Anything else (no labels, not a lazy format, a failure) answers with ordinary mounts
 //! and containerd applies the layer tar itself, so every image still works.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::types::Labels;
 
@@ -36,6 +36,14 @@ pub enum RemoteError {
     /// It looked like a lazy layer but could not be mounted.
     #[error("lazy mount failed")]
     Failed(#[source] RemoteCause),
+    /// A mounted layer is no longer served at its mountpoint (its FUSE connection was aborted,
+    /// it was unmounted behind the daemon's back, or it does not answer in time).
+    #[error("lazy layer {layer} at {} is not served: {reason}", mountpoint.display())]
+    Dead {
+        layer: String,
+        mountpoint: PathBuf,
+        reason: String,
+    },
     #[error("unmounting {}", mountpoint.display())]
     Unmount {
         mountpoint: std::path::PathBuf,
@@ -47,12 +55,31 @@ pub enum RemoteError {
 /// Mounts layers whose contents are fetched on demand. Every method blocks (it may wait on a
 /// registry or the kernel): call them from a blocking thread, never an async worker, as the
 /// snapshotter does.
+///
+/// `lower` is the parent chain the layer is stacked on, as the directories overlayfs would
+/// take as `lowerdir`s, nearest first. A layer whose tar implies directories it does not list
+/// gives them the attributes they have there, as unpacking on top of those layers would.
 pub trait RemoteFs: Send + Sync {
     /// Mounts the layer `labels` describe at `mountpoint` (an existing, empty directory) and
     /// returns the state `remount` needs. On error nothing is left mounted.
-    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError>;
-    /// Mounts a layer again from its saved state, after a daemon restart.
-    fn remount(&self, mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError>;
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &Labels,
+        lower: &[PathBuf],
+    ) -> Result<RemoteState, RemoteError>;
+    /// Mounts a layer again from its saved state: after a daemon restart, or to repair a mount
+    /// that died (`check`).
+    fn remount(
+        &self,
+        mountpoint: &Path,
+        state: &RemoteState,
+        lower: &[PathBuf],
+    ) -> Result<(), RemoteError>;
     /// Unmounts whatever `mount`/`remount` mounted at `mountpoint`.
     fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError>;
+    /// Whether the layer mounted at `mountpoint` is really mounted there and served: `Dead`
+    /// otherwise. Cheap (a stat or two, or a recent answer) and bounded in time, even when the
+    /// file system hangs.
+    fn check(&self, mountpoint: &Path) -> Result<(), RemoteError>;
 }

@@ -146,19 +146,28 @@ impl Store {
 
     /// The ids of `key`'s ancestors, nearest first (the order of overlayfs' `lowerdir`).
     pub fn parent_ids(&self, record: &Record) -> Result<Vec<u64>, StoreError> {
+        Ok(self
+            .parents(record)?
+            .into_iter()
+            .map(|(_, parent)| parent.id)
+            .collect())
+    }
+
+    /// The parent chain of `record` with their keys, nearest first.
+    pub fn parents(&self, record: &Record) -> Result<Vec<(String, Record)>, StoreError> {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(SNAPSHOTS)?;
-        let mut ids = Vec::new();
+        let mut chain = Vec::new();
         let mut next = record.parent.clone();
         while let Some(parent) = next {
             let Some(value) = table.get(parent.as_str())? else {
                 break;
             };
             let parent_record = decode(&parent, value.value())?;
-            ids.push(parent_record.id);
-            next = parent_record.parent;
+            next = parent_record.parent.clone();
+            chain.push((parent, parent_record));
         }
-        Ok(ids)
+        Ok(chain)
     }
 }
 

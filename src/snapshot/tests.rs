@@ -288,10 +288,19 @@ fn cleanup_running_beside_prepares_never_takes_a_live_snapshot() {
 struct FakeRemote {
     calls: Mutex<Vec<String>>,
     fail_remount: bool,
+    /// Mountpoints whose mount "died".
+    dead: Mutex<HashSet<PathBuf>>,
+    /// The lower dirs each mount and remount was given, in call order.
+    lowers: Mutex<Vec<Vec<PathBuf>>>,
 }
 
 impl RemoteFs for FakeRemote {
-    fn mount(&self, mountpoint: &Path, labels: &Labels) -> Result<RemoteState, RemoteError> {
+    fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &Labels,
+        lower: &[PathBuf],
+    ) -> Result<RemoteState, RemoteError> {
         let Some(layer) = labels.get("test/layer") else {
             return Err(RemoteError::NotLazy("no test/layer label".into()));
         };
@@ -299,6 +308,7 @@ impl RemoteFs for FakeRemote {
             return Err(RemoteError::Failed("broken layer".into()));
         }
         std::fs::write(mountpoint.join("remote-marker"), layer).expect("write marker");
+        self.lowers.lock().expect("lock").push(lower.to_vec());
         self.calls
             .lock()
             .expect("lock")
@@ -306,13 +316,31 @@ impl RemoteFs for FakeRemote {
         Ok(serde_json::json!({ "layer": layer }))
     }
 
-    fn remount(&self, _mountpoint: &Path, state: &RemoteState) -> Result<(), RemoteError> {
+    fn remount(
+        &self,
+        mountpoint: &Path,
+        state: &RemoteState,
+        lower: &[PathBuf],
+    ) -> Result<(), RemoteError> {
         self.calls
             .lock()
             .expect("lock")
             .push(format!("remount {}", state["layer"]));
+        self.lowers.lock().expect("lock").push(lower.to_vec());
         if self.fail_remount {
             return Err(RemoteError::Failed("registry gone".into()));
+        }
+        self.dead.lock().expect("lock").remove(mountpoint);
+        Ok(())
+    }
+
+    fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
+        if self.dead.lock().expect("lock").contains(mountpoint) {
+            return Err(RemoteError::Dead {
+                layer: "sha256:fake".into(),
+                mountpoint: mountpoint.to_path_buf(),
+                reason: "FUSE connection aborted".into(),
+            });
         }
         Ok(())
     }
@@ -430,5 +458,91 @@ fn remote_layers_are_remounted_after_restart() {
     assert!(
         matches!(err, SnapshotError::LayerUnavailable { .. }),
         "{err}"
+    );
+}
+
+fn lazy_chain(fake: Arc<FakeRemote>) -> (tempfile::TempDir, Snapshotter) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Snapshotter::open_with(dir.path(), Some(fake)).expect("open");
+    s.prepare("extract-1", None, remote_labels("chain-1", "L1"))
+        .expect_err("lazy");
+    s.prepare("extract-2", Some("chain-1"), remote_labels("chain-2", "L2"))
+        .expect_err("lazy");
+    (dir, s)
+}
+
+#[test]
+fn lazy_layers_are_given_their_parent_chain_as_lower_dirs() {
+    let fake = Arc::new(FakeRemote::default());
+    let (_dir, s) = lazy_chain(fake.clone());
+    let l1 = s.fs_dir(s.get("chain-1").expect("chain-1").id);
+    assert_eq!(
+        *fake.lowers.lock().expect("lock"),
+        vec![vec![], vec![l1.clone()]]
+    );
+}
+
+#[test]
+fn a_dead_lazy_layer_is_mounted_again_before_it_is_handed_out() {
+    let fake = Arc::new(FakeRemote::default());
+    let (_dir, s) = lazy_chain(fake.clone());
+    let l1 = s.fs_dir(s.get("chain-1").expect("chain-1").id);
+    let l2 = s.fs_dir(s.get("chain-2").expect("chain-2").id);
+    fake.dead
+        .lock()
+        .expect("lock")
+        .extend([l1.clone(), l2.clone()]);
+    fake.lowers.lock().expect("lock").clear();
+    s.prepare("rw", Some("chain-2"), Labels::new())
+        .expect("repaired");
+    // farthest first, each over its own parents
+    assert_eq!(
+        fake.calls.lock().expect("lock")[2..],
+        [
+            "unmount".to_owned(),
+            r#"remount "L1""#.to_owned(),
+            "unmount".to_owned(),
+            r#"remount "L2""#.to_owned()
+        ]
+    );
+    assert_eq!(
+        *fake.lowers.lock().expect("lock"),
+        vec![vec![], vec![l1.clone()]]
+    );
+    assert!(fake.dead.lock().expect("lock").is_empty());
+
+    // Mounts and View check too
+    fake.dead.lock().expect("lock").insert(l2.clone());
+    s.mounts("rw").expect("mounts repairs");
+    assert!(fake.dead.lock().expect("lock").is_empty());
+    fake.dead.lock().expect("lock").insert(l1);
+    s.view("v", Some("chain-2"), Labels::new())
+        .expect("view repairs");
+    assert!(fake.dead.lock().expect("lock").is_empty());
+}
+
+#[test]
+fn a_dead_lazy_layer_that_cannot_be_mounted_again_fails_the_call() {
+    let fake = Arc::new(FakeRemote {
+        fail_remount: true,
+        ..FakeRemote::default()
+    });
+    let (_dir, s) = lazy_chain(fake.clone());
+    let l1 = s.fs_dir(s.get("chain-1").expect("chain-1").id);
+    fake.dead.lock().expect("lock").insert(l1);
+    let err = s
+        .prepare("rw", Some("chain-2"), Labels::new())
+        .expect_err("not handed out");
+    assert!(
+        matches!(err, SnapshotError::LayerDead { ref key, .. } if key == "chain-1"),
+        "{err}"
+    );
+    let message = crate::error_chain(&err);
+    assert!(message.contains("sha256:fake"), "{message}");
+    assert!(message.contains("FUSE connection aborted"), "{message}");
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::Unavailable,
+        "{message}"
     );
 }

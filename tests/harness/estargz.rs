@@ -56,7 +56,39 @@ fn digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// A directory entry of a hand-made eStargz layer, with its attributes.
+#[derive(Debug, Clone)]
+pub struct Dir {
+    /// Ends in `/`.
+    pub name: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Dir {
+    pub fn new(name: &str, mode: u32, uid: u32, gid: u32) -> Dir {
+        Dir {
+            name: name.into(),
+            mode,
+            uid,
+            gid,
+        }
+    }
+}
+
 fn tar_header(name: &str, size: u64, kind: tar::EntryType, mode: u32) -> Vec<u8> {
+    owned_tar_header(name, size, kind, mode, 0, 0)
+}
+
+fn owned_tar_header(
+    name: &str,
+    size: u64,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Vec<u8> {
     let mut h = tar::Header::new_gnu();
     // set_path refuses `..`; a hostile layer needs it verbatim.
     let bytes = name.as_bytes();
@@ -64,6 +96,8 @@ fn tar_header(name: &str, size: u64, kind: tar::EntryType, mode: u32) -> Vec<u8>
     h.set_size(size);
     h.set_entry_type(kind);
     h.set_mode(mode);
+    h.set_uid(u64::from(uid));
+    h.set_gid(u64::from(gid));
     h.set_mtime(1_700_000_000);
     h.set_cksum();
     h.as_bytes().to_vec()
@@ -76,14 +110,28 @@ fn padding(len: u64) -> Vec<u8> {
 /// Writes `files` (and the directories they need, which must be listed by the caller as
 /// names ending in `/`) as an eStargz layer.
 pub fn layer(dirs: &[&str], files: &[File]) -> Layer {
+    let dirs: Vec<Dir> = dirs.iter().map(|d| Dir::new(d, 0o755, 0, 0)).collect();
+    layer_with_dirs(&dirs, files)
+}
+
+/// Like `layer`, with each directory's mode and owner. A directory the files need but
+/// `dirs` does not list is left out of the layer, as umoci and several builders do.
+pub fn layer_with_dirs(dirs: &[Dir], files: &[File]) -> Layer {
     let mut blob = Vec::new();
     let mut tar_stream = Vec::new();
     let mut entries = Vec::new();
     for dir in dirs {
-        let header = tar_header(dir, 0, tar::EntryType::Directory, 0o755);
+        let header = owned_tar_header(
+            &dir.name,
+            0,
+            tar::EntryType::Directory,
+            dir.mode,
+            dir.uid,
+            dir.gid,
+        );
         tar_stream.extend_from_slice(&header);
         blob.extend(gzip(&header));
-        entries.push(serde_json::json!({"name": dir, "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"}));
+        entries.push(serde_json::json!({"name": dir.name, "type": "dir", "mode": dir.mode, "uid": dir.uid, "gid": dir.gid, "modtime": "2023-11-14T22:13:20Z"}));
     }
     for file in files {
         let header = tar_header(
