@@ -13,7 +13,7 @@ fn toc(entries: serde_json::Value) -> Toc {
 const D: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
 fn build(entries: serde_json::Value) -> Result<LayerIndex, MetadataError> {
-    build_index(&toc(entries), 10_000)
+    build_index(&toc(entries), 10_000, &Limits::default())
 }
 
 fn ino(index: &LayerIndex, path: &str) -> Option<u64> {
