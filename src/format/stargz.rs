@@ -155,16 +155,10 @@ pub fn read_toc(
     };
     let json = match location.compression {
         Compression::Gzip => {
-            let cap = max_toc_bytes.saturating_add(TOC_TAR_SLACK);
-            let mut tar_bytes = Vec::new();
-            flate2::read::GzDecoder::new(compressed)
-                .take(cap.saturating_add(1))
-                .read_to_end(&mut tar_bytes)
-                .map_err(FormatError::TocDecompress)?;
-            if tar_bytes.len() as u64 > cap {
-                return Err(too_large());
-            }
-            toc_from_tar(&tar_bytes, max_toc_bytes)?
+            // Streamed: only the JSON is ever held, not the tar around it too.
+            let tar = flate2::read::GzDecoder::new(compressed)
+                .take(max_toc_bytes.saturating_add(TOC_TAR_SLACK));
+            toc_from_tar(tar, max_toc_bytes)?
         }
         Compression::Zstd => {
             let mut json = Vec::new();
@@ -191,8 +185,8 @@ pub fn read_toc(
     Ok(json)
 }
 
-fn toc_from_tar(tar_bytes: &[u8], max_toc_bytes: u64) -> Result<Vec<u8>, FormatError> {
-    let mut archive = tar::Archive::new(tar_bytes);
+fn toc_from_tar(tar: impl Read, max_toc_bytes: u64) -> Result<Vec<u8>, FormatError> {
+    let mut archive = tar::Archive::new(tar);
     let entries = archive.entries().map_err(FormatError::TocDecompress)?;
     for entry in entries {
         let entry = entry.map_err(FormatError::TocDecompress)?;

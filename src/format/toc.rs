@@ -318,3 +318,7 @@ fn parse_time(e: &TocEntry) -> Result<SystemTime, MetadataError> {
 #[cfg(test)]
 #[path = "toc_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "toc_fuzz_tests.rs"]
+mod fuzz_tests;
