@@ -64,6 +64,20 @@ fn padding(len: u64) -> Vec<u8> {
 /// Writes `files` (and the directories they need, which must be listed by the caller as
 /// names ending in `/`) as an eStargz layer.
 pub fn layer(dirs: &[&str], files: &[File]) -> Layer {
+    layer_with_toc(dirs, files, |_| {}, "")
+}
+
+/// Like [`layer`], with the TOC rewritten: `edit` changes the entries written for the tar's
+/// contents (e.g. a size or offset no converter would write), and `extra` (raw JSON, entries
+/// separated by commas) is appended to the entry list — entries in the TOC only, not in the
+/// tar, so the ordinary path still unpacks the layer. Raw text, so a test can write a TOC of
+/// a million entries without building a million JSON values.
+pub fn layer_with_toc(
+    dirs: &[&str],
+    files: &[File],
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+    extra: &str,
+) -> Layer {
     let mut blob = Vec::new();
     let mut tar_stream = Vec::new();
     let mut entries = Vec::new();
@@ -99,8 +113,23 @@ pub fn layer(dirs: &[&str], files: &[File]) -> Layer {
             "digest": real, "chunkDigest": chunk_digest,
         }));
     }
-    let toc =
+    edit(&mut entries);
+    let mut toc =
         serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).expect("toc");
+    if !extra.is_empty() {
+        // `{"entries":[...],"version":1}`: splice before the list's closing bracket.
+        let close = toc
+            .windows(2)
+            .rposition(|w| w == b"],")
+            .expect("entry list");
+        let mut spliced = toc[..close].to_vec();
+        if toc[close - 1] != b'[' {
+            spliced.push(b',');
+        }
+        spliced.extend_from_slice(extra.as_bytes());
+        spliced.extend_from_slice(&toc[close..]);
+        toc = spliced;
+    }
     let toc_offset = blob.len();
     let mut toc_tar = tar_header(
         "stargz.index.json",
