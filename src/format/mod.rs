@@ -20,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::chunk::ChunkSpec;
-use crate::metadata::{LayerIndex, MetadataError};
+use crate::metadata::{LayerIndex, Limits, MetadataError};
 
 pub use stargz::{
     decompress_chunk, locate_toc, parse_toc, read_toc, Compression, Estargz, TocLocation,
@@ -124,9 +124,17 @@ impl Formats {
         Formats(formats)
     }
 
-    /// The built-in formats: eStargz and zstd:chunked.
+    /// The built-in formats, eStargz and zstd:chunked, with the default [`Limits`].
     pub fn builtin() -> Self {
-        Formats(vec![Arc::new(ZstdChunked), Arc::new(Estargz)])
+        Self::builtin_with(Limits::default())
+    }
+
+    /// The built-in formats, refusing layers that claim more than `limits`.
+    pub fn builtin_with(limits: Limits) -> Self {
+        Formats(vec![
+            Arc::new(ZstdChunked { limits }),
+            Arc::new(Estargz { limits }),
+        ])
     }
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<dyn LayerFormat>> {
@@ -175,4 +183,7 @@ pub enum FormatError {
     ChunkShort { got: u64, want: u64 },
     #[error("chunk of {len} bytes at inner offset {inner_offset} does not fit in memory")]
     ChunkTooLarge { inner_offset: u64, len: u64 },
+    /// The layer claims more than a `[limits]` key allows; the message names the key.
+    #[error("{0}")]
+    Limit(String),
 }

@@ -24,6 +24,7 @@ use super::{
     BoxFuture, ChunkDecoder, FormatError, LayerFormat, LayerHints, Opened, Probe, Resolved,
 };
 use crate::chunk::ChunkSpec;
+use crate::metadata::{over_limit, Limits};
 
 /// The largest footer of any supported format; fetch at least this much of the blob's tail.
 pub const MAX_FOOTER: u64 = 64;
@@ -33,8 +34,8 @@ const ZSTD_CHUNKED_FOOTER: usize = 40;
 const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GnUlInUx";
 /// The name of the TOC inside an eStargz layer's tar.
 pub const TOC_TAR_NAME: &str = "stargz.index.json";
-/// A TOC is metadata; anything near this size is hostile, not a layer.
-const MAX_TOC_BYTES: u64 = 256 << 20;
+/// What the TOC tar holds besides the JSON: headers, padding, the end-of-archive blocks.
+const TOC_TAR_SLACK: u64 = 64 << 10;
 /// The annotation (snapshot label) pinning the digest of the uncompressed TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Decompression buffers start at most this large and grow with the bytes that really come,
@@ -60,8 +61,12 @@ pub struct TocLocation {
 }
 
 /// Finds the TOC from the blob's last bytes (`tail`, at least `MAX_FOOTER` of them unless the
-/// blob is shorter).
-pub fn locate_toc(tail: &[u8], blob_size: u64) -> Result<TocLocation, FormatError> {
+/// blob is shorter); a compressed TOC over `max_toc_bytes` is refused.
+pub fn locate_toc(
+    tail: &[u8],
+    blob_size: u64,
+    max_toc_bytes: u64,
+) -> Result<TocLocation, FormatError> {
     let location = zstd_chunked_footer(tail)
         .or_else(|| estargz_footer(tail, ESTARGZ_FOOTER, true, blob_size))
         .or_else(|| estargz_footer(tail, ESTARGZ_LEGACY_FOOTER, false, blob_size))
@@ -70,13 +75,21 @@ pub fn locate_toc(tail: &[u8], blob_size: u64) -> Result<TocLocation, FormatErro
         .offset
         .checked_add(location.len)
         .is_none_or(|end| end > blob_size)
-        || location.len > MAX_TOC_BYTES
     {
         return Err(FormatError::TocOutOfBounds {
             offset: location.offset,
             len: location.len,
             blob_size,
         });
+    }
+    if location.len > max_toc_bytes {
+        return Err(FormatError::Limit(over_limit(
+            "compressed TOC",
+            location.len,
+            " bytes",
+            max_toc_bytes,
+            "max_toc_bytes",
+        )));
     }
     Ok(location)
 }
@@ -127,31 +140,39 @@ fn zstd_chunked_footer(tail: &[u8]) -> Option<TocLocation> {
 }
 
 /// Decompresses a fetched TOC and returns the JSON bytes, checked against `expected_digest`
-/// (`sha256:<hex>` of the JSON) when the image pins one.
+/// (`sha256:<hex>` of the JSON) when the image pins one. A TOC that decompresses to more
+/// than `max_toc_bytes` is refused before more is decompressed.
 pub fn read_toc(
     location: &TocLocation,
     compressed: &[u8],
     expected_digest: Option<&str>,
+    max_toc_bytes: u64,
 ) -> Result<Vec<u8>, FormatError> {
+    let too_large = || {
+        FormatError::Limit(format!(
+            "TOC of more than {max_toc_bytes} bytes exceeds the limit of {max_toc_bytes} ([limits] max_toc_bytes)"
+        ))
+    };
     let json = match location.compression {
         Compression::Gzip => {
-            let mut tar_bytes = Vec::new();
-            flate2::read::GzDecoder::new(compressed)
-                .take(MAX_TOC_BYTES)
-                .read_to_end(&mut tar_bytes)
-                .map_err(FormatError::TocDecompress)?;
-            toc_from_tar(&tar_bytes)?
+            // Streamed: only the JSON is ever held, not the tar around it too.
+            let tar = flate2::read::GzDecoder::new(compressed)
+                .take(max_toc_bytes.saturating_add(TOC_TAR_SLACK));
+            toc_from_tar(tar, max_toc_bytes)?
         }
         Compression::Zstd => {
             let mut json = Vec::new();
             zstd::stream::read::Decoder::new(compressed)
                 .map_err(FormatError::TocDecompress)?
-                .take(MAX_TOC_BYTES)
+                .take(max_toc_bytes.saturating_add(1))
                 .read_to_end(&mut json)
                 .map_err(FormatError::TocDecompress)?;
             json
         }
     };
+    if json.len() as u64 > max_toc_bytes {
+        return Err(too_large());
+    }
     if let Some(expected) = expected_digest {
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
         if actual != expected {
@@ -164,11 +185,11 @@ pub fn read_toc(
     Ok(json)
 }
 
-fn toc_from_tar(tar_bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
-    let mut archive = tar::Archive::new(tar_bytes);
+fn toc_from_tar(tar: impl Read, max_toc_bytes: u64) -> Result<Vec<u8>, FormatError> {
+    let mut archive = tar::Archive::new(tar);
     let entries = archive.entries().map_err(FormatError::TocDecompress)?;
     for entry in entries {
-        let mut entry = entry.map_err(FormatError::TocDecompress)?;
+        let entry = entry.map_err(FormatError::TocDecompress)?;
         let is_toc = entry
             .path()
             .map(|p| p.as_os_str() == TOC_TAR_NAME)
@@ -176,6 +197,7 @@ fn toc_from_tar(tar_bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
         if is_toc {
             let mut json = Vec::new();
             entry
+                .take(max_toc_bytes.saturating_add(1))
                 .read_to_end(&mut json)
                 .map_err(FormatError::TocDecompress)?;
             return Ok(json);
@@ -184,9 +206,12 @@ fn toc_from_tar(tar_bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
     Err(FormatError::TocMissing)
 }
 
-/// Parses TOC JSON.
-pub fn parse_toc(json: &[u8]) -> Result<Toc, FormatError> {
-    Ok(serde_json::from_slice(json)?)
+/// Parses TOC JSON of at most `max_entries` entries.
+pub fn parse_toc(json: &[u8], max_entries: u64) -> Result<Toc, FormatError> {
+    toc::parse_within(json, max_entries).map_err(|(over, e)| match over {
+        Some(reason) => FormatError::Limit(reason),
+        None => FormatError::TocJson(e),
+    })
 }
 
 /// The uncompressed bytes of one chunk: `len` bytes from `inner_offset` of the stream that
@@ -205,6 +230,7 @@ pub fn decompress_chunk(
     let mut out = Vec::with_capacity(want.min(INITIAL_CHUNK_BUFFER) as usize);
     let result = match compression {
         // GzDecoder stops at the end of the first member, which is exactly the chunk's stream.
+        // `want` was bounded by `[limits] max_chunk_bytes` when the index was built.
         Compression::Gzip => flate2::read::GzDecoder::new(compressed)
             .take(want)
             .read_to_end(&mut out),
@@ -241,11 +267,17 @@ impl ChunkDecoder for StreamDecoder {
 
 /// An eStargz layer: gzip members, a TOC tar at the end, a 51- or 47-byte footer.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Estargz;
+pub struct Estargz {
+    /// What a layer may claim (TOC size, entries, chunk sizes, names...).
+    pub limits: Limits,
+}
 
 /// A zstd:chunked layer as `ctr-remote` writes it: zstd frames, a zstd TOC, a 40-byte footer.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ZstdChunked;
+pub struct ZstdChunked {
+    /// What a layer may claim (TOC size, entries, chunk sizes, names...).
+    pub limits: Limits,
+}
 
 impl LayerFormat for Estargz {
     fn name(&self) -> &'static str {
@@ -260,11 +292,11 @@ impl LayerFormat for Estargz {
         &'a self,
         probe: &'a Probe<'a>,
     ) -> BoxFuture<'a, Result<Option<Resolved>, FormatError>> {
-        Box::pin(resolve_toc(probe, Compression::Gzip))
+        Box::pin(resolve_toc(probe, Compression::Gzip, &self.limits))
     }
 
     fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
-        open_toc(resolved)
+        open_toc(resolved, &self.limits)
     }
 }
 
@@ -281,11 +313,11 @@ impl LayerFormat for ZstdChunked {
         &'a self,
         probe: &'a Probe<'a>,
     ) -> BoxFuture<'a, Result<Option<Resolved>, FormatError>> {
-        Box::pin(resolve_toc(probe, Compression::Zstd))
+        Box::pin(resolve_toc(probe, Compression::Zstd, &self.limits))
     }
 
     fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
-        open_toc(resolved)
+        open_toc(resolved, &self.limits)
     }
 }
 
@@ -306,20 +338,21 @@ fn toc_digest<'a>(hints: &LayerHints<'a>) -> Result<&'a str, String> {
 async fn resolve_toc(
     probe: &Probe<'_>,
     compression: Compression,
+    limits: &Limits,
 ) -> Result<Option<Resolved>, FormatError> {
     let Ok(expected) = toc_digest(&probe.hints) else {
         return Ok(None);
     };
-    let location = match locate_toc(&probe.tail, probe.blob_size) {
+    let location = match locate_toc(&probe.tail, probe.blob_size, limits.max_toc_bytes) {
         Ok(location) if location.compression == compression => location,
         Ok(_) | Err(FormatError::NoFooter(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
     let compressed = probe
         .blob
-        .read_range(location.offset..location.offset + location.len)
+        .read_range(location.offset..location.offset.saturating_add(location.len))
         .await?;
-    let json = read_toc(&location, &compressed, Some(expected))?;
+    let json = read_toc(&location, &compressed, Some(expected), limits.max_toc_bytes)?;
     let params = TocParams {
         location,
         toc_digest: expected.to_owned(),
@@ -330,7 +363,7 @@ async fn resolve_toc(
     }))
 }
 
-fn open_toc(resolved: &Resolved) -> Result<Opened, FormatError> {
+fn open_toc(resolved: &Resolved, limits: &Limits) -> Result<Opened, FormatError> {
     let params: TocParams =
         serde_json::from_value(resolved.params.clone()).map_err(FormatError::Params)?;
     let actual = format!("sha256:{}", hex::encode(Sha256::digest(&resolved.index)));
@@ -340,8 +373,17 @@ fn open_toc(resolved: &Resolved) -> Result<Opened, FormatError> {
             actual,
         });
     }
-    let toc: Toc = parse_toc(&resolved.index)?;
-    let index = toc::build_index(&toc, params.location.offset)?;
+    if resolved.index.len() as u64 > limits.max_toc_bytes {
+        return Err(FormatError::Limit(over_limit(
+            "TOC",
+            resolved.index.len() as u64,
+            " bytes",
+            limits.max_toc_bytes,
+            "max_toc_bytes",
+        )));
+    }
+    let toc: Toc = parse_toc(&resolved.index, limits.max_entries)?;
+    let index = toc::build_index(&toc, params.location.offset, limits)?;
     Ok(Opened {
         index,
         decoder: Arc::new(StreamDecoder(params.location.compression)),

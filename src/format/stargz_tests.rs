@@ -3,6 +3,8 @@
 
 use super::*;
 
+const MAXT: u64 = 64 << 20;
+
 struct Fixture {
     blob: Vec<u8>,
     toc_digest: String,
@@ -23,10 +25,10 @@ fn tail(blob: &[u8]) -> &[u8] {
 
 fn load(f: &Fixture) -> (TocLocation, Toc) {
     let size = f.blob.len() as u64;
-    let location = locate_toc(tail(&f.blob), size).expect("footer");
+    let location = locate_toc(tail(&f.blob), size, MAXT).expect("footer");
     let compressed = &f.blob[location.offset as usize..(location.offset + location.len) as usize];
-    let json = read_toc(&location, compressed, Some(&f.toc_digest)).expect("toc verifies");
-    (location, parse_toc(&json).expect("toc parses"))
+    let json = read_toc(&location, compressed, Some(&f.toc_digest), MAXT).expect("toc verifies");
+    (location, parse_toc(&json, 500_000).expect("toc parses"))
 }
 
 /// Decompresses every chunk of every file and checks chunk and file digests.
@@ -115,10 +117,10 @@ fn zstd_chunked_layer_from_ctr_remote() {
 #[test]
 fn toc_digest_mismatch_is_refused() {
     let f = fixture("estargz");
-    let location = locate_toc(tail(&f.blob), f.blob.len() as u64).expect("footer");
+    let location = locate_toc(tail(&f.blob), f.blob.len() as u64, MAXT).expect("footer");
     let compressed = &f.blob[location.offset as usize..(location.offset + location.len) as usize];
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let err = read_toc(&location, compressed, Some(&wrong)).expect_err("wrong digest");
+    let err = read_toc(&location, compressed, Some(&wrong), MAXT).expect_err("wrong digest");
     assert!(
         matches!(err, FormatError::TocDigestMismatch { .. }),
         "{err}"
@@ -131,7 +133,7 @@ fn damaged_footers_are_refused() {
     // truncated: the last bytes of the footer are gone
     let cut = &f.blob[..f.blob.len() - 10];
     assert!(matches!(
-        locate_toc(tail(cut), cut.len() as u64),
+        locate_toc(tail(cut), cut.len() as u64, MAXT),
         Err(FormatError::NoFooter(_))
     ));
     // a plain gzip layer has no footer
@@ -139,14 +141,14 @@ fn damaged_footers_are_refused() {
     std::io::Write::write_all(&mut plain, &[0u8; 4096]).expect("gzip");
     let plain = plain.finish().expect("gzip");
     assert!(matches!(
-        locate_toc(tail(&plain), plain.len() as u64),
+        locate_toc(tail(&plain), plain.len() as u64, MAXT),
         Err(FormatError::NoFooter(_))
     ));
     // a footer pointing past the end of the blob
     let mut lying = f.blob.clone();
     let n = lying.len();
     lying[n - 51 + 16..n - 51 + 32].copy_from_slice(b"00000000ffffffff");
-    let err = locate_toc(tail(&lying), n as u64).expect_err("offset past the end");
+    let err = locate_toc(tail(&lying), n as u64, MAXT).expect_err("offset past the end");
     assert!(
         matches!(
             err,

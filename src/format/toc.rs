@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::chunk::{ChunkDigest, ChunkId, ChunkSpec};
 use crate::metadata::{
-    components, err, Entry, EntryKind, IndexBuilder, Landmark, LayerIndex, MetadataError,
+    components, err, Entry, EntryKind, IndexBuilder, Landmark, LayerIndex, Limits, MetadataError,
 };
 
 /// The TOC document.
@@ -51,6 +51,115 @@ pub struct TocEntry {
     pub inner_offset: u64,
 }
 
+/// Parses TOC JSON, refusing (with the reason as `Err(Some(..))`) a document of more than
+/// `max_entries` entries before it holds them all: parsed entries cost several times their
+/// JSON. `Err(None)` with the JSON error otherwise.
+pub fn parse_within(
+    json: &[u8],
+    max_entries: u64,
+) -> Result<Toc, (Option<String>, serde_json::Error)> {
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let parsed = serde::de::DeserializeSeed::deserialize(
+        TocSeed {
+            max_entries,
+            over: &over,
+        },
+        &mut de,
+    )
+    .and_then(|toc| de.end().map(|()| toc));
+    parsed.map_err(|e| {
+        let reason = over
+            .get()
+            .then(|| {
+                format!(
+                    "TOC of more than {max_entries} entries exceeds the limit of {max_entries} ([limits] max_entries)"
+                )
+            });
+        (reason, e)
+    })
+}
+
+struct TocSeed<'a> {
+    max_entries: u64,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Toc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = Toc;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Toc, A::Error> {
+        let mut version = None;
+        let mut entries = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" if version.is_none() => version = Some(map.next_value()?),
+                "entries" if entries.is_none() => {
+                    entries = Some(map.next_value_seed(EntriesSeed {
+                        max_entries: self.max_entries,
+                        over: self.over,
+                    })?)
+                }
+                "version" | "entries" => {
+                    return Err(serde::de::Error::custom(format!("duplicate field `{key}`")))
+                }
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Toc {
+            version: version.ok_or_else(|| serde::de::Error::missing_field("version"))?,
+            entries: entries.ok_or_else(|| serde::de::Error::missing_field("entries"))?,
+        })
+    }
+}
+
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of TOC entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(entry) = seq.next_element::<TocEntry>()? {
+            if out.len() as u64 >= self.max_entries {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many entries"));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
 /// Files the formats add to a layer that are not part of the image's contents.
 const HIDDEN: &[&str] = &[
     super::TOC_TAR_NAME,
@@ -61,8 +170,15 @@ const HIDDEN: &[&str] = &[
 /// Builds the layer index from a TOC whose own bytes start at `toc_offset` in the blob (the
 /// end of the last chunk's compressed stream). Checks what only the TOC can get wrong — chunk
 /// offsets outside the blob, missing chunk digests, chunk entries that follow no file, bad
-/// times and xattrs — and leaves the tree rules to `metadata`.
-pub fn build_index(toc: &Toc, toc_offset: u64) -> Result<LayerIndex, MetadataError> {
+/// times and xattrs — and leaves the tree rules and `limits` to `metadata`. A chunk's
+/// compressed extent runs to the next chunk's stream, but never further than a stream of the
+/// chunk's size can need (`Limits::extent_bound`): the bytes between are tar headers of
+/// entries without data, or something the layer should not make us fetch.
+pub fn build_index(
+    toc: &Toc,
+    toc_offset: u64,
+    limits: &Limits,
+) -> Result<LayerIndex, MetadataError> {
     // Each chunk's compressed stream ends where the next one (or the TOC) starts.
     let mut offsets: Vec<u64> = toc
         .entries
@@ -94,6 +210,7 @@ pub fn build_index(toc: &Toc, toc_offset: u64) -> Result<LayerIndex, MetadataErr
                 .checked_sub(e.chunk_offset)
                 .ok_or_else(|| err(&e.name, "chunk offset past the end of the file"))?
         };
+        let reach = Limits::extent_bound(e.inner_offset.saturating_add(len));
         let digest = ChunkDigest::parse(&e.chunk_digest).ok_or_else(|| {
             err(
                 &e.name,
@@ -104,12 +221,12 @@ pub fn build_index(toc: &Toc, toc_offset: u64) -> Result<LayerIndex, MetadataErr
             id: ChunkId(0),
             file_offset: e.chunk_offset,
             len,
-            blob_range: e.offset..stream_end(e)?,
+            blob_range: e.offset..stream_end(e)?.min(e.offset.saturating_add(reach)),
             inner_offset: e.inner_offset,
             digest,
         })
     };
-    let mut builder = IndexBuilder::new();
+    let mut builder = IndexBuilder::with_limits(*limits);
     // A regular file waits here for the `chunk` entries that follow it.
     let mut pending: Option<Entry> = None;
     for e in &toc.entries {
@@ -201,3 +318,7 @@ fn parse_time(e: &TocEntry) -> Result<SystemTime, MetadataError> {
 #[cfg(test)]
 #[path = "toc_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "toc_fuzz_tests.rs"]
+mod fuzz_tests;

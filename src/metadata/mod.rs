@@ -10,7 +10,7 @@
 //! the layer, chunks that do not tile their file, and duplicate names that disagree are
 //! refused, naming the entry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::SystemTime;
@@ -64,6 +64,69 @@ pub struct MetadataError {
     pub reason: String,
 }
 
+/// What one layer's index may claim, checked as it is built, so that the memory and time a
+/// layer costs are bounded by configuration, never by its input (`[limits]` in the config).
+/// A layer over any limit is refused with a message naming the entry, the value, the limit
+/// and its key, and takes the ordinary path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of a layer's index document (the TOC JSON), compressed or not.
+    pub max_toc_bytes: u64,
+    /// Entries of the index document; also inodes (implied directories included) and chunks.
+    pub max_entries: u64,
+    /// Uncompressed bytes one chunk decodes to (with any bytes before it in its stream).
+    pub max_chunk_bytes: u64,
+    /// Components of one path.
+    pub max_path_depth: u64,
+    /// Bytes of one path (PATH_MAX).
+    pub max_path_bytes: u64,
+    /// Bytes of one path component (NAME_MAX).
+    pub max_name_bytes: u64,
+    /// Bytes of a symbolic link's target.
+    pub max_link_bytes: u64,
+    /// Bytes of one extended attribute's name (XATTR_NAME_MAX).
+    pub max_xattr_name_bytes: u64,
+    /// Bytes of one extended attribute's value (XATTR_SIZE_MAX).
+    pub max_xattr_value_bytes: u64,
+    /// Bytes of all extended attributes of one entry, names and values.
+    pub max_xattr_bytes: u64,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        max_toc_bytes: 64 << 20,
+        max_entries: 500_000,
+        max_chunk_bytes: 64 << 20,
+        max_path_depth: 512,
+        max_path_bytes: 4096,
+        max_name_bytes: 255,
+        max_link_bytes: 4096,
+        max_xattr_name_bytes: 255,
+        max_xattr_value_bytes: 64 << 10,
+        max_xattr_bytes: 256 << 10,
+    };
+
+    /// The most compressed bytes that can hold `decoded` bytes of a gzip member or zstd frame
+    /// (stored/raw blocks cost a few bytes per 64 KiB; headers are small): fetching more for
+    /// one chunk would be fetching something else.
+    pub fn extent_bound(decoded: u64) -> u64 {
+        decoded.saturating_add(decoded / 8).saturating_add(64 << 10)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
+
+/// The reason for a refusal over a limit: `{what} of {value}{unit} exceeds the limit of
+/// {limit} ([limits] {key})`, e.g. `name component of 300 bytes exceeds the limit of 255
+/// ([limits] max_name_bytes)`.
+pub fn over_limit(what: &str, value: u64, unit: &str, limit: u64, key: &str) -> String {
+    format!("{what} of {value}{unit} exceeds the limit of {limit} ([limits] {key})")
+}
+
 /// What the layer's format says about prefetching on mount (eStargz landmark files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Landmark {
@@ -87,7 +150,7 @@ pub struct LayerIndex {
 impl LayerIndex {
     /// Every chunk of the layer, each once, in blob order.
     pub fn chunks_in_blob_order(&self) -> Vec<ChunkSpec> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut out: Vec<ChunkSpec> = self
             .nodes
             .iter()
@@ -129,27 +192,51 @@ impl LayerIndex {
         1..=self.nodes.len() as u64
     }
 
-    /// One path (relative, `/`-separated) of each inode reachable from the root; a hard-linked
-    /// file gets the first of its names. Walks the whole tree, so it is for occasional use
-    /// (saving a trace), not for the read path.
-    pub fn paths(&self) -> HashMap<u64, String> {
-        let mut out = HashMap::with_capacity(self.nodes.len());
-        let mut stack = vec![(ROOT, String::new())];
-        while let Some((ino, path)) = stack.pop() {
-            let Some(node) = self.node(ino) else { continue };
-            for (name, child) in &node.children {
-                if out.contains_key(child) {
-                    continue;
+    /// One path (relative, `/`-separated) of each of `inodes` that is in the layer; a
+    /// hard-linked file gets one of its names. One pass over the directories, noting each
+    /// inode's parent (a few bytes per inode, dropped on return), then a walk up from each
+    /// asked inode only: cost proportional to the layer's entries plus the paths asked for,
+    /// whatever the depth. For occasional use (saving a trace), not for the read path.
+    pub fn paths_of(&self, inodes: &HashSet<u64>) -> HashMap<u64, String> {
+        // (parent inode, index of the name in its children); 0 = not seen.
+        let mut up: Vec<(u64, u32)> = vec![(0, 0); self.nodes.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (k, (_, child)) in node.children.iter().enumerate() {
+                let slot = child.checked_sub(1).and_then(|c| up.get_mut(c as usize));
+                if let (Some(slot), Ok(k)) = (slot, u32::try_from(k)) {
+                    if slot.0 == 0 && *child != ROOT {
+                        *slot = (i as u64 + 1, k);
+                    }
                 }
-                let name = String::from_utf8_lossy(name);
-                let child_path = if path.is_empty() {
-                    name.into_owned()
-                } else {
-                    format!("{path}/{name}")
-                };
-                out.insert(*child, child_path.clone());
-                stack.push((*child, child_path));
             }
+        }
+        let mut out = HashMap::with_capacity(inodes.len());
+        for &ino in inodes {
+            let mut names: Vec<&[u8]> = Vec::new();
+            let mut at = ino;
+            // A tree has no cycles; the bound only guards against a broken one.
+            while at != ROOT && names.len() <= self.nodes.len() {
+                let Some(&(parent, k)) = at.checked_sub(1).and_then(|i| up.get(i as usize)) else {
+                    break;
+                };
+                let Some((name, _)) = self.node(parent).and_then(|p| p.children.get(k as usize))
+                else {
+                    break;
+                };
+                names.push(name);
+                at = parent;
+            }
+            if at != ROOT || names.is_empty() {
+                continue;
+            }
+            let mut path = String::new();
+            for name in names.iter().rev() {
+                if !path.is_empty() {
+                    path.push('/');
+                }
+                path.push_str(&String::from_utf8_lossy(name));
+            }
+            out.insert(ino, path);
         }
         out
     }
@@ -167,7 +254,7 @@ impl LayerIndex {
             return &[];
         };
         let chunks = &node.chunks;
-        let first = chunks.partition_point(|c| c.file_offset + c.len <= start);
+        let first = chunks.partition_point(|c| c.file_offset.saturating_add(c.len) <= start);
         let last = chunks.partition_point(|c| c.file_offset < end);
         &chunks[first..last.max(first)]
     }
@@ -221,12 +308,15 @@ impl Entry {
     }
 }
 
-/// Builds a [`LayerIndex`] from entries in tar order.
+/// Builds a [`LayerIndex`] from entries in tar order, within its [`Limits`].
 pub struct IndexBuilder {
     nodes: Vec<Node>,
     children: HashMap<(u64, Box<[u8]>), u64>,
     next_chunk: u32,
+    /// Entries added so far.
+    added: u64,
     landmark: Option<Landmark>,
+    limits: Limits,
 }
 
 impl Default for IndexBuilder {
@@ -235,9 +325,21 @@ impl Default for IndexBuilder {
     }
 }
 
+/// Entry names in messages are cut here: a hostile name may be megabytes long.
+const MAX_NAME_IN_MESSAGE: usize = 200;
+
 pub(crate) fn err(entry: &str, reason: impl Into<String>) -> MetadataError {
+    let entry = if entry.len() > MAX_NAME_IN_MESSAGE {
+        let mut cut = MAX_NAME_IN_MESSAGE;
+        while !entry.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}… ({} bytes)", &entry[..cut], entry.len())
+    } else {
+        entry.to_owned()
+    };
     MetadataError {
-        entry: entry.to_owned(),
+        entry,
         reason: reason.into(),
     }
 }
@@ -277,16 +379,106 @@ pub fn components(name: &str) -> Result<Vec<&str>, String> {
     Ok(parts)
 }
 
+/// `len` against `limit`, as `Err(reason)` naming `what` and the limit's `key`.
+fn within(what: &str, len: u64, unit: &str, limit: u64, key: &str) -> Result<(), String> {
+    if len > limit {
+        Err(over_limit(what, len, unit, limit, key))
+    } else {
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// A path's components against the depth, path and name limits.
+    pub fn check_path(&self, parts: &[&str]) -> Result<(), String> {
+        within(
+            "path depth",
+            parts.len() as u64,
+            "",
+            self.max_path_depth,
+            "max_path_depth",
+        )?;
+        let mut bytes: u64 = 0;
+        for part in parts {
+            within(
+                "name component",
+                part.len() as u64,
+                " bytes",
+                self.max_name_bytes,
+                "max_name_bytes",
+            )?;
+            bytes = bytes.saturating_add(part.len() as u64 + 1);
+        }
+        within(
+            "path",
+            bytes.saturating_sub(1),
+            " bytes",
+            self.max_path_bytes,
+            "max_path_bytes",
+        )
+    }
+
+    /// An entry's extended attributes against the xattr limits.
+    pub fn check_xattrs(&self, xattrs: &[(String, Vec<u8>)]) -> Result<(), String> {
+        let mut total: u64 = 0;
+        for (name, value) in xattrs {
+            within(
+                &format!("xattr name {:?}", truncate(name)),
+                name.len() as u64,
+                " bytes",
+                self.max_xattr_name_bytes,
+                "max_xattr_name_bytes",
+            )?;
+            within(
+                &format!("value of xattr {:?}", truncate(name)),
+                value.len() as u64,
+                " bytes",
+                self.max_xattr_value_bytes,
+                "max_xattr_value_bytes",
+            )?;
+            total = total
+                .saturating_add(name.len() as u64)
+                .saturating_add(value.len() as u64);
+        }
+        within(
+            "extended attributes",
+            total,
+            " bytes",
+            self.max_xattr_bytes,
+            "max_xattr_bytes",
+        )
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    let mut cut = s.len().min(64);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
+}
+
 impl IndexBuilder {
+    /// A builder with the default [`Limits`].
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    pub fn with_limits(limits: Limits) -> Self {
         let mut root = new_node(NodeKind::Dir, 0o755);
         root.nlink = 2;
         IndexBuilder {
             nodes: vec![root],
             children: HashMap::new(),
             next_chunk: 0,
+            added: 0,
             landmark: None,
+            limits,
         }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Records what the format says to prefetch on mount.
@@ -297,7 +489,22 @@ impl IndexBuilder {
     /// Adds the next entry. A later entry for an existing directory updates its attributes,
     /// as unpacking the tar would.
     pub fn add(&mut self, mut e: Entry) -> Result<(), MetadataError> {
+        self.added = self.added.saturating_add(1);
+        within(
+            "layer",
+            self.added,
+            " entries",
+            self.limits.max_entries,
+            "max_entries",
+        )
+        .map_err(|r| err(&e.name, r))?;
         let parts = components(&e.name).map_err(|r| err(&e.name, r))?;
+        self.limits
+            .check_path(&parts)
+            .map_err(|r| err(&e.name, r))?;
+        self.limits
+            .check_xattrs(&e.xattrs)
+            .map_err(|r| err(&e.name, r))?;
         let Some((&base, dirs)) = parts.split_last() else {
             // the root directory itself
             if e.kind == EntryKind::Dir {
@@ -326,7 +533,7 @@ impl IndexBuilder {
                 let ino = self.resolve(&target).ok_or_else(|| {
                     err(
                         &e.name,
-                        format!("hard link to missing {:?}", target.join("/")),
+                        format!("hard link to missing {:?}", truncate(&target.join("/"))),
                     )
                 })?;
                 let node = &mut self.nodes[(ino - 1) as usize];
@@ -336,13 +543,23 @@ impl IndexBuilder {
                 if self.children.contains_key(&key) {
                     return Err(err(&e.name, "duplicate name"));
                 }
-                node.nlink += 1;
+                node.nlink = node.nlink.saturating_add(1);
                 self.children.insert(key, ino);
                 return Ok(());
             }
             EntryKind::Dir => (NodeKind::Dir, None, (0, 0)),
             EntryKind::File => (NodeKind::File, None, (0, 0)),
-            EntryKind::Symlink { target } => (NodeKind::Symlink, Some(target.clone()), (0, 0)),
+            EntryKind::Symlink { target } => {
+                within(
+                    "symlink target",
+                    target.len() as u64,
+                    " bytes",
+                    self.limits.max_link_bytes,
+                    "max_link_bytes",
+                )
+                .map_err(|r| err(&e.name, r))?;
+                (NodeKind::Symlink, Some(target.clone()), (0, 0))
+            }
             EntryKind::CharDevice { major, minor } => {
                 (NodeKind::CharDevice, None, (*major, *minor))
             }
@@ -370,7 +587,7 @@ impl IndexBuilder {
         }
         if kind == NodeKind::File {
             node.size = e.size;
-            check_tiling(&e)?;
+            check_chunks(&e, &self.limits)?;
             for chunk in &mut e.chunks {
                 chunk.id = ChunkId(self.next_chunk);
                 self.next_chunk = self
@@ -378,6 +595,14 @@ impl IndexBuilder {
                     .checked_add(1)
                     .ok_or_else(|| err(&e.name, "more than 2^32 chunks in the layer"))?;
             }
+            within(
+                "layer",
+                u64::from(self.next_chunk),
+                " chunks",
+                self.limits.max_entries,
+                "max_entries",
+            )
+            .map_err(|r| err(&e.name, r))?;
             node.chunks = std::mem::take(&mut e.chunks);
         }
         self.insert(&e.name, parent, base, node).map(drop)
@@ -401,17 +626,37 @@ impl IndexBuilder {
         let mut file_bytes: u64 = 0;
         for (node, subdirs) in self.nodes.iter_mut().zip(subdirs) {
             node.children.sort_by(|a, b| a.0.cmp(&b.0));
+            // Vecs grown by push keep room for 4 or more: at a million inodes that slack is
+            // most of the index.
+            node.children.shrink_to_fit();
+            node.chunks.shrink_to_fit();
+            node.xattrs.shrink_to_fit();
             match node.kind {
-                NodeKind::Dir => node.nlink = 2 + subdirs,
+                NodeKind::Dir => node.nlink = subdirs.saturating_add(2),
                 NodeKind::File => file_bytes = file_bytes.saturating_add(node.size),
                 _ => {}
             }
         }
+        self.nodes.shrink_to_fit();
         LayerIndex {
             nodes: self.nodes,
             file_bytes,
             landmark: self.landmark,
         }
+    }
+
+    /// A new inode, within `max_entries`.
+    fn push_node(&mut self, entry: &str, node: Node) -> Result<u64, MetadataError> {
+        within(
+            "layer",
+            self.nodes.len() as u64 + 1,
+            " inodes",
+            self.limits.max_entries,
+            "max_entries",
+        )
+        .map_err(|r| err(entry, r))?;
+        self.nodes.push(node);
+        Ok(self.nodes.len() as u64)
     }
 
     fn insert(
@@ -425,8 +670,7 @@ impl IndexBuilder {
         if self.children.contains_key(&key) {
             return Err(err(entry, "duplicate name"));
         }
-        self.nodes.push(node);
-        let ino = self.nodes.len() as u64;
+        let ino = self.push_node(entry, node)?;
         self.children.insert(key, ino);
         Ok(ino)
     }
@@ -439,15 +683,17 @@ impl IndexBuilder {
             current = match self.children.get(&key) {
                 Some(&ino) => {
                     if self.nodes[(ino - 1) as usize].kind != NodeKind::Dir {
-                        return Err(err(entry, format!("parent {dir:?} is not a directory")));
+                        return Err(err(
+                            entry,
+                            format!("parent {:?} is not a directory", truncate(dir)),
+                        ));
                     }
                     ino
                 }
                 None => {
                     let mut node = new_node(NodeKind::Dir, 0o755);
                     node.implied = true;
-                    self.nodes.push(node);
-                    let ino = self.nodes.len() as u64;
+                    let ino = self.push_node(entry, node)?;
                     self.children.insert(key, ino);
                     ino
                 }
@@ -467,8 +713,10 @@ impl IndexBuilder {
     }
 }
 
-/// The chunks of a file must tile it exactly, in order.
-fn check_tiling(e: &Entry) -> Result<(), MetadataError> {
+/// The chunks of a file must tile it exactly, in order, each within `max_chunk_bytes` (with
+/// whatever its stream decodes before it) and fetched from a compressed extent no wider than
+/// such a chunk can need. All arithmetic on claimed values is checked.
+fn check_chunks(e: &Entry, limits: &Limits) -> Result<(), MetadataError> {
     let mut next: u64 = 0;
     for c in &e.chunks {
         if c.file_offset != next {
@@ -477,9 +725,58 @@ fn check_tiling(e: &Entry) -> Result<(), MetadataError> {
                 format!("chunks leave a gap or overlap at byte {next}"),
             ));
         }
-        next = next
-            .checked_add(c.len)
-            .ok_or_else(|| err(&e.name, "chunk lengths overflow"))?;
+        if c.len == 0 {
+            return Err(err(&e.name, format!("empty chunk at byte {next}")));
+        }
+        let decoded = c.inner_offset.checked_add(c.len).ok_or_else(|| {
+            err(
+                &e.name,
+                format!(
+                    "chunk at byte {next}: inner offset {} plus length {} overflows",
+                    c.inner_offset, c.len
+                ),
+            )
+        })?;
+        within(
+            "chunk",
+            c.len,
+            " bytes",
+            limits.max_chunk_bytes,
+            "max_chunk_bytes",
+        )
+        .and_then(|()| {
+            within(
+                "chunk with the bytes its stream decodes before it",
+                decoded,
+                " bytes",
+                limits.max_chunk_bytes,
+                "max_chunk_bytes",
+            )
+        })
+        .map_err(|r| err(&e.name, format!("{r}, at file offset {next}")))?;
+        if c.blob_range.end < c.blob_range.start {
+            return Err(err(
+                &e.name,
+                format!(
+                    "chunk at byte {next} has a compressed extent that ends before it starts ({}..{})",
+                    c.blob_range.start, c.blob_range.end
+                ),
+            ));
+        }
+        within(
+            "compressed extent",
+            c.blob_range.end - c.blob_range.start,
+            " bytes",
+            Limits::extent_bound(limits.max_chunk_bytes),
+            "max_chunk_bytes",
+        )
+        .map_err(|r| err(&e.name, format!("{r}, at file offset {next}")))?;
+        next = next.checked_add(c.len).ok_or_else(|| {
+            err(
+                &e.name,
+                format!("chunk lengths overflow at file offset {next}"),
+            )
+        })?;
     }
     if next != e.size {
         return Err(err(

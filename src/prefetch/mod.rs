@@ -248,7 +248,9 @@ pub async fn record_trace(
     }
 }
 
-/// Saves what `recorder` holds now (also called once more at unmount).
+/// Saves what `recorder` holds now (also called once more at unmount). `paths` keeps the
+/// paths of the inodes traced so far; only newly traced inodes are looked up, so the cost is
+/// the trace's, not the layer's depth or size.
 pub async fn flush_trace(
     digest: &str,
     recorder: &ReadRecorder,
@@ -261,16 +263,24 @@ pub async fn flush_trace(
     if fresh.is_empty() {
         return;
     }
-    let paths = match paths {
-        Some(p) => p.clone(),
-        None => {
-            let index = index.clone();
-            let built = tokio::task::spawn_blocking(move || Arc::new(index.paths()))
-                .await
-                .unwrap_or_default();
-            paths.insert(built).clone()
-        }
+    let known = paths.take().unwrap_or_default();
+    let missing: HashSet<u64> = fresh
+        .iter()
+        .map(|r| r.ino)
+        .filter(|ino| !known.contains_key(ino))
+        .collect();
+    let known = if missing.is_empty() {
+        known
+    } else {
+        let index = index.clone();
+        let found = tokio::task::spawn_blocking(move || index.paths_of(&missing))
+            .await
+            .unwrap_or_default();
+        let mut all = Arc::try_unwrap(known).unwrap_or_else(|shared| (*shared).clone());
+        all.extend(found);
+        Arc::new(all)
     };
+    let paths = paths.insert(known).clone();
     let entries: Vec<TraceEntry> = fresh
         .into_iter()
         .filter_map(|r| {

@@ -111,12 +111,26 @@ fn padding(len: u64) -> Vec<u8> {
 /// names ending in `/`) as an eStargz layer.
 pub fn layer(dirs: &[&str], files: &[File]) -> Layer {
     let dirs: Vec<Dir> = dirs.iter().map(|d| Dir::new(d, 0o755, 0, 0)).collect();
-    layer_with_dirs(&dirs, files)
+    layer_with_toc(&dirs, files, |_| {}, "")
 }
 
 /// Like `layer`, with each directory's mode and owner. A directory the files need but
 /// `dirs` does not list is left out of the layer, as umoci and several builders do.
 pub fn layer_with_dirs(dirs: &[Dir], files: &[File]) -> Layer {
+    layer_with_toc(dirs, files, |_| {}, "")
+}
+
+/// Like [`layer_with_dirs`], with the TOC rewritten: `edit` changes the entries written for
+/// the tar's contents (e.g. a size or offset no converter would write), and `extra` (raw JSON,
+/// entries separated by commas) is appended to the entry list — entries in the TOC only, not
+/// in the tar, so the ordinary path still unpacks the layer. Raw text, so a test can write a
+/// TOC of a million entries without building a million JSON values.
+pub fn layer_with_toc(
+    dirs: &[Dir],
+    files: &[File],
+    edit: impl FnOnce(&mut Vec<serde_json::Value>),
+    extra: &str,
+) -> Layer {
     let mut blob = Vec::new();
     let mut tar_stream = Vec::new();
     let mut entries = Vec::new();
@@ -162,8 +176,23 @@ pub fn layer_with_dirs(dirs: &[Dir], files: &[File]) -> Layer {
             "digest": real, "chunkDigest": chunk_digest,
         }));
     }
-    let toc =
+    edit(&mut entries);
+    let mut toc =
         serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).expect("toc");
+    if !extra.is_empty() {
+        // `{"entries":[...],"version":1}`: splice before the list's closing bracket.
+        let close = toc
+            .windows(2)
+            .rposition(|w| w == b"],")
+            .expect("entry list");
+        let mut spliced = toc[..close].to_vec();
+        if toc[close - 1] != b'[' {
+            spliced.push(b',');
+        }
+        spliced.extend_from_slice(extra.as_bytes());
+        spliced.extend_from_slice(&toc[close..]);
+        toc = spliced;
+    }
     let toc_offset = blob.len();
     let mut toc_tar = tar_header(
         "stargz.index.json",
