@@ -262,10 +262,8 @@ fn with_the_registry_gone_a_read_fails_within_read_timeout() {
     );
     let slack = Duration::from_millis(1000) + overhead;
     assert!(first < READ_TIMEOUT + slack, "first read took {first:?}");
-    assert!(
-        second < Duration::from_millis(500) + overhead,
-        "the retry right after took {second:?}"
-    );
+    // Another process (this `cat`) tries afresh: it too fails within one read timeout.
+    assert!(second < READ_TIMEOUT + slack, "second read took {second:?}");
     let log = stack.lazysnap_log();
     let lines = log.matches("the reader gets EIO").count();
     assert!(

@@ -3,10 +3,12 @@
 //! When a FUSE read of a page-cache range fails, the kernel does not give up: it retries the
 //! page the reader is waiting on with a read of its own (and a reader that gets `EIO` often
 //! tries again itself). Each retry is a fresh request that would wait out the read deadline
-//! again, so one `read(2)` took two or three deadlines. Remembering the failed range briefly
-//! and failing overlapping reads immediately bounds a `read(2)` by one deadline, however the
-//! kernel retries. Briefly: the kernel's retries come within milliseconds, while a container
-//! that reads again once the registry is back must not be failed for a whole read timeout.
+//! again, so one `read(2)` took two or three deadlines. Remembering the failed range for the
+//! reading task, briefly, and failing that task's overlapping reads immediately bounds a
+//! `read(2)` by one deadline, however the kernel retries. For the reading task: the kernel
+//! retries in the context of the task whose read failed, while another process reading the
+//! same file (a new container once the registry is back) deserves a fresh try. Briefly: the
+//! retries come within milliseconds.
 //!
 //! Failures are also what an operator needs to see, but a container hammering an unreachable
 //! registry fails thousands of reads; the log gets one line per mount and kind per window,
@@ -60,6 +62,8 @@ struct State {
 #[derive(Debug)]
 struct Failed {
     range: Range<u64>,
+    /// The task whose read failed, as the FUSE request names it.
+    pid: u32,
     until: Instant,
     reason: Arc<str>,
 }
@@ -105,14 +109,14 @@ impl ReadFailures {
     /// The reason of a remembered failure overlapping `range` of `ino`, if there is one: the
     /// read should fail with `EIO` at once. Called on the dispatch thread; it only takes a
     /// short lock.
-    pub(crate) fn check(&self, ino: Ino, range: &Range<u64>) -> Option<Arc<str>> {
+    pub(crate) fn check(&self, ino: Ino, range: &Range<u64>, pid: u32) -> Option<Arc<str>> {
         let now = Instant::now();
         let mut state = self.lock();
         let failed = state.failed.get_mut(&ino)?;
         failed.retain(|f| f.until > now);
         let reason = failed
             .iter()
-            .find(|f| f.range.start < range.end && range.start < f.range.end)
+            .find(|f| f.pid == pid && f.range.start < range.end && range.start < f.range.end)
             .map(|f| Arc::clone(&f.reason));
         if failed.is_empty() {
             state.failed.remove(&ino);
@@ -131,6 +135,7 @@ impl ReadFailures {
         &self,
         ino: Ino,
         range: Range<u64>,
+        pid: u32,
         kind: FailureKind,
         reason: String,
     ) -> Option<Unlogged<'_>> {
@@ -145,6 +150,7 @@ impl ReadFailures {
         }
         state.failed.entry(ino).or_default().push(Failed {
             range: range.clone(),
+            pid,
             until: now + self.remember,
             reason: Arc::clone(&reason),
         });
@@ -217,25 +223,37 @@ mod tests {
     fn overlapping_reads_fail_until_the_window_ends() {
         let failures = ReadFailures::new(Duration::from_millis(200), "test".into());
         let ino = Ino(5);
-        let unlogged = failures.record(ino, 4096..8192, FailureKind::Timeout, "slow".into());
+        let unlogged = failures.record(ino, 4096..8192, 7, FailureKind::Timeout, "slow".into());
         assert!(unlogged.is_some(), "the first failure is logged");
         assert!(
             failures
-                .record(ino, 0..10, FailureKind::Timeout, "slow".into())
+                .record(ino, 0..10, 7, FailureKind::Timeout, "slow".into())
                 .is_none(),
             "the second one in the window is not"
         );
-        assert_eq!(failures.check(ino, &(0..4097)).as_deref(), Some("slow"));
-        assert_eq!(failures.check(ino, &(8191..9000)).as_deref(), Some("slow"));
+        assert_eq!(failures.check(ino, &(0..4097), 7).as_deref(), Some("slow"));
         assert_eq!(
-            failures.check(ino, &(4000..4096)),
+            failures.check(ino, &(8191..9000), 7).as_deref(),
+            Some("slow")
+        );
+        assert_eq!(
+            failures.check(ino, &(4000..4096), 7),
             None,
             "touching is not overlapping"
         );
-        assert_eq!(failures.check(ino, &(8192..9000)), None);
-        assert_eq!(failures.check(Ino(6), &(4096..8192)), None, "other inode");
+        assert_eq!(failures.check(ino, &(8192..9000), 7), None);
+        assert_eq!(
+            failures.check(ino, &(4096..8192), 8),
+            None,
+            "another task reads afresh"
+        );
+        assert_eq!(
+            failures.check(Ino(6), &(4096..8192), 7),
+            None,
+            "other inode"
+        );
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(failures.check(ino, &(4096..8192)), None, "expired");
+        assert_eq!(failures.check(ino, &(4096..8192), 7), None, "expired");
         assert!(
             failures.lock().failed.is_empty(),
             "expired entries are dropped"

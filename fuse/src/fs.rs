@@ -5,8 +5,8 @@
 //! spawned onto the tokio runtime and answered from there (fuser replies are `Send`), so a read
 //! waiting on the network never holds up lookups or reads of other files; each read races the
 //! mount's deadline and loses to it with `EIO`. A read that failed with `EIO` is remembered for
-//! a while (`failures`), and reads overlapping it fail at once, so the kernel's retries do not
-//! wait out the deadline again. With passthrough on, files the source holds
+//! a moment (`failures`), and the same task's reads overlapping it fail at once, so the
+//! kernel's retries do not wait out the deadline again. With passthrough on, files the source holds
 //! complete on local disk are opened onto that copy, and the kernel reads it without us.
 //!
 //! Nothing here knows where bytes come from, and nothing here writes: the mount is read-only,
@@ -271,7 +271,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     #[allow(clippy::too_many_arguments)] // fuser's signature
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -297,7 +297,8 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             return reply.data(&[]);
         }
         let range = offset..offset + u64::from(len);
-        if let Some(reason) = self.failures.check(ino, &range) {
+        let pid = req.pid();
+        if let Some(reason) = self.failures.check(ino, &range, pid) {
             debug!(ino = ino.0, offset, len, %reason, "read overlaps a recent failure");
             return reply.error(Errno::EIO);
         }
@@ -329,7 +330,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             let (kind, reason) = failed;
             // Remembered before the reader hears of it: the kernel retries at once, and the
             // retry must find the failure. Logged after, so the reader does not wait on it.
-            let unlogged = failures.record(ino, range, kind, reason);
+            let unlogged = failures.record(ino, range, pid, kind, reason);
             reply.error(Errno::EIO);
             if let Some(unlogged) = unlogged {
                 unlogged.log();
