@@ -384,6 +384,13 @@ impl RemoteFs for LazyLayers {
         }
         // The reference this snapshot was pulled as (another image's may have saved the state).
         state.source = saved.source;
+        // A repair remounts over a dead mount whose entry is still here: it goes now, its
+        // kernel side already detached, and its saved state stays (this remount uses it).
+        let dead = self.mounted().remove(mountpoint);
+        if let Some(dead) = dead {
+            self.end_tasks(&dead);
+            drop(dead.handle);
+        }
         self.mount_state(mountpoint, &state, lower)
             .map_err(remote_error)
     }
@@ -397,11 +404,7 @@ impl RemoteFs for LazyLayers {
         };
         self.drop_state_if_unused(&mounted.digest);
         drop(lifecycle);
-        // Dropping the set aborts what is still running: prefetch, trace saving, readahead.
-        drop(std::mem::take(
-            &mut *mounted.tasks.lock().unwrap_or_else(|p| p.into_inner()),
-        ));
-        self.retire(&mounted);
+        self.end_tasks(&mounted);
         mounted.handle.unmount().map_err(|e| RemoteError::Unmount {
             mountpoint: mountpoint.to_path_buf(),
             source: Box::new(e),
@@ -410,5 +413,16 @@ impl RemoteFs for LazyLayers {
 
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         self.check_mount(mountpoint, false)
+    }
+}
+
+impl LazyLayers {
+    /// Ends what a mount runs besides serving (prefetch, trace saving, readahead: dropping
+    /// the set aborts them) and keeps its figures.
+    fn end_tasks(&self, mounted: &Mounted) {
+        drop(std::mem::take(
+            &mut *mounted.tasks.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        self.retire(mounted);
     }
 }

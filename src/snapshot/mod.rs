@@ -552,10 +552,8 @@ impl Snapshotter {
             RemoteError::Dead { layer, reason, .. } => (layer.clone(), reason.clone()),
             other => (String::new(), crate::error_chain(other)),
         };
-        // Drops the dead mount's entry (and its tasks); the kernel side may already be gone.
-        if let Err(e) = remote.unmount(fs) {
-            tracing::debug!(mountpoint = %fs.display(), error = %crate::error_chain(&e), "unmounting dead lazy layer");
-        }
+        // Not `unmount`: that means the snapshot is going, and the layer's saved state (which
+        // the remount needs) would go with its last mount. `remount` replaces the dead entry.
         let failed = |source: RemoteError| {
             let e = SnapshotError::LayerDead {
                 key: key.to_owned(),
