@@ -84,6 +84,7 @@ pub async fn resolve(
             annotations,
         },
         blob_size: size,
+        tail_offset: size - tail.len() as u64,
         tail,
         blob,
     };

@@ -58,11 +58,15 @@ pub struct LayerHints<'a> {
 }
 
 /// What the resolver fetched once for every format to look at: the blob's size and its last
-/// bytes (at least [`MAX_FOOTER`] of them, fewer only for a smaller blob).
+/// bytes (at least [`MAX_FOOTER`] of them, fewer only for a smaller blob; usually a much
+/// larger suffix, so that the index is often in it and needs no request of its own).
 pub struct Probe<'a> {
     pub hints: LayerHints<'a>,
     pub blob_size: u64,
+    /// The blob's bytes from `tail_offset` to its end.
     pub tail: Bytes,
+    /// Where `tail` starts in the blob: `blob_size - tail.len()`.
+    pub tail_offset: u64,
     pub blob: &'a dyn BlobSource,
 }
 

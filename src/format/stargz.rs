@@ -348,10 +348,15 @@ async fn resolve_toc(
         Ok(_) | Err(FormatError::NoFooter(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let compressed = probe
-        .blob
-        .read_range(location.offset..location.offset.saturating_add(location.len))
-        .await?;
+    let compressed = match probe_bytes(probe, location.offset, location.len) {
+        Some(within) => within,
+        None => {
+            probe
+                .blob
+                .read_range(location.offset..location.offset.saturating_add(location.len))
+                .await?
+        }
+    };
     let json = read_toc(&location, &compressed, Some(expected), limits.max_toc_bytes)?;
     let params = TocParams {
         location,
@@ -361,6 +366,16 @@ async fn resolve_toc(
         params: serde_json::to_value(&params).map_err(FormatError::Params)?,
         index: json,
     }))
+}
+
+/// Bytes `offset..offset + len` of the blob when the probe's tail holds all of them.
+fn probe_bytes(probe: &Probe<'_>, offset: u64, len: u64) -> Option<bytes::Bytes> {
+    let start = offset.checked_sub(probe.tail_offset)?;
+    let end = start.checked_add(len)?;
+    if end > probe.tail.len() as u64 {
+        return None;
+    }
+    Some(probe.tail.slice(start as usize..end as usize))
 }
 
 fn open_toc(resolved: &Resolved, limits: &Limits) -> Result<Opened, FormatError> {

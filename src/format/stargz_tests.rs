@@ -183,3 +183,75 @@ fn corrupt_chunk_bytes_fail_to_decompress_or_verify() {
         "a flipped byte must not produce the chunk's bytes"
     );
 }
+
+/// A probe whose tail is the blob's last `tail_len` bytes.
+async fn resolve_with_tail(
+    name: &str,
+    tail_len: usize,
+    expected: Option<&str>,
+) -> (usize, Result<Option<Resolved>, FormatError>) {
+    let (blob, mut annotations) = crate::test_utils::fixture(name);
+    if let Some(expected) = expected {
+        annotations.insert(TOC_DIGEST_ANNOTATION.to_owned(), expected.to_owned());
+    }
+    let size = blob.len() as u64;
+    let source = crate::test_utils::FixtureBlob {
+        blob: blob.clone(),
+        requests: Default::default(),
+        corrupt: false,
+        fail: false,
+        delay: std::time::Duration::ZERO,
+    };
+    let tail = bytes::Bytes::copy_from_slice(&blob[blob.len().saturating_sub(tail_len)..]);
+    let probe = Probe {
+        hints: LayerHints {
+            digest: "sha256:fixture",
+            annotations: &annotations,
+        },
+        blob_size: size,
+        tail_offset: size - tail.len() as u64,
+        tail,
+        blob: &source,
+    };
+    let format: &dyn LayerFormat = if name == "estargz" {
+        &Estargz::default()
+    } else {
+        &ZstdChunked::default()
+    };
+    let result = format.resolve(&probe).await;
+    (
+        source.requests.load(std::sync::atomic::Ordering::SeqCst),
+        result,
+    )
+}
+
+#[tokio::test]
+async fn a_toc_within_the_suffix_needs_no_request() {
+    for name in ["estargz", "zstdchunked"] {
+        let whole = fixture(name).blob.len();
+        let (requests, found) = resolve_with_tail(name, whole, None).await;
+        assert_eq!(requests, 0, "{name}: the TOC was in the suffix");
+        let from_suffix = found.expect("resolves").expect("claims the layer");
+        let (requests, found) = resolve_with_tail(name, MAX_FOOTER as usize, None).await;
+        assert_eq!(requests, 1, "{name}: only the footer was in the tail");
+        assert_eq!(found.expect("resolves").expect("claims"), from_suffix);
+        // Part of the TOC in the suffix: fetched whole.
+        let location = locate_toc(tail(&fixture(name).blob), whole as u64, MAXT).expect("footer");
+        let partial = (whole as u64 - location.offset - 1) as usize;
+        let (requests, found) = resolve_with_tail(name, partial, None).await;
+        assert_eq!(requests, 1, "{name}: the TOC began before the suffix");
+        assert_eq!(found.expect("resolves").expect("claims"), from_suffix);
+    }
+}
+
+#[tokio::test]
+async fn a_toc_in_the_suffix_is_verified_against_the_label() {
+    let whole = fixture("estargz").blob.len();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let (requests, found) = resolve_with_tail("estargz", whole, Some(&wrong)).await;
+    assert_eq!(requests, 0);
+    assert!(
+        matches!(found, Err(FormatError::TocDigestMismatch { .. })),
+        "{found:?}"
+    );
+}

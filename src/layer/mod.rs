@@ -17,8 +17,8 @@ pub use blob::RegistryBlob;
 pub use error::LayerError;
 pub use fetches::{Fetches, Histogram, Priority};
 pub use reader::{unix_ms, LayerCounters, LayerReader, ReadError};
-pub use resolve::Resolver;
-pub use source::LayerSource;
+pub use resolve::{Resolver, SUFFIX_BYTES};
+pub use source::{image_layers, LayerSource};
 pub use state::{LayerState, SavedState, StateDir};
 
 use crate::format::{Formats, Opened};

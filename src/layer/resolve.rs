@@ -1,24 +1,171 @@
 //! Resolving a layer: which of the known formats it is in, and its verified index. A layer
 //! whose state is still saved (another snapshot of it is there) is taken from there without a
-//! request, when the image pins the same TOC; otherwise the blob's size and tail are fetched
-//! once and shown to every format that could claim the layer.
+//! request, when the image pins the same TOC; otherwise the blob's size and last
+//! [`SUFFIX_BYTES`] are fetched in one request and shown to every format that could claim the
+//! layer (the index is usually within them, so resolving takes one round trip).
+//!
+//! Resolving ahead: the first Prepare of an image's layer names all the image's layers; their
+//! suffixes are fetched in the background ([`Resolver::resolve_ahead`]), so that each layer's
+//! own Prepare finds its bytes there (or waits for the request already under way) instead of
+//! paying a round trip. Only raw bytes are kept, never a verdict: the layer's own Prepare
+//! verifies the index in them against the TOC digest of its own labels, as ever.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::runtime::Handle;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::{LayerError, LayerSource, LayerState, RegistryBlob, StateDir};
-use crate::format::{Formats, LayerHints, Probe, MAX_FOOTER};
+use crate::format::{Formats, LayerHints, Probe};
 use crate::registry::{Reference, RegistryClient};
+
+/// How much of a blob's end resolving fetches in its one request: the footer and, for all
+/// but the largest layers, the whole index.
+pub const SUFFIX_BYTES: u64 = 512 << 10;
+/// How long a suffix fetched ahead waits for its layer's Prepare.
+const AHEAD_FOR: Duration = Duration::from_secs(120);
+/// At most this many layers' suffixes are kept or under way ahead (so at most this many
+/// times [`SUFFIX_BYTES`] of memory).
+const MAX_AHEAD: usize = 64;
+/// At most this many requests ahead at once.
+const AHEAD_CONCURRENCY: usize = 4;
+
+/// A blob's size and last bytes, or `None` when fetching them failed.
+type Suffix = Option<(u64, Bytes)>;
+
+struct Ahead {
+    /// The fetch, shared by the background task and the layer's Prepare; `None` once the
+    /// Prepare took it (the entry stays, so the layer is not fetched ahead again).
+    cell: Option<Arc<OnceCell<Suffix>>>,
+    until: Instant,
+}
+
+/// Suffixes fetched ahead, by (reference, layer digest).
+struct AheadMap {
+    entries: Mutex<HashMap<(String, String), Ahead>>,
+    limit: Semaphore,
+}
 
 #[derive(Clone)]
 pub struct Resolver {
     registry: RegistryClient,
     formats: Formats,
+    ahead: Arc<AheadMap>,
 }
 
 impl Resolver {
     pub fn new(registry: RegistryClient, formats: Formats) -> Self {
-        Resolver { registry, formats }
+        Resolver {
+            registry,
+            formats,
+            ahead: Arc::new(AheadMap {
+                entries: Mutex::default(),
+                limit: Semaphore::new(AHEAD_CONCURRENCY),
+            }),
+        }
+    }
+
+    fn ahead_entries(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Ahead>> {
+        self.ahead.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches, in the background on `runtime`, the suffixes of `layers` of the image pulled
+    /// as `reference`, for their own Prepares to come (a few at a time, each layer once).
+    /// Nothing is trusted from them until that Prepare verifies the index.
+    pub fn resolve_ahead(
+        &self,
+        runtime: &Handle,
+        reference: &str,
+        layers: impl IntoIterator<Item = String>,
+    ) {
+        let Ok(parsed) = Reference::parse(reference) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut entries = self.ahead_entries();
+        entries.retain(|_, a| a.until > now);
+        let mut started = 0usize;
+        for digest in layers {
+            if entries.len() >= MAX_AHEAD {
+                break;
+            }
+            let key = (reference.to_owned(), digest.clone());
+            if entries.contains_key(&key) {
+                continue;
+            }
+            let cell = Arc::new(OnceCell::new());
+            entries.insert(
+                key,
+                Ahead {
+                    cell: Some(cell.clone()),
+                    until: now + AHEAD_FOR,
+                },
+            );
+            started += 1;
+            let this = self.clone();
+            let parsed = parsed.clone();
+            runtime.spawn(async move {
+                let Ok(_permit) = this.ahead.limit.acquire().await else {
+                    return;
+                };
+                cell.get_or_init(|| this.fetch_suffix(&parsed, &digest))
+                    .await;
+            });
+        }
+        if started > 0 {
+            tracing::debug!(
+                reference,
+                layers = started,
+                "resolving the image's other layers ahead"
+            );
+        }
+    }
+
+    async fn fetch_suffix(&self, reference: &Reference, digest: &str) -> Suffix {
+        match self
+            .registry
+            .read_suffix(reference, digest, SUFFIX_BYTES)
+            .await
+        {
+            Ok(suffix) => Some(suffix),
+            Err(e) => {
+                tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's suffix ahead failed; its Prepare fetches it again");
+                None
+            }
+        }
+    }
+
+    /// The blob's size and last [`SUFFIX_BYTES`]: fetched ahead (or being fetched, then
+    /// awaited), else fetched now.
+    async fn suffix(
+        &self,
+        reference: &Reference,
+        source: &LayerSource,
+    ) -> Result<(u64, Bytes), crate::registry::RegistryError> {
+        let key = (source.reference.clone(), source.digest.clone());
+        let cell = {
+            let now = Instant::now();
+            let mut entries = self.ahead_entries();
+            entries
+                .get_mut(&key)
+                .filter(|a| a.until > now)
+                .and_then(|a| a.cell.take())
+        };
+        if let Some(cell) = cell {
+            let got = cell
+                .get_or_init(|| self.fetch_suffix(reference, &source.digest))
+                .await;
+            if let Some(suffix) = got {
+                tracing::debug!(layer = %source.digest, "using the suffix fetched ahead");
+                return Ok(suffix.clone());
+            }
+        }
+        self.registry
+            .read_suffix(reference, &source.digest, SUFFIX_BYTES)
+            .await
     }
 
     pub fn formats(&self) -> &Formats {
@@ -118,20 +265,14 @@ impl Resolver {
             }
         };
         let reference = parse_reference(source)?;
-        let blob_size = self
-            .registry
-            .blob_size(&reference, layer)
+        let (blob_size, tail) = self
+            .suffix(&reference, source)
             .await
-            .map_err(registry_error("reading the blob's size"))?;
-        let tail_start = blob_size.saturating_sub(MAX_FOOTER);
-        let tail = self
-            .registry
-            .read_range(&reference, layer, tail_start..blob_size)
-            .await
-            .map_err(registry_error("reading the blob's footer"))?;
+            .map_err(registry_error("reading the blob's size and last bytes"))?;
         let probe = Probe {
             hints,
             blob_size,
+            tail_offset: blob_size.saturating_sub(tail.len() as u64),
             tail,
             blob: &*blob,
         };

@@ -13,6 +13,25 @@ pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 pub const TOC_DIGEST: &str = crate::format::TOC_DIGEST_ANNOTATION;
+/// The image's layer digests, comma-separated, as CRI sets them on each layer's Prepare.
+pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// The same, as stargz's `ctr-remote image rpull` sets them.
+pub const STARGZ_IMAGE_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
+
+/// The digests of the image's layers that the labels name (none when they name none).
+pub fn image_layers(labels: &BTreeMap<String, String>) -> Vec<String> {
+    let mut layers: Vec<String> = [CRI_IMAGE_LAYERS, STARGZ_IMAGE_LAYERS]
+        .iter()
+        .filter_map(|k| labels.get(*k))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|d| d.starts_with("sha256:") || d.starts_with("sha512:"))
+        .map(str::to_owned)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    layers.retain(|d| seen.insert(d.clone()));
+    layers
+}
 
 /// A layer blob in a registry, as named by snapshot labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +87,19 @@ mod tests {
         assert_eq!(
             LayerSource::from_labels(&labels(&[(CRI_IMAGE_REF, "r/a:1")])),
             None
+        );
+    }
+
+    #[test]
+    fn image_layers_from_either_label() {
+        assert!(image_layers(&labels(&[])).is_empty());
+        let both = labels(&[
+            (CRI_IMAGE_LAYERS, "sha256:aa,sha256:bb"),
+            (STARGZ_IMAGE_LAYERS, "sha256:bb, sha256:cc,,junk"),
+        ]);
+        assert_eq!(
+            image_layers(&both),
+            vec!["sha256:aa", "sha256:bb", "sha256:cc"]
         );
     }
 }

@@ -268,6 +268,20 @@ impl LazyLayers {
 }
 
 impl LazyLayers {
+    /// When the labels name the image's layers, starts fetching what resolving the others
+    /// needs, so that their own Prepares (which containerd sends one after another) find it
+    /// there. Layers with a saved state need nothing. Blocking (looks at the saved states).
+    fn resolve_others_ahead(&self, source: &LayerSource, labels: &Labels) {
+        let others: Vec<String> = layer::image_layers(labels)
+            .into_iter()
+            .filter(|d| *d != source.digest && !self.states.layer_dir(d).exists())
+            .collect();
+        if !others.is_empty() {
+            self.resolver
+                .resolve_ahead(&self.runtime, &source.reference, others);
+        }
+    }
+
     /// Checks the mount at `mountpoint`; a dead one shows as such in `lazysnap mounts` until
     /// it is mounted again. With `fresh`, a recent good answer is not trusted.
     fn check_mount(&self, mountpoint: &Path, fresh: bool) -> Result<(), RemoteError> {
@@ -330,6 +344,7 @@ impl RemoteFs for LazyLayers {
         let source = LayerSource::from_labels(labels).ok_or_else(|| {
             RemoteError::NotLazy("labels name no image reference and layer digest".into())
         })?;
+        self.resolve_others_ahead(&source, labels);
         {
             // Another snapshot of the same layer is here: its saved state, no request.
             let _lifecycle = self.lifecycle();

@@ -366,7 +366,11 @@ impl RegistryClient {
         let range = &range;
         self.on_endpoints(reference, digest, |target| async move {
             let response = self
-                .send(&target, reqwest::Method::GET, Some(range))
+                .send(
+                    &target,
+                    reqwest::Method::GET,
+                    Some(RangeHeader::Exact(range)),
+                )
                 .await?;
             if response.url().as_str() != target.url {
                 self.remember_redirect(digest, response.url().as_str());
@@ -374,6 +378,95 @@ impl RegistryClient {
             self.take_range(response, &target.host, digest, range).await
         })
         .await
+    }
+
+    /// The last `n` bytes of blob `digest` (all of it when it is smaller) and the blob's size,
+    /// in one request (`Range: bytes=-n`): a 206 gives the size in its Content-Range; a
+    /// registry that ignores ranges and answers 200 with the whole blob is accepted only when
+    /// the blob is at most `n` bytes (the body is cut off past that); a 416 is an empty blob.
+    pub async fn read_suffix(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        n: u64,
+    ) -> Result<(u64, Bytes), RegistryError> {
+        self.on_endpoints(reference, digest, |target| async move {
+            let response = self
+                .send(&target, reqwest::Method::GET, Some(RangeHeader::Suffix(n)))
+                .await?;
+            if response.url().as_str() != target.url {
+                self.remember_redirect(digest, response.url().as_str());
+            }
+            self.take_suffix(response, &target.host, digest, n).await
+        })
+        .await
+    }
+
+    /// Checks that `response` is the last at most `n` bytes of the blob (or all of a blob of
+    /// at most `n` bytes) and returns the blob's size and those bytes; the body is streamed
+    /// and cut off past `n` bytes, like `take_range`.
+    async fn take_suffix(
+        &self,
+        mut response: reqwest::Response,
+        host: &str,
+        digest: &str,
+        n: u64,
+    ) -> Result<(u64, Bytes), Attempt> {
+        let what = || format!("blob {digest} last {n} bytes");
+        let bad = |reason: String| {
+            Attempt::Fatal(RegistryError::BadResponse {
+                host: host.to_owned(),
+                what: what(),
+                reason,
+            })
+        };
+        let status = response.status();
+        let content_range = response
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            return match suffix_total(content_range.as_deref().unwrap_or_default(), 0, n) {
+                Ok(0) => Ok((0, Bytes::new())),
+                Ok(_) => Err(bad("416 for a non-empty blob".to_owned())),
+                Err(reason) => Err(bad(format!("status 416: {reason}"))),
+            };
+        }
+        if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
+            return Err(bad(format!("status {status} instead of 206")));
+        }
+        let body = match read_body(&mut response, n, &self.stats.bytes).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return Err(Attempt::Fatal(RegistryError::TooLarge {
+                    host: host.to_owned(),
+                    what: what(),
+                    limit: n,
+                }))
+            }
+            Err(BodyError::Read(reason)) => {
+                return Err(Attempt::Retry(format!("reading body: {reason}")))
+            }
+        };
+        let got = body.len() as u64;
+        if status == StatusCode::OK {
+            // The whole blob, at most `n` bytes (read_body cut it off otherwise); a body
+            // shorter than it announced is a broken transfer.
+            if response.content_length().is_some_and(|l| l != got) {
+                return Err(Attempt::Retry(format!("short body: {got} bytes")));
+            }
+            return Ok((got, body));
+        }
+        let total =
+            suffix_total(content_range.as_deref().unwrap_or_default(), got, n).map_err(bad)?;
+        if got != total.min(n) {
+            return Err(Attempt::Retry(format!(
+                "short body: {got} of {} bytes",
+                total.min(n)
+            )));
+        }
+        Ok((total, body))
     }
 
     fn remember_redirect(&self, digest: &str, url: &str) {
@@ -603,15 +696,15 @@ impl RegistryClient {
         &self,
         target: &Target,
         method: reqwest::Method,
-        range: Option<&Range<u64>>,
+        range: Option<RangeHeader<'_>>,
     ) -> Result<reqwest::Response, Attempt> {
         let scope = format!("repository:{}:pull", target.repository);
         let mut authorization = self.known_authorization(target, &scope);
         let mut fresh = false;
         for _ in 0..2 {
             let mut request = target.client.request(method.clone(), &target.url);
-            if let Some(range) = range {
-                request = request.header(RANGE, range_header(range));
+            if let Some(range) = &range {
+                request = request.header(RANGE, range.value());
             }
             for (name, value) in &target.headers {
                 request = request.header(name, value);
@@ -640,6 +733,12 @@ impl RegistryClient {
             }
             return match status {
                 s if s.is_success() => Ok(response),
+                // A suffix of an empty blob: the caller reads the total from Content-Range.
+                StatusCode::RANGE_NOT_SATISFIABLE
+                    if matches!(range, Some(RangeHeader::Suffix(_))) =>
+                {
+                    Ok(response)
+                }
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                     self.forget_token(&target.host, &scope);
                     Err(Attempt::Fatal(RegistryError::Unauthorized {
@@ -804,6 +903,59 @@ impl RegistryClient {
     }
 }
 
+/// The `Range` a request asks for.
+#[derive(Clone, Copy)]
+enum RangeHeader<'a> {
+    /// Exactly these bytes.
+    Exact(&'a Range<u64>),
+    /// The last this many bytes (`bytes=-N`), whatever the blob's size.
+    Suffix(u64),
+}
+
+impl RangeHeader<'_> {
+    fn value(&self) -> String {
+        match self {
+            RangeHeader::Exact(range) => range_header(range),
+            RangeHeader::Suffix(n) => format!("bytes=-{n}"),
+        }
+    }
+}
+
+/// The total size of a blob from a `Content-Range` answering a suffix request for at most
+/// `n` bytes of which `got` came: `bytes a-b/TOTAL` with `b` the last byte and `a` where the
+/// `got` bytes start, or `bytes */0` for an empty blob (with a 416).
+fn suffix_total(content_range: &str, got: u64, n: u64) -> Result<u64, String> {
+    let rest = content_range
+        .strip_prefix("bytes ")
+        .ok_or_else(|| format!("Content-Range {content_range:?}"))?;
+    let (span, total) = rest
+        .split_once('/')
+        .ok_or_else(|| format!("Content-Range {content_range:?}"))?;
+    let total: u64 = total
+        .trim()
+        .parse()
+        .map_err(|_| format!("Content-Range {content_range:?} has no total size"))?;
+    if span == "*" {
+        return if total == 0 && got == 0 {
+            Ok(0)
+        } else {
+            Err(format!("Content-Range {content_range:?} for a suffix"))
+        };
+    }
+    let (a, b) = span
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
+        .ok_or_else(|| format!("Content-Range {content_range:?}"))?;
+    let len = b.checked_sub(a).map(|l| l + 1);
+    let want = total.min(n);
+    if b.checked_add(1) != Some(total) || len != Some(want) || a != total - want {
+        return Err(format!(
+            "Content-Range {content_range:?} is not the last {want} bytes"
+        ));
+    }
+    Ok(total)
+}
+
 fn range_header(range: &Range<u64>) -> String {
     format!("bytes={}-{}", range.start, range.end.saturating_sub(1))
 }
@@ -957,6 +1109,26 @@ fn rand_u16() -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suffix_content_ranges() {
+        let n = 1000;
+        assert_eq!(suffix_total("bytes 9000-9999/10000", 1000, n), Ok(10000));
+        assert_eq!(suffix_total("bytes 0-499/500", 500, n), Ok(500));
+        assert_eq!(suffix_total("bytes */0", 0, n), Ok(0));
+        for bad in [
+            "bytes 9000-9998/10000",
+            "bytes 8000-9999/10000",
+            "bytes 9001-9999/10000",
+            "bytes 1-499/500",
+            "bytes 9000-9999/*",
+            "bytes */10",
+            "items 0-1/2",
+            "",
+        ] {
+            assert!(suffix_total(bad, 1000, n).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn remembered_redirects_and_fallbacks_stay_bounded() {
