@@ -22,9 +22,11 @@ use super::{LayerError, LayerSource, LayerState, RegistryBlob, StateDir};
 use crate::format::{Formats, LayerHints, Probe};
 use crate::registry::{Reference, RegistryClient};
 
-/// How much of a blob's end resolving fetches in its one request: the footer and, for all
-/// but the largest layers, the whole index.
-pub const SUFFIX_BYTES: u64 = 512 << 10;
+/// How much of a blob's end resolving fetches in its one request: the footer and, for small
+/// and middling layers, the whole index (a bigger TOC costs one more request). Kept small
+/// because a layer that turns out not to be lazy pays for it in vain, and so does each layer
+/// resolved ahead.
+pub const SUFFIX_BYTES: u64 = 64 << 10;
 /// How long a suffix fetched ahead waits for its layer's Prepare.
 const AHEAD_FOR: Duration = Duration::from_secs(120);
 /// At most this many layers' suffixes are kept or under way ahead (so at most this many
