@@ -344,13 +344,13 @@ impl RemoteFs for LazyLayers {
         let source = LayerSource::from_labels(labels).ok_or_else(|| {
             RemoteError::NotLazy("labels name no image reference and layer digest".into())
         })?;
-        self.resolve_others_ahead(&source, labels);
         {
             // Another snapshot of the same layer is here: its saved state, no request.
             let _lifecycle = self.lifecycle();
             if let Some(state) = self.resolver.saved(&self.states, &source, labels) {
                 match self.mount_state(mountpoint, &state, lower) {
                     Ok(()) => {
+                        self.resolve_others_ahead(&source, labels);
                         return serde_json::to_value(layer::SavedState::of(&state))
                             .map_err(|e| RemoteError::Failed(Box::new(e)));
                     }
@@ -361,10 +361,14 @@ impl RemoteFs for LazyLayers {
                 }
             }
         }
-        let state = self
+        let resolved = self
             .runtime
-            .block_on(self.resolver.resolve(&source, labels))
-            .map_err(remote_error)?;
+            .block_on(self.resolver.resolve(&source, labels));
+        // After this layer's own request, not before: by now the client knows how the registry
+        // authenticates, so the requests ahead go out with credentials instead of each being
+        // challenged in parallel.
+        self.resolve_others_ahead(&source, labels);
+        let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
         self.save_state(&state).map_err(remote_error)?;
         if let Err(e) = self.mount_state(mountpoint, &state, lower) {
