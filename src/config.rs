@@ -51,7 +51,9 @@ pub struct Config {
     /// The CRI image service lazysnap can front for the kubelet.
     pub cri: CriConfig,
     /// What one lazy layer may claim in its index.
-    pub limits: LimitsConfig,
+    /// `[limits]`: what one lazy layer may claim in its index; the keys, units and defaults
+    /// are those of `metadata::Limits`, which enforces them.
+    pub limits: crate::metadata::Limits,
 }
 
 impl Default for Config {
@@ -68,7 +70,7 @@ impl Default for Config {
             prefetch: PrefetchConfig::default(),
             metrics: MetricsConfig::default(),
             cri: CriConfig::default(),
-            limits: LimitsConfig::default(),
+            limits: crate::metadata::Limits::default(),
         }
     }
 }
@@ -220,74 +222,6 @@ impl Default for CriConfig {
             image_service_address: None,
             containerd_address: DEFAULT_CONTAINERD_ADDRESS.into(),
         }
-    }
-}
-
-/// `[limits]`: what one lazy layer may claim in its index (eStargz / zstd:chunked TOC). A
-/// layer over any of them is not mounted lazily: it takes the ordinary path (containerd
-/// downloads and unpacks it) and the log line names the layer, the value and the key. They
-/// bound the daemon's memory and time per layer whatever the layer says.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Bytes of a TOC, compressed or decompressed (the JSON is held while the index is
-    /// built). Default 64 MiB.
-    pub max_toc_bytes: u64,
-    /// Entries of a TOC, and inodes (implied directories included) and chunks of its layer.
-    /// Default 500000 (an index costs ~250 bytes of memory per entry while mounted, ~1 KiB
-    /// while being built).
-    pub max_entries: u64,
-    /// Uncompressed bytes of one chunk (with any bytes its stream decodes before it); its
-    /// compressed extent may be at most 1/8 + 64 KiB larger. Default 64 MiB.
-    pub max_chunk_bytes: u64,
-    /// Components of one path. Default 512.
-    pub max_path_depth: u64,
-    /// Bytes of one path (Linux's PATH_MAX). Default 4096.
-    pub max_path_bytes: u64,
-    /// Bytes of one path component (Linux's NAME_MAX). Default 255.
-    pub max_name_bytes: u64,
-    /// Bytes of a symbolic link's target (PATH_MAX). Default 4096.
-    pub max_link_bytes: u64,
-    /// Bytes of an extended attribute's name (XATTR_NAME_MAX). Default 255.
-    pub max_xattr_name_bytes: u64,
-    /// Bytes of an extended attribute's value (XATTR_SIZE_MAX). Default 65536.
-    pub max_xattr_value_bytes: u64,
-    /// Bytes of all extended attributes of one entry, names and values. Default 262144.
-    pub max_xattr_bytes: u64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_toc_bytes: 64 << 20,
-            max_entries: 500_000,
-            max_chunk_bytes: 64 << 20,
-            max_path_depth: 512,
-            max_path_bytes: 4096,
-            max_name_bytes: 255,
-            max_link_bytes: 4096,
-            max_xattr_name_bytes: 255,
-            max_xattr_value_bytes: 64 << 10,
-            max_xattr_bytes: 256 << 10,
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// Every key with its value, for validation and messages.
-    fn keys(&self) -> [(&'static str, u64); 10] {
-        [
-            ("limits.max_toc_bytes", self.max_toc_bytes),
-            ("limits.max_entries", self.max_entries),
-            ("limits.max_chunk_bytes", self.max_chunk_bytes),
-            ("limits.max_path_depth", self.max_path_depth),
-            ("limits.max_path_bytes", self.max_path_bytes),
-            ("limits.max_name_bytes", self.max_name_bytes),
-            ("limits.max_link_bytes", self.max_link_bytes),
-            ("limits.max_xattr_name_bytes", self.max_xattr_name_bytes),
-            ("limits.max_xattr_value_bytes", self.max_xattr_value_bytes),
-            ("limits.max_xattr_bytes", self.max_xattr_bytes),
-        ]
     }
 }
 

@@ -129,32 +129,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `[limits]` as the formats and the index builder take them.
-fn limits(config: &Config) -> crate::metadata::Limits {
-    let l = &config.limits;
-    crate::metadata::Limits {
-        max_toc_bytes: l.max_toc_bytes,
-        max_entries: l.max_entries,
-        max_chunk_bytes: l.max_chunk_bytes,
-        max_path_depth: l.max_path_depth,
-        max_path_bytes: l.max_path_bytes,
-        max_name_bytes: l.max_name_bytes,
-        max_link_bytes: l.max_link_bytes,
-        max_xattr_name_bytes: l.max_xattr_name_bytes,
-        max_xattr_value_bytes: l.max_xattr_value_bytes,
-        max_xattr_bytes: l.max_xattr_bytes,
-    }
-}
-
-#[cfg(test)]
-#[test]
-fn default_limits_are_the_index_builders() {
-    assert_eq!(
-        limits(&Config::default()),
-        crate::metadata::Limits::default()
-    );
-}
-
 /// The lazy-layer machinery: registry client, chunk cache, traces, FUSE mounts.
 fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     let registry = RegistryClient::new(registry::RegistryConfig {
@@ -177,7 +151,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     )
     .context("open trace store")?;
     Ok(Arc::new(LazyLayers::new(
-        Resolver::new(registry, Formats::builtin_with(limits(config))),
+        Resolver::new(registry, Formats::builtin_with(config.limits)),
         Arc::new(cache),
         Arc::new(traces),
         LazyOptions {

@@ -65,30 +65,34 @@ pub struct MetadataError {
 }
 
 /// What one layer's index may claim, checked as it is built, so that the memory and time a
-/// layer costs are bounded by configuration, never by its input (`[limits]` in the config).
-/// A layer over any limit is refused with a message naming the entry, the value, the limit
-/// and its key, and takes the ordinary path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// layer costs are bounded by configuration, never by its input. This is the config's
+/// `[limits]` section itself (defaults in [`Limits::DEFAULT`]). A layer over any limit is
+/// refused with a message naming the entry, the value, the limit and its key, and takes the
+/// ordinary path (containerd downloads and unpacks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Bytes of a layer's index document (the TOC JSON), compressed or not.
+    /// Bytes of a layer's index document (the TOC JSON), compressed or not. Default 64 MiB.
     pub max_toc_bytes: u64,
     /// Entries of the index document; also inodes (implied directories included) and chunks.
+    /// Default 500000 (~250 bytes of memory per entry while mounted, ~1.45 KiB while built).
     pub max_entries: u64,
-    /// Uncompressed bytes one chunk decodes to (with any bytes before it in its stream).
+    /// Uncompressed bytes one chunk decodes to (with any bytes before it in its stream); its
+    /// compressed extent may be at most 1/8 + 64 KiB larger. Default 64 MiB.
     pub max_chunk_bytes: u64,
-    /// Components of one path.
+    /// Components of one path. Default 512.
     pub max_path_depth: u64,
-    /// Bytes of one path (PATH_MAX).
+    /// Bytes of one path (PATH_MAX). Default 4096.
     pub max_path_bytes: u64,
-    /// Bytes of one path component (NAME_MAX).
+    /// Bytes of one path component (NAME_MAX). Default 255.
     pub max_name_bytes: u64,
-    /// Bytes of a symbolic link's target.
+    /// Bytes of a symbolic link's target (PATH_MAX). Default 4096.
     pub max_link_bytes: u64,
-    /// Bytes of one extended attribute's name (XATTR_NAME_MAX).
+    /// Bytes of one extended attribute's name (XATTR_NAME_MAX). Default 255.
     pub max_xattr_name_bytes: u64,
-    /// Bytes of one extended attribute's value (XATTR_SIZE_MAX).
+    /// Bytes of one extended attribute's value (XATTR_SIZE_MAX). Default 65536.
     pub max_xattr_value_bytes: u64,
-    /// Bytes of all extended attributes of one entry, names and values.
+    /// Bytes of all extended attributes of one entry, names and values. Default 262144.
     pub max_xattr_bytes: u64,
 }
 
@@ -117,6 +121,24 @@ impl Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits::DEFAULT
+    }
+}
+
+impl Limits {
+    /// Every config key with its value, for validation and messages.
+    pub fn keys(&self) -> [(&'static str, u64); 10] {
+        [
+            ("limits.max_toc_bytes", self.max_toc_bytes),
+            ("limits.max_entries", self.max_entries),
+            ("limits.max_chunk_bytes", self.max_chunk_bytes),
+            ("limits.max_path_depth", self.max_path_depth),
+            ("limits.max_path_bytes", self.max_path_bytes),
+            ("limits.max_name_bytes", self.max_name_bytes),
+            ("limits.max_link_bytes", self.max_link_bytes),
+            ("limits.max_xattr_name_bytes", self.max_xattr_name_bytes),
+            ("limits.max_xattr_value_bytes", self.max_xattr_value_bytes),
+            ("limits.max_xattr_bytes", self.max_xattr_bytes),
+        ]
     }
 }
 
