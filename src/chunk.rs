@@ -7,7 +7,9 @@
 //!   hands out; what in-flight tables and prefetch plans are keyed by;
 //! - the **digest it is verified against** ([`ChunkDigest`]): the sha256 of its uncompressed
 //!   bytes as the layer's index claims it; bytes become [`VerifiedChunk`] only by matching it;
-//! - **where it is stored**: the store's business (`cache::ChunkStore`), derived from the spec.
+//! - **where it is stored**: the store's business (`cache::ChunkStore`), derived from the spec
+//!   and the file it belongs to ([`FileKey`]): the store keeps decompressed bytes per file, at
+//!   their file offsets.
 //!
 //! Two layers may hold chunks with the same digest; they are still different chunks.
 
@@ -40,6 +42,11 @@ impl ChunkDigest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
         ChunkDigest(Sha256::digest(bytes).into())
+    }
+
+    /// The digest a hasher fed with the bytes arrives at.
+    pub fn of_hasher(hasher: Sha256) -> Self {
+        ChunkDigest(hasher.finalize().into())
     }
 
     /// Lowercase hex, without the algorithm.
@@ -89,10 +96,43 @@ impl std::fmt::Debug for BlobId {
     }
 }
 
+/// Which file of its layer a chunk belongs to, as a content address: the sha256 of the file's
+/// whole chunk list (offsets, lengths, blob extents and digests). Two files with the same key
+/// hold the same bytes at the same offsets, so the store may keep one copy of them; the index
+/// fills it in when it is built (formats leave it zero).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey(pub [u8; 32]);
+
+impl FileKey {
+    /// The key of a file whose chunks (in file order) are `chunks` and whose size is `size`.
+    pub fn of(size: u64, chunks: &[ChunkSpec]) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"lazysnap file key v1\0");
+        h.update(size.to_le_bytes());
+        for c in chunks {
+            h.update(c.file_offset.to_le_bytes());
+            h.update(c.len.to_le_bytes());
+            h.update(c.blob_range.start.to_le_bytes());
+            h.update(c.blob_range.end.to_le_bytes());
+            h.update(c.inner_offset.to_le_bytes());
+            h.update(c.digest.0);
+        }
+        FileKey(h.finalize().into())
+    }
+}
+
+impl std::fmt::Debug for FileKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "file-key:{}", hex::encode(&self.0[..8]))
+    }
+}
+
 /// One chunk of a regular file, as the layer's index describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkSpec {
     pub id: ChunkId,
+    /// The file the chunk belongs to (see [`FileKey`]).
+    pub file: FileKey,
     /// Where the chunk's bytes start in the file.
     pub file_offset: u64,
     /// Uncompressed length.
@@ -164,6 +204,83 @@ pub fn verify(expected: &ChunkDigest, bytes: Bytes) -> Result<VerifiedChunk, Dig
     })
 }
 
+/// A writer that hashes what passes through it, so bytes streamed into the store are verified
+/// on the way, without a second pass or a copy of the whole chunk in memory.
+pub struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+/// Proof that the bytes streamed through a [`Hashing`] writer matched a digest. Only
+/// [`Hashing::verify`] makes one, so a store that commits on it never re-hashes.
+#[derive(Debug)]
+pub struct Verified {
+    digest: ChunkDigest,
+    len: u64,
+}
+
+impl Verified {
+    pub fn digest(&self) -> &ChunkDigest {
+        &self.digest
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<W> Hashing<W> {
+    pub fn new(inner: W) -> Self {
+        Hashing {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether what was written hashes to `expected`; hands back the inner writer with the
+    /// proof, or the mismatch (the inner writer is dropped: what it holds is not the chunk).
+    pub fn verify(self, expected: &ChunkDigest) -> Result<(W, Verified), DigestMismatch> {
+        let actual = ChunkDigest(self.hasher.finalize().into());
+        if actual != *expected {
+            return Err(DigestMismatch {
+                expected: *expected,
+                actual,
+            });
+        }
+        Ok((
+            self.inner,
+            Verified {
+                digest: actual,
+                len: self.written,
+            },
+        ))
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Test-only: bytes already checked by other means (a fixture), wrapped without hashing.
 #[cfg(test)]
 pub fn assume_verified(bytes: Bytes) -> VerifiedChunk {
@@ -201,6 +318,7 @@ mod tests {
     fn part_of_clips_to_the_chunk() {
         let c = ChunkSpec {
             id: ChunkId(0),
+            file: FileKey::default(),
             file_offset: 100,
             len: 50,
             blob_range: 0..10,

@@ -115,6 +115,11 @@ pub struct FuseConfig {
     /// of hanging. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Whether files complete in the local store are read by the kernel directly (FUSE
+    /// passthrough, Linux 6.9+): `auto` (where the kernel supports it), `on`, `off`. It costs
+    /// one level of the kernel's filesystem stacking depth: nothing can stack on the
+    /// container's overlay. Default `auto`.
+    pub passthrough: Passthrough,
 }
 
 impl Default for FuseConfig {
@@ -122,26 +127,62 @@ impl Default for FuseConfig {
         FuseConfig {
             lazy_pull: true,
             read_timeout: Duration::from_secs(30),
+            passthrough: Passthrough::Auto,
         }
     }
+}
+
+/// `[fuse] passthrough`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Passthrough {
+    Auto,
+    On,
+    Off,
+}
+
+impl Passthrough {
+    /// Whether to ask the kernel for it on this machine. `on` asks even where the kernel looks
+    /// too old (a backport); the mount still falls back to serving reads if the kernel says no.
+    pub fn wanted(self) -> bool {
+        match self {
+            Passthrough::On => true,
+            Passthrough::Off => false,
+            Passthrough::Auto => kernel_at_least(6, 9),
+        }
+    }
+}
+
+/// Whether the running kernel's release is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (got_major, got_minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (got_major, got_minor) >= (major, minor)
 }
 
 /// `[cache]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Bytes of recently used chunks kept in memory in front of the disk cache. Default
-    /// 256 MiB.
+    /// Bytes of fetched data the daemon holds in memory at once, between the registry and the
+    /// disk store (at least 16 MiB are used). Hot data is kept by the kernel's page cache, not
+    /// by the daemon. Default 64 MiB.
     pub memory_bytes: u64,
-    /// Bytes of chunks the disk cache may hold; past it the least recently used chunks are
-    /// evicted. 0 means no limit. Default 0.
+    /// Bytes the disk store may hold; past it the least recently used files are evicted.
+    /// 0 means no limit. Default 0.
     pub disk_budget_bytes: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            memory_bytes: 256 << 20,
+            memory_bytes: 64 << 20,
             disk_budget_bytes: 0,
         }
     }
@@ -430,6 +471,11 @@ mod tests {
         assert_eq!(c.fuse.read_timeout, Duration::from_millis(500));
         assert!(!c.fuse.lazy_pull);
         assert_eq!(c.cache.memory_bytes, 1024);
+        assert_eq!(c.fuse.passthrough, Passthrough::Auto);
+        let c = Config::parse("[fuse]\npassthrough = \"off\"").expect("parse");
+        assert!(!c.fuse.passthrough.wanted());
+        let err = Config::parse("[fuse]\npassthrough = \"maybe\"").expect_err("bad value");
+        assert!(err.to_string().contains("passthrough"), "{err}");
         let err = Config::parse("[fuse]\nread_timeout = \"soon\"").expect_err("bad duration");
         assert!(err.to_string().contains("read_timeout"), "{err}");
         let err = Config::parse("[fuse]\nread_timeout = \"0s\"").expect_err("zero");

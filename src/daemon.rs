@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cache::ChunkCache;
+use crate::cache::LocalStore;
 use crate::config::Config;
 use crate::format::Formats;
 use crate::grpc;
@@ -139,12 +139,8 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     })
     .context("create registry client")?;
     let cache_dir = config.root.join("cache");
-    let cache = ChunkCache::open(
-        cache_dir.clone(),
-        config.cache.memory_bytes,
-        config.cache.disk_budget_bytes,
-    )
-    .with_context(|| format!("open chunk cache in {}", cache_dir.display()))?;
+    let cache = LocalStore::open(&cache_dir, config.cache.disk_budget_bytes)
+        .with_context(|| format!("open the local store in {}", cache_dir.display()))?;
     let traces = TraceStore::open(
         config.root.join("traces"),
         config.prefetch.max_trace_entries,
@@ -157,6 +153,8 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
         LazyOptions {
             layers_dir: config.root.join("layers"),
             read_timeout: config.fuse.read_timeout,
+            passthrough: config.fuse.passthrough.wanted(),
+            memory_bytes: config.cache.memory_bytes,
             prefetch: config.prefetch.clone(),
         },
         tokio::runtime::Handle::current(),

@@ -123,11 +123,8 @@ pub fn render(layers: &dyn LazyNode) -> String {
     metric(
         "lazysnap_cache_hits_total",
         "counter",
-        "Chunk lookups answered by the cache, by tier.",
-        &[
-            ("{tier=\"memory\"}", s.store.memory_hits as f64),
-            ("{tier=\"disk\"}", s.store.disk_hits as f64),
-        ],
+        "Chunk reads answered by the local store.",
+        &[("", s.store.hits as f64)],
     );
     metric(
         "lazysnap_cache_misses_total",
@@ -154,22 +151,22 @@ pub fn render(layers: &dyn LazyNode) -> String {
         &[("", s.store.disk_used_bytes as f64)],
     );
     metric(
-        "lazysnap_cache_disk_entries",
+        "lazysnap_cache_disk_files",
         "gauge",
-        "Chunks in the disk cache.",
-        &[("", s.store.disk_entries as f64)],
+        "Files in the local store.",
+        &[("", s.store.disk_files as f64)],
+    );
+    metric(
+        "lazysnap_cache_disk_chunks",
+        "gauge",
+        "Chunks present in the local store.",
+        &[("", s.store.disk_chunks as f64)],
     );
     metric(
         "lazysnap_cache_disk_budget_bytes",
         "gauge",
         "The disk cache's budget; 0 means none.",
         &[("", s.store.disk_budget_bytes as f64)],
-    );
-    metric(
-        "lazysnap_cache_memory_bytes",
-        "gauge",
-        "Bytes of chunks in the memory tier.",
-        &[("", s.store.memory_used_bytes as f64)],
     );
     let fetches = layers.fetches();
     metric(

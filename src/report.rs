@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cache::{Evicted, StoreStats};
+use crate::cache::{Evicted, StoreStats, VerifyReport};
 use crate::format::BoxFuture;
 use crate::layer::{Fetches, LayerError};
 use crate::prefetch::{Activity, TraceStore};
@@ -30,9 +30,9 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Cache lookups answered from memory or disk, of all lookups; 0 when there were none.
+    /// Store lookups answered, of all lookups; 0 when there were none.
     pub fn hit_ratio(&self) -> f64 {
-        let hits = self.store.memory_hits + self.store.disk_hits;
+        let hits = self.store.hits;
         let lookups = hits + self.store.misses;
         if lookups == 0 {
             0.0
@@ -89,6 +89,8 @@ pub trait LazyNode: Send + Sync {
     /// Evicts least recently used data down to `target` bytes (the disk budget if `None`);
     /// returns what went and the bytes left.
     fn prune(&self, target: Option<u64>) -> BoxFuture<'_, (Evicted, u64)>;
+    /// Re-hashes the local store, dropping what no longer matches.
+    fn verify_store(&self) -> BoxFuture<'_, VerifyReport>;
     fn traces(&self) -> &Arc<TraceStore>;
     fn fetches(&self) -> &Arc<Fetches>;
     fn registry(&self) -> &RegistryClient;

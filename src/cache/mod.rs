@@ -1,73 +1,38 @@
 //! Where verified chunk bytes live, behind one seam: the layer reader sees only
-//! [`ChunkStore`] — is a chunk ready, read a range of it, put a verified chunk, evict — so a
-//! second representation (decompressed files served by pread) can replace or sit beside the
-//! first without the reader changing.
+//! [`ChunkStore`] — is a chunk ready, read a range of it, stream a chunk in, evict — so the
+//! representation can change without the reader changing (the seams test mounts a toy store).
 //!
-//! The implementation today, [`ChunkCache`], keeps decompressed chunk bytes on local disk and,
-//! for hot data, in memory, shared by every layer and image that contains the same chunk.
-//! Entries are addressed by the sha256 of their bytes ([`ChunkKey`]), so identical chunks of
-//! different layers are stored once, and every read from disk is checked against its key: a
-//! torn write (crash, full disk) or bit rot is detected, dropped and reported as a miss, never
-//! served. The store knows chunk specs and bytes; which chunk a file offset needs is the layer
-//! reader's job.
+//! The implementation, [`FileStore`] (`files`), keeps decompressed file contents: one sparse
+//! file per file of a layer with each chunk's bytes at its file offset, so a read is a `pread`
+//! of exactly the range asked for, and a complete file can be handed to the kernel (FUSE
+//! passthrough). Bytes are verified once, as they stream in; nothing is hashed on the read
+//! path. `lazysnap cache verify` re-hashes the store on demand.
 //!
-//! **Scope.** Bytes are shared, proof is not: a chunk is served to a layer only if that
-//! layer's own blob ([`BlobId`]) was verified to hold it. A layer's index only *claims* its
-//! chunks' digests, and a file's digest is public knowledge (SBOMs list them), so serving any
-//! cached chunk whose digest an index names would let one image read another's files. A blob
-//! that names a chunk cached for other blobs fetches it once from itself and verifies it; the
-//! chunk is still stored once, and its record gains the blob (see `disk`).
+//! There is no memory tier: the page cache holds hot data better than a copy in the daemon
+//! could, and the daemon's memory stays bounded by its configuration.
+//!
+//! **Scope.** Bytes are scoped to the blob ([`BlobId`]) they were verified from: a layer's
+//! index only *claims* its chunks' digests, and a file's digest is public knowledge (SBOMs list
+//! them), so serving bytes cached for another blob would let one image read another's files.
+//! The same layer used by several images is one blob and shares everything.
 
-mod disk;
-mod memory;
+mod files;
 
+use std::fs::File;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use disk::{DiskStore, Evicted, Stored};
-pub use memory::MemoryTier;
+pub use files::{ChunkWriter, FileStore, Slot};
 
-use crate::chunk::{BlobId, ChunkDigest, ChunkSpec, VerifiedChunk};
+use crate::chunk::{BlobId, ChunkDigest, ChunkSpec, Verified};
 use crate::BoxFuture;
 
-/// Where a chunk file is on disk: the lowercase hex sha256 of its bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChunkKey(String);
-
-impl ChunkKey {
-    /// Accepts `sha256:<hex>` or bare hex; anything else is not a content address.
-    pub fn from_digest(digest: &str) -> Option<Self> {
-        ChunkDigest::parse(digest).map(|d| ChunkKey::from(&d))
-    }
-
-    /// The key of `bytes`, for checking what a file holds.
-    pub fn of(bytes: &[u8]) -> Self {
-        ChunkKey::from(&ChunkDigest::of(bytes))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&ChunkDigest> for ChunkKey {
-    fn from(digest: &ChunkDigest) -> Self {
-        ChunkKey(digest.hex())
-    }
-}
-
-impl std::fmt::Display for ChunkKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "sha256:{}", self.0)
-    }
-}
-
 /// Errors of the store. Reads never fail with these (a broken entry is a miss); writes report
-/// them so the caller can log that the data will have to be fetched again.
+/// them so the caller can serve the bytes from memory and log that they were not stored.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("{action} {}", path.display())]
@@ -77,45 +42,89 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
-    #[error("storing chunk {digest}: the storing task failed")]
-    Task {
-        digest: ChunkDigest,
-        #[source]
-        source: tokio::task::JoinError,
-    },
+    #[error("chunk {digest}: what was written is not the verified chunk")]
+    Mismatch { digest: ChunkDigest },
+    #[error("chunk {digest}: its file was evicted while it was written")]
+    Evicted { digest: ChunkDigest },
 }
 
-/// Hit and miss counters of the whole cache.
+/// What an eviction removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Evicted {
+    fn add_assign(&mut self, other: Evicted) {
+        self.entries += other.entries;
+        self.bytes += other.bytes;
+    }
+}
+
+/// What `cache verify` found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Chunks checked, and the bytes of those that matched.
+    pub chunks: u64,
+    pub bytes: u64,
+    pub corrupt_chunks: u64,
+    /// Files dropped because a chunk of theirs did not match.
+    pub dropped_files: u64,
+    pub dropped_bytes: u64,
+}
+
+/// Hit and miss counters of the store.
 #[derive(Debug, Default)]
 pub struct CacheCounters {
-    pub memory_hits: AtomicU64,
-    pub disk_hits: AtomicU64,
+    pub hits: AtomicU64,
     pub misses: AtomicU64,
-    /// Disk entries found corrupt and dropped.
+    /// Chunks found damaged (unreadable, or by `cache verify`) and dropped.
     pub corrupt: AtomicU64,
 }
 
 /// The figures of a store, for `lazysnap cache stats` and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
-    pub memory_hits: u64,
-    pub disk_hits: u64,
+    pub hits: u64,
     pub misses: u64,
     pub corrupt: u64,
     pub disk_used_bytes: u64,
-    pub disk_entries: u64,
+    /// Files in the store, and chunks present in them.
+    pub disk_files: u64,
+    pub disk_chunks: u64,
     /// 0 = no budget.
     pub disk_budget_bytes: u64,
-    pub memory_used_bytes: u64,
-    pub memory_entries: u64,
     pub evicted: Evicted,
 }
 
+/// A place to stream one chunk's bytes into; `commit` makes the chunk ready once they were
+/// verified.
+pub trait ChunkSink: std::io::Write + Send {
+    fn commit(self: Box<Self>, proof: Verified) -> Result<(), CacheError>;
+}
+
+impl ChunkSink for ChunkWriter {
+    fn commit(self: Box<Self>, proof: Verified) -> Result<(), CacheError> {
+        ChunkWriter::commit(*self, proof)
+    }
+}
+
+/// What a store offers for a chunk about to be stored.
+pub enum Put {
+    /// It is ready already (another reader of the same blob stored it).
+    Ready,
+    /// It cannot be stored now (being written by someone else, larger than the budget): the
+    /// caller keeps it in memory for its readers.
+    Unavailable,
+    /// Stream it here.
+    Sink(Box<dyn ChunkSink>),
+}
+
 /// Where verified chunk bytes live. Readiness is explicit: a chunk is ready for a blob once
-/// `put` has stored it for that blob, and `read` of a ready chunk needs no network; a store may
-/// still lose a ready chunk (eviction, damage found on read), which `read` reports as `None`.
-/// Every question about a chunk's bytes names the blob asking: a chunk put for one blob is not
-/// ready for another (see the module's "Scope").
+/// its bytes, fetched from that blob, were verified into the store, and `read` of a ready
+/// chunk needs no network; a store may still lose a ready chunk (eviction, damage), which
+/// `read` reports as `None`. Every question names the blob asking (see the module's "Scope").
 pub trait ChunkStore: Send + Sync {
     /// Whether the chunk's bytes are here for `blob`, without reading them.
     fn is_ready(&self, blob: &BlobId, chunk: &ChunkSpec) -> bool;
@@ -127,125 +136,56 @@ pub trait ChunkStore: Send + Sync {
         chunk: &'a ChunkSpec,
         range: Range<u64>,
     ) -> BoxFuture<'a, Option<Bytes>>;
-    /// Stores a chunk's bytes, verified as fetched from `blob`, and makes it ready for `blob`.
-    fn put<'a>(
-        &'a self,
-        blob: &'a BlobId,
-        chunk: &'a ChunkSpec,
-        bytes: VerifiedChunk,
-    ) -> BoxFuture<'a, Result<(), CacheError>>;
-    /// Drops these chunks, for every blob.
-    fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted>;
+    /// Where to stream a chunk fetched from `blob`. Blocking (it may make room on disk):
+    /// called from the task that decodes.
+    fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError>;
+    /// Drops what holds these chunks of `blob`.
+    fn evict<'a>(&'a self, blob: &'a BlobId, chunks: Vec<ChunkSpec>) -> BoxFuture<'a, Evicted>;
     /// Evicts least recently used data down to `target` bytes (reserved bytes included).
     fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted>;
     /// How many of `chunks` are here for `blob`, and their bytes.
     fn present(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> (u64, u64);
     /// Sets the bytes kept next to the store that count against its disk budget but that it
-    /// cannot evict (saved layer state), evicting chunks to make room for them. Blocking (it
-    /// may unlink files), but brief.
+    /// cannot evict (saved layer state), evicting to make room for them. Blocking, but brief.
     fn reserve(&self, bytes: u64) -> Evicted;
     fn stats(&self) -> StoreStats;
+    /// A local file holding exactly the contents of the file whose chunks (in file order) are
+    /// `chunks`, if the store has it complete: for kernel passthrough. Quick: no I/O but an
+    /// open.
+    fn backing_file(&self, _blob: &BlobId, _chunks: &[ChunkSpec]) -> Option<File> {
+        None
+    }
+    /// Re-hashes what the store holds and drops what no longer matches.
+    fn verify(&self) -> BoxFuture<'_, VerifyReport>;
 }
 
-/// Memory in front of disk, content-addressed.
-pub struct ChunkCache {
-    memory: MemoryTier,
-    disk: DiskStore,
+/// The daemon's store: [`FileStore`] with its counters, as a [`ChunkStore`].
+pub struct LocalStore {
+    files: FileStore,
     counters: Arc<CacheCounters>,
 }
 
-impl ChunkCache {
-    /// `dir` holds the disk tier, kept within `disk_budget` bytes (0 = no limit);
-    /// `memory_bytes` bounds the memory tier.
-    pub fn open(dir: PathBuf, memory_bytes: u64, disk_budget: u64) -> Result<Self, CacheError> {
-        Ok(ChunkCache {
-            memory: MemoryTier::new(memory_bytes),
-            disk: DiskStore::open(dir, disk_budget)?,
+impl LocalStore {
+    /// `dir` holds the store, kept within `disk_budget` bytes (0 = no limit).
+    pub fn open(dir: &Path, disk_budget: u64) -> Result<Self, CacheError> {
+        Ok(LocalStore {
+            files: FileStore::open(dir, disk_budget)?,
             counters: Arc::default(),
         })
     }
 
-    /// The bytes stored under `key` for `blob`, from memory or (verified) from disk.
-    pub async fn get(&self, blob: &BlobId, key: &ChunkKey) -> Option<Bytes> {
-        if let Some(bytes) = self.memory.get(blob, key).await {
-            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Some(bytes);
-        }
-        let disk = self.disk.clone();
-        let (owned, b) = (key.clone(), *blob);
-        let found = tokio::task::spawn_blocking(move || disk.get_for(&owned, &b))
-            .await
-            .ok()
-            .flatten();
-        match found {
-            Some(disk::Found::Valid(bytes)) => {
-                self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
-                self.memory.insert(*blob, key.clone(), bytes.clone()).await;
-                Some(bytes)
-            }
-            Some(disk::Found::Corrupt) => {
-                self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            None => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        }
-    }
-
-    /// Whether `key` is cached for `blob`, without reading or verifying it.
-    pub fn contains(&self, blob: &BlobId, key: &ChunkKey) -> bool {
-        self.memory.contains(blob, key) || self.disk.contains_for(key, blob)
-    }
-
-    /// Stores bytes verified as fetched from `blob`. The memory tier always takes them, so a
-    /// failing disk (full, read only) degrades to fetching again later but never fails the
-    /// read that brought them.
-    pub async fn put_verified(
-        &self,
-        blob: &BlobId,
-        chunk: VerifiedChunk,
-    ) -> Result<(), CacheError> {
-        let digest = *chunk.digest();
-        let key = ChunkKey::from(&digest);
-        let bytes = chunk.into_bytes();
-        self.memory.insert(*blob, key.clone(), bytes.clone()).await;
-        let disk = self.disk.clone();
-        let blob = *blob;
-        tokio::task::spawn_blocking(move || disk.put(&key, &bytes, &blob))
-            .await
-            .map_err(|source| CacheError::Task { digest, source })?
-            .map(drop)
+    pub fn files(&self) -> &FileStore {
+        &self.files
     }
 
     pub fn counters(&self) -> &CacheCounters {
         &self.counters
     }
-
-    /// Drops `keys` from both tiers.
-    pub async fn evict_keys(&self, keys: impl IntoIterator<Item = ChunkKey>) -> Evicted {
-        let mut total = Evicted::default();
-        for key in keys {
-            self.memory.remove_key(&key);
-            let disk = self.disk.clone();
-            total += tokio::task::spawn_blocking(move || disk.remove(&key))
-                .await
-                .unwrap_or_default();
-        }
-        total
-    }
-
-    /// (bytes, entries) in the memory tier.
-    pub fn memory_usage(&self) -> (u64, u64) {
-        self.memory.usage()
-    }
 }
 
-impl ChunkStore for ChunkCache {
+impl ChunkStore for LocalStore {
     fn is_ready(&self, blob: &BlobId, chunk: &ChunkSpec) -> bool {
-        self.contains(blob, &ChunkKey::from(&chunk.digest))
+        self.files.is_ready(blob, chunk)
     }
 
     fn read<'a>(
@@ -255,173 +195,307 @@ impl ChunkStore for ChunkCache {
         range: Range<u64>,
     ) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async move {
-            let bytes = self.get(blob, &ChunkKey::from(&chunk.digest)).await?;
-            let end = (range.end as usize).min(bytes.len());
-            let start = (range.start as usize).min(end);
-            Some(bytes.slice(start..end))
+            if !self.files.is_ready(blob, chunk) {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            let (files, blob, chunk) = (self.files.clone(), *blob, chunk.clone());
+            // A pread may wait on the disk: off the async workers.
+            let got = tokio::task::spawn_blocking(move || files.read(&blob, &chunk, range))
+                .await
+                .ok()
+                .flatten();
+            let counter = if got.is_some() {
+                &self.counters.hits
+            } else {
+                &self.counters.corrupt
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            got
         })
     }
 
-    fn put<'a>(
-        &'a self,
-        blob: &'a BlobId,
-        _chunk: &'a ChunkSpec,
-        bytes: VerifiedChunk,
-    ) -> BoxFuture<'a, Result<(), CacheError>> {
-        Box::pin(self.put_verified(blob, bytes))
+    fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError> {
+        Ok(match self.files.begin(blob, chunk)? {
+            Slot::Ready => Put::Ready,
+            Slot::Unavailable => Put::Unavailable,
+            Slot::Write(writer) => Put::Sink(Box::new(writer)),
+        })
     }
 
-    fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted> {
-        let mut keys: Vec<ChunkKey> = chunks.iter().map(|c| ChunkKey::from(&c.digest)).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        Box::pin(self.evict_keys(keys))
-    }
-
-    /// The memory tier is left alone: it has its own bound, and what it holds is by
-    /// definition hot.
-    fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted> {
-        let disk = self.disk.clone();
+    fn evict<'a>(&'a self, blob: &'a BlobId, chunks: Vec<ChunkSpec>) -> BoxFuture<'a, Evicted> {
+        let (files, blob) = (self.files.clone(), *blob);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || disk.prune_to(target))
+            tokio::task::spawn_blocking(move || files.evict(&blob, &chunks))
+                .await
+                .unwrap_or_default()
+        })
+    }
+
+    fn prune_to(&self, target: u64) -> BoxFuture<'_, Evicted> {
+        let files = self.files.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || files.prune_to(target))
                 .await
                 .unwrap_or_default()
         })
     }
 
     fn present(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> (u64, u64) {
-        let mut seen = std::collections::HashSet::new();
-        let (mut count, mut bytes) = (0, 0);
-        for chunk in chunks {
-            let key = ChunkKey::from(&chunk.digest);
-            if let Some(size) = self.disk.size_for(&key, blob) {
-                if seen.insert(key) {
-                    count += 1;
-                    bytes += size;
-                }
-            }
-        }
-        (count, bytes)
+        self.files.present(blob, chunks)
     }
 
     fn reserve(&self, bytes: u64) -> Evicted {
-        self.disk.reserve(bytes)
+        self.files.reserve(bytes)
     }
 
     fn stats(&self) -> StoreStats {
         let c = &self.counters;
-        let (disk_used_bytes, disk_entries) = self.disk.usage();
-        let (memory_used_bytes, memory_entries) = self.memory.usage();
+        let (disk_used_bytes, disk_files, disk_chunks) = self.files.usage();
         StoreStats {
-            memory_hits: c.memory_hits.load(Ordering::Relaxed),
-            disk_hits: c.disk_hits.load(Ordering::Relaxed),
+            hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             corrupt: c.corrupt.load(Ordering::Relaxed),
             disk_used_bytes,
-            disk_entries,
-            disk_budget_bytes: self.disk.budget(),
-            memory_used_bytes,
-            memory_entries,
-            evicted: self.disk.evicted(),
+            disk_files,
+            disk_chunks,
+            disk_budget_bytes: self.files.budget(),
+            evicted: self.files.evicted(),
         }
+    }
+
+    fn backing_file(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> Option<File> {
+        self.files.complete_file(blob, chunks)
+    }
+
+    fn verify(&self) -> BoxFuture<'_, VerifyReport> {
+        let files = self.files.clone();
+        Box::pin(async move {
+            let report = tokio::task::spawn_blocking(move || files.verify())
+                .await
+                .unwrap_or_default();
+            self.counters
+                .corrupt
+                .fetch_add(report.corrupt_chunks, Ordering::Relaxed);
+            report
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
+    use crate::chunk::{ChunkId, FileKey, Hashing};
 
     fn blob(n: u8) -> BlobId {
         BlobId::new(&format!("sha256:{}", hex::encode([n; 32])), None)
     }
 
+    /// A file of `parts.len()` chunks with these contents, as an index would describe it.
+    fn file(parts: &[&[u8]]) -> Vec<ChunkSpec> {
+        let mut at = 0;
+        let mut chunks: Vec<ChunkSpec> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let c = ChunkSpec {
+                    id: ChunkId(i as u32),
+                    file: FileKey::default(),
+                    file_offset: at,
+                    len: p.len() as u64,
+                    blob_range: at..at + p.len() as u64,
+                    inner_offset: 0,
+                    digest: ChunkDigest::of(p),
+                };
+                at += p.len() as u64;
+                c
+            })
+            .collect();
+        let key = FileKey::of(at, &chunks);
+        for c in &mut chunks {
+            c.file = key;
+        }
+        chunks
+    }
+
+    /// Streams `bytes` into the store for `blob` the way the reader does.
+    fn store(s: &LocalStore, blob: &BlobId, chunk: &ChunkSpec, bytes: &[u8]) -> Result<(), String> {
+        match s.put(blob, chunk).map_err(|e| e.to_string())? {
+            Put::Sink(sink) => {
+                let mut h = Hashing::new(sink);
+                h.write_all(bytes).map_err(|e| e.to_string())?;
+                let (sink, proof) = h.verify(&chunk.digest).map_err(|e| e.to_string())?;
+                sink.commit(proof).map_err(|e| e.to_string())
+            }
+            Put::Ready => Ok(()),
+            Put::Unavailable => Err("unavailable".into()),
+        }
+    }
+
     #[tokio::test]
-    async fn round_trip_through_both_tiers() {
+    async fn chunks_land_at_their_file_offsets_and_survive_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = Bytes::from_static(b"chunk bytes");
-        let key = ChunkKey::of(&data);
+        let parts: [&[u8]; 3] = [b"first chunk ", b"second ", b"third"];
+        let chunks = file(&parts);
         let a = blob(1);
         {
-            let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
-            assert_eq!(cache.get(&a, &key).await, None);
-            let verified =
-                crate::chunk::verify(&ChunkDigest::of(&data), data.clone()).expect("verified");
-            cache.put_verified(&a, verified).await.expect("put");
-            assert_eq!(cache.get(&a, &key).await, Some(data.clone()));
-            assert_eq!(cache.counters().memory_hits.load(Ordering::Relaxed), 1);
+            let s = LocalStore::open(dir.path(), 0).expect("open");
+            assert_eq!(s.read(&a, &chunks[1], 0..3).await, None);
+            store(&s, &a, &chunks[2], parts[2]).expect("put third");
+            assert!(s.backing_file(&a, &chunks).is_none(), "not complete yet");
+            store(&s, &a, &chunks[0], parts[0]).expect("put first");
+            store(&s, &a, &chunks[1], parts[1]).expect("put second");
+            assert_eq!(
+                s.read(&a, &chunks[1], 2..6).await.as_deref(),
+                Some(&b"cond"[..])
+            );
+            let mut whole = String::new();
+            std::io::Read::read_to_string(
+                &mut s.backing_file(&a, &chunks).expect("complete"),
+                &mut whole,
+            )
+            .expect("read");
+            assert_eq!(whole, "first chunk second third");
+            s.files().flush();
         }
-        // A new cache (daemon restart) finds it on disk.
-        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("reopen");
-        assert!(cache.contains(&a, &key));
-        assert_eq!(cache.get(&a, &key).await, Some(data));
-        assert_eq!(cache.counters().disk_hits.load(Ordering::Relaxed), 1);
+        let s = LocalStore::open(dir.path(), 0).expect("reopen");
+        assert!(chunks.iter().all(|c| s.is_ready(&a, c)));
+        assert_eq!(s.read(&a, &chunks[2], 0..5).await.as_deref(), Some(&b"third"[..]));
+        assert_eq!(s.stats().disk_chunks, 3);
+        assert_eq!(s.stats().disk_files, 1);
     }
 
     #[tokio::test]
-    async fn a_chunk_is_served_only_to_blobs_it_was_verified_from() {
+    async fn bytes_are_served_only_to_the_blob_they_came_from() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = Bytes::from_static(b"a private file");
-        let digest = ChunkDigest::of(&data);
-        let key = ChunkKey::from(&digest);
-        let (victim, attacker, other) = (blob(1), blob(2), blob(3));
-        let spec = ChunkSpec {
-            id: crate::chunk::ChunkId(0),
-            file_offset: 0,
-            len: data.len() as u64,
-            blob_range: 0..1,
-            inner_offset: 0,
-            digest,
+        let parts: [&[u8]; 1] = [b"a private file"];
+        let chunks = file(&parts);
+        let s = LocalStore::open(dir.path(), 0).expect("open");
+        store(&s, &blob(1), &chunks[0], parts[0]).expect("put");
+        assert!(s.is_ready(&blob(1), &chunks[0]));
+        assert!(!s.is_ready(&blob(2), &chunks[0]), "not proven for another blob");
+        assert_eq!(s.read(&blob(2), &chunks[0], 0..4).await, None);
+        assert_eq!(s.present(&blob(2), &chunks), (0, 0));
+        assert!(s.backing_file(&blob(2), &chunks).is_none());
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_never_become_ready() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts: [&[u8]; 1] = [b"expected"];
+        let chunks = file(&parts);
+        let s = LocalStore::open(dir.path(), 0).expect("open");
+        let err = store(&s, &blob(1), &chunks[0], b"other!!!").expect_err("mismatch");
+        assert!(err.contains("hashes to"), "{err}");
+        assert!(!s.is_ready(&blob(1), &chunks[0]));
+        // The region is free again for an honest writer.
+        store(&s, &blob(1), &chunks[0], parts[0]).expect("put");
+        assert!(s.is_ready(&blob(1), &chunks[0]));
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_flush_loses_readiness_not_correctness() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts: [&[u8]; 2] = [b"durable ", b"not yet"];
+        let chunks = file(&parts);
+        let a = blob(1);
+        let s = LocalStore::open(dir.path(), 0).expect("open");
+        store(&s, &a, &chunks[0], parts[0]).expect("put");
+        s.files().flush();
+        // Simulate a crash: the second chunk's bytes are written, its record line is not, and
+        // a torn line sits at the end of the record.
+        let record = walk(dir.path()).into_iter().find(|p| p.extension().is_some_and(|e| e == "map")).expect("record");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&record).expect("open record");
+        f.write_all(b"8 7 ").expect("torn line");
+        f.write_all(b"8 7 0000\n").expect("garbage line");
+        drop(f);
+        let reopened = LocalStore::open(dir.path(), 0).expect("reopen");
+        assert!(reopened.is_ready(&a, &chunks[0]));
+        assert!(!reopened.is_ready(&a, &chunks[1]), "no valid line for it");
+        drop(s);
+    }
+
+    #[tokio::test]
+    async fn verify_drops_a_damaged_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts: [&[u8]; 2] = [b"good bytes", b"more bytes"];
+        let chunks = file(&parts);
+        let a = blob(1);
+        let s = LocalStore::open(dir.path(), 0).expect("open");
+        for (c, p) in chunks.iter().zip(parts) {
+            store(&s, &a, c, p).expect("put");
+        }
+        let clean = s.verify().await;
+        assert_eq!((clean.chunks, clean.corrupt_chunks, clean.dropped_files), (2, 0, 0));
+        let data = walk(dir.path()).into_iter().find(|p| p.extension().is_none()).expect("data file");
+        let f = std::fs::OpenOptions::new().write(true).open(&data).expect("open");
+        std::os::unix::fs::FileExt::write_all_at(&f, b"X", 12).expect("damage");
+        let report = s.verify().await;
+        assert_eq!((report.corrupt_chunks, report.dropped_files), (1, 1));
+        assert!(!s.is_ready(&a, &chunks[0]) && !s.is_ready(&a, &chunks[1]));
+        assert!(!data.exists());
+    }
+
+    #[tokio::test]
+    async fn eviction_while_a_chunk_is_written_fails_its_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts: [&[u8]; 1] = [b"racing"];
+        let chunks = file(&parts);
+        let a = blob(1);
+        let s = LocalStore::open(dir.path(), 0).expect("open");
+        let Put::Sink(sink) = s.put(&a, &chunks[0]).expect("put") else {
+            panic!("expected a sink");
         };
-        {
-            let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
-            let verified = crate::chunk::verify(&digest, data.clone()).expect("verified");
-            cache.put(&victim, &spec, verified).await.expect("put");
-            assert!(cache.is_ready(&victim, &spec));
-            assert!(
-                !cache.is_ready(&attacker, &spec),
-                "not proven for the attacker"
-            );
-            assert_eq!(cache.read(&attacker, &spec, 0..4).await, None);
-            assert_eq!(
-                cache.present(&attacker, std::slice::from_ref(&spec)),
-                (0, 0)
-            );
-            // Another blob that really holds the bytes proves it by fetching: then it reads,
-            // and the chunk is still one file.
-            let verified = crate::chunk::verify(&digest, data.clone()).expect("verified");
-            cache.put(&other, &spec, verified).await.expect("put");
-            assert_eq!(
-                cache.read(&other, &spec, 0..9).await.as_deref(),
-                Some(&b"a private"[..])
-            );
-            assert_eq!(cache.stats().disk_entries, 1);
-        }
-        // Scopes survive a restart, and stay scopes.
-        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("reopen");
-        assert!(cache.is_ready(&victim, &spec) && cache.is_ready(&other, &spec));
-        assert!(!cache.is_ready(&attacker, &spec));
-        assert_eq!(cache.get(&attacker, &key).await, None);
-        assert_eq!(cache.get(&other, &key).await, Some(data));
+        // A second writer of the same region is turned away.
+        assert!(matches!(s.put(&a, &chunks[0]).expect("put"), Put::Unavailable));
+        let mut h = Hashing::new(sink);
+        h.write_all(parts[0]).expect("write");
+        s.evict(&a, chunks.clone()).await;
+        let (sink, proof) = h.verify(&chunks[0].digest).expect("verified");
+        assert!(matches!(sink.commit(proof), Err(CacheError::Evicted { .. })));
+        assert!(!s.is_ready(&a, &chunks[0]));
     }
 
     #[tokio::test]
-    async fn wrong_bytes_are_refused() {
+    async fn the_budget_evicts_least_recently_used_files_before_writing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache = ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("open");
-        // Only verified bytes can be stored: the type makes the check, once, before the store.
-        let expected = ChunkDigest::of(b"expected");
-        let err =
-            crate::chunk::verify(&expected, Bytes::from_static(b"other")).expect_err("mismatch");
-        assert_eq!(err.actual, ChunkDigest::of(b"other"));
-        assert_eq!(cache.get(&blob(1), &ChunkKey::from(&expected)).await, None);
+        let big = vec![7u8; 4000];
+        let files: Vec<Vec<ChunkSpec>> = (0..4u8)
+            .map(|i| {
+                let mut c = file(&[&big]);
+                // Distinct files with the same bytes.
+                c[0].blob_range = u64::from(i) * 5000..u64::from(i) * 5000 + 4000;
+                let key = FileKey::of(4000, &c);
+                c[0].file = key;
+                c
+            })
+            .collect();
+        let a = blob(1);
+        let s = LocalStore::open(dir.path(), 10_000).expect("open");
+        for f in &files {
+            store(&s, &a, &f[0], &big).expect("put");
+            assert!(s.stats().disk_used_bytes <= 10_000);
+        }
+        assert!(!s.is_ready(&a, &files[0][0]), "the oldest went");
+        assert!(s.is_ready(&a, &files[3][0]));
+        assert!(s.stats().evicted.entries >= 1);
     }
 
-    #[test]
-    fn keys_accept_only_sha256_hex() {
-        let hex = "a".repeat(64);
-        assert!(ChunkKey::from_digest(&format!("sha256:{hex}")).is_some());
-        assert!(ChunkKey::from_digest(&hex).is_some());
-        assert!(ChunkKey::from_digest("sha256:../../etc/passwd").is_none());
-        assert!(ChunkKey::from_digest(&"A".repeat(64)).is_none());
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 }

@@ -1,12 +1,12 @@
-//! `lazysnap cache stats|ls|evict|prune`: the chunk cache of a running daemon, asked over the
-//! control API. Evicting and pruning are requests to the daemon, which owns the cache; this
-//! command never writes cache state itself.
+//! `lazysnap cache stats|ls|evict|prune|verify`: the local store of a running daemon, asked
+//! over the control API. Evicting, pruning and verifying are requests to the daemon, which owns
+//! the store; this command never writes store state itself.
 
 use clap::{Args, Subcommand};
 
 use lazysnap::grpc::proto::control::{
     CacheEvictRequest, CacheListRequest, CachePruneRequest, CacheStatsRequest, CacheStatsResponse,
-    LayerRow,
+    CacheVerifyRequest, LayerRow,
 };
 
 use super::client;
@@ -21,8 +21,11 @@ pub enum CacheCommand {
     Ls(LsArgs),
     /// Drop one layer's cached chunks (the layer stays usable and refetches on demand).
     Evict(EvictArgs),
-    /// Evict the least recently used chunks until the disk cache fits a size.
+    /// Evict the least recently used files until the local store fits a size.
     Prune(PruneArgs),
+    /// Re-hash every chunk in the local store and drop the files holding one that no longer
+    /// matches its digest (they are fetched again when read). Exits 1 if any was found.
+    Verify(StatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,7 +66,33 @@ pub fn run(command: CacheCommand) -> anyhow::Result<()> {
         CacheCommand::Ls(args) => ls(args),
         CacheCommand::Evict(args) => evict(args),
         CacheCommand::Prune(args) => prune(args),
+        CacheCommand::Verify(args) => verify(args),
     }
+}
+
+fn verify(args: StatsArgs) -> anyhow::Result<()> {
+    let report = client::call(args.control.socket(), |mut c| async move {
+        c.cache_verify(CacheVerifyRequest {}).await
+    })?;
+    if args.control.json {
+        output::emit_json(&report)?;
+    } else {
+        output::emit(&format!(
+            "checked {} chunks ({}): {} corrupt; dropped {} files ({})\n",
+            report.chunks,
+            output::human_bytes(report.bytes),
+            report.corrupt_chunks,
+            report.dropped_files,
+            output::human_bytes(report.dropped_bytes)
+        ))?;
+    }
+    if report.corrupt_chunks > 0 {
+        anyhow::bail!(
+            "{} stored chunks did not match their digests and were dropped",
+            report.corrupt_chunks
+        );
+    }
+    Ok(())
 }
 
 fn stats(args: StatsArgs) -> anyhow::Result<()> {
@@ -91,24 +120,11 @@ fn render_stats(s: &CacheStatsResponse) -> String {
     };
     let mut t = Table::headless(&[Align::Left, Align::Left]);
     t.row(["disk used".to_owned(), disk]);
-    t.row(["disk entries".to_owned(), s.disk_entries.to_string()]);
     t.row([
-        "memory used".to_owned(),
-        format!(
-            "{} in {} entries",
-            hb(s.memory_used_bytes),
-            s.memory_entries
-        ),
+        "stored".to_owned(),
+        format!("{} chunks in {} files", s.disk_chunks, s.disk_files),
     ]);
-    t.row([
-        "hits".to_owned(),
-        format!(
-            "{} ({} in memory, {} on disk)",
-            s.memory_hits.saturating_add(s.disk_hits),
-            s.memory_hits,
-            s.disk_hits
-        ),
-    ]);
+    t.row(["hits".to_owned(), s.hits.to_string()]);
     t.row(["misses".to_owned(), s.misses.to_string()]);
     t.row(["hit ratio".to_owned(), output::ratio(s.hit_ratio)]);
     t.row([

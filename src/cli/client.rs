@@ -187,6 +187,12 @@ mod tests {
                 ..Default::default()
             }))
         }
+        async fn cache_verify(
+            &self,
+            _: Request<CacheVerifyRequest>,
+        ) -> Result<Response<CacheVerifyResponse>, Status> {
+            Ok(Response::new(CacheVerifyResponse::default()))
+        }
         async fn trace_list(
             &self,
             _: Request<TraceListRequest>,

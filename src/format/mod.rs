@@ -100,6 +100,19 @@ impl std::fmt::Debug for Opened {
 /// `chunk.digest` is the caller's, done once for every format.
 pub trait ChunkDecoder: Send + Sync {
     fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError>;
+
+    /// Streams the chunk's `chunk.len` uncompressed bytes into `out`, so that a chunk on its
+    /// way into the store never sits whole in memory. The default decodes whole, then
+    /// writes; a format that can stream should.
+    fn decode_to(
+        &self,
+        chunk: &ChunkSpec,
+        compressed: &[u8],
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), FormatError> {
+        let bytes = self.decode(chunk, compressed)?;
+        out.write_all(&bytes).map_err(FormatError::ChunkWrite)
+    }
 }
 
 /// One lazy layer format.
@@ -183,6 +196,8 @@ pub enum FormatError {
     Index(#[from] MetadataError),
     #[error("decompressing chunk")]
     ChunkDecompress(#[source] std::io::Error),
+    #[error("writing a decoded chunk")]
+    ChunkWrite(#[source] std::io::Error),
     #[error("chunk stream ended after {got} of {want} bytes")]
     ChunkShort { got: u64, want: u64 },
     #[error("chunk of {len} bytes at inner offset {inner_offset} does not fit in memory")]

@@ -248,6 +248,48 @@ pub fn decompress_chunk(
     Ok(out.split_off(inner_offset as usize))
 }
 
+/// Streams `len` bytes from `inner_offset` of the stream at the start of `compressed` into
+/// `out` through a small buffer: what the store is fed, so no chunk is ever whole in memory.
+pub fn decompress_chunk_to(
+    compression: Compression,
+    compressed: &[u8],
+    inner_offset: u64,
+    len: u64,
+    out: &mut dyn std::io::Write,
+) -> Result<(), FormatError> {
+    let want = inner_offset
+        .checked_add(len)
+        .ok_or(FormatError::ChunkTooLarge { inner_offset, len })?;
+    let mut stream: Box<dyn Read + '_> = match compression {
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(compressed)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(compressed)
+                .map(|d| d.single_frame())
+                .map_err(FormatError::ChunkDecompress)?,
+        ),
+    };
+    let mut buf = vec![0u8; STREAM_BUFFER];
+    let mut at = 0u64;
+    while at < want {
+        let room = (want - at).min(STREAM_BUFFER as u64) as usize;
+        let n = stream
+            .read(&mut buf[..room])
+            .map_err(FormatError::ChunkDecompress)?;
+        if n == 0 {
+            return Err(FormatError::ChunkShort { got: at, want });
+        }
+        // Bytes before `inner_offset` belong to an earlier chunk of the same stream.
+        let skip = inner_offset.saturating_sub(at).min(n as u64) as usize;
+        out.write_all(&buf[skip..n])
+            .map_err(FormatError::ChunkWrite)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// The buffer a chunk streams through on its way to the store.
+const STREAM_BUFFER: usize = 64 << 10;
+
 /// What an eStargz or zstd:chunked layer saves: where its TOC was and what it hashes to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TocParams {
@@ -262,6 +304,15 @@ struct StreamDecoder(Compression);
 impl ChunkDecoder for StreamDecoder {
     fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         decompress_chunk(self.0, compressed, chunk.inner_offset, chunk.len)
+    }
+
+    fn decode_to(
+        &self,
+        chunk: &ChunkSpec,
+        compressed: &[u8],
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), FormatError> {
+        decompress_chunk_to(self.0, compressed, chunk.inner_offset, chunk.len, out)
     }
 }
 

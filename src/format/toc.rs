@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::chunk::{ChunkDigest, ChunkId, ChunkSpec};
+use crate::chunk::{ChunkDigest, ChunkId, ChunkSpec, FileKey};
 use crate::metadata::{
     components, err, Entry, EntryKind, IndexBuilder, Landmark, LayerIndex, Limits, MetadataError,
 };
@@ -219,6 +219,7 @@ pub fn build_index(
         })?;
         Ok(ChunkSpec {
             id: ChunkId(0),
+            file: FileKey::default(),
             file_offset: e.chunk_offset,
             len,
             blob_range: e.offset..stream_end(e)?.min(e.offset.saturating_add(reach)),

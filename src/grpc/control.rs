@@ -57,7 +57,7 @@ fn summary(trace: &Trace) -> pb::TraceSummary {
 }
 
 fn require_digest(digest: &str) -> Result<(), Status> {
-    if digest.starts_with("sha256:") && crate::cache::ChunkKey::from_digest(digest).is_some() {
+    if digest.starts_with("sha256:") && crate::chunk::ChunkDigest::parse(digest).is_some() {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
@@ -76,11 +76,9 @@ impl Control for ControlService {
         Ok(Response::new(pb::CacheStatsResponse {
             disk_used_bytes: s.store.disk_used_bytes,
             disk_budget_bytes: s.store.disk_budget_bytes,
-            disk_entries: s.store.disk_entries,
-            memory_used_bytes: s.store.memory_used_bytes,
-            memory_entries: s.store.memory_entries,
-            memory_hits: s.store.memory_hits,
-            disk_hits: s.store.disk_hits,
+            disk_files: s.store.disk_files,
+            disk_chunks: s.store.disk_chunks,
+            hits: s.store.hits,
             misses: s.store.misses,
             hit_ratio: s.hit_ratio(),
             fetched_bytes: s.totals.fetched_bytes,
@@ -163,6 +161,27 @@ impl Control for ControlService {
             evicted_entries: evicted.entries,
             evicted_bytes: evicted.bytes,
             disk_used_bytes,
+        }))
+    }
+
+    async fn cache_verify(
+        &self,
+        _: Request<pb::CacheVerifyRequest>,
+    ) -> Result<Response<pb::CacheVerifyResponse>, Status> {
+        let layers = self.layers()?;
+        let r = layers.verify_store().await;
+        tracing::info!(
+            chunks = r.chunks,
+            corrupt = r.corrupt_chunks,
+            dropped_files = r.dropped_files,
+            "verified the local store on request"
+        );
+        Ok(Response::new(pb::CacheVerifyResponse {
+            chunks: r.chunks,
+            bytes: r.bytes,
+            corrupt_chunks: r.corrupt_chunks,
+            dropped_files: r.dropped_files,
+            dropped_bytes: r.dropped_bytes,
         }))
     }
 

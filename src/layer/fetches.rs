@@ -27,6 +27,11 @@ pub enum Priority {
     Background,
 }
 
+/// Fetched bytes in memory at once when nothing is configured.
+const DEFAULT_MEMORY: u64 = 64 << 20;
+/// The least the bound may be: two of the largest merged requests.
+const MIN_MEMORY: u64 = 16 << 20;
+
 /// Upper bounds (seconds) of the fetch latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
@@ -81,6 +86,10 @@ pub struct Fetches {
     changed: Notify,
     /// Bounds prefetch and background batches in flight together.
     permits: Semaphore,
+    /// Fetched bytes held in memory at once (KiB), between the network and the store: what
+    /// `[cache] memory_bytes` bounds.
+    buffers: Semaphore,
+    buffer_kib: u32,
     /// Range requests to registries: latency, and how many are on the wire now.
     pub latency: Histogram,
     pub in_flight: AtomicI64,
@@ -115,7 +124,16 @@ impl Drop for Admission<'_> {
 impl Fetches {
     /// `concurrency`: prefetch and background batches in flight at once.
     pub fn new(concurrency: usize) -> Self {
+        Self::with_memory(concurrency, DEFAULT_MEMORY)
+    }
+
+    /// Also bounds the fetched bytes held in memory at once to `memory_bytes` (at least one
+    /// largest request's worth, so every request can proceed).
+    pub fn with_memory(concurrency: usize, memory_bytes: u64) -> Self {
+        let kib = (memory_bytes / 1024).clamp(MIN_MEMORY / 1024, u64::from(u32::MAX >> 4)) as u32;
         Fetches {
+            buffers: Semaphore::new(kib as usize),
+            buffer_kib: kib,
             demand_waiting: AtomicUsize::new(0),
             prefetching: AtomicUsize::new(0),
             changed: Notify::new(),
@@ -123,6 +141,12 @@ impl Fetches {
             latency: Histogram::default(),
             in_flight: AtomicI64::new(0),
         }
+    }
+
+    /// Waits until `bytes` of fetched data may be held in memory; the permit gives them back.
+    pub async fn buffer(&self, bytes: u64) -> Option<SemaphorePermit<'_>> {
+        let kib = bytes.div_ceil(1024).min(u64::from(self.buffer_kib)) as u32;
+        self.buffers.acquire_many(kib).await.ok()
     }
 
     pub fn demand(&self) -> DemandGuard<'_> {

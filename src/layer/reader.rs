@@ -3,8 +3,10 @@
 //!
 //! Missing chunks that sit next to each other in the blob are fetched with one range request
 //! (a container reading a file sequentially costs one round trip, not one per chunk). Every
-//! fetched chunk is decompressed and checked against its digest before anyone sees it or it is
-//! cached; a registry that lies produces an error, never wrong bytes.
+//! fetched chunk is decompressed straight into the store, hashed on the way, and becomes
+//! readable only if it matched its digest; a registry that lies produces an error, never wrong
+//! bytes. Readers then read just their range from the store. Only when the store cannot take a
+//! chunk (disk full, someone else writing it) is it verified into memory for its readers.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -16,8 +18,8 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
-use crate::cache::ChunkStore;
-use crate::chunk::{self, BlobId, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, VerifiedChunk};
+use crate::cache::{ChunkSink, ChunkStore, Put};
+use crate::chunk::{self, BlobId, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, Hashing};
 use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
 
 /// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
@@ -45,6 +47,16 @@ pub enum ReadError {
     Abandoned { digest: ChunkDigest },
     #[error("decoding fetched chunks")]
     Task(#[source] Arc<tokio::task::JoinError>),
+    #[error("chunk {digest} left the store as soon as it was stored (a disk budget smaller than the reads in flight?)")]
+    Lost { digest: ChunkDigest },
+}
+
+/// Where a fetched chunk is for its readers: in the store (read your range from there), or,
+/// when the store could not take it, in memory.
+#[derive(Debug, Clone)]
+enum Landed {
+    Stored,
+    Memory(Bytes),
 }
 
 /// Counters of one layer, for logs now and the CLI and metrics later.
@@ -77,7 +89,7 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-type Shared = Option<Result<Bytes, ReadError>>;
+type Shared = Option<Result<Landed, ReadError>>;
 
 /// Bytes between two wanted chunks that are fetched anyway to keep them in one request: about
 /// what a link moves in a round trip's time at a few hundred Mbit/s.
@@ -173,6 +185,11 @@ impl LayerReader {
         extra
     }
 
+    /// The blob the store scopes this layer's bytes to.
+    pub fn blob_id(&self) -> &BlobId {
+        &self.blob_id
+    }
+
     pub fn counters(&self) -> &Arc<LayerCounters> {
         &self.counters
     }
@@ -196,25 +213,31 @@ impl LayerReader {
             }
             parts.push(part);
         }
-        let missing: Vec<&ChunkSpec> = wanted
-            .iter()
-            .zip(&parts)
-            .filter(|(_, p)| p.is_none())
-            .map(|(c, _)| *c)
-            .collect();
-        if !missing.is_empty() {
-            let fetched = self.load(&missing, Priority::Demand).await?;
-            let mut fetched = fetched.into_iter();
-            for (slot, chunk) in parts.iter_mut().zip(&wanted) {
-                if slot.is_none() {
-                    let whole = fetched.next().ok_or(ReadError::Abandoned {
-                        digest: chunk.digest,
-                    })?;
-                    let part = chunk.part_of(&range);
-                    let end = (part.end as usize).min(whole.len());
-                    *slot = Some(whole.slice((part.start as usize).min(end)..end));
-                }
+        // A chunk stored by this fetch can be evicted before it is read (a budget smaller
+        // than what is in flight): fetch it again, a few times at most.
+        for _attempt in 0..3 {
+            let missing: Vec<usize> = (0..wanted.len()).filter(|i| parts[*i].is_none()).collect();
+            if missing.is_empty() {
+                break;
             }
+            let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
+            let landed = self.load(&specs, Priority::Demand).await?;
+            for (i, landed) in missing.into_iter().zip(landed) {
+                let chunk = wanted[i];
+                let part = chunk.part_of(&range);
+                parts[i] = match landed {
+                    Landed::Memory(whole) => {
+                        let end = (part.end as usize).min(whole.len());
+                        Some(whole.slice((part.start as usize).min(end)..end))
+                    }
+                    Landed::Stored => self.store.read(&self.blob_id, chunk, part).await,
+                };
+            }
+        }
+        if let Some(i) = parts.iter().position(Option::is_none) {
+            return Err(ReadError::Lost {
+                digest: wanted[i].digest,
+            });
         }
         self.note_prefetch_use(&wanted);
         self.counters
@@ -258,6 +281,12 @@ impl LayerReader {
             .saturating_sub(before))
     }
 
+    /// A local file with exactly the contents of the file whose chunks are `chunks`, if the
+    /// store has all of them: for kernel passthrough.
+    pub fn backing_file(&self, chunks: &[ChunkSpec]) -> Option<std::fs::File> {
+        self.store.backing_file(&self.blob_id, chunks)
+    }
+
     /// Whether every chunk is ready in the store, without reading any.
     pub fn is_cached(&self, chunks: &[ChunkSpec]) -> bool {
         chunks.iter().all(|c| self.store.is_ready(&self.blob_id, c))
@@ -277,14 +306,14 @@ impl LayerReader {
         }
     }
 
-    /// The whole bytes of `chunks`, none of which was ready when the caller looked: fetched
-    /// here, or by the reader already fetching them.
+    /// Where `chunks` are now, none of which was ready when the caller looked: fetched here,
+    /// or by the reader already fetching them.
     async fn load(
         &self,
         chunks: &[&ChunkSpec],
         priority: Priority,
-    ) -> Result<Vec<Bytes>, ReadError> {
-        let mut out: Vec<Option<Bytes>> = vec![None; chunks.len()];
+    ) -> Result<Vec<Landed>, ReadError> {
+        let mut out: Vec<Option<Landed>> = vec![None; chunks.len()];
         let wanted = chunks.len();
         let mut _demand = None;
         let mut with_neighbours;
@@ -327,7 +356,7 @@ impl LayerReader {
                     .ok()
                     .and_then(|v| v.clone());
                 match value {
-                    Some(Ok(bytes)) => out[i] = Some(bytes),
+                    Some(Ok(landed)) => out[i] = Some(landed),
                     Some(Err(e)) => return Err(e),
                     None => {}
                 }
@@ -375,7 +404,7 @@ impl LayerReader {
         &self,
         chunks: &[&ChunkSpec],
         mut claim: Claim<'_>,
-        out: &mut [Option<Bytes>],
+        out: &mut [Option<Landed>],
         wanted: usize,
         first_speculative: usize,
     ) -> Result<(), ReadError> {
@@ -383,18 +412,11 @@ impl LayerReader {
         // now; don't fetch it again.
         let mut pending = Vec::new();
         for (i, tx) in claim.senders.drain(..) {
-            let chunk = chunks[i];
-            let ready = if self.store.is_ready(&self.blob_id, chunk) {
-                self.store.read(&self.blob_id, chunk, 0..chunk.len).await
+            if self.store.is_ready(&self.blob_id, chunks[i]) {
+                let _ = tx.send(Some(Ok(Landed::Stored)));
+                out[i] = Some(Landed::Stored);
             } else {
-                None
-            };
-            match ready {
-                Some(bytes) => {
-                    let _ = tx.send(Some(Ok(bytes.clone())));
-                    out[i] = Some(bytes);
-                }
-                None => pending.push((i, tx)),
+                pending.push((i, tx));
             }
         }
         pending.sort_by_key(|(i, _)| chunks[*i].blob_range.start);
@@ -408,7 +430,7 @@ impl LayerReader {
             .enumerate()
             .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative))
             .collect();
-        let results: Vec<(usize, Vec<Result<Bytes, ReadError>>)> = stream::iter(fetches)
+        let results: Vec<(usize, Vec<Result<Landed, ReadError>>)> = stream::iter(fetches)
             .buffer_unordered(RUNS_IN_FLIGHT)
             .collect()
             .await;
@@ -418,7 +440,7 @@ impl LayerReader {
         for (k, values) in results {
             for ((i, _), value) in runs[k].iter().zip(values) {
                 match value {
-                    Ok(bytes) => out[*i] = Some(bytes),
+                    Ok(landed) => out[*i] = Some(landed),
                     Err(e) if *i < wanted => {
                         first_error.get_or_insert(e);
                     }
@@ -442,7 +464,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         first_speculative: usize,
-    ) -> (usize, Vec<Result<Bytes, ReadError>>) {
+    ) -> (usize, Vec<Result<Landed, ReadError>>) {
         let start = chunks[run[0].0].blob_range.start;
         let end = run
             .iter()
@@ -465,7 +487,7 @@ impl LayerReader {
         (k, values)
     }
 
-    /// Must come before the chunk is visible in the cache: a container reading it from there
+    /// Must come before the chunk is visible in the store: a container reading it from there
     /// first would otherwise find it not yet marked, and it would count as wasted.
     fn note_prefetched(&self, chunk: &ChunkSpec) {
         self.prefetched
@@ -509,8 +531,9 @@ impl LayerReader {
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
         first_speculative: usize,
-    ) -> Result<Vec<Result<Bytes, ReadError>>, ReadError> {
+    ) -> Result<Vec<Result<Landed, ReadError>>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        let _buffer = self.fetches.buffer(range.end - range.start).await;
         let started = std::time::Instant::now();
         self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
         let result = self.blob.read_range(range.clone()).await;
@@ -521,44 +544,34 @@ impl LayerReader {
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
         let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
-        // Decompressing and hashing a run (up to `max_request` of compressed bytes) is CPU
-        // work: it goes to the blocking pool, never onto the workers answering FUSE and gRPC.
-        let decoder = self.decoder.clone();
-        let verified =
-            tokio::task::spawn_blocking(move || decode_run(&*decoder, &specs, &blob, range))
-                .await
-                .map_err(|e| ReadError::Task(Arc::new(e)))?;
-        let mut values = Vec::with_capacity(run.len());
-        for ((i, _), chunk) in run.iter().zip(verified) {
-            let spec = chunks[*i];
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    values.push(Err(e));
-                    continue;
-                }
-            };
+        for (i, _) in run {
             if *i >= first_speculative {
-                self.note_prefetched(spec);
+                self.note_prefetched(chunks[*i]);
             }
-            let bytes = chunk.bytes().clone();
-            if let Err(e) = self.store.put(&self.blob_id, spec, chunk).await {
-                // Served from memory anyway; the store only saves a later refetch.
-                tracing::warn!(chunk = %spec.digest, error = %crate::error_chain(&e), "storing chunk failed");
-            }
-            values.push(Ok(bytes));
         }
-        Ok(values)
+        // Decompressing, hashing and writing a run (up to `max_request` of compressed bytes)
+        // is CPU and disk work: it goes to the blocking pool, never onto the workers answering
+        // FUSE and gRPC.
+        let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
+        let landed = tokio::task::spawn_blocking(move || {
+            decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range)
+        })
+        .await
+        .map_err(|e| ReadError::Task(Arc::new(e)))?;
+        Ok(landed)
     }
 }
 
-/// Decodes and verifies each chunk of a fetched run; `blob` holds blob bytes `range`.
+/// Decodes and verifies each chunk of a fetched run into the store (or, when the store cannot
+/// take it, into memory); `blob` holds blob bytes `range`.
 fn decode_run(
     decoder: &dyn ChunkDecoder,
+    store: &dyn ChunkStore,
+    blob_id: &BlobId,
     specs: &[ChunkSpec],
     blob: &Bytes,
     range: Range<u64>,
-) -> Vec<Result<VerifiedChunk, ReadError>> {
+) -> Vec<Result<Landed, ReadError>> {
     specs
         .iter()
         .map(|spec| {
@@ -568,19 +581,66 @@ fn decode_run(
                 range: range.clone(),
                 got: blob.len() as u64,
             })?;
-            let bytes = decoder
-                .decode(spec, compressed)
-                .map_err(|e| ReadError::Decode {
-                    digest: spec.digest,
+            let why = match store.put(blob_id, spec) {
+                Ok(Put::Ready) => return Ok(Landed::Stored),
+                Ok(Put::Sink(sink)) => match stream_into(decoder, spec, compressed, sink) {
+                    Ok(()) => return Ok(Landed::Stored),
+                    Err(Streamed::Refused(e)) => return Err(e),
+                    Err(Streamed::Store(why)) => Some(why),
+                },
+                Ok(Put::Unavailable) => None,
+                Err(e) => Some(crate::error_chain(&e)),
+            };
+            if let Some(why) = why {
+                tracing::warn!(chunk = %spec.digest, error = %why, "storing a chunk failed; serving it from memory");
+            }
+            let bytes = decoder.decode(spec, compressed).map_err(|e| decode_error(spec, e))?;
+            chunk::verify(&spec.digest, Bytes::from(bytes))
+                .map(|v| Landed::Memory(v.into_bytes()))
+                .map_err(|source| ReadError::Corrupt {
                     offset: spec.blob_range.start,
-                    source: Arc::new(e),
-                })?;
-            chunk::verify(&spec.digest, Bytes::from(bytes)).map_err(|source| ReadError::Corrupt {
-                offset: spec.blob_range.start,
-                source,
-            })
+                    source,
+                })
         })
         .collect()
+}
+
+fn decode_error(spec: &ChunkSpec, e: FormatError) -> ReadError {
+    ReadError::Decode {
+        digest: spec.digest,
+        offset: spec.blob_range.start,
+        source: Arc::new(e),
+    }
+}
+
+/// Why streaming a chunk into the store did not make it ready.
+enum Streamed {
+    /// The bytes are bad (do not decode, or do not match): the read fails.
+    Refused(ReadError),
+    /// The store failed (disk full...): the bytes may still be good.
+    Store(String),
+}
+
+fn stream_into(
+    decoder: &dyn ChunkDecoder,
+    spec: &ChunkSpec,
+    compressed: &[u8],
+    sink: Box<dyn ChunkSink>,
+) -> Result<(), Streamed> {
+    let mut hashing = Hashing::new(sink);
+    match decoder.decode_to(spec, compressed, &mut hashing) {
+        Ok(()) => {}
+        Err(FormatError::ChunkWrite(e)) => return Err(Streamed::Store(e.to_string())),
+        Err(e) => return Err(Streamed::Refused(decode_error(spec, e))),
+    }
+    let (sink, proof) = hashing.verify(&spec.digest).map_err(|source| {
+        Streamed::Refused(ReadError::Corrupt {
+            offset: spec.blob_range.start,
+            source,
+        })
+    })?;
+    sink.commit(proof)
+        .map_err(|e| Streamed::Store(crate::error_chain(&e)))
 }
 
 /// Chunks this reader promised to fetch. Dropping it (a finished fetch, or a read cancelled
@@ -607,7 +667,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::cache::ChunkCache;
+    use crate::cache::LocalStore;
     use crate::metadata::{LayerIndex, ROOT};
     use crate::test_utils::{open_fixture, FixtureBlob};
 
@@ -616,7 +676,7 @@ mod tests {
         index: LayerIndex,
         blob: Arc<FixtureBlob>,
         decoder: Arc<dyn ChunkDecoder>,
-        cache: Arc<ChunkCache>,
+        cache: Arc<LocalStore>,
         reader: LayerReader,
     }
 
@@ -630,8 +690,7 @@ mod tests {
             delay: std::time::Duration::from_millis(20),
         });
         let dir = tempfile::tempdir().expect("tempdir");
-        let cache =
-            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache"));
+        let cache = Arc::new(LocalStore::open(dir.path(), 0).expect("cache"));
         let reader = LayerReader::new(
             blob.clone(),
             BlobId::new("sha256:fixture", None),
@@ -745,7 +804,7 @@ mod tests {
             s.blob.clone(),
             BlobId::new("sha256:fixture", None),
             s.decoder.clone(),
-            Arc::new(ChunkCache::open(dir.path().to_path_buf(), 1 << 20, 0).expect("cache")),
+            Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
             Arc::new(Fetches::new(2)),
         )
         .with_neighbours(Arc::from(layout), reach);

@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::SystemTime;
 
-use crate::chunk::{ChunkId, ChunkSpec};
+use crate::chunk::{ChunkId, ChunkSpec, FileKey};
 
 /// Inode number of the root directory.
 pub const ROOT: u64 = 1;
@@ -655,7 +655,14 @@ impl IndexBuilder {
             node.xattrs.shrink_to_fit();
             match node.kind {
                 NodeKind::Dir => node.nlink = subdirs.saturating_add(2),
-                NodeKind::File => file_bytes = file_bytes.saturating_add(node.size),
+                NodeKind::File => {
+                    file_bytes = file_bytes.saturating_add(node.size);
+                    // Formats cannot know it: a file's key covers all its chunks.
+                    let key = FileKey::of(node.size, &node.chunks);
+                    for chunk in &mut node.chunks {
+                        chunk.file = key;
+                    }
+                }
                 _ => {}
             }
         }

@@ -63,6 +63,10 @@ pub struct LazyOptions {
     pub layers_dir: PathBuf,
     /// A container's read that cannot be served in this time fails with EIO.
     pub read_timeout: Duration,
+    /// Ask the kernel to read files complete in the store directly (FUSE passthrough).
+    pub passthrough: bool,
+    /// Fetched bytes held in memory at once.
+    pub memory_bytes: u64,
     pub prefetch: PrefetchConfig,
 }
 
@@ -98,7 +102,10 @@ impl LazyLayers {
             resolver,
             store,
             traces,
-            fetches: Arc::new(Fetches::new(options.prefetch.concurrency)),
+            fetches: Arc::new(Fetches::with_memory(
+                options.prefetch.concurrency,
+                options.memory_bytes,
+            )),
             states,
             options,
             runtime,
@@ -188,6 +195,7 @@ impl LazyLayers {
         let options = fuse::MountOptions {
             fsname: format!("lazysnap-{}", digest.replace(':', "-")),
             read_timeout: self.options.read_timeout,
+            passthrough: self.options.passthrough,
             ..fuse::MountOptions::default()
         };
         let handle =

@@ -84,8 +84,7 @@ impl LazyLayers {
         let registry = self.resolver.registry().stats();
         let store = self.store.stats();
         tracing::debug!(
-            memory_hits = store.memory_hits,
-            disk_hits = store.disk_hits,
+            hits = store.hits,
             misses = store.misses,
             corrupt = store.corrupt,
             registry_requests = get(&registry.requests),
@@ -124,18 +123,21 @@ impl LazyLayers {
 
     /// The index of layer `digest`: the mounted one's, or built again from its saved state.
     /// Blocking when the layer is not mounted.
-    fn index_of(&self, digest: &str) -> Result<Arc<LayerIndex>, LayerError> {
+    /// A layer's index and the blob its bytes are stored under.
+    fn index_of(&self, digest: &str) -> Result<(Arc<LayerIndex>, BlobId), LayerError> {
         let mounted = self
             .mounted()
             .values()
             .find(|m| m.digest == digest)
-            .map(|m| m.index.clone());
+            .map(|m| (m.index.clone(), *m.reader.blob_id()));
         match mounted {
-            Some(index) => Ok(index),
+            Some(found) => Ok(found),
             None => {
                 let state = self.states.load(digest)?;
-                Ok(Arc::new(
-                    layer::open(self.resolver.formats(), &state)?.index,
+                let blob = BlobId::new(digest, state.source.toc_digest.as_deref());
+                Ok((
+                    Arc::new(layer::open(self.resolver.formats(), &state)?.index),
+                    blob,
                 ))
             }
         }
@@ -262,9 +264,8 @@ impl LazyNode for LazyLayers {
         out
     }
 
-    /// Drops every cached chunk of layer `digest` (mounted or not; a mounted layer fetches
-    /// again what it reads next). Chunks it shares with other layers go too: the store holds
-    /// each once, and keeping them would make `evict` lie about what it freed.
+    /// Drops every stored file of layer `digest` (mounted or not; a mounted layer fetches
+    /// again what it reads next).
     fn evict_layer(
         self: Arc<Self>,
         digest: String,
@@ -273,10 +274,10 @@ impl LazyNode for LazyLayers {
             // Building an unmounted layer's index reads and parses its saved state.
             let me = self.clone();
             let layer = digest.clone();
-            let index = tokio::task::spawn_blocking(move || me.index_of(&digest))
+            let (index, blob) = tokio::task::spawn_blocking(move || me.index_of(&digest))
                 .await
                 .map_err(|source| LayerError::Task { layer, source })??;
-            Ok(self.store.evict(index.chunks_in_blob_order()).await)
+            Ok(self.store.evict(&blob, index.chunks_in_blob_order()).await)
         })
     }
 
@@ -289,6 +290,10 @@ impl LazyNode for LazyLayers {
             let evicted = self.store.prune_to(target).await;
             (evicted, self.store.stats().disk_used_bytes)
         })
+    }
+
+    fn verify_store(&self) -> BoxFuture<'_, crate::cache::VerifyReport> {
+        self.store.verify()
     }
 
     fn traces(&self) -> &Arc<TraceStore> {

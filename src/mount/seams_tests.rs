@@ -11,8 +11,8 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use super::IndexSource;
-use crate::cache::{CacheError, ChunkStore, Evicted, StoreStats};
-use crate::chunk::{BlobId, ChunkDigest, ChunkId, ChunkSpec, VerifiedChunk};
+use crate::cache::{CacheError, ChunkSink, ChunkStore, Evicted, Put, StoreStats, VerifyReport};
+use crate::chunk::{BlobId, ChunkDigest, ChunkId, ChunkSpec, Verified};
 use crate::format::{
     BoxFuture, ChunkDecoder, FormatError, Formats, LayerFormat, LayerHints, Opened, Probe, Resolved,
 };
@@ -111,6 +111,7 @@ impl LayerFormat for ToyFormat {
                 let len = TOY_CHUNK.min(f.size - at);
                 entry.chunks.push(ChunkSpec {
                     id: ChunkId(0),
+                    file: Default::default(),
                     file_offset: at,
                     len,
                     blob_range: f.offset + at..f.offset + at + len,
@@ -129,11 +130,42 @@ impl LayerFormat for ToyFormat {
     }
 }
 
+type ToyMap = Arc<Mutex<HashMap<(BlobId, ChunkDigest), Bytes>>>;
+
 /// A store in a map, counting what it was asked; scoped by blob like any store must be.
 #[derive(Default)]
 struct ToyStore {
-    chunks: Mutex<HashMap<(BlobId, ChunkDigest), Bytes>>,
+    chunks: ToyMap,
     puts: AtomicUsize,
+}
+
+/// Collects a chunk's bytes; the map takes them only on a commit with proof.
+struct ToySink {
+    chunks: ToyMap,
+    key: (BlobId, ChunkDigest),
+    bytes: Vec<u8>,
+}
+
+impl std::io::Write for ToySink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ChunkSink for ToySink {
+    fn commit(self: Box<Self>, proof: Verified) -> Result<(), CacheError> {
+        assert_eq!(*proof.digest(), self.key.1, "committed with the proof of its own bytes");
+        self.chunks
+            .lock()
+            .expect("lock")
+            .insert(self.key, Bytes::from(self.bytes));
+        Ok(())
+    }
 }
 
 impl ChunkStore for ToyStore {
@@ -159,21 +191,20 @@ impl ChunkStore for ToyStore {
         Box::pin(async move { found.map(|b| b.slice(range.start as usize..range.end as usize)) })
     }
 
-    fn put<'a>(
-        &'a self,
-        blob: &'a BlobId,
-        chunk: &'a ChunkSpec,
-        bytes: VerifiedChunk,
-    ) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError> {
         self.puts.fetch_add(1, Ordering::SeqCst);
-        self.chunks
-            .lock()
-            .expect("lock")
-            .insert((*blob, chunk.digest), bytes.into_bytes());
-        Box::pin(async { Ok(()) })
+        Ok(Put::Sink(Box::new(ToySink {
+            chunks: self.chunks.clone(),
+            key: (*blob, chunk.digest),
+            bytes: Vec::new(),
+        })))
     }
 
-    fn evict(&self, chunks: Vec<ChunkSpec>) -> BoxFuture<'_, Evicted> {
+    fn verify(&self) -> BoxFuture<'_, VerifyReport> {
+        Box::pin(async { VerifyReport::default() })
+    }
+
+    fn evict<'a>(&'a self, _blob: &'a BlobId, chunks: Vec<ChunkSpec>) -> BoxFuture<'a, Evicted> {
         let mut map = self.chunks.lock().expect("lock");
         let mut evicted = Evicted::default();
         for c in chunks {

@@ -91,6 +91,7 @@ mod tests {
     fn chunk(offset: u64) -> ChunkSpec {
         ChunkSpec {
             id: ChunkId(offset as u32),
+            file: Default::default(),
             file_offset: offset,
             len: 10,
             blob_range: 0..1,

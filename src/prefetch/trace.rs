@@ -108,7 +108,7 @@ impl Trace {
         if self.format != FORMAT {
             return invalid(format!("format {:?}, expected {FORMAT:?}", self.format));
         }
-        if crate::cache::ChunkKey::from_digest(&self.layer).is_none()
+        if crate::chunk::ChunkDigest::parse(&self.layer).is_none()
             || !self.layer.starts_with("sha256:")
         {
             return invalid(format!("layer {:?} is not a sha256 digest", self.layer));
