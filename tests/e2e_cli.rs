@@ -137,7 +137,8 @@ fn every_cli_command_reports_what_the_daemon_did() {
     );
     assert!(number(&stats, "served_bytes") >= 1 << 20, "{stats}");
     assert!(number(&stats, "misses") > 0, "{stats}");
-    assert!(number(&stats, "disk_entries") > 0, "{stats}");
+    assert!(number(&stats, "disk_files") > 0, "{stats}");
+    assert!(number(&stats, "disk_chunks") > 0, "{stats}");
     assert!(number(&stats, "disk_used_bytes") >= 1 << 20, "{stats}");
     assert_eq!(
         number(&stats, "disk_budget_bytes"),

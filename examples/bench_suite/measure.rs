@@ -54,6 +54,9 @@ pub struct DataSample {
     pub random_reads_per_s: f64,
     /// lazysnap's VmHWM after these reads, in KiB.
     pub lazysnap_hwm_kib: Option<u64>,
+    /// The largest VmRSS sampled every 10 ms during all of these reads, in KiB.
+    #[serde(default)]
+    pub lazysnap_rss_sampled_max_kib: Option<u64>,
     /// lazysnap's VmHWM and VmRSS right after the cold and the warm sequential read, in KiB:
     /// which read raised the peak.
     pub lazysnap_hwm_after_cold_kib: Option<u64>,
@@ -67,12 +70,13 @@ pub struct DataSample {
     pub layer_chunks: Option<u64>,
 }
 
-/// Deltas of lazysnap's chunk lookups over one phase.
+/// Deltas of lazysnap's store lookups over one phase.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Lookups {
-    pub memory_hits: u64,
-    pub disk_hits: u64,
+    /// Chunk reads answered from the local store (by pread).
+    pub hits: u64,
     pub misses: u64,
+    /// Bytes the daemon served (reads through passthrough never reach it).
     pub served_bytes: u64,
 }
 
@@ -333,6 +337,13 @@ fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
     let root = find_fs(&snapshots, "data/big.bin")
         .ok_or_else(|| format!("no data/big.bin below {}", snapshots.display()))?;
     let big = root.join("data/big.bin");
+    let lazy_pid = b
+        .stack
+        .lazysnap
+        .as_ref()
+        .and_then(|p| p.pid())
+        .filter(|_| lazy);
+    let sampler = RssSampler::start(lazy_pid);
 
     drop_caches();
     let t = Instant::now();
@@ -346,12 +357,6 @@ fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
         Some(before) => Some(counters(b)?.fetched.saturating_sub(before.fetched)),
         None => None,
     };
-    let lazy_pid = b
-        .stack
-        .lazysnap
-        .as_ref()
-        .and_then(|p| p.pid())
-        .filter(|_| lazy);
     let (hwm_cold, rss_cold) = (hwm(lazy_pid), rss(lazy_pid));
     drop_caches();
     let before = if lazy { Some(counters(b)?) } else { None };
@@ -381,6 +386,7 @@ fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
         cold_read_fetched: cold_fetched,
         random_reads_per_s: random,
         lazysnap_hwm_kib: hwm(lazy_pid),
+        lazysnap_rss_sampled_max_kib: sampler.finish(),
         lazysnap_hwm_after_cold_kib: hwm_cold,
         lazysnap_rss_after_cold_kib: rss_cold,
         lazysnap_hwm_after_warm_kib: hwm_warm,
@@ -391,11 +397,39 @@ fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
     })
 }
 
+/// Samples a process's VmRSS every 10 ms from another thread until `finish`.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Option<u64>>>,
+}
+
+impl RssSampler {
+    fn start(pid: Option<u32>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = pid.map(|pid| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut max = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    max = max.max(rss(Some(pid)));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                max.max(rss(Some(pid)))
+            })
+        });
+        RssSampler { stop, thread }
+    }
+
+    fn finish(mut self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take()?.join().ok().flatten()
+    }
+}
+
 /// lazysnap's cumulative counters on the current node.
 struct Counters {
     fetched: u64,
-    memory_hits: u64,
-    disk_hits: u64,
+    hits: u64,
     misses: u64,
     served: u64,
 }
@@ -403,8 +437,7 @@ struct Counters {
 impl Counters {
     fn since(&self, before: &Counters) -> Lookups {
         Lookups {
-            memory_hits: self.memory_hits.saturating_sub(before.memory_hits),
-            disk_hits: self.disk_hits.saturating_sub(before.disk_hits),
+            hits: self.hits.saturating_sub(before.hits),
             misses: self.misses.saturating_sub(before.misses),
             served_bytes: self.served.saturating_sub(before.served),
         }
@@ -420,8 +453,7 @@ fn counters(b: &Bench) -> Result<Counters, String> {
     };
     Ok(Counters {
         fetched: field("fetched_bytes")?,
-        memory_hits: field("memory_hits")?,
-        disk_hits: field("disk_hits")?,
+        hits: field("hits")?,
         misses: field("misses")?,
         served: field("served_bytes")?,
     })

@@ -77,6 +77,8 @@ const RECORD_SUFFIX: &str = ".map";
 const CHECK_HEX: usize = 16;
 /// What one record line costs on disk, at most (for the budget).
 const RECORD_LINE: u64 = 20 + 1 + 20 + 1 + 64 + 1 + CHECK_HEX as u64 + 1;
+/// A chunk at an unaligned offset can allocate a block more at each end than its length.
+const BLOCK_SLACK: u64 = 2 * 4096;
 /// How long newly ready chunks wait before being made durable together.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Open data files kept for reads.
@@ -144,7 +146,7 @@ struct Present {
 struct Entry {
     /// By file offset.
     present: BTreeMap<u64, Present>,
-    /// Sum of the present chunks' lengths.
+    /// Bytes the data file takes on disk (allocated blocks, as `du` counts them).
     data: u64,
     /// Bytes of the record file (and lines still to be written).
     record: u64,
@@ -190,11 +192,8 @@ impl Index {
         if self.total() <= target {
             return Vec::new();
         }
-        let mut order: Vec<(u64, StoreKey)> = self
-            .entries
-            .iter()
-            .map(|(k, e)| (e.last_use, *k))
-            .collect();
+        let mut order: Vec<(u64, StoreKey)> =
+            self.entries.iter().map(|(k, e)| (e.last_use, *k)).collect();
         order.sort_unstable_by_key(|(last_use, _)| *last_use);
         let mut victims = Vec::new();
         for (_, key) in order {
@@ -369,7 +368,12 @@ impl FileStore {
     }
 
     /// Bytes `range` (relative to the chunk) of a ready chunk, by one `pread`. Blocking.
-    pub fn read(&self, blob: &BlobId, chunk: &ChunkSpec, range: std::ops::Range<u64>) -> Option<Bytes> {
+    pub fn read(
+        &self,
+        blob: &BlobId,
+        chunk: &ChunkSpec,
+        range: std::ops::Range<u64>,
+    ) -> Option<Bytes> {
         if !self.is_ready(blob, chunk) {
             return None;
         }
@@ -430,7 +434,7 @@ impl FileStore {
             return Ok(Slot::Ready);
         }
         let key = StoreKey::new(blob, &chunk.file);
-        let incoming = chunk.len + RECORD_LINE;
+        let incoming = chunk.len + BLOCK_SLACK + RECORD_LINE;
         let budget = self.inner.budget;
         if budget > 0 && incoming > budget {
             if !self.inner.too_large_logged.swap(true, Ordering::Relaxed) {
@@ -518,6 +522,13 @@ impl FileStore {
     /// was evicted while it was written.
     fn commit(&self, writer: &mut ChunkWriter) -> Result<(), CacheError> {
         let line = record_line(&writer.key, writer.offset, writer.len, &writer.digest);
+        let allocated = writer
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(writer.len, |m| {
+                std::os::unix::fs::MetadataExt::blocks(&m) * 512
+            });
         let mut index = self.index();
         index.inflight -= writer.reserved;
         writer.reserved = 0;
@@ -538,12 +549,13 @@ impl FileStore {
             len: writer.len,
             digest: writer.digest,
         };
+        let grown = allocated.saturating_sub(entry.data);
+        entry.data += grown;
         let added = if entry.present.insert(writer.offset, present).is_none() {
-            entry.data += writer.len;
             entry.record += line.len() as u64;
-            writer.len + line.len() as u64
+            grown + line.len() as u64
         } else {
-            0
+            grown
         };
         index.used += added;
         drop(index);
@@ -691,11 +703,19 @@ impl FileStore {
     /// (bit rot, a hand edit): the next read fetches them again. Blocking; reads and writes
     /// go on meanwhile.
     pub fn verify(&self) -> VerifyReport {
-        let snapshot: Vec<(StoreKey, u64, Vec<(u64, Present)>)> = self
+        // (file, its generation, its present chunks by offset), taken under the lock once.
+        type Snapshot = Vec<(StoreKey, u64, Vec<(u64, Present)>)>;
+        let snapshot: Snapshot = self
             .index()
             .entries
             .iter()
-            .map(|(k, e)| (*k, e.generation, e.present.iter().map(|(o, p)| (*o, *p)).collect()))
+            .map(|(k, e)| {
+                (
+                    *k,
+                    e.generation,
+                    e.present.iter().map(|(o, p)| (*o, *p)).collect(),
+                )
+            })
             .collect();
         let mut report = VerifyReport::default();
         let mut buf = vec![0u8; 1 << 20];
@@ -728,7 +748,11 @@ impl FileStore {
             if bad {
                 let mut index = self.index();
                 // A file replaced meanwhile was not the one checked.
-                if index.entries.get(&key).is_some_and(|e| e.generation == generation) {
+                if index
+                    .entries
+                    .get(&key)
+                    .is_some_and(|e| e.generation == generation)
+                {
                     if let Some(entry) = index.remove(&key) {
                         tracing::warn!(path = %path.display(), "stored file does not match its digests; dropped");
                         report.dropped_files += 1;
@@ -799,6 +823,33 @@ impl Write for ChunkWriter {
 impl Drop for ChunkWriter {
     fn drop(&mut self) {
         if self.reserved > 0 {
+            // Not committed: what was written vouches for nothing; give its space back (the
+            // region is ours, and a punch keeps the bytes of neighbouring chunks).
+            if let (Some(file), true) = (&self.file, self.at > 0) {
+                let punched = nix::fcntl::fallocate(
+                    file,
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    self.offset as i64,
+                    self.at as i64,
+                );
+                if let Err(e) = punched {
+                    tracing::debug!(error = %e, "freeing the space of a chunk not stored failed");
+                }
+                let allocated = file
+                    .metadata()
+                    .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+                let mut index = self.store.index();
+                let index = &mut *index;
+                if let (Ok(allocated), Some(entry)) = (allocated, index.entries.get_mut(&self.key))
+                {
+                    // What the written bytes took (blocks shared with neighbours stay) counts.
+                    if entry.generation == self.generation {
+                        index.used = index.used - entry.data + allocated;
+                        entry.data = allocated;
+                    }
+                }
+            }
             self.store.index().inflight -= self.reserved;
         }
         self.store
@@ -907,13 +958,14 @@ fn scan(files: &Path) -> std::io::Result<Index> {
             };
             let text = std::fs::read(&path)?;
             let present = parse_record(&key, &text);
-            let data_len = std::fs::metadata(shard.join(hex)).map_or(0, |m| m.len());
+            let meta = std::fs::metadata(shard.join(hex)).ok();
+            let data_len = meta.as_ref().map_or(0, |m| m.len());
+            let data = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
             // Lines past the data file's end describe bytes that never reached it.
             let present: BTreeMap<u64, Present> = present
                 .into_iter()
                 .filter(|(o, p)| o.saturating_add(p.len) <= data_len)
                 .collect();
-            let data = present.values().map(|p| p.len).sum();
             index.generations += 1;
             index.clock += 1;
             index.used += data + text.len() as u64;

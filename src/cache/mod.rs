@@ -362,7 +362,10 @@ mod tests {
         }
         let s = LocalStore::open(dir.path(), 0).expect("reopen");
         assert!(chunks.iter().all(|c| s.is_ready(&a, c)));
-        assert_eq!(s.read(&a, &chunks[2], 0..5).await.as_deref(), Some(&b"third"[..]));
+        assert_eq!(
+            s.read(&a, &chunks[2], 0..5).await.as_deref(),
+            Some(&b"third"[..])
+        );
         assert_eq!(s.stats().disk_chunks, 3);
         assert_eq!(s.stats().disk_files, 1);
     }
@@ -375,7 +378,10 @@ mod tests {
         let s = LocalStore::open(dir.path(), 0).expect("open");
         store(&s, &blob(1), &chunks[0], parts[0]).expect("put");
         assert!(s.is_ready(&blob(1), &chunks[0]));
-        assert!(!s.is_ready(&blob(2), &chunks[0]), "not proven for another blob");
+        assert!(
+            !s.is_ready(&blob(2), &chunks[0]),
+            "not proven for another blob"
+        );
         assert_eq!(s.read(&blob(2), &chunks[0], 0..4).await, None);
         assert_eq!(s.present(&blob(2), &chunks), (0, 0));
         assert!(s.backing_file(&blob(2), &chunks).is_none());
@@ -406,8 +412,14 @@ mod tests {
         s.files().flush();
         // Simulate a crash: the second chunk's bytes are written, its record line is not, and
         // a torn line sits at the end of the record.
-        let record = walk(dir.path()).into_iter().find(|p| p.extension().is_some_and(|e| e == "map")).expect("record");
-        let mut f = std::fs::OpenOptions::new().append(true).open(&record).expect("open record");
+        let record = walk(dir.path())
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|e| e == "map"))
+            .expect("record");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&record)
+            .expect("open record");
         f.write_all(b"8 7 ").expect("torn line");
         f.write_all(b"8 7 0000\n").expect("garbage line");
         drop(f);
@@ -428,9 +440,18 @@ mod tests {
             store(&s, &a, c, p).expect("put");
         }
         let clean = s.verify().await;
-        assert_eq!((clean.chunks, clean.corrupt_chunks, clean.dropped_files), (2, 0, 0));
-        let data = walk(dir.path()).into_iter().find(|p| p.extension().is_none()).expect("data file");
-        let f = std::fs::OpenOptions::new().write(true).open(&data).expect("open");
+        assert_eq!(
+            (clean.chunks, clean.corrupt_chunks, clean.dropped_files),
+            (2, 0, 0)
+        );
+        let data = walk(dir.path())
+            .into_iter()
+            .find(|p| p.extension().is_none())
+            .expect("data file");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .expect("open");
         std::os::unix::fs::FileExt::write_all_at(&f, b"X", 12).expect("damage");
         let report = s.verify().await;
         assert_eq!((report.corrupt_chunks, report.dropped_files), (1, 1));
@@ -449,12 +470,18 @@ mod tests {
             panic!("expected a sink");
         };
         // A second writer of the same region is turned away.
-        assert!(matches!(s.put(&a, &chunks[0]).expect("put"), Put::Unavailable));
+        assert!(matches!(
+            s.put(&a, &chunks[0]).expect("put"),
+            Put::Unavailable
+        ));
         let mut h = Hashing::new(sink);
         h.write_all(parts[0]).expect("write");
         s.evict(&a, chunks.clone()).await;
         let (sink, proof) = h.verify(&chunks[0].digest).expect("verified");
-        assert!(matches!(sink.commit(proof), Err(CacheError::Evicted { .. })));
+        assert!(matches!(
+            sink.commit(proof),
+            Err(CacheError::Evicted { .. })
+        ));
         assert!(!s.is_ready(&a, &chunks[0]));
     }
 

@@ -159,7 +159,11 @@ impl std::io::Write for ToySink {
 
 impl ChunkSink for ToySink {
     fn commit(self: Box<Self>, proof: Verified) -> Result<(), CacheError> {
-        assert_eq!(*proof.digest(), self.key.1, "committed with the proof of its own bytes");
+        assert_eq!(
+            *proof.digest(),
+            self.key.1,
+            "committed with the proof of its own bytes"
+        );
         self.chunks
             .lock()
             .expect("lock")
