@@ -42,7 +42,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The FUSE mounts of lazy layers.
     pub fuse: FuseConfig,
-    /// The chunk cache.
+    /// The local store of fetched data.
     pub cache: CacheConfig,
     /// Read traces, prefetch, readahead and background fetch.
     pub prefetch: PrefetchConfig,

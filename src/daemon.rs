@@ -129,7 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The lazy-layer machinery: registry client, chunk cache, traces, FUSE mounts.
+/// The lazy-layer machinery: registry client, local store, traces, FUSE mounts.
 fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     let registry = RegistryClient::new(registry::RegistryConfig {
         request_timeout: config.registry.request_timeout,

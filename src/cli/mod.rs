@@ -36,7 +36,7 @@ pub struct Cli {
 enum Command {
     /// Serve containerd's Snapshots API (the proxy plugin) on a Unix socket.
     Serve(serve::ServeArgs),
-    /// Show and manage the chunk cache of a running daemon.
+    /// Show and manage the local store (cached layer data) of a running daemon.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
     /// Show, export and import the read traces that drive prefetch.

@@ -24,7 +24,7 @@ impl ControlService {
     fn layers(&self) -> Result<Arc<dyn LazyNode>, Status> {
         self.layers.clone().ok_or_else(|| {
             Status::failed_precondition(
-                "lazy pulling is off ([fuse] lazy_pull = false): there is no chunk cache or trace",
+                "lazy pulling is off ([fuse] lazy_pull = false): there is no local store or trace",
             )
         })
     }
