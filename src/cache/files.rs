@@ -142,10 +142,39 @@ struct Present {
     digest: ChunkDigest,
 }
 
+/// The chunks of one file present in the store: (file offset, length), sorted. Digests stay
+/// in the record file (read by `verify`): the store key pins the chunk list, so offset and
+/// length name a chunk, and most files are one chunk, so this is the index's whole cost.
+#[derive(Default)]
+struct Chunks(Vec<(u64, u64)>);
+
+impl Chunks {
+    fn get(&self, offset: u64) -> Option<u64> {
+        self.0
+            .binary_search_by_key(&offset, |(o, _)| *o)
+            .ok()
+            .map(|i| self.0[i].1)
+    }
+
+    /// Whether it was new.
+    fn insert(&mut self, offset: u64, len: u64) -> bool {
+        match self.0.binary_search_by_key(&offset, |(o, _)| *o) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, (offset, len));
+                true
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// One file of the store.
 struct Entry {
-    /// By file offset.
-    present: BTreeMap<u64, Present>,
+    present: Chunks,
     /// Bytes the data file takes on disk (allocated blocks, as `du` counts them).
     data: u64,
     /// Bytes of the record file (and lines still to be written).
@@ -363,8 +392,8 @@ impl FileStore {
         self.index()
             .entries
             .get(&key)
-            .and_then(|e| e.present.get(&chunk.file_offset))
-            .is_some_and(|p| p.len == chunk.len && p.digest == chunk.digest)
+            .and_then(|e| e.present.get(chunk.file_offset))
+            .is_some_and(|len| len == chunk.len)
     }
 
     /// Bytes `range` (relative to the chunk) of a ready chunk, by one `pread`. Blocking.
@@ -474,7 +503,7 @@ impl FileStore {
             index.generations += 1;
             let (clock, fresh) = (index.clock, index.generations);
             let entry = index.entries.entry(key).or_insert(Entry {
-                present: BTreeMap::new(),
+                present: Chunks::default(),
                 data: 0,
                 record: 0,
                 last_use: clock,
@@ -545,13 +574,9 @@ impl FileStore {
             });
         };
         entry.last_use = clock;
-        let present = Present {
-            len: writer.len,
-            digest: writer.digest,
-        };
         let grown = allocated.saturating_sub(entry.data);
         entry.data += grown;
-        let added = if entry.present.insert(writer.offset, present).is_none() {
+        let added = if entry.present.insert(writer.offset, writer.len) {
             entry.record += line.len() as u64;
             grown + line.len() as u64
         } else {
@@ -662,8 +687,8 @@ impl FileStore {
             let here = index
                 .entries
                 .get(&key)
-                .and_then(|e| e.present.get(&c.file_offset))
-                .is_some_and(|p| p.len == c.len && p.digest == c.digest);
+                .and_then(|e| e.present.get(c.file_offset))
+                .is_some_and(|len| len == c.len);
             if here && seen.insert((key, c.file_offset)) {
                 count += 1;
                 bytes += c.len;
@@ -703,28 +728,33 @@ impl FileStore {
     /// (bit rot, a hand edit): the next read fetches them again. Blocking; reads and writes
     /// go on meanwhile.
     pub fn verify(&self) -> VerifyReport {
-        // (file, its generation, its present chunks by offset), taken under the lock once.
-        type Snapshot = Vec<(StoreKey, u64, Vec<(u64, Present)>)>;
+        // Every ready chunk's record line on disk first: the digests are read from there.
+        self.flush();
+        // (file, its generation, its present chunks), taken under the lock once.
+        type Snapshot = Vec<(StoreKey, u64, Vec<(u64, u64)>)>;
         let snapshot: Snapshot = self
             .index()
             .entries
             .iter()
-            .map(|(k, e)| {
-                (
-                    *k,
-                    e.generation,
-                    e.present.iter().map(|(o, p)| (*o, *p)).collect(),
-                )
-            })
+            .map(|(k, e)| (*k, e.generation, e.present.0.clone()))
             .collect();
         let mut report = VerifyReport::default();
         let mut buf = vec![0u8; 1 << 20];
         for (key, generation, present) in snapshot {
             let path = self.path(&key);
             let file = File::open(&path);
+            let digests = std::fs::read(self.record_path(&key))
+                .map(|text| parse_record(&key, &text))
+                .unwrap_or_default();
             let mut bad = false;
-            for (offset, p) in &present {
+            for (offset, len) in &present {
                 report.chunks += 1;
+                // A chunk whose line cannot be read back cannot be vouched for either.
+                let Some(p) = digests.get(offset).filter(|p| p.len == *len) else {
+                    bad = true;
+                    report.corrupt_chunks += 1;
+                    continue;
+                };
                 let ok = file.as_ref().is_ok_and(|f| {
                     let mut h = Sha256::new();
                     let mut at = 0;
@@ -962,10 +992,13 @@ fn scan(files: &Path) -> std::io::Result<Index> {
             let data_len = meta.as_ref().map_or(0, |m| m.len());
             let data = meta.map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
             // Lines past the data file's end describe bytes that never reached it.
-            let present: BTreeMap<u64, Present> = present
-                .into_iter()
-                .filter(|(o, p)| o.saturating_add(p.len) <= data_len)
-                .collect();
+            let present = Chunks(
+                present
+                    .into_iter()
+                    .filter(|(o, p)| o.saturating_add(p.len) <= data_len)
+                    .map(|(o, p)| (o, p.len))
+                    .collect(),
+            );
             index.generations += 1;
             index.clock += 1;
             index.used += data + text.len() as u64;
