@@ -282,9 +282,16 @@ impl LayerReader {
     }
 
     /// A local file with exactly the contents of the file whose chunks are `chunks`, if the
-    /// store has all of them: for kernel passthrough.
+    /// store has all of them: for kernel passthrough. Reads through it never reach this
+    /// reader, so the open counts as a use of the file's prefetched chunks.
     pub fn backing_file(&self, chunks: &[ChunkSpec]) -> Option<std::fs::File> {
-        self.store.backing_file(&self.blob_id, chunks)
+        let file = self.store.backing_file(&self.blob_id, chunks)?;
+        let all: Vec<&ChunkSpec> = chunks.iter().collect();
+        self.note_prefetch_use(&all);
+        self.counters
+            .last_access_ms
+            .store(unix_ms(), Ordering::Relaxed);
+        Some(file)
     }
 
     /// Whether every chunk is ready in the store, without reading any.
