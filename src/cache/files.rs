@@ -403,19 +403,16 @@ impl FileStore {
         chunk: &ChunkSpec,
         range: std::ops::Range<u64>,
     ) -> Option<Bytes> {
-        if !self.is_ready(blob, chunk) {
-            return None;
-        }
         let key = StoreKey::new(blob, &chunk.file);
+        let generation = self.generation_if_ready(&key, &[chunk])?;
         let end = range.end.min(chunk.len);
         let start = range.start.min(end);
         let file = self.open_for_read(&key)?;
         let mut buf = BytesMut::zeroed((end - start) as usize);
         match read_exact_at(&file, &mut buf, chunk.file_offset + start) {
-            Ok(()) => {
-                self.index().touch(&key);
-                Some(buf.freeze())
-            }
+            // Bytes read from a file evicted and written anew meanwhile are not the chunk's;
+            // the generation says whether the file read is still the one that was ready.
+            Ok(()) => self.still(&key, generation).then(|| buf.freeze()),
             Err(e) => {
                 tracing::warn!(path = %self.path(&key).display(), error = %e, "reading the store failed; dropping the file");
                 self.forget(&key);
@@ -448,13 +445,35 @@ impl FileStore {
     /// A read-only handle on the file of `chunks` (a whole file's chunks) if every one is
     /// present: the file then holds exactly the file's contents.
     pub fn complete_file(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> Option<File> {
-        let first = chunks.first()?;
-        if !chunks.iter().all(|c| self.is_ready(blob, c)) {
-            return None;
+        let key = StoreKey::new(blob, &chunks.first()?.file);
+        let all: Vec<&ChunkSpec> = chunks.iter().collect();
+        let generation = self.generation_if_ready(&key, &all)?;
+        let file = File::open(self.path(&key)).ok()?;
+        self.still(&key, generation).then_some(file)
+    }
+
+    /// The generation of `key`'s file if all of `chunks` (all of that file) are present.
+    fn generation_if_ready(&self, key: &StoreKey, chunks: &[&ChunkSpec]) -> Option<u64> {
+        let index = self.index();
+        let entry = index.entries.get(key)?;
+        chunks
+            .iter()
+            .all(|c| entry.present.get(c.file_offset) == Some(c.len))
+            .then_some(entry.generation)
+    }
+
+    /// Whether `key`'s file is still the one of `generation` (not evicted since); counts as a
+    /// use.
+    fn still(&self, key: &StoreKey, generation: u64) -> bool {
+        let mut index = self.index();
+        let same = index
+            .entries
+            .get(key)
+            .is_some_and(|e| e.generation == generation);
+        if same {
+            index.touch(key);
         }
-        let key = StoreKey::new(blob, &first.file);
-        self.index().touch(&key);
-        File::open(self.path(&key)).ok()
+        same
     }
 
     /// Opens a slot to stream `chunk` into, making room for it first. Blocking.
