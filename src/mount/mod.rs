@@ -15,10 +15,11 @@ mod report;
 mod seams_tests;
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lazysnap_fuse as fuse;
 use tokio::runtime::Handle;
@@ -34,8 +35,9 @@ use crate::layer::{
 };
 use crate::metadata::LayerIndex;
 use crate::prefetch::{Activity, ActivityCell, MountPlan, ReadRecorder, Readahead, TraceStore};
-use crate::report::Totals;
+use crate::report::{TakeoverReport, Totals};
 use crate::snapshot::{Labels, RemoteError, RemoteFs, RemoteState};
+use crate::takeover::{ConnectionName, FdStore};
 
 /// Tasks a mount owns (prefetch, trace recording, readahead): aborted when it is unmounted,
 /// so none outlives the layer it serves.
@@ -54,6 +56,17 @@ struct Mounted {
     activity: Arc<ActivityCell>,
     recorder: Option<Arc<ReadRecorder>>,
     tasks: MountTasks,
+    /// The name its connection's fd is held under, if it is held.
+    held_as: Option<String>,
+    /// Whether this daemon took the connection over from an earlier one.
+    taken_over: bool,
+}
+
+/// A connection an earlier daemon served, waiting for its layer to be restored here.
+struct HeldConnection {
+    name: String,
+    init: fuse::InitParams,
+    fd: OwnedFd,
 }
 
 /// Where lazy layers keep their state, and how they behave.
@@ -82,18 +95,48 @@ pub struct LazyLayers {
     /// Held while saved states are written, taken for a mount or removed, so that a state is
     /// never removed between being found (or saved) and its mount being recorded.
     lifecycle: Mutex<()>,
+    /// Where mounts' FUSE fds are held across restarts.
+    fd_store: FdStore,
+    /// Connections of the previous daemon not yet taken over, by mountpoint.
+    held: Mutex<HashMap<PathBuf, HeldConnection>>,
+    /// When the held fds were taken back.
+    takeover_started: Instant,
+    takeover: Mutex<TakeoverReport>,
 }
 
 impl LazyLayers {
+    /// `held` are the fds `fd_store` held for an earlier daemon, by name: restoring a layer
+    /// at a mountpoint one of them serves takes that connection over instead of mounting.
     pub fn new(
         resolver: Resolver,
         store: Arc<dyn ChunkStore>,
         traces: Arc<TraceStore>,
         options: LazyOptions,
         runtime: Handle,
+        fd_store: FdStore,
+        held: Vec<(String, OwnedFd)>,
     ) -> Self {
+        let takeover_started = Instant::now();
         let states = StateDir::new(options.layers_dir.clone());
         store.reserve(states.disk_usage());
+        let mut by_mountpoint = HashMap::new();
+        for (name, fd) in held {
+            match ConnectionName::decode(&name) {
+                Some(decoded) => {
+                    by_mountpoint.insert(
+                        decoded.mountpoint,
+                        HeldConnection {
+                            name,
+                            init: decoded.init,
+                            fd,
+                        },
+                    );
+                }
+                None => {
+                    tracing::warn!(%name, "dropping a held fd whose name is not a lazysnap mount's")
+                }
+            }
+        }
         LazyLayers {
             resolver,
             store,
@@ -106,6 +149,10 @@ impl LazyLayers {
             retired: Mutex::default(),
             retired_totals: Mutex::default(),
             lifecycle: Mutex::default(),
+            fd_store,
+            held: Mutex::new(by_mountpoint),
+            takeover_started,
+            takeover: Mutex::default(),
         }
     }
 
@@ -142,11 +189,13 @@ impl LazyLayers {
 
     /// Opens a resolved layer and mounts it at `mountpoint` over the layers `lower` (nearest
     /// first), with the tasks that serve it.
+    /// With `held`, serves that connection (already mounted there) instead of mounting.
     fn mount_state(
         &self,
         mountpoint: &Path,
         state: &LayerState,
         lower: &[PathBuf],
+        held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
         let digest = &state.source.digest;
         let opened = layer::open(self.resolver.formats(), state)?;
@@ -190,13 +239,33 @@ impl LazyLayers {
             read_timeout: self.options.read_timeout,
             ..fuse::MountOptions::default()
         };
-        let handle =
-            fuse::mount(source, mountpoint, options, self.runtime.clone()).map_err(|source| {
-                LayerError::Mount {
+        let taken_over = held.is_some();
+        let (handle, held_as) = match held {
+            Some(held) => {
+                let handle = fuse::take_over(
+                    source,
+                    mountpoint,
+                    held.fd,
+                    held.init,
+                    options,
+                    self.runtime.clone(),
+                )
+                .map_err(|source| LayerError::Mount {
                     layer: digest.clone(),
                     source,
-                }
-            })?;
+                })?;
+                (handle, Some(held.name))
+            }
+            None => {
+                let handle = fuse::mount(source, mountpoint, options, self.runtime.clone())
+                    .map_err(|source| LayerError::Mount {
+                        layer: digest.clone(),
+                        source,
+                    })?;
+                let held_as = self.hold(mountpoint, &handle);
+                (handle, held_as)
+            }
+        };
         // Dropping the handle on error unmounts.
         let dev = std::fs::symlink_metadata(mountpoint)
             .map_err(|source| LayerError::Mount {
@@ -261,9 +330,93 @@ impl LazyLayers {
                 activity,
                 recorder,
                 tasks,
+                held_as,
+                taken_over,
             },
         );
         Ok(())
+    }
+
+    /// Hands a new mount's connection to the fd store, so it outlives this daemon; returns
+    /// the name it is held under. A mount that cannot be held still serves, until the daemon
+    /// stops.
+    fn hold(&self, mountpoint: &Path, handle: &fuse::MountHandle) -> Option<String> {
+        if !self.fd_store.holds() {
+            return None;
+        }
+        let name = ConnectionName {
+            mountpoint: mountpoint.to_path_buf(),
+            init: handle.init_params(),
+        }
+        .encode();
+        let Some(name) = name else {
+            tracing::warn!(mountpoint = %mountpoint.display(), "mountpoint too long to name its held fd; this mount will not survive a restart");
+            return None;
+        };
+        let held = handle
+            .connection()
+            .map_err(crate::takeover::TakeoverError::Systemd)
+            .and_then(|fd| self.fd_store.put(&name, fd.as_fd()));
+        match held {
+            Ok(()) => Some(name),
+            Err(e) => {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot hold the mount's FUSE fd; this mount will not survive a restart");
+                None
+            }
+        }
+    }
+
+    /// Stops holding a connection that is going (unmounted, or dead).
+    fn unhold(&self, name: Option<&str>) {
+        if let Some(name) = name {
+            if let Err(e) = self.fd_store.remove(name) {
+                tracing::warn!(%name, error = %crate::error_chain(&e), "cannot drop a held FUSE fd");
+            }
+        }
+    }
+
+    /// Takes the held connection at `mountpoint`, if an earlier daemon left one there.
+    fn take_held(&self, mountpoint: &Path) -> Option<HeldConnection> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(mountpoint)
+    }
+
+    /// How the last start took connections over.
+    pub fn takeover_report(&self) -> TakeoverReport {
+        TakeoverReport {
+            fd_store: self.fd_store.kind(),
+            ..*self.takeover.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    /// Stops serving, as the daemon exits. With the fds held (and not `unmount`), the mounts
+    /// stay as they are for the next daemon to take over, and containers keep them;
+    /// otherwise they are unmounted (detached where busy) and no longer held.
+    pub fn shutdown(&self, unmount: bool) {
+        let mounted: Vec<(PathBuf, Mounted)> = self.mounted().drain().collect();
+        let keep = self.fd_store.holds() && !unmount;
+        let (mut kept, mut unmounted) = (0, 0);
+        for (mountpoint, m) in mounted {
+            self.end_tasks(&m);
+            if keep && m.held_as.is_some() {
+                m.handle.release();
+                kept += 1;
+                continue;
+            }
+            if let Err(e) = m.handle.unmount() {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot unmount lazy layer");
+            }
+            self.unhold(m.held_as.as_deref());
+            unmounted += 1;
+        }
+        tracing::info!(
+            kept,
+            unmounted,
+            fd_store = self.fd_store.kind(),
+            "lazy layers: {kept} left mounted for the next daemon, {unmounted} unmounted"
+        );
     }
 }
 
@@ -348,7 +501,7 @@ impl RemoteFs for LazyLayers {
             // Another snapshot of the same layer is here: its saved state, no request.
             let _lifecycle = self.lifecycle();
             if let Some(state) = self.resolver.saved(&self.states, &source, labels) {
-                match self.mount_state(mountpoint, &state, lower) {
+                match self.mount_state(mountpoint, &state, lower, None) {
                     Ok(()) => {
                         self.resolve_others_ahead(&source, labels);
                         return serde_json::to_value(layer::SavedState::of(&state))
@@ -371,7 +524,7 @@ impl RemoteFs for LazyLayers {
         let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
         self.save_state(&state).map_err(remote_error)?;
-        if let Err(e) = self.mount_state(mountpoint, &state, lower) {
+        if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
@@ -409,8 +562,26 @@ impl RemoteFs for LazyLayers {
         if let Some(dead) = dead {
             self.end_tasks(&dead);
             drop(dead.handle);
+            self.unhold(dead.held_as.as_deref());
         }
-        self.mount_state(mountpoint, &state, lower)
+        if let Some(held) = self.take_held(mountpoint) {
+            let name = held.name.clone();
+            match self.mount_state(mountpoint, &state, lower, Some(held)) {
+                Ok(()) => {
+                    self.takeover
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .taken_over += 1;
+                    tracing::debug!(mountpoint = %mountpoint.display(), layer = %state.source.digest, "took over the lazy layer's FUSE connection");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot take over the held FUSE connection; mounting the layer anew");
+                    self.drop_held(mountpoint, &name);
+                }
+            }
+        }
+        self.mount_state(mountpoint, &state, lower, None)
             .map_err(remote_error)
     }
 
@@ -427,15 +598,70 @@ impl RemoteFs for LazyLayers {
         mounted.handle.unmount().map_err(|e| RemoteError::Unmount {
             mountpoint: mountpoint.to_path_buf(),
             source: Box::new(e),
-        })
+        })?;
+        self.unhold(mounted.held_as.as_deref());
+        Ok(())
     }
 
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         self.check_mount(mountpoint, false)
     }
+
+    fn held_mountpoints(&self) -> Vec<PathBuf> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Held connections no saved layer claimed are unmounted and dropped; the takeover's
+    /// figures are logged.
+    fn restore_done(&self) {
+        let left: Vec<(PathBuf, String)> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(mountpoint, held)| (mountpoint, held.name))
+            .collect();
+        for (mountpoint, name) in &left {
+            tracing::warn!(mountpoint = %mountpoint.display(), "a held FUSE connection matches no saved lazy layer; unmounting it");
+            self.drop_held(mountpoint, name);
+        }
+        let report = {
+            let mut report = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
+            report.dropped += left.len() as u64;
+            report.duration_ms = self.takeover_started.elapsed().as_millis() as u64;
+            *report
+        };
+        if report.taken_over > 0 || report.dropped > 0 {
+            tracing::info!(
+                taken_over = report.taken_over,
+                dropped = report.dropped,
+                duration_ms = report.duration_ms,
+                fd_store = self.fd_store.kind(),
+                "took over {} lazy layer FUSE connections of the previous daemon in {} ms",
+                report.taken_over,
+                report.duration_ms
+            );
+        }
+    }
 }
 
 impl LazyLayers {
+    /// Unmounts a held connection that will not be served (its fd closes with it), if a
+    /// FUSE filesystem is still mounted at its mountpoint, and stops holding it.
+    fn drop_held(&self, mountpoint: &Path, name: &str) {
+        if health::is_fuse_mount(mountpoint) {
+            if let Err(e) = fuse::detach_mount(mountpoint) {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot unmount a held FUSE connection");
+            }
+        }
+        self.unhold(Some(name));
+    }
+
     /// Ends what a mount runs besides serving (prefetch, trace saving, readahead: dropping
     /// the set aborts them) and keeps its figures.
     fn end_tasks(&self, mounted: &Mounted) {

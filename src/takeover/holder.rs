@@ -105,9 +105,8 @@ fn watch(path: &Path, bound: u64, held: &Mutex<Held>, started: Instant) {
         std::thread::sleep(STALE_CHECK);
         let ours = std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == bound);
         let state = lock(held);
-        let unused = !state.ever_connected
-            && state.fds.is_empty()
-            && started.elapsed() > FIRST_CLIENT_WAIT;
+        let unused =
+            !state.ever_connected && state.fds.is_empty() && started.elapsed() > FIRST_CLIENT_WAIT;
         if !ours || unused {
             std::process::exit(0);
         }
@@ -167,8 +166,11 @@ fn serve_client(client: BorrowedFd<'_>, held: &Mutex<Held>) -> io::Result<()> {
             _ => scm::send(
                 client,
                 None,
-                format!("ERR cannot do {verb:?} with {} fds", usize::from(!fds.is_empty()))
-                    .as_bytes(),
+                format!(
+                    "ERR cannot do {verb:?} with {} fds",
+                    usize::from(!fds.is_empty())
+                )
+                .as_bytes(),
                 &[],
             )?,
         }
@@ -400,7 +402,10 @@ mod tests {
         next.remove("lazysnap~a").expect("remove");
         next.remove("lazysnap~b").expect("remove");
         assert!(next.list().expect("list").is_empty());
-        assert!(holder.0.try_wait().expect("wait").is_none(), "a client is connected");
+        assert!(
+            holder.0.try_wait().expect("wait").is_none(),
+            "a client is connected"
+        );
         drop(next);
         // Nothing held, nobody connected: the holder has nothing to do and exits.
         let deadline = Instant::now() + Duration::from_secs(5);

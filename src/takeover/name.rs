@@ -54,7 +54,9 @@ impl ConnectionName {
             }
         }
         let mountpoint = PathBuf::from(OsString::from_vec(bytes));
-        mountpoint.is_absolute().then_some(Self { mountpoint, init })
+        mountpoint
+            .is_absolute()
+            .then_some(Self { mountpoint, init })
     }
 
     pub fn mountpoint(&self) -> &Path {
@@ -78,10 +80,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_satisfy_systemd() {
-        for path in [
-            "/var/lib/lazysnap/snapshots/12/fs",
-            "/tmp/a b:c~d%e/ü/fs",
-        ] {
+        for path in ["/var/lib/lazysnap/snapshots/12/fs", "/tmp/a b:c~d%e/ü/fs"] {
             let name = ConnectionName {
                 mountpoint: PathBuf::from(path),
                 init: init(),
