@@ -35,8 +35,21 @@ pub enum OnExit {
     Unmount,
 }
 
+/// How the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Stopped {
+    /// Everything is down; the runtime may be shut down as usual.
+    Clean,
+    /// Lazy mounts are left for the next daemon while their FUSE sessions still run here:
+    /// exit the process without shutting the runtime down. Shutting it down would cancel
+    /// the reads those sessions have taken, and fuser answers a dropped reply with `EIO`,
+    /// which a container would see; left unanswered, the next daemon gets them resent.
+    LeftMounted,
+}
+
 /// Runs the daemon with `config` until a termination signal arrives.
-pub async fn run(config: Config, on_exit: OnExit) -> anyhow::Result<()> {
+pub async fn run(config: Config, on_exit: OnExit) -> anyhow::Result<Stopped> {
     // Handlers first: FUSE session threads started below inherit the signal disposition, and
     // without a handler a SIGTERM landing on one would kill the daemon without unmounting.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -135,11 +148,15 @@ pub async fn run(config: Config, on_exit: OnExit) -> anyhow::Result<()> {
     let served = grpc::serve(Arc::new(snapshotter), listener, stopped())
         .await
         .context("gRPC server failed");
+    let mut stopped = Stopped::Clean;
     if let Some(layers) = &layers {
         let layers = layers.clone();
-        tokio::task::spawn_blocking(move || layers.shutdown(on_exit == OnExit::Unmount))
+        let kept = tokio::task::spawn_blocking(move || layers.shutdown(on_exit == OnExit::Unmount))
             .await
             .context("stop lazy layers")?;
+        if kept > 0 {
+            stopped = Stopped::LeftMounted;
+        }
     }
     served?;
     match control.await {
@@ -150,7 +167,7 @@ pub async fn run(config: Config, on_exit: OnExit) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.address);
     let _ = std::fs::remove_file(&config.control_address);
     tracing::info!("stopped");
-    Ok(())
+    Ok(stopped)
 }
 
 /// The lazy-layer machinery: registry client, chunk cache, traces, FUSE mounts.

@@ -78,7 +78,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lazysnap::daemon::OnExit::KeepMounts
     };
     let result = runtime.block_on(lazysnap::daemon::run(config, on_exit));
+    if let Ok(lazysnap::daemon::Stopped::LeftMounted) = result {
+        // No runtime shutdown: reads the FUSE sessions took must stay unanswered (the next
+        // daemon gets them resent), not be cancelled into EIO.
+        std::process::exit(0);
+    }
     // Dropping the runtime would wait for every blocking task, however long it takes.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
-    result
+    result.map(drop)
 }

@@ -393,8 +393,10 @@ impl LazyLayers {
 
     /// Stops serving, as the daemon exits. With the fds held (and not `unmount`), the mounts
     /// stay as they are for the next daemon to take over, and containers keep them;
-    /// otherwise they are unmounted (detached where busy) and no longer held.
-    pub fn shutdown(&self, unmount: bool) {
+    /// otherwise they are unmounted (detached where busy) and no longer held. Returns how
+    /// many were left mounted: then the process must exit without stopping the runtime
+    /// (see `daemon::Stopped`).
+    pub fn shutdown(&self, unmount: bool) -> usize {
         let mounted: Vec<(PathBuf, Mounted)> = self.mounted().drain().collect();
         let keep = self.fd_store.holds() && !unmount;
         let (mut kept, mut unmounted) = (0, 0);
@@ -417,6 +419,7 @@ impl LazyLayers {
             fd_store = self.fd_store.kind(),
             "lazy layers: {kept} left mounted for the next daemon, {unmounted} unmounted"
         );
+        kept
     }
 }
 

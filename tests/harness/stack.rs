@@ -233,7 +233,11 @@ impl Stack {
             .expect("write lazysnap config");
             cmd.arg("--config").arg(config);
         }
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let mut n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        // A restart with nothing new in the directory must not truncate the last run's log.
+        while self.path(&format!("lazysnap-{n}.log")).exists() {
+            n += 1;
+        }
         let mut proc = Proc::spawn("lazysnap", cmd, &self.path(&format!("lazysnap-{n}.log")));
         wait_for(
             "lazysnap's socket",
@@ -242,6 +246,18 @@ impl Stack {
             || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
         );
         self.lazysnap = Some(proc);
+    }
+
+    /// Stops lazysnap with SIGTERM, as `systemctl stop` would, and waits for it to exit.
+    pub fn stop_lazysnap(&mut self) {
+        if let Some(mut proc) = self.lazysnap.take() {
+            proc.stop(Signal::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// The binary the next `start_lazysnap` runs (an upgrade).
+    pub fn set_lazysnap_bin(&mut self, bin: &Path) {
+        self.lazysnap_bin = bin.to_path_buf();
     }
 
     /// Kills lazysnap with SIGKILL: no cleanup, no unmount, as a crash would.
