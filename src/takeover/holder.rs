@@ -10,9 +10,10 @@
 //! - `LIST`: one `FD <name>` + fd per held fd (copies: the holder keeps holding them), then
 //!   `END`.
 //!
-//! Anything else is answered `ERR <why>`. The holder exits when it holds nothing and no
-//! daemon is connected (nothing to keep), and when its socket path is taken over by another
-//! holder (it is stale: no daemon will find it again).
+//! Anything else is answered `ERR <why>`. The holder closes fds whose connection has ended
+//! (the mount is gone: `/dev/fuse` polls as an error), exits when it holds nothing and no
+//! daemon is connected (nothing to keep), and exits when its socket path is taken over by
+//! another holder (it is stale: no daemon will find it again).
 
 use std::collections::HashMap;
 use std::io;
@@ -99,17 +100,34 @@ fn lock(held: &Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
 }
 
 /// Exits when the socket path no longer names our socket (a newer holder took it, or it was
-/// removed), or when no daemon came at all.
+/// removed), or when no daemon came at all; closes fds of connections that ended.
 fn watch(path: &Path, bound: u64, held: &Mutex<Held>, started: Instant) {
     loop {
         std::thread::sleep(STALE_CHECK);
         let ours = std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == bound);
-        let state = lock(held);
+        let mut state = lock(held);
+        state.fds.retain(|_, fd| !ended(fd.as_fd()));
+        if state.fds.is_empty() && state.clients == 0 && state.ever_connected {
+            std::process::exit(0);
+        }
         let unused =
             !state.ever_connected && state.fds.is_empty() && started.elapsed() > FIRST_CLIENT_WAIT;
         if !ours || unused {
             std::process::exit(0);
         }
+    }
+}
+
+/// Whether `fd` polls as an error or hang-up right now: for `/dev/fuse`, its connection was
+/// aborted (unmounted and gone); a socket or pipe whose peer is gone.
+fn ended(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)
+        }),
+        Err(_) => false,
     }
 }
 
@@ -431,6 +449,32 @@ mod tests {
         assert!(matches!(err, HolderError::Refused { .. }), "{err}");
         assert!(client.request("HELLO", None).is_err());
         assert!(client.list().expect("still answers").is_empty());
+    }
+
+    /// A held fd whose other end is gone (for `/dev/fuse`: the connection ended) is closed,
+    /// and a holder left with nothing and no daemon exits.
+    #[test]
+    fn fds_of_ended_connections_are_closed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("holder.sock");
+        let mut holder = spawn_holder(&path);
+        let (ours, theirs) = nix::unistd::pipe().expect("pipe");
+        Client::connect(&path)
+            .expect("connect")
+            .put("lazysnap~pipe", ours.as_fd())
+            .expect("put");
+        drop(ours);
+        assert!(!ended(theirs.as_fd()));
+        // The write end goes: the held read end hangs up.
+        drop(theirs);
+        let deadline = Instant::now() + STALE_CHECK * 3;
+        while holder.0.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the holder must drop the ended fd and exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A holder whose socket path another holder took is stale: it exits, whatever it holds.
