@@ -271,10 +271,9 @@ fn other_build(stack: &Stack) -> PathBuf {
     path
 }
 
-#[test]
-fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
-    harness::require_root();
-    let mut stack = Stack::start(LAZYSNAP);
+/// busybox; the files the reader checksums; a file only the in-flight read touches. Pushed
+/// as eStargz; returns its reference.
+fn push_image(stack: &Stack) -> String {
     let mut data_layer = vec![Entry::dir("data")];
     for (n, name) in FILES.iter().enumerate() {
         data_layer.push(Entry::file(&format!("data/{name}"), data(n)));
@@ -295,6 +294,14 @@ fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
     image::push(&spec, &stack.dir, &plain);
     let lazy = stack.image_ref("takeover:lazy");
     stack.convert_and_push(&plain, &lazy, &["--estargz"]);
+    lazy
+}
+
+#[test]
+fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
+    harness::require_root();
+    let mut stack = Stack::start(LAZYSNAP);
+    let lazy = push_image(&stack);
     stack.rpull(&lazy);
 
     let data_mount = mount_holding(&stack, "data/d1");
@@ -410,4 +417,212 @@ fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
     eprintln!(
         "reader: {iterations} iterations of 4 checksums and an exec, no error; kill -> first read: {kill_to_read:?}"
     );
+}
+
+/// A held connection whose layer's saved state is gone when the daemon starts again is
+/// unmounted, said so in the log and counted; the others are taken over.
+#[test]
+fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
+    harness::require_root();
+    let mut stack = Stack::start(LAZYSNAP);
+    let lazy = push_image(&stack);
+    stack.rpull(&lazy);
+    let slow_mount = mount_holding(&stack, "slow/inflight.bin");
+    let json = stack.cli_json(&["mounts"]);
+    let digest = json["mounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountpoint"] == slow_mount.display().to_string())
+        .and_then(|m| m["digest"].as_str())
+        .expect("the slow layer's digest")
+        .to_owned();
+
+    stack.stop_lazysnap();
+    assert!(Stack::mounts_under(&stack.lazysnap_root()).contains(&slow_mount));
+    std::fs::remove_dir_all(
+        stack
+            .lazysnap_root()
+            .join("layers")
+            .join(digest.replace(':', "-")),
+    )
+    .expect("remove the layer's saved state");
+    stack.start_lazysnap();
+
+    assert!(
+        !Stack::mounts_under(&stack.lazysnap_root()).contains(&slow_mount),
+        "the unmatched connection is unmounted"
+    );
+    let log = stack.lazysnap_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("a held FUSE connection matches no saved lazy layer"))
+        .unwrap_or_else(|| panic!("logged:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains(&slow_mount.display().to_string()),
+        "{line}"
+    );
+    let json = stack.cli_json(&["mounts"]);
+    assert_eq!(json["takeover"]["connections"], 2, "{json}");
+    assert_eq!(json["takeover"]["dropped"], 1, "{json}");
+    assert_eq!(json["mounts"].as_array().map(Vec::len), Some(2), "{json}");
+}
+
+/// systemd's fd store as lazysnap sees it: a datagram socket at `$NOTIFY_SOCKET` keeping the
+/// fds of `FDSTORE=1` by `FDNAME=`, dropping them on `FDSTOREREMOVE=1`, counting `READY=1`.
+struct FakeSystemd {
+    path: PathBuf,
+    store: Arc<std::sync::Mutex<(Vec<(String, std::os::fd::OwnedFd)>, usize)>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeSystemd {
+    fn start(path: &Path) -> Self {
+        use nix::sys::socket::{
+            bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned,
+            MsgFlags, SockFlag, SockType, UnixAddr,
+        };
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        bind(sock.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("bind");
+        setsockopt(
+            &sock,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(0, 100_000),
+        )
+        .expect("timeout");
+        let store = Arc::new(std::sync::Mutex::new((Vec::new(), 0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kept, flag) = (store.clone(), stop.clone());
+        thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let mut buf = [0u8; 4096];
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let Ok(msg) = recvmsg::<()>(
+                    sock.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                ) else {
+                    continue;
+                };
+                let mut fds = Vec::new();
+                for cmsg in msg.cmsgs().expect("cmsgs") {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        // SAFETY: received with this message; nothing else owns them.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                let len = msg.bytes;
+                let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                let fields: Vec<&str> = text.lines().collect();
+                let name = fields
+                    .iter()
+                    .find_map(|f| f.strip_prefix("FDNAME="))
+                    .unwrap_or("stored")
+                    .to_owned();
+                let mut kept = kept.lock().expect("store");
+                if fields.contains(&"FDSTORE=1") {
+                    kept.0.retain(|(n, _)| *n != name);
+                    kept.0.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+                } else if fields.contains(&"FDSTOREREMOVE=1") {
+                    kept.0.retain(|(n, _)| *n != name);
+                } else if fields.contains(&"READY=1") {
+                    kept.1 += 1;
+                }
+            }
+        });
+        Self {
+            path: path.to_path_buf(),
+            store,
+            stop,
+        }
+    }
+
+    fn ready_count(&self) -> usize {
+        self.store.lock().expect("store").1
+    }
+
+    /// Copies of the stored fds, with their names, as systemd passes them to a new instance.
+    fn stored(&self) -> (Vec<String>, Vec<std::os::fd::OwnedFd>) {
+        let kept = self.store.lock().expect("store");
+        kept.0
+            .iter()
+            .map(|(name, fd)| (name.clone(), fd.try_clone().expect("dup")))
+            .unzip()
+    }
+}
+
+impl Drop for FakeSystemd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Under systemd the fds go to its fd store (`FDSTORE=1`), and a new instance gets them as
+/// `LISTEN_FDS`/`LISTEN_FDNAMES` and takes the mounts over, with `READY=1` each time.
+#[test]
+fn under_systemd_the_fd_store_carries_the_mounts_across_a_crash() {
+    harness::require_root();
+    let mut stack = Stack::start(LAZYSNAP);
+    let lazy = push_image(&stack);
+    let systemd = FakeSystemd::start(&stack.path("notify"));
+    let notify = systemd.path.clone().into_os_string();
+    // From here on lazysnap runs as a systemd service would.
+    stack.stop_lazysnap();
+    stack.start_lazysnap_with(&[("NOTIFY_SOCKET", &notify)], Vec::new());
+    stack.eventually("READY=1", Duration::from_secs(10), || {
+        systemd.ready_count() == 1
+    });
+    // containerd redials the snapshotter with a backoff after the first one went away.
+    stack.eventually("a lazy pull", Duration::from_secs(30), || {
+        stack.try_rpull(&lazy).is_ok()
+    });
+    let reader = Reader::start(&stack, &lazy);
+    let _dropper = CacheDropper::start();
+    reader.keeps_going(&stack, 3, "under systemd");
+    let (names, fds) = systemd.stored();
+    assert_eq!(fds.len(), 3, "one stored fd per lazy mount: {names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with("lazysnap~")),
+        "{names:?}"
+    );
+
+    stack.kill_lazysnap();
+    let count = fds.len().to_string();
+    let joined = names.join(":");
+    stack.start_lazysnap_with(
+        &[
+            ("NOTIFY_SOCKET", &notify),
+            ("LISTEN_FDS", std::ffi::OsStr::new(&count)),
+            ("LISTEN_FDNAMES", std::ffi::OsStr::new(&joined)),
+        ],
+        fds,
+    );
+    reader.keeps_going(&stack, 3, "after SIGKILL + start under systemd");
+    stack.eventually("READY=1 again", Duration::from_secs(10), || {
+        systemd.ready_count() == 2
+    });
+    let json = stack.cli_json(&["mounts"]);
+    assert_eq!(json["takeover"]["fd_store"], "systemd", "{json}");
+    assert_eq!(json["takeover"]["connections"], 3, "{json}");
+    assert!(
+        json["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .all(|m| m["taken_over"] == true),
+        "{json}"
+    );
+    reader.assert_clean("at the end");
 }

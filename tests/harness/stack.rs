@@ -2,6 +2,8 @@
 //! lazysnap on its own socket, containerd with lazysnap as a proxy plugin. Only one stack runs
 //! at a time per test binary (2-core CI machines), and dropping it tears everything down.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -208,8 +210,46 @@ impl Stack {
     }
 
     pub fn start_lazysnap(&mut self) {
+        self.start_lazysnap_with(&[], Vec::new());
+    }
+
+    /// Starts lazysnap with `env` added and `fds` passed as fds 3, 4, ... (as systemd passes
+    /// `LISTEN_FDS`).
+    pub fn start_lazysnap_with(&mut self, env: &[(&str, &std::ffi::OsStr)], fds: Vec<OwnedFd>) {
         let socket = self.lazysnap_socket();
         let mut cmd = Command::new(&self.lazysnap_bin);
+        cmd.envs(env.iter().copied());
+        // Above any number the child's 3..3+n could collide with, then moved into place
+        // between fork and exec (dup2 clears close-on-exec).
+        let high: Vec<OwnedFd> = fds
+            .iter()
+            .map(|fd| {
+                let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000))
+                    .expect("dup fd");
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd nothing else owns.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+            })
+            .collect();
+        if !high.is_empty() {
+            let raw: Vec<i32> = high.iter().map(|fd| fd.as_raw_fd()).collect();
+            // SAFETY: the closure only calls dup2, which is async-signal-safe, on fds that stay
+            // open in the parent until the child has been spawned.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, &fd) in raw.iter().enumerate() {
+                        if libc::dup2(fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.start_lazysnap_cmd(cmd, socket);
+        drop(high);
+    }
+
+    fn start_lazysnap_cmd(&mut self, mut cmd: Command, socket: PathBuf) {
         cmd.arg("serve")
             .arg("--root")
             .arg(self.lazysnap_root())
