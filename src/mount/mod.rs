@@ -133,7 +133,11 @@ impl LazyLayers {
                     );
                 }
                 None => {
-                    tracing::warn!(%name, "dropping a held fd whose name is not a lazysnap mount's")
+                    tracing::warn!(%name, "dropping a held fd whose name is not a lazysnap mount's");
+                    drop(fd);
+                    if let Err(e) = fd_store.remove(&name) {
+                        tracing::warn!(%name, error = %crate::error_chain(&e), "cannot drop a held fd");
+                    }
                 }
             }
         }
@@ -355,7 +359,7 @@ impl LazyLayers {
         };
         let held = handle
             .connection()
-            .map_err(crate::takeover::TakeoverError::Systemd)
+            .map_err(crate::takeover::TakeoverError::Dup)
             .and_then(|fd| self.fd_store.put(&name, fd.as_fd()));
         match held {
             Ok(()) => Some(name),

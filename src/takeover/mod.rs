@@ -39,6 +39,8 @@ pub enum TakeoverError {
     Systemd(#[source] std::io::Error),
     #[error(transparent)]
     Holder(#[from] HolderError),
+    #[error("duplicate the mount's FUSE fd")]
+    Dup(#[source] std::io::Error),
 }
 
 impl FdStore {
