@@ -472,8 +472,15 @@ fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
 /// fds of `FDSTORE=1` by `FDNAME=`, dropping them on `FDSTOREREMOVE=1`, counting `READY=1`.
 struct FakeSystemd {
     path: PathBuf,
-    store: Arc<std::sync::Mutex<(Vec<(String, std::os::fd::OwnedFd)>, usize)>>,
+    store: Arc<std::sync::Mutex<FdStoreState>>,
     stop: Arc<AtomicBool>,
+}
+
+/// The stored fds by name, and how many `READY=1` came.
+#[derive(Default)]
+struct FdStoreState {
+    fds: Vec<(String, std::os::fd::OwnedFd)>,
+    ready: usize,
 }
 
 impl FakeSystemd {
@@ -497,7 +504,7 @@ impl FakeSystemd {
             &nix::sys::time::TimeVal::new(0, 100_000),
         )
         .expect("timeout");
-        let store = Arc::new(std::sync::Mutex::new((Vec::new(), 0)));
+        let store = Arc::new(std::sync::Mutex::new(FdStoreState::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (kept, flag) = (store.clone(), stop.clone());
         thread::spawn(move || {
@@ -533,12 +540,13 @@ impl FakeSystemd {
                     .to_owned();
                 let mut kept = kept.lock().expect("store");
                 if fields.contains(&"FDSTORE=1") {
-                    kept.0.retain(|(n, _)| *n != name);
-                    kept.0.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+                    kept.fds.retain(|(n, _)| *n != name);
+                    kept.fds
+                        .extend(fds.into_iter().map(|fd| (name.clone(), fd)));
                 } else if fields.contains(&"FDSTOREREMOVE=1") {
-                    kept.0.retain(|(n, _)| *n != name);
+                    kept.fds.retain(|(n, _)| *n != name);
                 } else if fields.contains(&"READY=1") {
-                    kept.1 += 1;
+                    kept.ready += 1;
                 }
             }
         });
@@ -550,13 +558,13 @@ impl FakeSystemd {
     }
 
     fn ready_count(&self) -> usize {
-        self.store.lock().expect("store").1
+        self.store.lock().expect("store").ready
     }
 
     /// Copies of the stored fds, with their names, as systemd passes them to a new instance.
     fn stored(&self) -> (Vec<String>, Vec<std::os::fd::OwnedFd>) {
         let kept = self.store.lock().expect("store");
-        kept.0
+        kept.fds
             .iter()
             .map(|(name, fd)| (name.clone(), fd.try_clone().expect("dup")))
             .unzip()

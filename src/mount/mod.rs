@@ -6,8 +6,13 @@
 //! A layer's saved state lives as long as a snapshot mounts it: it is written (within the
 //! cache's disk budget) at the first mount, reused by later mounts of the same layer, and
 //! removed when the last mount of the layer goes (or by `cache prune` if none is left).
+//!
+//! Mounts outlive the daemon: their FUSE fds are held in `crate::takeover`'s fd store, and a
+//! restarted daemon's `remount` serves the connection it finds held for a mountpoint instead
+//! of mounting anew (`handover`).
 
 mod fuse_source;
+mod handover;
 mod health;
 mod lower;
 mod report;
@@ -15,7 +20,7 @@ mod report;
 mod seams_tests;
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,7 +42,8 @@ use crate::metadata::LayerIndex;
 use crate::prefetch::{Activity, ActivityCell, MountPlan, ReadRecorder, Readahead, TraceStore};
 use crate::report::{TakeoverReport, Totals};
 use crate::snapshot::{Labels, RemoteError, RemoteFs, RemoteState};
-use crate::takeover::{ConnectionName, FdStore};
+use crate::takeover::FdStore;
+use handover::HeldConnection;
 
 /// Tasks a mount owns (prefetch, trace recording, readahead): aborted when it is unmounted,
 /// so none outlives the layer it serves.
@@ -60,13 +66,6 @@ struct Mounted {
     held_as: Option<String>,
     /// Whether this daemon took the connection over from an earlier one.
     taken_over: bool,
-}
-
-/// A connection an earlier daemon served, waiting for its layer to be restored here.
-struct HeldConnection {
-    name: String,
-    init: fuse::InitParams,
-    fd: OwnedFd,
 }
 
 /// Where lazy layers keep their state, and how they behave.
@@ -119,28 +118,7 @@ impl LazyLayers {
         let takeover_started = Instant::now();
         let states = StateDir::new(options.layers_dir.clone());
         store.reserve(states.disk_usage());
-        let mut by_mountpoint = HashMap::new();
-        for (name, fd) in held {
-            match ConnectionName::decode(&name) {
-                Some(decoded) => {
-                    by_mountpoint.insert(
-                        decoded.mountpoint,
-                        HeldConnection {
-                            name,
-                            init: decoded.init,
-                            fd,
-                        },
-                    );
-                }
-                None => {
-                    tracing::warn!(%name, "dropping a held fd whose name is not a lazysnap mount's");
-                    drop(fd);
-                    if let Err(e) = fd_store.remove(&name) {
-                        tracing::warn!(%name, error = %crate::error_chain(&e), "cannot drop a held fd");
-                    }
-                }
-            }
-        }
+        let held = handover::by_mountpoint(held, &fd_store);
         LazyLayers {
             resolver,
             store,
@@ -154,7 +132,7 @@ impl LazyLayers {
             retired_totals: Mutex::default(),
             lifecycle: Mutex::default(),
             fd_store,
-            held: Mutex::new(by_mountpoint),
+            held: Mutex::new(held),
             takeover_started,
             takeover: Mutex::default(),
         }
@@ -339,91 +317,6 @@ impl LazyLayers {
             },
         );
         Ok(())
-    }
-
-    /// Hands a new mount's connection to the fd store, so it outlives this daemon; returns
-    /// the name it is held under. A mount that cannot be held still serves, until the daemon
-    /// stops.
-    fn hold(&self, mountpoint: &Path, handle: &fuse::MountHandle) -> Option<String> {
-        if !self.fd_store.holds() {
-            return None;
-        }
-        let name = ConnectionName {
-            mountpoint: mountpoint.to_path_buf(),
-            init: handle.init_params(),
-        }
-        .encode();
-        let Some(name) = name else {
-            tracing::warn!(mountpoint = %mountpoint.display(), "mountpoint too long to name its held fd; this mount will not survive a restart");
-            return None;
-        };
-        let held = handle
-            .connection()
-            .map_err(crate::takeover::TakeoverError::Dup)
-            .and_then(|fd| self.fd_store.put(&name, fd.as_fd()));
-        match held {
-            Ok(()) => Some(name),
-            Err(e) => {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot hold the mount's FUSE fd; this mount will not survive a restart");
-                None
-            }
-        }
-    }
-
-    /// Stops holding a connection that is going (unmounted, or dead).
-    fn unhold(&self, name: Option<&str>) {
-        if let Some(name) = name {
-            if let Err(e) = self.fd_store.remove(name) {
-                tracing::warn!(%name, error = %crate::error_chain(&e), "cannot drop a held FUSE fd");
-            }
-        }
-    }
-
-    /// Takes the held connection at `mountpoint`, if an earlier daemon left one there.
-    fn take_held(&self, mountpoint: &Path) -> Option<HeldConnection> {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(mountpoint)
-    }
-
-    /// How the last start took connections over.
-    pub fn takeover_report(&self) -> TakeoverReport {
-        TakeoverReport {
-            fd_store: self.fd_store.kind(),
-            ..*self.takeover.lock().unwrap_or_else(|p| p.into_inner())
-        }
-    }
-
-    /// Stops serving, as the daemon exits. With the fds held (and not `unmount`), the mounts
-    /// stay as they are for the next daemon to take over, and containers keep them;
-    /// otherwise they are unmounted (detached where busy) and no longer held. Returns how
-    /// many were left mounted: then the process must exit without stopping the runtime
-    /// (see `daemon::Stopped`).
-    pub fn shutdown(&self, unmount: bool) -> usize {
-        let mounted: Vec<(PathBuf, Mounted)> = self.mounted().drain().collect();
-        let keep = self.fd_store.holds() && !unmount;
-        let (mut kept, mut unmounted) = (0, 0);
-        for (mountpoint, m) in mounted {
-            self.end_tasks(&m);
-            if keep && m.held_as.is_some() {
-                m.handle.release();
-                kept += 1;
-                continue;
-            }
-            if let Err(e) = m.handle.unmount() {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot unmount lazy layer");
-            }
-            self.unhold(m.held_as.as_deref());
-            unmounted += 1;
-        }
-        tracing::info!(
-            kept,
-            unmounted,
-            fd_store = self.fd_store.kind(),
-            "lazy layers: {kept} left mounted for the next daemon, {unmounted} unmounted"
-        );
-        kept
     }
 }
 
@@ -615,60 +508,15 @@ impl RemoteFs for LazyLayers {
     }
 
     fn held_mountpoints(&self) -> Vec<PathBuf> {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect()
+        self.held_mountpoints_now()
     }
 
-    /// Held connections no saved layer claimed are unmounted and dropped; the takeover's
-    /// figures are logged.
     fn restore_done(&self) {
-        let left: Vec<(PathBuf, String)> = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(mountpoint, held)| (mountpoint, held.name))
-            .collect();
-        for (mountpoint, name) in &left {
-            tracing::warn!(mountpoint = %mountpoint.display(), "a held FUSE connection matches no saved lazy layer; unmounting it");
-            self.drop_held(mountpoint, name);
-        }
-        let report = {
-            let mut report = self.takeover.lock().unwrap_or_else(|p| p.into_inner());
-            report.dropped += left.len() as u64;
-            report.duration_ms = self.takeover_started.elapsed().as_millis() as u64;
-            *report
-        };
-        if report.taken_over > 0 || report.dropped > 0 {
-            tracing::info!(
-                taken_over = report.taken_over,
-                dropped = report.dropped,
-                duration_ms = report.duration_ms,
-                fd_store = self.fd_store.kind(),
-                "took over {} lazy layer FUSE connections of the previous daemon in {} ms",
-                report.taken_over,
-                report.duration_ms
-            );
-        }
+        self.drop_unclaimed();
     }
 }
 
 impl LazyLayers {
-    /// Unmounts a held connection that will not be served (its fd closes with it), if a
-    /// FUSE filesystem is still mounted at its mountpoint, and stops holding it.
-    fn drop_held(&self, mountpoint: &Path, name: &str) {
-        if health::is_fuse_mount(mountpoint) {
-            if let Err(e) = fuse::detach_mount(mountpoint) {
-                tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot unmount a held FUSE connection");
-            }
-        }
-        self.unhold(Some(name));
-    }
-
     /// Ends what a mount runs besides serving (prefetch, trace saving, readahead: dropping
     /// the set aborts them) and keeps its figures.
     fn end_tasks(&self, mounted: &Mounted) {
