@@ -634,3 +634,37 @@ fn under_systemd_the_fd_store_carries_the_mounts_across_a_crash() {
     );
     reader.assert_clean("at the end");
 }
+
+/// `--unmount-on-exit` is lazysnap leaving the node: SIGTERM unmounts every lazy layer and
+/// stops holding its fd, and the holder, left with nothing, exits.
+#[test]
+fn unmount_on_exit_takes_the_mounts_and_the_holder_down() {
+    harness::require_root();
+    let mut stack = Stack::start_with(LAZYSNAP, vec!["--unmount-on-exit".into()]);
+    let lazy = push_image(&stack);
+    stack.rpull(&lazy);
+    assert_eq!(Stack::mounts_under(&stack.lazysnap_root()).len(), 3);
+    let holder = stack.lazysnap_root().join("fd-holder.sock");
+    assert!(holder.exists(), "a holder runs");
+    stack.stop_lazysnap();
+    assert!(
+        Stack::mounts_under(&stack.lazysnap_root()).is_empty(),
+        "every lazy layer unmounted"
+    );
+    let log = stack.lazysnap_log();
+    assert!(
+        log.contains("0 left mounted for the next daemon, 3 unmounted"),
+        "{log}"
+    );
+    stack.eventually("the holder to exit", Duration::from_secs(10), || {
+        let probe = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = nix::sys::socket::UnixAddr::new(&holder).expect("addr");
+        nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&probe), &addr).is_err()
+    });
+}
