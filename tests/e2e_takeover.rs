@@ -419,12 +419,46 @@ fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
     );
 }
 
+/// `GET /metrics` from the daemon's metrics endpoint.
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read metrics");
+    text
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not in:\n{text}"))
+}
+
 /// A held connection whose layer's saved state is gone when the daemon starts again is
-/// unmounted, said so in the log and counted; the others are taken over.
+/// unmounted, said so in the log and counted (in `lazysnap mounts` and the metrics); the
+/// others are taken over.
 #[test]
 fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
     harness::require_root();
-    let mut stack = Stack::start(LAZYSNAP);
+    let port = harness::process::free_port();
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        config.path(),
+        format!("[metrics]\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("config");
+    let mut stack = Stack::start_with(
+        LAZYSNAP,
+        vec!["--config".into(), config.path().display().to_string()],
+    );
+    let before = metrics(port);
+    assert_eq!(metric(&before, "lazysnap_takeover_connections"), 0.0);
     let lazy = push_image(&stack);
     stack.rpull(&lazy);
     let slow_mount = mount_holding(&stack, "slow/inflight.bin");
@@ -466,6 +500,11 @@ fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
     assert_eq!(json["takeover"]["connections"], 2, "{json}");
     assert_eq!(json["takeover"]["dropped"], 1, "{json}");
     assert_eq!(json["mounts"].as_array().map(Vec::len), Some(2), "{json}");
+    let after = metrics(port);
+    assert_eq!(metric(&after, "lazysnap_takeover_connections"), 2.0);
+    assert_eq!(metric(&after, "lazysnap_takeover_dropped_connections"), 1.0);
+    let took = metric(&after, "lazysnap_takeover_duration_seconds");
+    assert!(took > 0.0 && took < 10.0, "{took}");
 }
 
 /// systemd's fd store as lazysnap sees it: a datagram socket at `$NOTIFY_SOCKET` keeping the
