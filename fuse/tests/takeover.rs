@@ -11,8 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::ops::ControlFlow;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ use lazysnap_fuse::{
 };
 
 const CHILD_ENV: &str = "LAZYSNAP_FUSE_TEST_TAKEOVER_CHILD";
+/// Set for a first server that offers passthrough from this directory.
+const BACKING_ENV: &str = "LAZYSNAP_FUSE_TEST_TAKEOVER_BACKING";
 
 fn tree() -> (MemorySource, Ino) {
     let mut tree = MemorySource::new();
@@ -35,10 +38,25 @@ fn tree() -> (MemorySource, Ino) {
     (tree, slow)
 }
 
-/// The tree, but a read of `stalled` never finishes; it says so on stdout when one begins.
+/// The tree, but a read of `stalled` never finishes (it says so on stdout when one begins);
+/// with `backing`, files are offered for passthrough from `<backing>/<ino>`. Counts the
+/// reads it serves itself.
 struct Stalling {
     inner: MemorySource,
-    stalled: Ino,
+    stalled: Option<Ino>,
+    backing: Option<PathBuf>,
+    reads: AtomicUsize,
+}
+
+impl Stalling {
+    fn new(inner: MemorySource, stalled: Option<Ino>, backing: Option<PathBuf>) -> Self {
+        Self {
+            inner,
+            stalled,
+            backing,
+            reads: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl LayerSource for Stalling {
@@ -66,11 +84,16 @@ impl LayerSource for Stalling {
         self.inner.getxattr(ino, name)
     }
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
-        if ino == self.stalled {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        if Some(ino) == self.stalled {
             println!("stalled");
             std::future::pending::<()>().await;
         }
         self.inner.read(ino, offset, len).await
+    }
+
+    fn backing_file(&self, ino: Ino) -> Option<fs::File> {
+        fs::File::open(self.backing.as_ref()?.join(ino.0.to_string())).ok()
     }
 }
 
@@ -84,11 +107,14 @@ fn first_server() {
     };
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (inner, stalled) = tree();
+    let backing = std::env::var_os(BACKING_ENV).map(PathBuf::from);
+    let passthrough = backing.is_some();
     let handle = mount(
-        Arc::new(Stalling { inner, stalled }),
+        Arc::new(Stalling::new(inner, Some(stalled), backing)),
         &mountpoint,
         MountOptions {
             read_timeout: Duration::from_secs(600),
+            passthrough,
             ..MountOptions::default()
         },
         runtime.handle().clone(),
@@ -141,20 +167,32 @@ fn steal_fd(pid: u32, fd: i32) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(got as i32) }
 }
 
-#[test]
-fn a_killed_servers_connection_is_taken_over_and_its_unanswered_read_completes() {
-    require_root();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mountpoint = dir.path().canonicalize().expect("canonical").join("layer");
+/// Starts the first server at a new mountpoint (offering passthrough from `backing`);
+/// returns it, the mountpoint, its output lines, a copy of its connection's fd and the INIT
+/// parameters.
+fn start_first_server(
+    dir: &Path,
+    backing: Option<&Path>,
+) -> (
+    FirstServer,
+    PathBuf,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+    OwnedFd,
+    InitParams,
+) {
+    let mountpoint = dir.canonicalize().expect("canonical").join("layer");
     fs::create_dir(&mountpoint).expect("mountpoint");
     let exe = std::env::current_exe().expect("test binary");
+    let mut command = Command::new(exe);
+    command
+        .args(["--exact", "first_server", "--ignored", "--nocapture", "-q"])
+        .env(CHILD_ENV, &mountpoint)
+        .stdout(Stdio::piped());
+    if let Some(backing) = backing {
+        command.env(BACKING_ENV, backing);
+    }
     let mut child = FirstServer {
-        child: Command::new(exe)
-            .args(["--exact", "first_server", "--ignored", "--nocapture", "-q"])
-            .env(CHILD_ENV, &mountpoint)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the first server"),
+        child: command.spawn().expect("spawn the first server"),
         mountpoint: mountpoint.clone(),
     };
     let mut lines = BufReader::new(child.child.stdout.take().expect("stdout")).lines();
@@ -169,6 +207,14 @@ fn a_killed_servers_connection_is_taken_over_and_its_unanswered_read_completes()
         }
     };
     let device = steal_fd(child.child.id(), fd);
+    (child, mountpoint, lines, device, init)
+}
+
+#[test]
+fn a_killed_servers_connection_is_taken_over_and_its_unanswered_read_completes() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, mountpoint, mut lines, device, init) = start_first_server(dir.path(), None);
 
     let file = mountpoint.join("dir/file");
     let ino = fs::metadata(&file).expect("stat").ino();
@@ -216,4 +262,66 @@ fn a_killed_servers_connection_is_taken_over_and_its_unanswered_read_completes()
 
     handle.unmount().expect("unmount");
     assert!(mounts_at(&mountpoint).is_empty());
+}
+
+/// With passthrough, a file opened before the crash reads on from its backing file while no
+/// server runs (the kernel holds it), and the new server registers backing files anew for
+/// new opens: neither read reaches a server.
+#[test]
+fn passthrough_survives_a_takeover() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backing = tempfile::tempdir().expect("backing dir");
+    let (source, _) = tree();
+    for (path, len) in [("dir/file", 50_000), ("later", 7_000)] {
+        let ino = source.resolve(path).expect("in the tree");
+        fs::write(backing.path().join(ino.0.to_string()), pattern(len)).expect("backing file");
+    }
+    let (mut child, mountpoint, _lines, device, init) =
+        start_first_server(dir.path(), Some(backing.path()));
+    let open = fs::File::open(mountpoint.join("dir/file")).expect("open before the crash");
+
+    child.child.kill().expect("kill");
+    child.child.wait().expect("reap");
+    // No server now: only the kernel's passthrough can answer this.
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0u8; 50_000];
+        std::os::unix::fs::FileExt::read_exact_at(&open, &mut buf, 0).map(|()| buf)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "a passthrough read needs no server"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(reader.join().expect("reader").expect("read") == pattern(50_000));
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let served = Arc::new(Stalling::new(
+        tree().0,
+        None,
+        Some(backing.path().to_path_buf()),
+    ));
+    let handle = take_over(
+        served.clone(),
+        &mountpoint,
+        device,
+        init,
+        MountOptions {
+            passthrough: true,
+            ..MountOptions::default()
+        },
+        runtime.handle().clone(),
+    )
+    .expect("take over");
+    assert!(fs::read(mountpoint.join("later")).expect("new open") == pattern(7_000));
+    assert!(fs::read(mountpoint.join("dir/file")).expect("reopen") == pattern(50_000));
+    assert_eq!(
+        served.reads.load(Ordering::SeqCst),
+        0,
+        "the new server passes both files through"
+    );
+    handle.unmount().expect("unmount");
 }
