@@ -7,7 +7,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lazysnap_fuse::InitParams;
 
@@ -57,10 +57,6 @@ impl ConnectionName {
         mountpoint
             .is_absolute()
             .then_some(Self { mountpoint, init })
-    }
-
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
     }
 }
 
