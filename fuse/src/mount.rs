@@ -1,18 +1,20 @@
 //! Mounting a [`LayerSource`] and taking the mount down again, including mounts a crashed
 //! daemon left behind.
 //!
-//! A mount runs its own FUSE session thread; a [`MountHandle`] owns it and unmounts on drop.
+//! A mount runs its own FUSE session thread; a [`MountHandle`] owns it and unmounts on drop,
+//! unless released to outlive the process (its `/dev/fuse` fd held elsewhere), for a later
+//! process to [`take_over`].
+//!
 //! The mount looks to overlayfs like a directory extracted from a tar: read-only, device
 //! nodes and setuid bits honoured (as stargz-snapshotter mounts its layers), and kernel-side
 //! permission checks on the attributes the source gives.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-use std::os::fd::{AsFd, OwnedFd};
 
 use fuser::SessionACL;
 use nix::mount::{umount2, MntFlags, MsFlags};
