@@ -1,6 +1,10 @@
 //! `lazysnap serve`: opens the state under the root dir, binds containerd's socket, the control
 //! socket and (if configured) the metrics address, and serves until SIGTERM or SIGINT, then
 //! lets in-flight calls finish.
+//!
+//! Lazy layers' FUSE fds are held outside the daemon (`crate::takeover`): at start the
+//! connections an earlier daemon left are taken over, and at exit they stay mounted for the
+//! next one (unless [`OnExit::Unmount`]).
 
 use std::sync::Arc;
 
@@ -18,9 +22,34 @@ use crate::registry::{self, RegistryClient};
 use crate::report::LazyNode;
 use crate::snapshot::{RemoteFs, Snapshotter};
 use crate::socket::{bind, SocketAccess};
+use crate::takeover::FdStore;
+
+/// What becomes of lazy mounts when the daemon stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// They stay mounted and held, for the next daemon to take over: containers keep
+    /// reading across a restart or an upgrade.
+    KeepMounts,
+    /// They are unmounted (detached where containers still use them, which then read
+    /// errors) and no longer held: lazysnap leaves the node.
+    Unmount,
+}
+
+/// How the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Stopped {
+    /// Everything is down; the runtime may be shut down as usual.
+    Clean,
+    /// Lazy mounts are left for the next daemon while their FUSE sessions still run here:
+    /// exit the process without shutting the runtime down. Shutting it down would cancel
+    /// the reads those sessions have taken, and fuser answers a dropped reply with `EIO`,
+    /// which a container would see; left unanswered, the next daemon gets them resent.
+    LeftMounted,
+}
 
 /// Runs the daemon with `config` until a termination signal arrives.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, on_exit: OnExit) -> anyhow::Result<Stopped> {
     // Handlers first: FUSE session threads started below inherit the signal disposition, and
     // without a handler a SIGTERM landing on one would kill the daemon without unmounting.
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -115,9 +144,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         root = %config.root.display(),
         "serving containerd snapshots API"
     );
-    grpc::serve(Arc::new(snapshotter), listener, stopped())
+    crate::takeover::notify_ready("serving");
+    let served = grpc::serve(Arc::new(snapshotter), listener, stopped())
         .await
-        .context("gRPC server failed")?;
+        .context("gRPC server failed");
+    let mut stopped = Stopped::Clean;
+    if let Some(layers) = &layers {
+        let layers = layers.clone();
+        let kept = tokio::task::spawn_blocking(move || layers.shutdown(on_exit == OnExit::Unmount))
+            .await
+            .context("stop lazy layers")?;
+        if kept > 0 {
+            stopped = Stopped::LeftMounted;
+        }
+    }
+    served?;
     match control.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "control API server failed"),
@@ -126,7 +167,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.address);
     let _ = std::fs::remove_file(&config.control_address);
     tracing::info!("stopped");
-    Ok(())
+    Ok(stopped)
 }
 
 /// The lazy-layer machinery: registry client, local store, traces, FUSE mounts.
@@ -146,6 +187,13 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
         config.prefetch.max_trace_entries,
     )
     .context("open trace store")?;
+    let exe = std::env::current_exe().context("find the lazysnap binary")?;
+    let (fd_store, held) = FdStore::open(&config.root.join("fd-holder.sock"), &exe);
+    tracing::info!(
+        fd_store = fd_store.kind(),
+        held = held.len(),
+        "lazy mounts' FUSE fds are held outside the daemon"
+    );
     Ok(Arc::new(LazyLayers::new(
         Resolver::new(registry, Formats::builtin_with(config.limits)),
         Arc::new(cache),
@@ -158,5 +206,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
             prefetch: config.prefetch.clone(),
         },
         tokio::runtime::Handle::current(),
+        fd_store,
+        held,
     )))
 }

@@ -25,11 +25,13 @@
 //! - `prefetch`: read traces, trace/landmark prefetch, readahead, background fetch; over
 //!   `layer` and `metadata`.
 //! - `metrics`: the Prometheus endpoint over the same figures as the control API.
+//! - `takeover`: holding lazy mounts' FUSE fds outside the daemon (systemd's fd store or
+//!   the `fd-holder` process) so the next daemon takes the connections over; a leaf.
 //! - `socket`: binding the daemon's Unix sockets with their mode and group, umask-proof.
 //! - `daemon`: wiring for `lazysnap serve`: state dir, sockets, signals.
 //!
 //! Dependencies point one way: `daemon → {grpc, metrics} → {snapshot, report}`;
-//! `snapshot → (RemoteFs) ← mount → {layer, prefetch, fuse}`; `layer → {format, registry,
+//! `snapshot → (RemoteFs) ← mount → {layer, prefetch, fuse, takeover}`; `layer → {format, registry,
 //! cache}`; `format → metadata → chunk`; `cache → chunk`; `prefetch → layer`. `config`,
 //! `registry` and `chunk` are leaves.
 
@@ -48,6 +50,7 @@ pub mod registry;
 pub mod report;
 pub mod snapshot;
 pub mod socket;
+pub mod takeover;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

@@ -190,6 +190,25 @@ pub fn render(layers: &dyn LazyNode) -> String {
         "Lazy layers mounted now.",
         &[("", layers.mounts().len() as f64)],
     );
+    let takeover = layers.takeover();
+    metric(
+        "lazysnap_takeover_connections",
+        "gauge",
+        "FUSE connections of the previous daemon served again at this start, without remounting.",
+        &[("", takeover.taken_over as f64)],
+    );
+    metric(
+        "lazysnap_takeover_dropped_connections",
+        "gauge",
+        "Held FUSE connections that matched no saved layer at this start, unmounted.",
+        &[("", takeover.dropped as f64)],
+    );
+    metric(
+        "lazysnap_takeover_duration_seconds",
+        "gauge",
+        "Time from taking the held FUSE fds back to the last connection served again.",
+        &[("", takeover.duration_ms as f64 / 1000.0)],
+    );
     let (buckets, count, sum) = fetches.latency.snapshot();
     let _ = writeln!(out, "# HELP lazysnap_fetch_duration_seconds Time of one range request to a registry, retries included.\n# TYPE lazysnap_fetch_duration_seconds histogram");
     for (bound, n) in buckets {

@@ -68,6 +68,21 @@ pub struct MountReport {
     pub mounted_unix_ms: u64,
     pub fetched_bytes: u64,
     pub served_bytes: u64,
+    /// Served on the connection an earlier daemon left, not mounted anew.
+    pub taken_over: bool,
+}
+
+/// How this daemon took over the FUSE connections the previous one left at its start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TakeoverReport {
+    /// Where the fds are held: "systemd", "holder" or "none".
+    pub fd_store: &'static str,
+    /// Connections served again without remounting.
+    pub taken_over: u64,
+    /// Held connections that matched no saved layer (or could not be served), unmounted.
+    pub dropped: u64,
+    /// From taking the fds back to the last connection served again.
+    pub duration_ms: u64,
 }
 
 /// The node's lazy layers as operators see them.
@@ -75,6 +90,10 @@ pub trait LazyNode: Send + Sync {
     fn stats(&self) -> Stats;
     /// The lazy layers mounted now.
     fn mounts(&self) -> Vec<MountReport>;
+    /// How the connections of the previous daemon were taken over.
+    fn takeover(&self) -> TakeoverReport {
+        TakeoverReport::default()
+    }
     /// Checks now that each mount is still served, so `mounts` reports a dead one as
     /// `Activity::Dead`. Blocking (bounded): call it off the async workers.
     fn check_mounts(&self) {}

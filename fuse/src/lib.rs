@@ -12,12 +12,16 @@
 //!   passthrough to local copies the source offers.
 //! - `failures`: reads that recently failed with `EIO`, so the kernel's retries fail at once
 //!   instead of waiting out the deadline again; throttled warnings naming the reason.
-//! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts.
+//! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts, and
+//!   [`take_over`] of a connection a previous process served.
+//! - `connection`: mount(2) onto our own `/dev/fuse` fd, the INIT handshake kept as
+//!   [`InitParams`], and the kernel's resend notification.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
 //! - `memory` (feature `test-util`): `MemorySource`, an in-memory tree for tests.
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod connection;
 pub mod error;
 mod failures;
 mod fs;
@@ -26,8 +30,9 @@ pub mod memory;
 mod mount;
 pub mod source;
 
+pub use connection::InitParams;
 pub use error::{MountError, SourceError};
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{MemorySource, Meta};
-pub use mount::{detach_mount, mount, MountHandle, MountOptions};
+pub use mount::{detach_mount, mount, take_over, MountHandle, MountOptions};
 pub use source::{Attr, Device, DirEntry, FileKind, Ino, LayerSource};

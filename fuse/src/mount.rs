@@ -1,22 +1,27 @@
 //! Mounting a [`LayerSource`] and taking the mount down again, including mounts a crashed
 //! daemon left behind.
 //!
-//! A mount runs its own FUSE session thread; a [`MountHandle`] owns it and unmounts on drop.
+//! A mount runs its own FUSE session thread; a [`MountHandle`] owns it and unmounts on drop,
+//! unless released to outlive the process (its `/dev/fuse` fd held elsewhere), for a later
+//! process to [`take_over`].
+//!
 //! The mount looks to overlayfs like a directory extracted from a tar: read-only, device
 //! nodes and setuid bits honoured (as stargz-snapshotter mounts its layers), and kernel-side
 //! permission checks on the attributes the source gives.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuser::{MountOption, Session, SessionACL, SessionUnmounter};
-use nix::mount::{umount2, MntFlags};
+use fuser::SessionACL;
+use nix::mount::{umount2, MntFlags, MsFlags};
 use tokio::runtime::Handle;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::connection::{self, InitParams};
 use crate::fs::{FsConfig, LayerFs};
 use crate::{LayerSource, MountError};
 
@@ -66,10 +71,11 @@ impl Default for MountOptions {
 }
 
 /// Mounts `source` read-only at `mountpoint` and serves it until the returned handle is
-/// unmounted or dropped.
+/// unmounted, released or dropped.
 ///
 /// Reads run on `runtime`, which must have its time driver enabled (for the read deadline).
-/// Mounting needs root (or `fusermount3` and `user_allow_other` in `/etc/fuse.conf`).
+/// Mounting needs root: the connection is mounted with mount(2) onto our own `/dev/fuse` fd,
+/// so that the fd can be held elsewhere and the connection [taken over](take_over) later.
 ///
 /// This blocks for the mount and the FUSE handshake, so call it from a blocking context (e.g.
 /// `spawn_blocking`), not directly on a runtime thread.
@@ -95,7 +101,89 @@ pub fn mount<S: LayerSource>(
         mountpoint: mountpoint.clone(),
         source,
     };
-    let config = session_config(&options).map_err(failed)?;
+    let (config, data) = session_config(&options).map_err(failed)?;
+    let device = connection::mount_connection(&mountpoint, &options.fsname, mount_flags(), &data)
+        .map_err(failed)?;
+    let served = connection::read_init(device.as_fd()).and_then(|init| {
+        let params = InitParams::from_request(&init)?;
+        serve(
+            source,
+            &mountpoint,
+            device,
+            &init,
+            params,
+            true,
+            config,
+            &options,
+            runtime,
+        )
+    });
+    served.map_err(|err| {
+        // Nothing may stay mounted: a connection nobody serves hangs whoever looks.
+        let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
+        failed(err)
+    })
+}
+
+/// Serves `source` on a connection another process mounted and initialised at `mountpoint`
+/// (its `/dev/fuse` fd, held while that process was gone), without mounting anything: the
+/// kernel's inodes and open files stay as they were, so `source` must give every inode the
+/// number the previous server gave it. `init` is what the kernel offered that server
+/// ([`MountHandle::init_params`]); the filesystem initialises itself from it as it did then.
+///
+/// Requests the previous server read but never answered are queued again
+/// (`FUSE_NOTIFY_RESEND`, Linux 6.9) and answered here. On older kernels they stay
+/// unanswered and their callers wait until the connection ends; that is logged.
+///
+/// # Errors
+/// [`MountError::Mount`] if the session cannot be set up or its thread cannot start. The
+/// mount is left as it is then; the caller decides whether to unmount it.
+pub fn take_over<S: LayerSource>(
+    source: Arc<S>,
+    mountpoint: impl AsRef<Path>,
+    device: OwnedFd,
+    init: InitParams,
+    options: MountOptions,
+    runtime: Handle,
+) -> Result<MountHandle, MountError> {
+    let mountpoint = mountpoint.as_ref().to_path_buf();
+    let failed = |source: io::Error| MountError::Mount {
+        mountpoint: mountpoint.clone(),
+        source,
+    };
+    let (config, _) = session_config(&options).map_err(failed)?;
+    let request = init.to_request(0);
+    let handle = serve(
+        source,
+        &mountpoint,
+        device,
+        &request,
+        init,
+        false,
+        config,
+        &options,
+        runtime,
+    )
+    .map_err(failed)?;
+    if let Err(err) = connection::notify_resend(handle.connection.as_fd()) {
+        warn!(mountpoint = %mountpoint.display(), error = %err, "kernel cannot resend requests the previous daemon left unanswered; their callers wait");
+    }
+    Ok(handle)
+}
+
+/// Sets up the fuser session over `device` and starts its thread.
+#[allow(clippy::too_many_arguments)]
+fn serve<S: LayerSource>(
+    source: Arc<S>,
+    mountpoint: &Path,
+    device: OwnedFd,
+    init: &[u8],
+    params: InitParams,
+    answer_kernel: bool,
+    config: fuser::Config,
+    options: &MountOptions,
+    runtime: Handle,
+) -> io::Result<MountHandle> {
     let fs = LayerFs::new(
         source,
         runtime,
@@ -106,10 +194,8 @@ pub fn mount<S: LayerSource>(
             name: options.fsname.clone(),
         },
     );
-    let mut session = Session::new(fs, &mountpoint, &config).map_err(failed)?;
-    let unmounter = session.unmount_callable();
+    let session = connection::session_over(fs, device.as_fd(), init, answer_kernel, config)?;
     let (exited_tx, exited) = mpsc::channel();
-    // If the thread cannot start, the closure drops the session, which unmounts.
     let thread = std::thread::Builder::new()
         .name("lazysnap-fuse".to_owned())
         .spawn(move || {
@@ -117,18 +203,27 @@ pub fn mount<S: LayerSource>(
             // The receiver may be gone already (handle dropped without waiting).
             let _ = exited_tx.send(());
             result
-        })
-        .map_err(failed)?;
+        })?;
     Ok(MountHandle {
-        mountpoint,
-        unmounter: Some(unmounter),
+        mountpoint: mountpoint.to_path_buf(),
+        connection: device,
+        init: params,
+        mounted: true,
         thread: Some(SessionThread { thread, exited }),
     })
 }
 
-fn session_config(options: &MountOptions) -> io::Result<fuser::Config> {
+/// Flags of the mount(2) call: read-only; devices and setuid bits honoured, as in an
+/// extracted layer (a single-layer view is a bind mount of this mount, which inherits them).
+fn mount_flags() -> MsFlags {
+    MsFlags::MS_RDONLY
+}
+
+/// fuser's session settings and the mount's option string (after `fd=`, `rootmode=` and the
+/// owner, which [`connection::mount_connection`] writes).
+fn session_config(options: &MountOptions) -> io::Result<(fuser::Config, String)> {
     for (what, value) in [("fsname", &options.fsname), ("subtype", &options.subtype)] {
-        // Both end up in a comma-separated option string on some mount paths.
+        // Both end up in a comma-separated option string.
         if value.is_empty() || value.contains(',') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -137,23 +232,16 @@ fn session_config(options: &MountOptions) -> io::Result<fuser::Config> {
         }
     }
     let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::DefaultPermissions,
-        // fuser defaults to nodev,nosuid. An extracted layer has neither, and a single-layer
-        // view is a bind mount of this mount, which inherits its flags.
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::FSName(options.fsname.clone()),
-        // fuser's `Subtype` only names the source on the direct mount(2) path; the kernel
-        // itself takes `subtype=`, and then reports the type as `fuse.<subtype>`.
-        MountOption::CUSTOM(format!("subtype={}", options.subtype)),
-    ];
     // allow_other: containers run as any uid; default_permissions does the access checks.
     config.acl = SessionACL::All;
     config.n_threads = Some(options.dispatch_threads.max(1));
     config.clone_fd = options.dispatch_threads > 1;
-    Ok(config)
+    // The kernel reports the type as `fuse.<subtype>`.
+    let data = format!(
+        "default_permissions,allow_other,subtype={}",
+        options.subtype
+    );
+    Ok((config, data))
 }
 
 /// A mounted layer. Dropping it unmounts like [`MountHandle::unmount`], ignoring errors and
@@ -163,8 +251,13 @@ fn session_config(options: &MountOptions) -> io::Result<fuser::Config> {
 #[derive(Debug)]
 pub struct MountHandle {
     mountpoint: PathBuf,
-    /// `None` once unmounted.
-    unmounter: Option<SessionUnmounter>,
+    /// The connection's `/dev/fuse` file (the same open file the session reads), to hand to
+    /// whoever holds it across a restart.
+    connection: OwnedFd,
+    /// What the kernel offered at INIT.
+    init: InitParams,
+    /// Whether this handle still has to unmount.
+    mounted: bool,
     /// `None` once joined or left to end on its own.
     thread: Option<SessionThread>,
 }
@@ -182,6 +275,28 @@ impl MountHandle {
         &self.mountpoint
     }
 
+    /// A new fd on the connection (the same open file, so requests read through either are
+    /// the same requests), for a holder to keep it alive across a restart of this process.
+    ///
+    /// # Errors
+    /// When the process is out of fds.
+    pub fn connection(&self) -> io::Result<OwnedFd> {
+        self.connection.try_clone()
+    }
+
+    /// What the kernel offered at INIT, to [take over](take_over) the connection with later.
+    pub fn init_params(&self) -> InitParams {
+        self.init
+    }
+
+    /// Leaves the layer mounted and served until this process exits, without unmounting:
+    /// for a daemon stopping while the connection's fd is held elsewhere, so the next one
+    /// takes it over. (Without a holder, the mount dies with the process.)
+    pub fn release(mut self) {
+        self.mounted = false;
+        self.thread = None;
+    }
+
     /// Unmounts the layer and waits briefly for the session to end.
     ///
     /// If the mount is busy (open files, or still a lowerdir of an overlay mount) it is
@@ -196,14 +311,16 @@ impl MountHandle {
 
     /// Unmounts (or detaches a busy mount); with `wait`, waits briefly for the session to end.
     fn unmount_inner(&mut self, wait: bool) -> Result<(), MountError> {
-        let Some(mut unmounter) = self.unmounter.take() else {
+        if !std::mem::take(&mut self.mounted) {
             return Ok(());
-        };
-        match unmounter.unmount() {
+        }
+        match umount2(&self.mountpoint, MntFlags::empty()) {
             Ok(()) if wait => self.wait_for_session(),
             // The thread ends with the session, or with the process.
             Ok(()) => self.thread = None,
-            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+            // Someone detached it already (a repair of a dead mount).
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => self.thread = None,
+            Err(nix::errno::Errno::EBUSY) => {
                 umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|errno| {
                     MountError::Unmount {
                         mountpoint: self.mountpoint.clone(),
@@ -213,10 +330,10 @@ impl MountHandle {
                 // The session lives on until the last user of the detached mount is gone.
                 self.thread = None;
             }
-            Err(source) => {
+            Err(errno) => {
                 return Err(MountError::Unmount {
                     mountpoint: self.mountpoint.clone(),
-                    source,
+                    source: errno.into(),
                 })
             }
         }
@@ -280,21 +397,10 @@ mod tests {
 
     #[test]
     fn options_name_the_mount_and_keep_devices() {
-        let config = session_config(&MountOptions {
-            fsname: "lazysnap:sha256:ab".to_owned(),
-            ..MountOptions::default()
-        })
-        .expect("valid options");
-        for option in [
-            MountOption::RO,
-            MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
-            MountOption::FSName("lazysnap:sha256:ab".to_owned()),
-            MountOption::CUSTOM("subtype=lazysnap".to_owned()),
-        ] {
-            assert!(config.mount_options.contains(&option), "{option:?}");
-        }
+        let (config, data) = session_config(&MountOptions::default()).expect("valid options");
+        assert_eq!(data, "default_permissions,allow_other,subtype=lazysnap");
+        // Read-only, and no nodev/nosuid: an extracted layer honours both.
+        assert_eq!(mount_flags(), MsFlags::MS_RDONLY);
         assert_eq!(config.acl, SessionACL::All);
         assert_eq!(config.n_threads, Some(1));
     }

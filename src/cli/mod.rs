@@ -12,6 +12,7 @@ mod trace;
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use lazysnap::config::DEFAULT_CONTROL_ADDRESS;
@@ -44,6 +45,16 @@ enum Command {
     Trace(trace::TraceCommand),
     /// List the lazy layers mounted now.
     Mounts(mounts::MountsArgs),
+    /// Hold lazy mounts' FUSE fds while no daemon runs (started by `serve`, not by hand).
+    #[command(hide = true)]
+    FdHolder(FdHolderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FdHolderArgs {
+    /// The holder's socket, where daemons hand it fds and take them back.
+    #[arg(long, value_name = "SOCKET")]
+    socket: PathBuf,
 }
 
 /// The daemon's control socket, taken by every operator command.
@@ -88,6 +99,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(command) => cache::run(command),
         Command::Trace(command) => trace::run(command),
         Command::Mounts(args) => mounts::run(args),
+        // Before any thread exists: the holder forks to detach.
+        Command::FdHolder(args) => lazysnap::takeover::run_holder(&args.socket, true)
+            .with_context(|| format!("fd holder at {}", args.socket.display())),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use lazysnap::grpc::proto::control::{MountRow, MountsRequest};
+use lazysnap::grpc::proto::control::{MountRow, MountsRequest, Takeover};
 
 use super::client;
 use super::output::{self, Align, Table};
@@ -22,10 +22,31 @@ pub fn run(args: MountsArgs) -> anyhow::Result<()> {
     if args.control.json {
         return output::emit_json(&list);
     }
-    if list.mounts.is_empty() {
-        return output::emit("no lazy layers mounted\n");
+    let mut text = if list.mounts.is_empty() {
+        "no lazy layers mounted\n".to_owned()
+    } else {
+        render_mounts(&list.mounts, output::now_unix_ms())
+    };
+    if let Some(takeover) = &list.takeover {
+        text.push_str(&render_takeover(takeover));
     }
-    output::emit(&render_mounts(&list.mounts, output::now_unix_ms()))
+    output::emit(&text)
+}
+
+/// One line on how the daemon took over the previous one's connections, and where the fds
+/// are held.
+fn render_takeover(t: &Takeover) -> String {
+    let held = match t.fd_store.as_str() {
+        "none" => "FUSE fds held nowhere: lazy mounts die with the daemon".to_owned(),
+        store => format!("FUSE fds held by {store}"),
+    };
+    if t.connections == 0 && t.dropped == 0 {
+        return format!("{held}; nothing taken over at start\n");
+    }
+    format!(
+        "{held}; taken over at start: {} connection(s) in {} ms, {} dropped\n",
+        t.connections, t.duration_ms, t.dropped
+    )
 }
 
 fn render_mounts(mounts: &[MountRow], now_ms: u64) -> String {
@@ -37,6 +58,7 @@ fn render_mounts(mounts: &[MountRow], now_ms: u64) -> String {
         ("MOUNTED", Align::Left),
         ("FETCHED", Align::Right),
         ("SERVED", Align::Right),
+        ("TAKEN OVER", Align::Left),
     ]);
     for m in mounts {
         t.row([
@@ -47,6 +69,7 @@ fn render_mounts(mounts: &[MountRow], now_ms: u64) -> String {
             output::relative_time(m.mounted_unix_ms, now_ms),
             output::human_bytes(m.fetched_bytes),
             output::human_bytes(m.served_bytes),
+            if m.taken_over { "yes" } else { "-" }.to_owned(),
         ]);
     }
     t.render()
@@ -74,6 +97,7 @@ mod tests {
             mounted_unix_ms: 1_000,
             fetched_bytes: 1 << 20,
             served_bytes: 512,
+            taken_over: true,
         }
     }
 
@@ -81,6 +105,7 @@ mod tests {
     fn mounts_json_keeps_full_digest_and_proto_names() {
         let json = serde_json::to_value(MountsResponse {
             mounts: vec![row()],
+            takeover: None,
         })
         .expect("serialize");
         assert_eq!(
@@ -93,7 +118,8 @@ mod tests {
                 "mounted_unix_ms": 1_000,
                 "fetched_bytes": 1_048_576,
                 "served_bytes": 512,
-            }]})
+                "taken_over": true,
+            }], "takeover": null})
         );
     }
 
@@ -102,8 +128,30 @@ mod tests {
         let text = render_mounts(&[row()], 1_000 + 5 * 60_000);
         assert_eq!(
             text,
-            "DIGEST               REFERENCE               MOUNTPOINT                        STATE        MOUNTED  FETCHED  SERVED\n\
-             sha256:0123456789ab  registry.example/app:1  /var/lib/lazysnap/snapshots/3/fs  prefetching  5m ago   1.0 MiB   512 B\n"
+            "DIGEST               REFERENCE               MOUNTPOINT                        STATE        MOUNTED  FETCHED  SERVED  TAKEN OVER\n\
+             sha256:0123456789ab  registry.example/app:1  /var/lib/lazysnap/snapshots/3/fs  prefetching  5m ago   1.0 MiB   512 B  yes\n"
         );
+    }
+
+    #[test]
+    fn takeover_line_says_where_fds_are_held_and_what_was_taken_over() {
+        let mut t = Takeover {
+            fd_store: "holder".to_owned(),
+            connections: 3,
+            dropped: 1,
+            duration_ms: 12,
+        };
+        assert_eq!(
+            render_takeover(&t),
+            "FUSE fds held by holder; taken over at start: 3 connection(s) in 12 ms, 1 dropped\n"
+        );
+        t.connections = 0;
+        t.dropped = 0;
+        assert_eq!(
+            render_takeover(&t),
+            "FUSE fds held by holder; nothing taken over at start\n"
+        );
+        t.fd_store = "none".to_owned();
+        assert!(render_takeover(&t).contains("die with the daemon"));
     }
 }

@@ -34,6 +34,11 @@ pub struct ServeArgs {
     /// Log filter; overrides `log_level` in the config (RUST_LOG wins over both).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// On SIGTERM/SIGINT, unmount every lazy layer and stop holding its FUSE fd, as when
+    /// taking lazysnap off a node for good. By default lazy layers stay mounted for the next
+    /// `lazysnap serve` to take over, so running containers keep reading.
+    #[arg(long)]
+    unmount_on_exit: bool,
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -67,8 +72,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("lazysnap")
         .build()
         .context("start tokio runtime")?;
-    let result = runtime.block_on(lazysnap::daemon::run(config));
+    let on_exit = if args.unmount_on_exit {
+        lazysnap::daemon::OnExit::Unmount
+    } else {
+        lazysnap::daemon::OnExit::KeepMounts
+    };
+    let result = runtime.block_on(lazysnap::daemon::run(config, on_exit));
+    if let Ok(lazysnap::daemon::Stopped::LeftMounted) = result {
+        // No runtime shutdown: reads the FUSE sessions took must stay unanswered (the next
+        // daemon gets them resent), not be cancelled into EIO.
+        std::process::exit(0);
+    }
     // Dropping the runtime would wait for every blocking task, however long it takes.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
-    result
+    result.map(drop)
 }

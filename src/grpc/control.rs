@@ -253,6 +253,15 @@ impl Control for ControlService {
         &self,
         _: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
+        let takeover = self.layers.as_ref().map(|l| {
+            let t = l.takeover();
+            pb::Takeover {
+                fd_store: t.fd_store.to_owned(),
+                connections: t.taken_over,
+                dropped: t.dropped,
+                duration_ms: t.duration_ms,
+            }
+        });
         let mounts = match self.layers.clone() {
             // Checking a mount is a stat or two through FUSE: off the async workers.
             Some(layers) => {
@@ -275,8 +284,10 @@ impl Control for ControlService {
                     mounted_unix_ms: m.mounted_unix_ms,
                     fetched_bytes: m.fetched_bytes,
                     served_bytes: m.served_bytes,
+                    taken_over: m.taken_over,
                 })
                 .collect(),
+            takeover,
         }))
     }
 }

@@ -3,9 +3,9 @@
 //! daemon's back (`umount -l`). The directory left behind is empty, and a container stacking it
 //! would silently miss the layer's files, so the snapshotter checks before handing a layer out.
 //!
-//! (After an abort, fuser's session ends and unmounts the mount itself, so what is left is
-//! the empty directory underneath, as after `umount -l`; until then the mount answers
-//! `ENOTCONN`. Either way the probe below fails.)
+//! (After an abort the mount stays and answers `ENOTCONN` until the repair detaches it; after
+//! `umount -l` what is left is the empty directory underneath. Either way the probe below
+//! fails.)
 //!
 //! A probe is two system calls on the mountpoint: `stat`, whose device must still be the one
 //! the FUSE mount had when it was made (after `umount -l` it is the directory underneath), and
@@ -101,6 +101,35 @@ pub fn probe(mountpoint: &Path, dev: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a FUSE file system is mounted exactly at `mountpoint`, from the mount table alone:
+/// nothing is asked of the file system, which may have no server (a held connection).
+pub fn is_fuse_mount(mountpoint: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = escape_mountinfo(&mountpoint.to_string_lossy());
+    table.lines().any(|line| {
+        let point = line.split(' ').nth(4);
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split(' ').next());
+        point == Some(wanted.as_str())
+            && fstype.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
+fn escape_mountinfo(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn describe(call: &str, e: &std::io::Error) -> String {
     if e.raw_os_error() == Some(libc::ENOTCONN) {
         format!("{call}: FUSE connection aborted ({e})")
@@ -112,6 +141,12 @@ fn describe(call: &str, e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_table_paths_are_escaped_as_the_kernel_does() {
+        assert_eq!(escape_mountinfo("/a b\\c"), "/a\\040b\\134c");
+        assert!(!is_fuse_mount(Path::new("/")), "the root is not FUSE here");
+    }
     use std::sync::Arc;
 
     #[test]

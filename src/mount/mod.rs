@@ -6,8 +6,13 @@
 //! A layer's saved state lives as long as a snapshot mounts it: it is written (within the
 //! cache's disk budget) at the first mount, reused by later mounts of the same layer, and
 //! removed when the last mount of the layer goes (or by `cache prune` if none is left).
+//!
+//! Mounts outlive the daemon: their FUSE fds are held in `crate::takeover`'s fd store, and a
+//! restarted daemon's `remount` serves the connection it finds held for a mountpoint instead
+//! of mounting anew (`handover`).
 
 mod fuse_source;
+mod handover;
 mod health;
 mod lower;
 mod report;
@@ -15,10 +20,11 @@ mod report;
 mod seams_tests;
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lazysnap_fuse as fuse;
 use tokio::runtime::Handle;
@@ -34,8 +40,10 @@ use crate::layer::{
 };
 use crate::metadata::LayerIndex;
 use crate::prefetch::{Activity, ActivityCell, MountPlan, ReadRecorder, Readahead, TraceStore};
-use crate::report::Totals;
+use crate::report::{TakeoverReport, Totals};
 use crate::snapshot::{Labels, RemoteError, RemoteFs, RemoteState};
+use crate::takeover::FdStore;
+use handover::HeldConnection;
 
 /// Tasks a mount owns (prefetch, trace recording, readahead): aborted when it is unmounted,
 /// so none outlives the layer it serves.
@@ -54,6 +62,10 @@ struct Mounted {
     activity: Arc<ActivityCell>,
     recorder: Option<Arc<ReadRecorder>>,
     tasks: MountTasks,
+    /// The name its connection's fd is held under, if it is held.
+    held_as: Option<String>,
+    /// Whether this daemon took the connection over from an earlier one.
+    taken_over: bool,
 }
 
 /// Where lazy layers keep their state, and how they behave.
@@ -86,18 +98,31 @@ pub struct LazyLayers {
     /// Held while saved states are written, taken for a mount or removed, so that a state is
     /// never removed between being found (or saved) and its mount being recorded.
     lifecycle: Mutex<()>,
+    /// Where mounts' FUSE fds are held across restarts.
+    fd_store: FdStore,
+    /// Connections of the previous daemon not yet taken over, by mountpoint.
+    held: Mutex<HashMap<PathBuf, HeldConnection>>,
+    /// When the held fds were taken back.
+    takeover_started: Instant,
+    takeover: Mutex<TakeoverReport>,
 }
 
 impl LazyLayers {
+    /// `held` are the fds `fd_store` held for an earlier daemon, by name: restoring a layer
+    /// at a mountpoint one of them serves takes that connection over instead of mounting.
     pub fn new(
         resolver: Resolver,
         store: Arc<dyn ChunkStore>,
         traces: Arc<TraceStore>,
         options: LazyOptions,
         runtime: Handle,
+        fd_store: FdStore,
+        held: Vec<(String, OwnedFd)>,
     ) -> Self {
+        let takeover_started = Instant::now();
         let states = StateDir::new(options.layers_dir.clone());
         store.reserve(states.disk_usage());
+        let held = handover::by_mountpoint(held, &fd_store);
         LazyLayers {
             resolver,
             store,
@@ -113,6 +138,10 @@ impl LazyLayers {
             retired: Mutex::default(),
             retired_totals: Mutex::default(),
             lifecycle: Mutex::default(),
+            fd_store,
+            held: Mutex::new(held),
+            takeover_started,
+            takeover: Mutex::default(),
         }
     }
 
@@ -149,11 +178,13 @@ impl LazyLayers {
 
     /// Opens a resolved layer and mounts it at `mountpoint` over the layers `lower` (nearest
     /// first), with the tasks that serve it.
+    /// With `held`, serves that connection (already mounted there) instead of mounting.
     fn mount_state(
         &self,
         mountpoint: &Path,
         state: &LayerState,
         lower: &[PathBuf],
+        held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
         let digest = &state.source.digest;
         let opened = layer::open(self.resolver.formats(), state)?;
@@ -198,13 +229,33 @@ impl LazyLayers {
             passthrough: self.options.passthrough,
             ..fuse::MountOptions::default()
         };
-        let handle =
-            fuse::mount(source, mountpoint, options, self.runtime.clone()).map_err(|source| {
-                LayerError::Mount {
+        let taken_over = held.is_some();
+        let (handle, held_as) = match held {
+            Some(held) => {
+                let handle = fuse::take_over(
+                    source,
+                    mountpoint,
+                    held.fd,
+                    held.init,
+                    options,
+                    self.runtime.clone(),
+                )
+                .map_err(|source| LayerError::Mount {
                     layer: digest.clone(),
                     source,
-                }
-            })?;
+                })?;
+                (handle, Some(held.name))
+            }
+            None => {
+                let handle = fuse::mount(source, mountpoint, options, self.runtime.clone())
+                    .map_err(|source| LayerError::Mount {
+                        layer: digest.clone(),
+                        source,
+                    })?;
+                let held_as = self.hold(mountpoint, &handle);
+                (handle, held_as)
+            }
+        };
         // Dropping the handle on error unmounts.
         let dev = std::fs::symlink_metadata(mountpoint)
             .map_err(|source| LayerError::Mount {
@@ -269,6 +320,8 @@ impl LazyLayers {
                 activity,
                 recorder,
                 tasks,
+                held_as,
+                taken_over,
             },
         );
         Ok(())
@@ -356,7 +409,7 @@ impl RemoteFs for LazyLayers {
             // Another snapshot of the same layer is here: its saved state, no request.
             let _lifecycle = self.lifecycle();
             if let Some(state) = self.resolver.saved(&self.states, &source, labels) {
-                match self.mount_state(mountpoint, &state, lower) {
+                match self.mount_state(mountpoint, &state, lower, None) {
                     Ok(()) => {
                         self.resolve_others_ahead(&source, labels);
                         return serde_json::to_value(layer::SavedState::of(&state))
@@ -379,7 +432,7 @@ impl RemoteFs for LazyLayers {
         let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
         self.save_state(&state).map_err(remote_error)?;
-        if let Err(e) = self.mount_state(mountpoint, &state, lower) {
+        if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
@@ -417,8 +470,26 @@ impl RemoteFs for LazyLayers {
         if let Some(dead) = dead {
             self.end_tasks(&dead);
             drop(dead.handle);
+            self.unhold(dead.held_as.as_deref());
         }
-        self.mount_state(mountpoint, &state, lower)
+        if let Some(held) = self.take_held(mountpoint) {
+            let name = held.name.clone();
+            match self.mount_state(mountpoint, &state, lower, Some(held)) {
+                Ok(()) => {
+                    self.takeover
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .taken_over += 1;
+                    tracing::debug!(mountpoint = %mountpoint.display(), layer = %state.source.digest, "took over the lazy layer's FUSE connection");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "cannot take over the held FUSE connection; mounting the layer anew");
+                    self.drop_held(mountpoint, &name);
+                }
+            }
+        }
+        self.mount_state(mountpoint, &state, lower, None)
             .map_err(remote_error)
     }
 
@@ -435,11 +506,21 @@ impl RemoteFs for LazyLayers {
         mounted.handle.unmount().map_err(|e| RemoteError::Unmount {
             mountpoint: mountpoint.to_path_buf(),
             source: Box::new(e),
-        })
+        })?;
+        self.unhold(mounted.held_as.as_deref());
+        Ok(())
     }
 
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         self.check_mount(mountpoint, false)
+    }
+
+    fn held_mountpoints(&self) -> Vec<PathBuf> {
+        self.held_mountpoints_now()
+    }
+
+    fn restore_done(&self) {
+        self.drop_unclaimed();
     }
 }
 

@@ -170,11 +170,16 @@ impl LazyNode for LazyLayers {
                     mounted_unix_ms: m.mounted_unix_ms,
                     fetched_bytes: get(&c.fetched_bytes),
                     served_bytes: get(&c.served_bytes),
+                    taken_over: m.taken_over,
                 }
             })
             .collect();
         out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
         out
+    }
+
+    fn takeover(&self) -> crate::report::TakeoverReport {
+        self.takeover_report()
     }
 
     /// Opens each unmounted layer's saved index: for the operator's occasional look, not for

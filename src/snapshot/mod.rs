@@ -190,7 +190,13 @@ impl Snapshotter {
     /// of the previous run are detached. A layer that cannot be mounted is logged and its
     /// snapshot refuses to be mounted until it is removed.
     pub fn restore_remote_mounts(&self) -> Result<(), SnapshotError> {
-        let detached = mountinfo::detach_under(&self.snapshots_dir)
+        // Mounts whose connections the remote file system holds stay: it serves them again.
+        let held = self
+            .remote
+            .as_ref()
+            .map(|r| r.held_mountpoints())
+            .unwrap_or_default();
+        let detached = mountinfo::detach_under(&self.snapshots_dir, &held)
             .map_err(SnapshotError::io("read mounts under", &self.snapshots_dir))?;
         if detached > 0 {
             tracing::info!(count = detached, "detached stale mounts of an earlier run");
@@ -221,6 +227,7 @@ impl Snapshotter {
                 }
             }
         }
+        remote.restore_done();
         Ok(())
     }
 
@@ -374,7 +381,7 @@ impl Snapshotter {
             }
             let path = entry.path();
             tracing::info!(dir = %path.display(), "removing orphaned snapshot directory");
-            mountinfo::detach_under(&path)
+            mountinfo::detach_under(&path, &[])
                 .map_err(SnapshotError::io("read mounts under", &path))?;
             std::fs::remove_dir_all(&path).map_err(SnapshotError::io("remove", &path))?;
         }

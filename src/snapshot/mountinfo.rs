@@ -19,9 +19,11 @@ pub fn mount_points_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(points)
 }
 
-/// Lazily detaches every mount at or below `dir`; returns how many were detached.
-pub fn detach_under(dir: &Path) -> std::io::Result<usize> {
-    let points = mount_points_under(dir)?;
+/// Lazily detaches every mount at or below `dir` but those at `keep`; returns how many were
+/// detached.
+pub fn detach_under(dir: &Path, keep: &[PathBuf]) -> std::io::Result<usize> {
+    let mut points = mount_points_under(dir)?;
+    points.retain(|p| !keep.contains(p));
     for point in &points {
         if let Err(e) = umount2(point, MntFlags::MNT_DETACH) {
             tracing::warn!(mountpoint = %point.display(), error = %e, "detaching stale mount failed");

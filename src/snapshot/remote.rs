@@ -82,4 +82,11 @@ pub trait RemoteFs: Send + Sync {
     /// otherwise. Cheap (a stat or two, or a recent answer) and bounded in time, even when the
     /// file system hangs.
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError>;
+    /// Mountpoints still mounted from an earlier run whose connections this file system
+    /// holds and takes over in `remount`: a restore must leave them mounted.
+    fn held_mountpoints(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+    /// Every saved layer has been remounted: what is still held for no snapshot can go.
+    fn restore_done(&self) {}
 }

@@ -2,6 +2,8 @@
 //! lazysnap on its own socket, containerd with lazysnap as a proxy plugin. Only one stack runs
 //! at a time per test binary (2-core CI machines), and dropping it tears everything down.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -208,8 +210,46 @@ impl Stack {
     }
 
     pub fn start_lazysnap(&mut self) {
+        self.start_lazysnap_with(&[], Vec::new());
+    }
+
+    /// Starts lazysnap with `env` added and `fds` passed as fds 3, 4, ... (as systemd passes
+    /// `LISTEN_FDS`).
+    pub fn start_lazysnap_with(&mut self, env: &[(&str, &std::ffi::OsStr)], fds: Vec<OwnedFd>) {
         let socket = self.lazysnap_socket();
         let mut cmd = Command::new(&self.lazysnap_bin);
+        cmd.envs(env.iter().copied());
+        // Above any number the child's 3..3+n could collide with, then moved into place
+        // between fork and exec (dup2 clears close-on-exec).
+        let high: Vec<OwnedFd> = fds
+            .iter()
+            .map(|fd| {
+                let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(1000))
+                    .expect("dup fd");
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd nothing else owns.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) }
+            })
+            .collect();
+        if !high.is_empty() {
+            let raw: Vec<i32> = high.iter().map(|fd| fd.as_raw_fd()).collect();
+            // SAFETY: the closure only calls dup2, which is async-signal-safe, on fds that stay
+            // open in the parent until the child has been spawned.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, &fd) in raw.iter().enumerate() {
+                        if libc::dup2(fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.start_lazysnap_cmd(cmd, socket);
+        drop(high);
+    }
+
+    fn start_lazysnap_cmd(&mut self, mut cmd: Command, socket: PathBuf) {
         cmd.arg("serve")
             .arg("--root")
             .arg(self.lazysnap_root())
@@ -233,7 +273,11 @@ impl Stack {
             .expect("write lazysnap config");
             cmd.arg("--config").arg(config);
         }
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let mut n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        // A restart with nothing new in the directory must not truncate the last run's log.
+        while self.path(&format!("lazysnap-{n}.log")).exists() {
+            n += 1;
+        }
         let mut proc = Proc::spawn("lazysnap", cmd, &self.path(&format!("lazysnap-{n}.log")));
         wait_for(
             "lazysnap's socket",
@@ -242,6 +286,18 @@ impl Stack {
             || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
         );
         self.lazysnap = Some(proc);
+    }
+
+    /// Stops lazysnap with SIGTERM, as `systemctl stop` would, and waits for it to exit.
+    pub fn stop_lazysnap(&mut self) {
+        if let Some(mut proc) = self.lazysnap.take() {
+            proc.stop(Signal::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// The binary the next `start_lazysnap` runs (an upgrade).
+    pub fn set_lazysnap_bin(&mut self, bin: &Path) {
+        self.lazysnap_bin = bin.to_path_buf();
     }
 
     /// Kills lazysnap with SIGKILL: no cleanup, no unmount, as a crash would.
