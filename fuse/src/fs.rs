@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 use tracing::debug;
@@ -155,6 +155,66 @@ impl<S: LayerSource> LayerFs<S> {
         }
     }
 
+    /// Like [`fill_dir`](Self::fill_dir), each entry with its attributes (the kernel makes a
+    /// dentry of each, as if it had looked it up).
+    fn fill_dir_plus(
+        &self,
+        dir: Ino,
+        offset: u64,
+        reply: &mut ReplyDirectoryPlus,
+    ) -> Result<(), SourceError> {
+        let ttl = self.config.cache_ttl;
+        let mut pos = offset;
+        if pos == 0 {
+            let attr = file_attr(&self.source.getattr(dir)?);
+            if reply.add(inode(dir), 1, ".", &ttl, &attr, Generation(0)) {
+                return Ok(());
+            }
+            pos = 1;
+        }
+        if pos == 1 {
+            let parent = self.parent_of(dir);
+            let attr = file_attr(&self.source.getattr(parent)?);
+            if reply.add(inode(parent), 2, "..", &ttl, &attr, Generation(0)) {
+                return Ok(());
+            }
+            pos = 2;
+        }
+        let skip = pos - DOT_ENTRIES;
+        let mut full = false;
+        let mut failed = None;
+        let mut add = |entry: crate::DirEntry<'_>| {
+            let attr = match self.source.getattr(entry.ino) {
+                Ok(attr) => attr,
+                Err(err) => {
+                    failed = Some(err);
+                    return ControlFlow::Break(());
+                }
+            };
+            // As in `fill_dir`: once one entry did not fit, none after it may.
+            if full
+                || reply.add(
+                    inode(entry.ino),
+                    pos + 1,
+                    entry.name,
+                    &ttl,
+                    &file_attr(&attr),
+                    Generation(0),
+                )
+            {
+                full = true;
+                return ControlFlow::Break(());
+            }
+            if attr.kind == FileKind::Directory {
+                self.remember_parent(attr.ino, dir);
+            }
+            pos += 1;
+            ControlFlow::Continue(())
+        };
+        self.source.readdir(dir, skip, &mut add)?;
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Fills a directory listing from position `offset` on; see [`DOT_ENTRIES`]. Each entry
     /// carries the position after it, which the kernel sends back to resume the listing.
     fn fill_dir(
@@ -199,6 +259,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         for wanted in [
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
         ] {
             if let Err(missing) = config.add_capabilities(wanted) {
                 debug!(?missing, "kernel lacks a FUSE capability");
@@ -386,6 +447,24 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             ),
             Ok(_) => reply.error(errno(&SourceError::NotDirectory, "opendir", ino)),
             Err(err) => reply.error(errno(&err, "opendir", ino)),
+        }
+    }
+
+    /// Listings with each entry's attributes: after one READDIRPLUS the kernel knows every
+    /// name of the directory, so walking a tree (`find`, `ls -l`, a stat of every file) costs
+    /// a round trip per directory, not one per entry.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = Ino(ino.0);
+        match self.fill_dir_plus(dir, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(errno(&err, "readdirplus", dir)),
         }
     }
 

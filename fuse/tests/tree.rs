@@ -276,6 +276,81 @@ fn a_large_directory_lists_completely_in_order() {
     assert!(fs::metadata(m.path("many").join(many_name(MANY - 1))).is_ok());
 }
 
+/// Counts the lookups that reach the source, passing everything on.
+struct CountingLookups {
+    inner: MemorySource,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl lazysnap_fuse::LayerSource for CountingLookups {
+    fn lookup(
+        &self,
+        parent: Ino,
+        name: &std::ffi::OsStr,
+    ) -> Result<lazysnap_fuse::Attr, lazysnap_fuse::SourceError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.lookup(parent, name)
+    }
+    fn getattr(&self, ino: Ino) -> Result<lazysnap_fuse::Attr, lazysnap_fuse::SourceError> {
+        self.inner.getattr(ino)
+    }
+    fn readdir(
+        &self,
+        dir: Ino,
+        offset: u64,
+        add: &mut dyn FnMut(lazysnap_fuse::DirEntry<'_>) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), lazysnap_fuse::SourceError> {
+        self.inner.readdir(dir, offset, add)
+    }
+    fn readlink(&self, ino: Ino) -> Result<std::ffi::OsString, lazysnap_fuse::SourceError> {
+        self.inner.readlink(ino)
+    }
+    fn listxattr(&self, ino: Ino) -> Result<Vec<std::ffi::OsString>, lazysnap_fuse::SourceError> {
+        self.inner.listxattr(ino)
+    }
+    fn getxattr(
+        &self,
+        ino: Ino,
+        name: &std::ffi::OsStr,
+    ) -> Result<bytes::Bytes, lazysnap_fuse::SourceError> {
+        self.inner.getxattr(ino, name)
+    }
+    fn read(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+    ) -> impl std::future::Future<Output = Result<bytes::Bytes, lazysnap_fuse::SourceError>> + Send
+    {
+        self.inner.read(ino, offset, len)
+    }
+}
+
+#[test]
+fn a_listing_brings_its_entries_attributes_so_a_tree_walk_needs_no_lookups() {
+    let src = Arc::new(CountingLookups {
+        inner: layer(),
+        lookups: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let m = Mounted::new(Arc::clone(&src), MountOptions::default());
+    let before = src.lookups.load(std::sync::atomic::Ordering::SeqCst);
+    let mut stated = 0;
+    for entry in fs::read_dir(m.path("many")).expect("read_dir") {
+        let meta = fs::symlink_metadata(entry.expect("entry").path()).expect("lstat");
+        assert!(meta.is_file() || meta.is_dir() || meta.file_type().is_symlink());
+        stated += 1;
+    }
+    assert_eq!(stated, MANY);
+    let lookups = src.lookups.load(std::sync::atomic::Ordering::SeqCst) - before;
+    // READDIRPLUS: each listed entry arrives with its attributes; only `many` itself is
+    // looked up.
+    assert!(
+        lookups < MANY / 100,
+        "{lookups} lookups for a walk of {MANY} entries"
+    );
+}
+
 #[test]
 fn readlink_returns_targets() {
     let (_src, m) = mounted();
