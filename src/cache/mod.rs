@@ -370,6 +370,7 @@ mod tests {
             len: data.len() as u64,
             blob_range: 0..1,
             inner_offset: 0,
+            within: 0,
             digest,
         };
         {

@@ -8,6 +8,7 @@
 mod blob;
 mod error;
 mod fetches;
+mod gzip_lookup;
 mod reader;
 mod resolve;
 mod source;
@@ -16,6 +17,7 @@ mod state;
 pub use blob::RegistryBlob;
 pub use error::LayerError;
 pub use fetches::{Fetches, Histogram, Priority};
+pub use gzip_lookup::{fallback_tag, IndexLookup, Lookup};
 pub use reader::{unix_ms, LayerCounters, LayerReader, ReadError};
 pub use resolve::{Resolver, SUFFIX_BYTES};
 pub use source::{image_layers, LayerSource};

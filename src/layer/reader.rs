@@ -189,7 +189,7 @@ impl LayerReader {
         for chunk in &wanted {
             let part = self
                 .store
-                .read(&self.blob_id, chunk, chunk.part_of(&range))
+                .read(&self.blob_id, chunk, chunk.unit_part_of(&range))
                 .await;
             if part.is_some() {
                 self.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
@@ -210,7 +210,7 @@ impl LayerReader {
                     let whole = fetched.next().ok_or(ReadError::Abandoned {
                         digest: chunk.digest,
                     })?;
-                    let part = chunk.part_of(&range);
+                    let part = chunk.unit_part_of(&range);
                     let end = (part.end as usize).min(whole.len());
                     *slot = Some(whole.slice((part.start as usize).min(end)..end));
                 }
@@ -385,7 +385,8 @@ impl LayerReader {
         for (i, tx) in claim.senders.drain(..) {
             let chunk = chunks[i];
             let ready = if self.store.is_ready(&self.blob_id, chunk) {
-                self.store.read(&self.blob_id, chunk, 0..chunk.len).await
+                // The whole unit: waiters sharing it may want other pieces of it.
+                self.store.read(&self.blob_id, chunk, 0..u64::MAX).await
             } else {
                 None
             };
