@@ -19,7 +19,7 @@ use crate::format::gzip_index::{
     ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
 };
 use crate::format::ExternalIndex;
-use crate::registry::{Reference, RegistryClient, RegistryError};
+use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
 
 /// How long an image's lookup (found or not) is reused.
 pub const KEEP_FOR: Duration = Duration::from_secs(120);
@@ -55,7 +55,7 @@ struct ImageIndexes {
 
 /// Why a lookup failed.
 #[derive(Debug, thiserror::Error)]
-enum LookupError {
+pub enum LookupError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("{0}")]
@@ -194,36 +194,7 @@ impl IndexLookup {
     }
 
     async fn load(&self, reference: &Reference) -> Result<ImageIndexes, LookupError> {
-        let mut manifest = self
-            .registry
-            .get_manifest(reference, &reference.object, MAX_MANIFEST_BYTES)
-            .await?;
-        let doc: Document = parse(&manifest.bytes, "the image manifest")?;
-        let is_index = manifest.media_type.contains("index")
-            || manifest.media_type.contains("manifest.list")
-            || doc.media_type.as_deref().is_some_and(|t| t.contains("index"))
-            || (!doc.manifests.is_empty() && doc.layers.is_empty());
-        if is_index {
-            let child = doc
-                .manifests
-                .iter()
-                .take(MAX_PLATFORMS)
-                .find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
-                })
-                .ok_or_else(|| {
-                    LookupError::Invalid(format!(
-                        "the image index has no linux/{} manifest",
-                        host_arch()
-                    ))
-                })?;
-            manifest = self
-                .registry
-                .get_manifest(reference, &child.digest, MAX_MANIFEST_BYTES)
-                .await?;
-        }
+        let manifest = image_manifest(&self.registry, reference).await?;
         let listing = match self
             .registry
             .get_referrers(reference, &manifest.digest, ARTIFACT_TYPE, MAX_MANIFEST_BYTES)
@@ -303,6 +274,43 @@ impl IndexLookup {
         }
         Ok(found)
     }
+}
+
+/// The image manifest `reference` names; for a multi-platform index, its manifest for this
+/// machine's platform (linux and this architecture).
+pub async fn image_manifest(
+    registry: &RegistryClient,
+    reference: &Reference,
+) -> Result<Manifest, LookupError> {
+    let manifest = registry
+        .get_manifest(reference, &reference.object, MAX_MANIFEST_BYTES)
+        .await?;
+    let doc: Document = parse(&manifest.bytes, "the image manifest")?;
+    let is_index = manifest.media_type.contains("index")
+        || manifest.media_type.contains("manifest.list")
+        || doc.media_type.as_deref().is_some_and(|t| t.contains("index"))
+        || (!doc.manifests.is_empty() && doc.layers.is_empty());
+    if !is_index {
+        return Ok(manifest);
+    }
+    let child = doc
+        .manifests
+        .iter()
+        .take(MAX_PLATFORMS)
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
+        })
+        .ok_or_else(|| {
+            LookupError::Invalid(format!(
+                "the image index has no linux/{} manifest",
+                host_arch()
+            ))
+        })?;
+    Ok(registry
+        .get_manifest(reference, &child.digest, MAX_MANIFEST_BYTES)
+        .await?)
 }
 
 fn parse(bytes: &[u8], what: &str) -> Result<Document, LookupError> {
