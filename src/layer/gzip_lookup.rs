@@ -36,8 +36,9 @@ const MAX_PLATFORMS: usize = 64;
 /// What the registry holds for one layer.
 #[derive(Debug)]
 pub enum Lookup {
-    /// Its index, checked against the digest the image's artifact gives.
-    Found(ExternalIndex),
+    /// Its index, checked against the digest the image's artifact gives, and the layer's
+    /// size as the image manifest gives it.
+    Found(ExternalIndex, Option<u64>),
     /// The image's index lists the layer as left out (too small, or not gzip).
     NotIndexed,
     /// No index for it, and why.
@@ -49,6 +50,8 @@ struct ImageIndexes {
     /// layer digest → its index blob's digest.
     layers: HashMap<String, String>,
     not_indexed: HashSet<String>,
+    /// layer digest → its size, from the image manifest.
+    sizes: HashMap<String, u64>,
     /// Why the image has no usable index, when it has none.
     none: Option<String>,
 }
@@ -73,6 +76,8 @@ struct Descriptor {
     annotations: HashMap<String, String>,
     #[serde(default)]
     platform: Option<Platform>,
+    #[serde(default)]
+    size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -145,15 +150,27 @@ impl IndexLookup {
             .get_blob(reference, digest, MAX_INDEX_BLOB_BYTES)
             .await
         {
-            Ok(bytes) => Lookup::Found(ExternalIndex {
-                digest: digest.clone(),
-                bytes,
-            }),
+            Ok(bytes) => Lookup::Found(
+                ExternalIndex {
+                    digest: digest.clone(),
+                    bytes,
+                },
+                image.sizes.get(layer).copied(),
+            ),
             Err(e) => Lookup::Missing(format!(
                 "fetching its gzip index {digest}: {}",
                 crate::error_chain(&e)
             )),
         }
+    }
+
+    /// Whether the image's lookup is done and found an index (without waiting or asking).
+    pub fn has_index(&self, reference: &Reference) -> bool {
+        let images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+        images
+            .get(&reference.to_string())
+            .and_then(|(_, cell)| cell.get())
+            .is_some_and(|found| !found.layers.is_empty())
     }
 
     async fn image(&self, reference: &Reference) -> Arc<ImageIndexes> {
@@ -195,6 +212,12 @@ impl IndexLookup {
 
     async fn load(&self, reference: &Reference) -> Result<ImageIndexes, LookupError> {
         let manifest = image_manifest(&self.registry, reference).await?;
+        let image: Document = parse(&manifest.bytes, "the image manifest")?;
+        let sizes: HashMap<String, u64> = image
+            .layers
+            .iter()
+            .filter_map(|l| Some((l.digest.clone(), l.size?)))
+            .collect();
         let listing = match self
             .registry
             .get_referrers(reference, &manifest.digest, ARTIFACT_TYPE, MAX_MANIFEST_BYTES)
@@ -255,7 +278,10 @@ impl IndexLookup {
                 artifact.digest, manifest.digest
             )));
         }
-        let mut found = ImageIndexes::default();
+        let mut found = ImageIndexes {
+            sizes,
+            ..ImageIndexes::default()
+        };
         for layer in &doc.layers {
             if layer.media_type != INDEX_MEDIA_TYPE {
                 continue;

@@ -90,6 +90,10 @@ impl Resolver {
         let Ok(parsed) = Reference::parse(reference) else {
             return;
         };
+        if self.gzip_indexes.has_index(&parsed) {
+            // The image's layers are resolved through its gzip index: no suffix is needed.
+            return;
+        }
         let now = Instant::now();
         let mut entries = self.ahead_entries();
         entries.retain(|_, a| a.until > now);
@@ -239,7 +243,10 @@ impl Resolver {
     ) -> Result<LayerState, LayerError> {
         let layer = &source.digest;
         let reference = parse_reference(source)?;
-        let external = self.gzip_index(&reference, source, annotations).await?;
+        let (external, listed_size) = match self.gzip_index(&reference, source, annotations).await? {
+            Some((index, size)) => (Some(index), size),
+            None => (None, None),
+        };
         let hints = LayerHints {
             digest: layer,
             annotations,
@@ -274,10 +281,15 @@ impl Resolver {
                 source,
             }
         };
-        let (blob_size, tail) = self
-            .suffix(&reference, source)
-            .await
-            .map_err(registry_error("reading the blob's size and last bytes"))?;
+        let (blob_size, tail) = match (&external, listed_size) {
+            // An indexed layer needs no footer, and its size comes from the image manifest
+            // (the index must agree with it): no request.
+            (Some(_), Some(size)) => (size, bytes::Bytes::new()),
+            _ => self
+                .suffix(&reference, source)
+                .await
+                .map_err(registry_error("reading the blob's size and last bytes"))?,
+        };
         let probe = Probe {
             hints,
             blob_size,
@@ -328,14 +340,14 @@ impl Resolver {
         reference: &Reference,
         source: &LayerSource,
         annotations: &BTreeMap<String, String>,
-    ) -> Result<Option<ExternalIndex>, LayerError> {
+    ) -> Result<Option<(ExternalIndex, Option<u64>)>, LayerError> {
         if annotations.contains_key(TOC_DIGEST_ANNOTATION)
             || self.formats.by_name(gzip_index::NAME).is_none()
         {
             return Ok(None);
         }
         match self.gzip_indexes.find(reference, &source.digest).await {
-            Lookup::Found(index) => Ok(Some(index)),
+            Lookup::Found(index, size) => Ok(Some((index, size))),
             Lookup::NotIndexed => Err(LayerError::NotLazy {
                 layer: source.digest.clone(),
                 reason: "the image's gzip index leaves this layer out (too small to be worth it)"
