@@ -30,7 +30,7 @@ fn pseudo_text(len: usize, seed: u64) -> Vec<u8> {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         out.extend_from_slice(words[(x >> 33) as usize % words.len()]);
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             out.extend_from_slice(format!("{}", x % 100_000).as_bytes());
         }
     }
@@ -75,7 +75,14 @@ fn index(stack: &Stack, reference: &str) -> serde_json::Value {
     let config = stack.dir.join("index-config.toml");
     std::fs::write(&config, "").expect("config");
     let out = Command::new(LAZYSNAP)
-        .args(["index", reference, "--push", "--json", "--min-layer-size", "0"])
+        .args([
+            "index",
+            reference,
+            "--push",
+            "--json",
+            "--min-layer-size",
+            "0",
+        ])
         .args(["--span", &SPAN.to_string(), "--config"])
         .arg(&config)
         .output()
@@ -133,7 +140,10 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     assert_eq!(layers.len(), 4);
     assert!(layers.iter().all(|l| l["indexed"] == true), "{report:#}");
     let layer_bytes: u64 = layers.iter().map(|l| l["size"].as_u64().unwrap_or(0)).sum();
-    let index_bytes: u64 = layers.iter().map(|l| l["index_bytes"].as_u64().unwrap_or(0)).sum();
+    let index_bytes: u64 = layers
+        .iter()
+        .map(|l| l["index_bytes"].as_u64().unwrap_or(0))
+        .sum();
     assert_eq!(
         manifest_digest(&plain),
         digest,

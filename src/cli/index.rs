@@ -33,7 +33,12 @@ pub struct IndexArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Credentials for the image's registry, `user:password` (else the docker config's).
-    #[arg(long, value_name = "USER:PASSWORD", env = "LAZYSNAP_REGISTRY_AUTH", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "USER:PASSWORD",
+        env = "LAZYSNAP_REGISTRY_AUTH",
+        hide_env_values = true
+    )]
     auth: Option<String>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
@@ -51,9 +56,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
         hosts_dir: config.registry.hosts_dir.clone(),
     })?;
     if let Some(auth) = &args.auth {
-        let (username, password) = auth
-            .split_once(':')
-            .context("--auth takes user:password")?;
+        let (username, password) = auth.split_once(':').context("--auth takes user:password")?;
         client.set_credentials(
             &reference.host,
             Credentials {

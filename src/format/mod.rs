@@ -24,11 +24,11 @@ use bytes::Bytes;
 use crate::chunk::ChunkSpec;
 use crate::metadata::{LayerIndex, Limits, MetadataError};
 
+pub use gzip_index::{ExternalIndex, GzipIndexFormat};
 pub use stargz::{
     decompress_chunk, locate_toc, parse_toc, read_toc, Compression, Estargz, TocLocation,
     ZstdChunked, MAX_FOOTER, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
 };
-pub use gzip_index::{ExternalIndex, GzipIndexFormat};
 pub use toc::{Toc, TocEntry};
 
 /// A boxed future, as the seam's traits return them (they are used as trait objects).

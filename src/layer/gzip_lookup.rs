@@ -141,9 +141,11 @@ impl IndexLookup {
             return Lookup::NotIndexed;
         }
         let Some(digest) = image.layers.get(layer) else {
-            return Lookup::Missing(image.none.clone().unwrap_or_else(|| {
-                "the image's gzip index does not cover this layer".to_owned()
-            }));
+            return Lookup::Missing(
+                image.none.clone().unwrap_or_else(|| {
+                    "the image's gzip index does not cover this layer".to_owned()
+                }),
+            );
         };
         match self
             .registry
@@ -220,13 +222,22 @@ impl IndexLookup {
             .collect();
         let listing = match self
             .registry
-            .get_referrers(reference, &manifest.digest, ARTIFACT_TYPE, MAX_MANIFEST_BYTES)
+            .get_referrers(
+                reference,
+                &manifest.digest,
+                ARTIFACT_TYPE,
+                MAX_MANIFEST_BYTES,
+            )
             .await?
         {
             Some(listing) => listing,
             None => match self
                 .registry
-                .get_manifest(reference, &fallback_tag(&manifest.digest), MAX_MANIFEST_BYTES)
+                .get_manifest(
+                    reference,
+                    &fallback_tag(&manifest.digest),
+                    MAX_MANIFEST_BYTES,
+                )
                 .await
             {
                 Ok(m) => m.bytes,
@@ -314,7 +325,10 @@ pub async fn image_manifest(
     let doc: Document = parse(&manifest.bytes, "the image manifest")?;
     let is_index = manifest.media_type.contains("index")
         || manifest.media_type.contains("manifest.list")
-        || doc.media_type.as_deref().is_some_and(|t| t.contains("index"))
+        || doc
+            .media_type
+            .as_deref()
+            .is_some_and(|t| t.contains("index"))
         || (!doc.manifests.is_empty() && doc.layers.is_empty());
     if !is_index {
         return Ok(manifest);

@@ -134,10 +134,7 @@ pub async fn index_image(
         if !layer.media_type.contains("gzip") {
             report.skipped = Some("not gzip".into());
         } else if layer.size < options.min_layer_bytes {
-            report.skipped = Some(format!(
-                "smaller than {} bytes",
-                options.min_layer_bytes
-            ));
+            report.skipped = Some(format!("smaller than {} bytes", options.min_layer_bytes));
         } else {
             let index = index_layer(registry, reference, &layer, options).await?;
             report.spans = index.checkpoints.len();
@@ -178,7 +175,10 @@ async fn index_layer(
     let mut failed = None;
     while offset < size {
         let end = (offset + STREAM_PIECE).min(size);
-        match registry.read_range(reference, &layer.digest, offset..end).await {
+        match registry
+            .read_range(reference, &layer.digest, offset..end)
+            .await
+        {
             Ok(bytes) => {
                 if tx.send(Ok(bytes)).is_err() {
                     break;
@@ -252,7 +252,9 @@ pub async fn push(
     reference: &Reference,
     report: &ImageReport,
 ) -> Result<Pushed, PublishError> {
-    let empty = registry.push_blob(reference, Bytes::from_static(b"{}")).await?;
+    let empty = registry
+        .push_blob(reference, Bytes::from_static(b"{}"))
+        .await?;
     let mut layers = Vec::new();
     let mut not_indexed = Vec::new();
     for layer in &report.layers {
@@ -291,20 +293,24 @@ pub async fn push(
         },
         "annotations": annotations,
     });
-    let bytes = Bytes::from(serde_json::to_vec(&artifact).map_err(|e| PublishError::Manifest(e.to_string()))?);
+    let bytes = Bytes::from(
+        serde_json::to_vec(&artifact).map_err(|e| PublishError::Manifest(e.to_string()))?,
+    );
     let size = bytes.len();
     let digest = crate::registry::sha256_digest(&bytes);
     registry
         .put_manifest(reference, &digest, OCI_MANIFEST, bytes)
         .await?;
     let tag = fallback_tag(&report.manifest.digest);
-    let mut listing: serde_json::Value = match registry.get_manifest(reference, &tag, 4 << 20).await {
+    let mut listing: serde_json::Value = match registry.get_manifest(reference, &tag, 4 << 20).await
+    {
         Ok(m) => serde_json::from_slice(&m.bytes).unwrap_or(serde_json::Value::Null),
         Err(e) if e.is_not_found() => serde_json::Value::Null,
         Err(e) => return Err(e.into()),
     };
     if !listing.is_object() {
-        listing = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] });
+        listing =
+            serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] });
     }
     let mut manifests: Vec<serde_json::Value> = listing
         .get("manifests")
@@ -320,8 +326,12 @@ pub async fn push(
         "artifactType": ARTIFACT_TYPE,
     }));
     listing["manifests"] = serde_json::Value::Array(manifests);
-    let listing = Bytes::from(serde_json::to_vec(&listing).map_err(|e| PublishError::Manifest(e.to_string()))?);
-    registry.put_manifest(reference, &tag, OCI_INDEX, listing).await?;
+    let listing = Bytes::from(
+        serde_json::to_vec(&listing).map_err(|e| PublishError::Manifest(e.to_string()))?,
+    );
+    registry
+        .put_manifest(reference, &tag, OCI_INDEX, listing)
+        .await?;
     Ok(Pushed {
         artifact: digest,
         tag,

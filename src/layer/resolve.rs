@@ -243,7 +243,8 @@ impl Resolver {
     ) -> Result<LayerState, LayerError> {
         let layer = &source.digest;
         let reference = parse_reference(source)?;
-        let (external, listed_size) = match self.gzip_index(&reference, source, annotations).await? {
+        let (external, listed_size) = match self.gzip_index(&reference, source, annotations).await?
+        {
             Some((index, size)) => (Some(index), size),
             None => (None, None),
         };

@@ -704,7 +704,11 @@ impl RegistryClient {
         method: reqwest::Method,
         range: Option<RangeHeader<'_>>,
     ) -> Result<reqwest::Response, Attempt> {
-        let access = if target.extra.push { "pull,push" } else { "pull" };
+        let access = if target.extra.push {
+            "pull,push"
+        } else {
+            "pull"
+        };
         let scope = format!("repository:{}:{access}", target.repository);
         let mut authorization = self.known_authorization(target, &scope);
         let mut fresh = false;

@@ -59,12 +59,13 @@ impl RegistryClient {
         extra: Extra,
     ) -> Result<Target, RegistryError> {
         let endpoints = self.hosts.endpoints(reference)?;
-        let endpoint = endpoints
-            .iter()
-            .find(|e| e.is_origin)
-            .ok_or_else(|| RegistryError::NoEndpoint {
-                digest: path.to_owned(),
-            })?;
+        let endpoint =
+            endpoints
+                .iter()
+                .find(|e| e.is_origin)
+                .ok_or_else(|| RegistryError::NoEndpoint {
+                    digest: path.to_owned(),
+                })?;
         Ok(Target {
             client: self.client_for(endpoint)?,
             url: format!("{}/{}/{path}", endpoint.base, reference.repository),

@@ -132,10 +132,11 @@ fn check_spans(points: &[Checkpoint], total: u64, limits: &Limits) -> Result<(),
 }
 
 fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<TarEntry>, BuildError> {
-    let name = String::from_utf8(entry.path_bytes().into_owned()).map_err(|e| BuildError::Entry {
-        name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        reason: "name is not UTF-8".into(),
-    })?;
+    let name =
+        String::from_utf8(entry.path_bytes().into_owned()).map_err(|e| BuildError::Entry {
+            name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            reason: "name is not UTF-8".into(),
+        })?;
     let bad = |reason: String| BuildError::Entry {
         name: name.clone(),
         reason,

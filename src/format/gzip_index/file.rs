@@ -93,9 +93,12 @@ impl GzipIndex {
     /// the next checkpoint's (whose last bits end the span's last block), or the blob's end.
     pub fn span_blob(&self, k: usize) -> Option<std::ops::Range<u64>> {
         let start = self.checkpoints.get(k)?.fetch_from();
-        let end = self.checkpoints.get(k + 1).map_or(self.compressed_size, |p| {
-            p.input.saturating_add(1).min(self.compressed_size)
-        });
+        let end = self
+            .checkpoints
+            .get(k + 1)
+            .map_or(self.compressed_size, |p| {
+                p.input.saturating_add(1).min(self.compressed_size)
+            });
         Some(start..end)
     }
 
@@ -163,7 +166,9 @@ impl GzipIndex {
         }
         let digest = r.string(MAX_DIGEST_BYTES as u64, "the layer digest")?;
         if ChunkDigest::parse(&digest).is_none() || !digest.starts_with("sha256:") {
-            return Err(invalid(format!("layer digest {digest:?} is not sha256:<hex>")));
+            return Err(invalid(format!(
+                "layer digest {digest:?} is not sha256:<hex>"
+            )));
         }
         let compressed_size = r.u64("the compressed size")?;
         let uncompressed_size = r.u64("the uncompressed size")?;
@@ -220,7 +225,13 @@ impl GzipIndex {
             if len > limits.max_chunk_bytes {
                 return Err(IndexFileError::Limit(format!(
                     "span {k}: {}",
-                    over_limit("chunk", len, " bytes", limits.max_chunk_bytes, "max_chunk_bytes")
+                    over_limit(
+                        "chunk",
+                        len,
+                        " bytes",
+                        limits.max_chunk_bytes,
+                        "max_chunk_bytes"
+                    )
                 )));
             }
             let fetched = blob.end.saturating_sub(blob.start);
@@ -269,12 +280,20 @@ impl GzipIndex {
             let mut total: u64 = 0;
             for _ in 0..x {
                 let k = r.string(limits.max_xattr_name_bytes, "an xattr name")?;
-                let v = r.bytes(limits.max_xattr_value_bytes, "an xattr value")?.to_vec();
+                let v = r
+                    .bytes(limits.max_xattr_value_bytes, "an xattr value")?
+                    .to_vec();
                 total = total.saturating_add((k.len() + v.len()) as u64);
                 if total > limits.max_xattr_bytes {
                     return Err(IndexFileError::Limit(format!(
                         "entry {name:?}: {}",
-                        over_limit("extended attributes", total, " bytes", limits.max_xattr_bytes, "max_xattr_bytes")
+                        over_limit(
+                            "extended attributes",
+                            total,
+                            " bytes",
+                            limits.max_xattr_bytes,
+                            "max_xattr_bytes"
+                        )
                     )));
                 }
                 xattrs.push((k, v));

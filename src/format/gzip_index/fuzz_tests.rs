@@ -24,13 +24,23 @@ impl Rng {
     }
 }
 
+/// A header with every numeric field set, as real tar writers leave them.
+fn header() -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_mode(0o644);
+    h
+}
+
 const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
 fn sample_raw() -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
     for i in 0..20u64 {
         let data: Vec<u8> = (0..(i * 9000)).map(|k| (k * 7 + i) as u8).collect();
-        let mut h = tar::Header::new_gnu();
+        let mut h = header();
         h.set_mode(0o644);
         h.set_size(data.len() as u64);
         tar.append_data(&mut h, format!("d{}/f{i}", i % 3), &data[..])
@@ -40,8 +50,14 @@ fn sample_raw() -> Vec<u8> {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).expect("gzip");
     let blob = gz.finish().expect("gzip");
-    let index = build(DIGEST, blob.len() as u64, &blob[..], 16 << 10, &Limits::default())
-        .expect("index");
+    let index = build(
+        DIGEST,
+        blob.len() as u64,
+        &blob[..],
+        16 << 10,
+        &Limits::default(),
+    )
+    .expect("index");
     let encoded = index.encode().expect("encode");
     zstd::decode_all(&encoded[..]).expect("raw")
 }
@@ -139,8 +155,10 @@ fn a_claimed_count_alone_never_allocates() {
     raw.extend_from_slice(&100u64.to_le_bytes());
     raw.extend_from_slice(&u32::MAX.to_le_bytes());
     let doc = zstd::encode_all(&raw[..], 1).expect("zstd");
-    let mut limits = Limits::default();
-    limits.max_entries = u64::MAX;
+    let mut limits = Limits {
+        max_entries: u64::MAX,
+        ..Limits::default()
+    };
     assert!(GzipIndex::decode(&doc, &limits).is_err());
     // A decompression bomb stops at max_toc_bytes.
     let bomb = zstd::encode_all(&vec![0u8; 8 << 20][..], 19).expect("zstd");

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use self::file::{GzipIndex, IndexFileError, TarKind};
-use super::{BoxFuture, ChunkDecoder, FormatError, LayerFormat, LayerHints, Opened, Probe, Resolved};
+use super::{
+    BoxFuture, ChunkDecoder, FormatError, LayerFormat, LayerHints, Opened, Probe, Resolved,
+};
 use crate::chunk::{ChunkId, ChunkSpec};
 use crate::metadata::{Entry, EntryKind, IndexBuilder, LayerIndex, Limits};
 
@@ -99,7 +101,9 @@ impl LayerFormat for GzipIndexFormat {
             // Decompressing and checking the index is CPU work, off the async workers.
             let index = tokio::task::spawn_blocking(move || GzipIndex::decode(&bytes, &limits))
                 .await
-                .map_err(|e| FormatError::GzipIndexMismatch(format!("checking the index: {e}")))??;
+                .map_err(|e| {
+                    FormatError::GzipIndexMismatch(format!("checking the index: {e}"))
+                })??;
             if index.layer_digest != probe.hints.digest || index.compressed_size != probe.blob_size
             {
                 return Err(FormatError::GzipIndexMismatch(format!(

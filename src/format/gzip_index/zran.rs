@@ -106,9 +106,8 @@ impl Stream {
         }
         // SAFETY: initialised raw stream; `window` is valid for reads of its length (at most
         // WINDOW bytes, checked by callers, so the length fits a u32).
-        let code = unsafe {
-            z::inflateSetDictionary(&mut *self.0, window.as_ptr(), window.len() as u32)
-        };
+        let code =
+            unsafe { z::inflateSetDictionary(&mut *self.0, window.as_ptr(), window.len() as u32) };
         if code != z::Z_OK {
             return Err(ZranError::Prime(code));
         }
@@ -385,13 +384,22 @@ mod tests {
 
     fn pseudo_random_text(n: usize) -> Vec<u8> {
         // Compressible but not trivially: words from a small vocabulary, an LCG picking them.
-        let words = [&b"layer "[..], b"chunk ", b"gzip ", b"index ", b"span\n", b"zran "];
+        let words = [
+            &b"layer "[..],
+            b"chunk ",
+            b"gzip ",
+            b"index ",
+            b"span\n",
+            b"zran ",
+        ];
         let mut out = Vec::with_capacity(n);
         let mut x: u64 = 12345;
         while out.len() < n {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             out.extend_from_slice(words[(x >> 33) as usize % words.len()]);
-            if x % 7 == 0 {
+            if x.is_multiple_of(7) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
