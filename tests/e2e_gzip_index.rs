@@ -129,7 +129,7 @@ fn lazily_mounted(stack: &Stack) -> usize {
 #[test]
 fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     harness::require_root();
-    let stack = Stack::start(LAZYSNAP);
+    let mut stack = Stack::start(LAZYSNAP);
     let plain = stack.image_ref("gzidx:plain");
     image::push(&image_spec(1), &stack.dir, &plain);
     let digest = manifest_digest(&plain);
@@ -209,6 +209,41 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         index_bytes as f64 * 100.0 / layer_bytes as f64,
         at_pull as f64 * 100.0 / layer_bytes as f64,
     );
+
+    // A restarted daemon mounts the layers again from their saved state and index, without
+    // asking the registry.
+    stack.kill_lazysnap();
+    let requests = stack.registry_requests();
+    stack.start_lazysnap();
+    let log = stack.lazysnap_log();
+    assert_eq!(log.matches("remounted lazy layer").count(), 4, "{log}");
+    assert_eq!(
+        stack.registry_requests(),
+        requests,
+        "no registry request to remount"
+    );
+    let mut out = String::new();
+    stack.eventually(
+        "a container after the restart",
+        std::time::Duration::from_secs(15),
+        || match stack.try_ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &plain,
+            "after-restart",
+            "cat",
+            "/app/hello.txt",
+        ]) {
+            Ok(o) => {
+                out = o;
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(out, "hello from the app layer\n");
 
     // A tampered index: layer 2's claims another size (refused: ordinary path), the app
     // layer's span digests are wrong (mounted, but its reads fail with EIO).
