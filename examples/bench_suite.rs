@@ -428,11 +428,11 @@ fn push_formats(
     });
     // eStargz alone, to compare with `lazysnap index` (the three above share the cores).
     let alone = stack.image_ref(&format!("{name}:esgz-alone"));
-    let t = Instant::now();
+    let alone_t = Instant::now();
     stack.ctr_remote(&["image", "convert", "--oci", "--estargz", &plain, &alone]);
     setup.steps.push((
         format!("convert {name} to eStargz alone (to compare with indexing)"),
-        t.elapsed(),
+        alone_t.elapsed(),
     ));
     stack.ctr(&["images", "rm", "--sync", &alone]);
     for target in [&esgz, &zstd, &opt] {
