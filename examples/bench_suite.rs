@@ -426,20 +426,10 @@ fn push_formats(
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    // eStargz alone, to compare with `lazysnap index` (the three above share the cores).
-    let alone = stack.image_ref(&format!("{name}:esgz-alone"));
-    let alone_t = Instant::now();
-    stack.ctr_remote(&["image", "convert", "--oci", "--estargz", &plain, &alone]);
-    setup.steps.push((
-        format!("convert {name} to eStargz alone (to compare with indexing)"),
-        alone_t.elapsed(),
-    ));
-    stack.ctr(&["images", "rm", "--sync", &alone]);
     for target in [&esgz, &zstd, &opt] {
         stack.ctr(&["images", "push", "--plain-http", target]);
     }
-    stack.ctr(&["images", "rm", "--sync", &plain, &esgz, &zstd, &opt]);
-    stack.ctr(&["content", "prune", "references"]);
+    stack.ctr(&["images", "rm", "--sync", &esgz, &zstd, &opt]);
     for (format, d) in took {
         setup.steps.push((
             format!(
@@ -453,6 +443,16 @@ fn push_formats(
         format!("convert and push {name} in 3 formats, all told"),
         t.elapsed(),
     ));
+    // eStargz alone, to compare with `lazysnap index` (the three above share the cores).
+    let alone = stack.image_ref(&format!("{name}:esgz-alone"));
+    let alone_t = Instant::now();
+    stack.ctr_remote(&["image", "convert", "--oci", "--estargz", &plain, &alone]);
+    setup.steps.push((
+        format!("convert {name} to eStargz alone (to compare with indexing)"),
+        alone_t.elapsed(),
+    ));
+    stack.ctr(&["images", "rm", "--sync", &plain, &alone]);
+    stack.ctr(&["content", "prune", "references"]);
 }
 
 /// Hard-links every file of `from` into `to` (directories created, existing files kept).
