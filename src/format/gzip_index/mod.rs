@@ -234,14 +234,36 @@ impl ChunkDecoder for SpanDecoder {
             )));
         }
         // The span's length was checked against max_chunk_bytes when the index was decoded.
-        zran::inflate_span(
+        let out = zran::inflate_span(
             compressed,
             point.bits,
             &point.window,
             (span.end - span.start) as usize,
         )
-        .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))
+        .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))?;
+        check_next_window(&self.index, k, &out)?;
+        Ok(out)
     }
+}
+
+/// The next resume point's window must be the end of this span's output: the windows chain
+/// the spans together (the first has none, so it decodes from the blob alone), and a window
+/// that is not what precedes its point would make the next span other bytes than the layer
+/// holds, digests notwithstanding. Checked whenever a span is decoded, so a layer fetched
+/// whole (background fetch) has checked every window. A window longer than the span reaches
+/// into earlier spans and is checked as far as this span goes.
+fn check_next_window(index: &GzipIndex, k: usize, out: &[u8]) -> Result<(), FormatError> {
+    let Some(next) = index.checkpoints.get(k + 1) else {
+        return Ok(());
+    };
+    let n = next.window.len().min(out.len());
+    if next.window[next.window.len() - n..] != out[out.len() - n..] {
+        return Err(FormatError::GzipIndexMismatch(format!(
+            "the window of resume point {} is not the end of span {k}",
+            k + 1
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -247,3 +247,45 @@ async fn resolve_checks_the_index_is_for_this_layer() {
         })
         .is_err());
 }
+
+#[test]
+fn a_window_that_does_not_chain_fails_the_span_before_it() {
+    let (blob, _, mut index) = indexed();
+    let encoded = index.encode().expect("encode");
+    let good = GzipIndexFormat::default()
+        .open(&Resolved {
+            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
+            index: encoded,
+        })
+        .expect("open");
+    // Every span decodes, and chains, with the honest index.
+    let spans: Vec<ChunkSpec> = good.index.chunks_in_blob_order();
+    for c in &spans {
+        let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
+        good.decoder.decode(c, compressed).expect("honest span");
+    }
+    // A forged window for point 2 is caught when span 1 is decoded.
+    index.checkpoints[2].window[100] ^= 0xff;
+    let encoded = index.encode().expect("encode");
+    let forged = GzipIndexFormat::default()
+        .open(&Resolved {
+            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
+            index: encoded,
+        })
+        .expect("open");
+    let span1 = forged
+        .index
+        .chunks_in_blob_order()
+        .into_iter()
+        .find(|c| c.id == ChunkId(1))
+        .expect("span 1");
+    let compressed = &blob[span1.blob_range.start as usize..span1.blob_range.end as usize];
+    let err = forged
+        .decoder
+        .decode(&span1, compressed)
+        .expect_err("forged window");
+    assert!(
+        err.to_string().contains("window of resume point 2"),
+        "{err}"
+    );
+}
