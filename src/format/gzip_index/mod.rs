@@ -131,8 +131,10 @@ impl LayerFormat for GzipIndexFormat {
                 actual,
             });
         }
-        let index = GzipIndex::decode(&resolved.index, &self.limits)?;
+        let mut index = GzipIndex::decode(&resolved.index, &self.limits)?;
         let layer = layer_index(&index, &self.limits)?;
+        // The decoder needs the resume points only; the entries live on in the layer index.
+        index.entries = Vec::new();
         Ok(Opened {
             index: layer,
             decoder: Arc::new(SpanDecoder { index }),
