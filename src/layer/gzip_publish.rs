@@ -136,10 +136,20 @@ pub async fn index_image(
         } else if layer.size < options.min_layer_bytes {
             report.skipped = Some(format!("smaller than {} bytes", options.min_layer_bytes));
         } else {
-            let index = index_layer(registry, reference, &layer, options).await?;
-            report.spans = index.checkpoints.len();
-            report.entries = index.entries.len();
-            report.index = Some(Bytes::from(index.encode().map_err(PublishError::Encode)?));
+            match index_layer(registry, reference, &layer, options).await {
+                Ok(index) => {
+                    report.spans = index.checkpoints.len();
+                    report.entries = index.entries.len();
+                    report.index = Some(Bytes::from(index.encode().map_err(PublishError::Encode)?));
+                }
+                // A layer that cannot be indexed (a tar entry type the index cannot hold,
+                // a name that is not UTF-8, a span over the limits) is pulled whole; the
+                // others stay lazy.
+                Err(e @ PublishError::Build { .. }) => {
+                    report.skipped = Some(format!("cannot be indexed: {}", crate::error_chain(&e)));
+                }
+                Err(e) => return Err(e),
+            }
         }
         report.took = started.elapsed();
         layers.push(report);
