@@ -15,7 +15,7 @@ use crate::metadata::Limits;
 
 /// The default distance between resume points, in uncompressed bytes: a read fetches at most
 /// about this much (compressed) around what it wants; smaller spans cost more windows.
-pub const DEFAULT_SPAN: u64 = 4 << 20;
+pub const DEFAULT_SPAN: u64 = 2 << 20;
 
 /// Why a layer could not be indexed.
 #[derive(Debug, thiserror::Error)]
