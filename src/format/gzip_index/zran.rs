@@ -259,6 +259,9 @@ impl<R: Read> CheckpointingInflater<R> {
     }
 
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ZranError> {
+        // zlib makes progress on every call it is given input and room for; a stream that
+        // stops doing so must not spin here.
+        let mut stalls = 0;
         while !self.done {
             self.fill()?;
             let input = &self.input[self.in_pos..self.in_len];
@@ -295,6 +298,13 @@ impl<R: Read> CheckpointingInflater<R> {
             }
             if produced > 0 {
                 return Ok(produced);
+            }
+            stalls = if consumed == 0 { stalls + 1 } else { 0 };
+            if stalls > 8 {
+                return Err(ZranError::Data {
+                    code,
+                    out: self.total_out,
+                });
             }
         }
         Ok(0)
@@ -337,6 +347,7 @@ pub fn inflate_span(
     let mut out = vec![0u8; len];
     let mut filled = 0usize;
     let mut raw = true;
+    let mut stalls = 0;
     while filled < len {
         let (code, consumed, produced) = stream.inflate(input, &mut out[filled..], z::Z_NO_FLUSH);
         input = &input[consumed..];
@@ -366,7 +377,12 @@ pub fn inflate_span(
                 })
             }
         }
-        if consumed == 0 && produced == 0 && input.is_empty() {
+        stalls = if consumed == 0 && produced == 0 {
+            stalls + 1
+        } else {
+            0
+        };
+        if (stalls > 0 && input.is_empty()) || stalls > 8 {
             return Err(ZranError::Short {
                 got: filled as u64,
                 want: len as u64,
