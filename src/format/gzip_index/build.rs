@@ -13,9 +13,11 @@ use super::zran::{Checkpoint, CheckpointingInflater, ZranError};
 use crate::chunk::ChunkDigest;
 use crate::metadata::Limits;
 
-/// The default distance between resume points, in uncompressed bytes: a read fetches at most
-/// about this much (compressed) around what it wants; smaller spans cost more windows.
-pub const DEFAULT_SPAN: u64 = 2 << 20;
+/// The default distance between resume points, in uncompressed bytes: a read fetches the
+/// compressed bytes of a span of about this much; smaller spans cost more windows. On the
+/// benchmark's python image 1 MiB gave indexes of 2.9% of the layers and a start fetching
+/// 1.5 times what eStargz fetches (2 MiB: 1.8% and 2.3 times).
+pub const DEFAULT_SPAN: u64 = 1 << 20;
 
 /// Why a layer could not be indexed.
 #[derive(Debug, thiserror::Error)]
