@@ -1,14 +1,15 @@
 //! Benchmark suite (not a test): what lazy pulling buys, side by side — startup, bytes fetched,
 //! daemon memory, and read throughput — for a corpus of images built here from Debian packages,
 //! each pulled over an emulated WAN link the normal way (overlayfs, gzip) and with lazysnap
-//! (eStargz, eStargz optimized by `ctr-remote image optimize`, zstd:chunked). Writes a Markdown
+//! (eStargz, eStargz optimized by `ctr-remote image optimize`, zstd:chunked, and the unchanged
+//! gzip image with an index made by `lazysnap index --push`). Writes a Markdown
 //! table, a JSON file and an SVG chart under `results/<UTC time>/` and `results/latest/`.
 //!
 //! ```text
 //! scripts/bench                      # installs what is missing, builds, runs the defaults
 //! target/release/examples/bench_suite --lazysnap target/release/lazysnap \
 //!     [--rtt-ms 20] [--mbit 200] [--runs 3] [--images python,tools,data] \
-//!     [--formats gzip,esgz,esgz-opt,zstd] [--scenarios normal,cold,trace,warm] \
+//!     [--formats gzip,esgz,esgz-opt,zstd,gzip-index] [--scenarios normal,cold,trace,warm] \
 //!     [--data-mib 1024] [--results results] [--work /var/tmp/lazysnap-bench] [--fresh] \
 //!     [--lazysnap-config FILE]
 //! target/release/examples/bench_suite --render results/latest   # rewrite the report from
@@ -61,10 +62,18 @@ pub enum Format {
     Esgz,
     EsgzOpt,
     Zstd,
+    /// The gzip image unchanged, with its gzip index pushed next to it.
+    GzipIndex,
 }
 
 impl Format {
-    pub const ALL: [Format; 4] = [Format::Gzip, Format::Esgz, Format::EsgzOpt, Format::Zstd];
+    pub const ALL: [Format; 5] = [
+        Format::Gzip,
+        Format::Esgz,
+        Format::EsgzOpt,
+        Format::Zstd,
+        Format::GzipIndex,
+    ];
 
     /// The tag in the registry and the name on the command line.
     pub fn tag(self) -> &'static str {
@@ -73,6 +82,7 @@ impl Format {
             Format::Esgz => "esgz",
             Format::EsgzOpt => "esgz-opt",
             Format::Zstd => "zstd",
+            Format::GzipIndex => "gzip-index",
         }
     }
 
@@ -82,6 +92,7 @@ impl Format {
             Format::Esgz => "eStargz",
             Format::EsgzOpt => "eStargz optimized",
             Format::Zstd => "zstd:chunked",
+            Format::GzipIndex => "gzip + index",
         }
     }
 }
@@ -306,9 +317,9 @@ fn build_corpus(stack: &mut Stack, args: &Args, setup: &mut Setup) -> Vec<Corpus
             link_tree(&saved, &registry_data);
             setup
                 .steps
-                .push((format!("restore {name} in 4 formats"), t.elapsed()));
+                .push((format!("restore {name} in 5 formats"), t.elapsed()));
         } else {
-            push_formats(stack, &layout, &image, setup);
+            push_formats(stack, &layout, &image, setup, &args.lazysnap);
             let tmp = args.work.join("registry").join(format!("{key}.tmp"));
             let _ = std::fs::remove_dir_all(&tmp);
             link_tree(&registry_data, &tmp);
@@ -320,7 +331,13 @@ fn build_corpus(stack: &mut Stack, args: &Args, setup: &mut Setup) -> Vec<Corpus
 }
 
 /// Pushes `image` as gzip and converts it to the three lazy formats on node 0.
-fn push_formats(stack: &Stack, layout: &Path, image: &CorpusImage, setup: &mut Setup) {
+fn push_formats(
+    stack: &Stack,
+    layout: &Path,
+    image: &CorpusImage,
+    setup: &mut Setup,
+    lazysnap: &str,
+) {
     let name = image.name;
     let direct = |f: Format| stack.image_ref(&format!("{name}:{}", f.tag()));
     let t = Instant::now();
@@ -328,6 +345,32 @@ fn push_formats(stack: &Stack, layout: &Path, image: &CorpusImage, setup: &mut S
     setup
         .steps
         .push((format!("push {name} (gzip)"), t.elapsed()));
+
+    // The same image under another tag (same manifest, same digest), and its gzip index.
+    harness::layout::push(layout, name, &direct(Format::GzipIndex));
+    let t = Instant::now();
+    let out = std::process::Command::new(lazysnap)
+        .args(["index", "--push", "--json", &direct(Format::GzipIndex)])
+        .output()
+        .expect("run lazysnap index");
+    assert!(
+        out.status.success(),
+        "lazysnap index failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    setup
+        .steps
+        .push((format!("index {name} (lazysnap index --push)"), t.elapsed()));
+    if let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        let layers = report["layers"].as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| -> u64 { layers.iter().filter_map(|l| l[key].as_u64()).sum() };
+        eprintln!(
+            "  gzip index of {name}: {} bytes for {} bytes of layers ({:.2}%)",
+            sum("index_bytes"),
+            sum("size"),
+            sum("index_bytes") as f64 * 100.0 / sum("size").max(1) as f64
+        );
+    }
 
     // The three conversions at once (each compresses on one core, mostly): pull the source
     // once, convert, push the results, then forget everything locally.
@@ -386,8 +429,7 @@ fn push_formats(stack: &Stack, layout: &Path, image: &CorpusImage, setup: &mut S
     for target in [&esgz, &zstd, &opt] {
         stack.ctr(&["images", "push", "--plain-http", target]);
     }
-    stack.ctr(&["images", "rm", "--sync", &plain, &esgz, &zstd, &opt]);
-    stack.ctr(&["content", "prune", "references"]);
+    stack.ctr(&["images", "rm", "--sync", &esgz, &zstd, &opt]);
     for (format, d) in took {
         setup.steps.push((
             format!(
@@ -401,6 +443,16 @@ fn push_formats(stack: &Stack, layout: &Path, image: &CorpusImage, setup: &mut S
         format!("convert and push {name} in 3 formats, all told"),
         t.elapsed(),
     ));
+    // eStargz alone, to compare with `lazysnap index` (the three above share the cores).
+    let alone = stack.image_ref(&format!("{name}:esgz-alone"));
+    let alone_t = Instant::now();
+    stack.ctr_remote(&["image", "convert", "--oci", "--estargz", &plain, &alone]);
+    setup.steps.push((
+        format!("convert {name} to eStargz alone (to compare with indexing)"),
+        alone_t.elapsed(),
+    ));
+    stack.ctr(&["images", "rm", "--sync", &plain, &alone]);
+    stack.ctr(&["content", "prune", "references"]);
 }
 
 /// Hard-links every file of `from` into `to` (directories created, existing files kept).
@@ -437,7 +489,7 @@ fn parse_args() -> Args {
         render: None,
     };
     let usage = "usage: bench_suite [--lazysnap PATH] [--rtt-ms 20] [--mbit 200] [--runs 3] \
-                 [--images python,tools,data] [--formats gzip,esgz,esgz-opt,zstd] \
+                 [--images python,tools,data] [--formats gzip,esgz,esgz-opt,zstd,gzip-index] \
                  [--scenarios normal,cold,trace,warm] [--data-mib 1024] [--results DIR] \
                  [--work DIR] [--fresh] [--lazysnap-config FILE] | --render RESULTS_DIR";
     let fail = |msg: String| -> ! {

@@ -39,6 +39,16 @@ impl ChunkDigest {
         Some(ChunkDigest(out))
     }
 
+    /// A digest from its 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        ChunkDigest(bytes)
+    }
+
+    /// The digest's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
         ChunkDigest(Sha256::digest(bytes).into())
@@ -115,6 +125,7 @@ impl FileKey {
             h.update(c.blob_range.start.to_le_bytes());
             h.update(c.blob_range.end.to_le_bytes());
             h.update(c.inner_offset.to_le_bytes());
+            h.update(c.within.to_le_bytes());
             h.update(c.digest.0);
         }
         FileKey(h.finalize().into())
@@ -126,6 +137,11 @@ impl std::fmt::Debug for FileKey {
         write!(f, "file-key:{}", hex::encode(&self.0[..8]))
     }
 }
+
+/// One file's piece of a chunk: what in-flight fetches, prefetch bookkeeping and the store
+/// tell apart. A chunk's id alone is not enough where several files share one verified unit
+/// (a gzip-index span): each file stores its own piece.
+pub type PieceId = (ChunkId, FileKey, u64);
 
 /// One chunk of a regular file, as the layer's index describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +159,13 @@ pub struct ChunkSpec {
     /// Where the chunk starts in the bytes that decoding `blob_range` yields (non-zero when
     /// several chunks share one compressed extent, or decoding resumes before the chunk).
     pub inner_offset: u64,
-    /// What the uncompressed bytes must hash to.
+    /// Where this piece of the file starts in the chunk's verified bytes. 0 when the chunk
+    /// is exactly this piece (eStargz, zstd:chunked); non-zero when the unit verified and
+    /// stored is larger than one file's part of it (a gzip-index span holds the bytes of
+    /// several files and tar headers, and is verified, stored and fetched whole). The piece
+    /// is bytes `within..within + len` of the chunk; chunks sharing a unit share its `id`.
+    pub within: u64,
+    /// What the uncompressed bytes (the whole unit) must hash to.
     pub digest: ChunkDigest,
 }
 
@@ -155,6 +177,17 @@ impl ChunkSpec {
         let from = range.start.clamp(self.file_offset, end) - self.file_offset;
         let to = range.end.clamp(self.file_offset, end) - self.file_offset;
         from..to.max(from)
+    }
+
+    /// This file's piece of the chunk.
+    pub fn piece(&self) -> PieceId {
+        (self.id, self.file, self.file_offset)
+    }
+
+    /// [`Self::part_of`] as a range of the chunk's verified bytes (shifted by `within`).
+    pub fn unit_part_of(&self, range: &Range<u64>) -> Range<u64> {
+        let part = self.part_of(range);
+        part.start.saturating_add(self.within)..part.end.saturating_add(self.within)
     }
 }
 
@@ -323,6 +356,7 @@ mod tests {
             len: 50,
             blob_range: 0..10,
             inner_offset: 0,
+            within: 0,
             digest: ChunkDigest::of(b""),
         };
         assert_eq!(c.part_of(&(0..1000)), 0..50);

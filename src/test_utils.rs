@@ -82,6 +82,7 @@ pub async fn resolve(
         hints: LayerHints {
             digest: "sha256:fixture",
             annotations,
+            external: None,
         },
         blob_size: size,
         tail_offset: size - tail.len() as u64,

@@ -307,6 +307,7 @@ mod tests {
                     len: p.len() as u64,
                     blob_range: at..at + p.len() as u64,
                     inner_offset: 0,
+                    within: 0,
                     digest: ChunkDigest::of(p),
                 };
                 at += p.len() as u64;

@@ -1,10 +1,12 @@
 //! Command-line parsing and dispatch: one file per subcommand, one `match` here. `serve` runs the
-//! daemon; `cache`, `trace` and `mounts` are operator commands that ask a running daemon over its
+//! daemon; `index` indexes an image's gzip layers in the registry; `cache`, `trace` and
+//! `mounts` are operator commands that ask a running daemon over its
 //! control socket (`client`) and print what it says (`output`). They never touch cache state on
 //! disk themselves.
 
 mod cache;
 mod client;
+mod index;
 mod mounts;
 mod output;
 mod serve;
@@ -45,6 +47,8 @@ enum Command {
     Trace(trace::TraceCommand),
     /// List the lazy layers mounted now.
     Mounts(mounts::MountsArgs),
+    /// Index an image's plain gzip layers for lazy pulling, and push the index next to it.
+    Index(index::IndexArgs),
     /// Hold lazy mounts' FUSE fds while no daemon runs (started by `serve`, not by hand).
     #[command(hide = true)]
     FdHolder(FdHolderArgs),
@@ -99,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(command) => cache::run(command),
         Command::Trace(command) => trace::run(command),
         Command::Mounts(args) => mounts::run(args),
+        Command::Index(args) => index::run(args),
         // Before any thread exists: the holder forks to detach.
         Command::FdHolder(args) => lazysnap::takeover::run_holder(&args.socket, true)
             .with_context(|| format!("fd holder at {}", args.socket.display())),

@@ -5,9 +5,11 @@
 //! seam, so a new format is one more implementation added to [`Formats`].
 //!
 //! Implementations: eStargz (gzip) and zstd:chunked, which share the JSON TOC (`stargz`,
-//! `toc`). A format does its I/O only through the [`BlobSource`] it is handed, so every rule
+//! `toc`), and gzip-index (`gzip_index`): plain gzip layers with an index kept in the
+//! registry next to the image. A format does its I/O only through the [`BlobSource`] it is handed, so every rule
 //! is testable with recorded blobs.
 
+pub mod gzip_index;
 mod stargz;
 pub mod toc;
 
@@ -22,6 +24,7 @@ use bytes::Bytes;
 use crate::chunk::ChunkSpec;
 use crate::metadata::{LayerIndex, Limits, MetadataError};
 
+pub use gzip_index::{ExternalIndex, GzipIndexFormat};
 pub use stargz::{
     decompress_chunk, locate_toc, parse_toc, read_toc, Compression, Estargz, TocLocation,
     ZstdChunked, MAX_FOOTER, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME,
@@ -55,6 +58,9 @@ pub trait BlobSource: Send + Sync {
 pub struct LayerHints<'a> {
     pub digest: &'a str,
     pub annotations: &'a BTreeMap<String, String>,
+    /// An index for the layer found elsewhere in the registry (gzip-index), verified
+    /// against the digest its artifact gives.
+    pub external: Option<&'a ExternalIndex>,
 }
 
 /// What the resolver fetched once for every format to look at: the blob's size and its last
@@ -141,7 +147,8 @@ impl Formats {
         Formats(formats)
     }
 
-    /// The built-in formats, eStargz and zstd:chunked, with the default [`Limits`].
+    /// The built-in formats, eStargz, zstd:chunked and gzip-index, with the default
+    /// [`Limits`].
     pub fn builtin() -> Self {
         Self::builtin_with(Limits::default())
     }
@@ -151,6 +158,7 @@ impl Formats {
         Formats(vec![
             Arc::new(ZstdChunked { limits }),
             Arc::new(Estargz { limits }),
+            Arc::new(GzipIndexFormat { limits }),
         ])
     }
 
@@ -202,6 +210,10 @@ pub enum FormatError {
     ChunkShort { got: u64, want: u64 },
     #[error("chunk of {len} bytes at inner offset {inner_offset} does not fit in memory")]
     ChunkTooLarge { inner_offset: u64, len: u64 },
+    #[error("the layer's gzip index")]
+    GzipIndex(#[source] gzip_index::file::IndexFileError),
+    #[error("the gzip index does not fit the layer: {0}")]
+    GzipIndexMismatch(String),
     /// The layer claims more than a `[limits]` key allows; the message names the key.
     #[error("{0}")]
     Limit(String),

@@ -207,6 +207,7 @@ async fn resolve_with_tail(
         hints: LayerHints {
             digest: "sha256:fixture",
             annotations: &annotations,
+            external: None,
         },
         blob_size: size,
         tail_offset: size - tail.len() as u64,

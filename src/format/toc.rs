@@ -224,6 +224,7 @@ pub fn build_index(
             len,
             blob_range: e.offset..stream_end(e)?.min(e.offset.saturating_add(reach)),
             inner_offset: e.inner_offset,
+            within: 0,
             digest,
         })
     };

@@ -8,6 +8,8 @@
 mod blob;
 mod error;
 mod fetches;
+mod gzip_lookup;
+pub mod gzip_publish;
 mod reader;
 mod resolve;
 mod source;
@@ -16,6 +18,7 @@ mod state;
 pub use blob::RegistryBlob;
 pub use error::LayerError;
 pub use fetches::{Fetches, Histogram, Priority};
+pub use gzip_lookup::{fallback_tag, image_manifest, IndexLookup, Lookup, LookupError};
 pub use reader::{unix_ms, LayerCounters, LayerReader, ReadError};
 pub use resolve::{Resolver, SUFFIX_BYTES};
 pub use source::{image_layers, LayerSource};

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
 use crate::cache::{ChunkSink, ChunkStore, Put};
-use crate::chunk::{self, BlobId, ChunkDigest, ChunkId, ChunkSpec, DigestMismatch, Hashing};
+use crate::chunk::{self, BlobId, ChunkDigest, ChunkSpec, DigestMismatch, Hashing, PieceId};
 use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
 
 /// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
@@ -105,12 +105,12 @@ pub struct LayerReader {
     blob_id: BlobId,
     decoder: Arc<dyn ChunkDecoder>,
     store: Arc<dyn ChunkStore>,
-    inflight: Mutex<HashMap<ChunkId, watch::Receiver<Shared>>>,
+    inflight: Mutex<HashMap<PieceId, watch::Receiver<Shared>>>,
     counters: Arc<LayerCounters>,
     fetches: Arc<Fetches>,
     /// Chunks prefetched and not read by a container yet, for the used/wasted figures; the
     /// flag spares the read path the lock while nothing was prefetched.
-    prefetched: Mutex<HashSet<ChunkId>>,
+    prefetched: Mutex<HashSet<PieceId>>,
     any_prefetched: AtomicBool,
     /// Largest merged request; bounds memory per read and keeps one slow request from holding
     /// many chunks hostage.
@@ -164,19 +164,19 @@ impl LayerReader {
             return Vec::new();
         }
         let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        let mut taken: HashSet<ChunkId> = wanted.iter().map(|c| c.id).collect();
+        let mut taken: HashSet<PieceId> = wanted.iter().map(|c| c.piece()).collect();
         let mut extra = Vec::new();
         for &i in missing {
             let start = wanted[i].blob_range.start;
             let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
             while let Some(next) = self.layout.get(at) {
                 if next.blob_range.end.saturating_sub(start) > self.amplify
-                    || inflight.contains_key(&next.id)
+                    || inflight.contains_key(&next.piece())
                     || self.store.is_ready(&self.blob_id, next)
                 {
                     break;
                 }
-                if taken.insert(next.id) {
+                if taken.insert(next.piece()) {
                     extra.push(next);
                 }
                 at += 1;
@@ -226,7 +226,9 @@ impl LayerReader {
                 let chunk = wanted[i];
                 let part = chunk.part_of(&range);
                 parts[i] = match landed {
+                    // The whole verified unit, of which this file's piece is a part.
                     Landed::Memory(whole) => {
+                        let part = chunk.unit_part_of(&range);
                         let end = (part.end as usize).min(whole.len());
                         Some(whole.slice((part.start as usize).min(end)..end))
                     }
@@ -305,7 +307,7 @@ impl LayerReader {
         }
         let mut prefetched = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
         for chunk in chunks {
-            if prefetched.remove(&chunk.id) {
+            if prefetched.remove(&chunk.piece()) {
                 self.counters
                     .prefetch_used_bytes
                     .fetch_add(chunk.len, Ordering::Relaxed);
@@ -394,7 +396,7 @@ impl LayerReader {
         };
         let mut theirs = Vec::new();
         for &i in missing {
-            let id = chunks[i].id;
+            let id = chunks[i].piece();
             match inflight.get(&id) {
                 Some(rx) => theirs.push((i, rx.clone())),
                 None => {
@@ -500,7 +502,7 @@ impl LayerReader {
         self.prefetched
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(chunk.id);
+            .insert(chunk.piece());
         self.counters
             .prefetch_bytes
             .fetch_add(chunk.len, Ordering::Relaxed);
@@ -628,13 +630,45 @@ enum Streamed {
     Store(String),
 }
 
+/// Passes on only bytes `from..from + len` of what is written to it: a file's piece of a
+/// larger verified unit (a gzip-index span), while the whole unit is hashed.
+struct Piece<W> {
+    inner: W,
+    from: u64,
+    len: u64,
+    at: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Piece<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let start = self.from.saturating_sub(self.at).min(buf.len() as u64) as usize;
+        let end = (self.from + self.len)
+            .saturating_sub(self.at)
+            .min(buf.len() as u64) as usize;
+        if start < end {
+            self.inner.write_all(&buf[start..end])?;
+        }
+        self.at += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn stream_into(
     decoder: &dyn ChunkDecoder,
     spec: &ChunkSpec,
     compressed: &[u8],
     sink: Box<dyn ChunkSink>,
 ) -> Result<(), Streamed> {
-    let mut hashing = Hashing::new(sink);
+    let mut hashing = Hashing::new(Piece {
+        inner: sink,
+        from: spec.within,
+        len: spec.len,
+        at: 0,
+    });
     match decoder.decode_to(spec, compressed, &mut hashing) {
         Ok(()) => {}
         Err(FormatError::ChunkWrite(e)) => return Err(Streamed::Store(e.to_string())),
@@ -646,7 +680,8 @@ fn stream_into(
             source,
         })
     })?;
-    sink.commit(proof)
+    sink.inner
+        .commit(proof)
         .map_err(|e| Streamed::Store(crate::error_chain(&e)))
 }
 

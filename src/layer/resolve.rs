@@ -18,8 +18,9 @@ use bytes::Bytes;
 use tokio::runtime::Handle;
 use tokio::sync::{OnceCell, Semaphore};
 
+use super::gzip_lookup::{IndexLookup, Lookup};
 use super::{LayerError, LayerSource, LayerState, RegistryBlob, StateDir};
-use crate::format::{Formats, LayerHints, Probe};
+use crate::format::{gzip_index, ExternalIndex, Formats, LayerHints, Probe, TOC_DIGEST_ANNOTATION};
 use crate::registry::{Reference, RegistryClient};
 
 /// How much of a blob's end resolving fetches in its one request: the footer and, for small
@@ -56,11 +57,14 @@ pub struct Resolver {
     registry: RegistryClient,
     formats: Formats,
     ahead: Arc<AheadMap>,
+    /// Images' gzip indexes, looked up once per image.
+    gzip_indexes: Arc<IndexLookup>,
 }
 
 impl Resolver {
     pub fn new(registry: RegistryClient, formats: Formats) -> Self {
         Resolver {
+            gzip_indexes: Arc::new(IndexLookup::new(registry.clone())),
             registry,
             formats,
             ahead: Arc::new(AheadMap {
@@ -86,6 +90,10 @@ impl Resolver {
         let Ok(parsed) = Reference::parse(reference) else {
             return;
         };
+        if self.gzip_indexes.has_index(&parsed) {
+            // The image's layers are resolved through its gzip index: no suffix is needed.
+            return;
+        }
         let now = Instant::now();
         let mut entries = self.ahead_entries();
         entries.retain(|_, a| a.until > now);
@@ -205,6 +213,7 @@ impl Resolver {
         let hints = LayerHints {
             digest: &source.digest,
             annotations,
+            external: None,
         };
         let format = self.formats.by_name(&state.format)?;
         let params_toc = state
@@ -233,9 +242,16 @@ impl Resolver {
         annotations: &BTreeMap<String, String>,
     ) -> Result<LayerState, LayerError> {
         let layer = &source.digest;
+        let reference = parse_reference(source)?;
+        let (external, listed_size) = match self.gzip_index(&reference, source, annotations).await?
+        {
+            Some((index, size)) => (Some(index), size),
+            None => (None, None),
+        };
         let hints = LayerHints {
             digest: layer,
             annotations,
+            external: external.as_ref(),
         };
         let mut reasons = Vec::new();
         let candidates: Vec<_> = self
@@ -266,11 +282,15 @@ impl Resolver {
                 source,
             }
         };
-        let reference = parse_reference(source)?;
-        let (blob_size, tail) = self
-            .suffix(&reference, source)
-            .await
-            .map_err(registry_error("reading the blob's size and last bytes"))?;
+        let (blob_size, tail) = match (&external, listed_size) {
+            // An indexed layer needs no footer, and its size comes from the image manifest
+            // (the index must agree with it): no request.
+            (Some(_), Some(size)) => (size, bytes::Bytes::new()),
+            _ => self
+                .suffix(&reference, source)
+                .await
+                .map_err(registry_error("reading the blob's size and last bytes"))?,
+        };
         let probe = Probe {
             hints,
             blob_size,
@@ -288,8 +308,14 @@ impl Resolver {
                 })?;
             if let Some(resolved) = found {
                 tracing::debug!(layer = %layer, format = format.name(), "resolved layer");
+                let mut source = source.clone();
+                if format.name() == gzip_index::NAME {
+                    // The index the chunks are verified against scopes them in the store, as
+                    // a TOC digest does.
+                    source.toc_digest = external.as_ref().map(|x| x.digest.clone());
+                }
                 return Ok(LayerState {
-                    source: source.clone(),
+                    source,
                     blob_size,
                     format: format.name().to_owned(),
                     resolved,
@@ -303,6 +329,36 @@ impl Resolver {
                 probe.tail.len()
             ),
         })
+    }
+}
+
+impl Resolver {
+    /// The layer's gzip index from the registry, when the layer has no TOC of its own and
+    /// the image has one. A layer the image's index leaves out takes the ordinary path at
+    /// once.
+    async fn gzip_index(
+        &self,
+        reference: &Reference,
+        source: &LayerSource,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Option<(ExternalIndex, Option<u64>)>, LayerError> {
+        if annotations.contains_key(TOC_DIGEST_ANNOTATION)
+            || self.formats.by_name(gzip_index::NAME).is_none()
+        {
+            return Ok(None);
+        }
+        match self.gzip_indexes.find(reference, &source.digest).await {
+            Lookup::Found(index, size) => Ok(Some((index, size))),
+            Lookup::NotIndexed => Err(LayerError::NotLazy {
+                layer: source.digest.clone(),
+                reason: "the image's gzip index leaves this layer out (too small to be worth it)"
+                    .into(),
+            }),
+            Lookup::Missing(why) => {
+                tracing::info!(layer = %source.digest, reason = %why, "no gzip index for the layer");
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -170,14 +170,14 @@ pub struct LayerIndex {
 }
 
 impl LayerIndex {
-    /// Every chunk of the layer, each once, in blob order.
+    /// Every chunk of the layer (each file's piece of a shared unit apart), each once, in blob order.
     pub fn chunks_in_blob_order(&self) -> Vec<ChunkSpec> {
         let mut seen = HashSet::new();
         let mut out: Vec<ChunkSpec> = self
             .nodes
             .iter()
             .flat_map(|n| n.chunks.iter())
-            .filter(|c| seen.insert(c.id))
+            .filter(|c| seen.insert(c.piece()))
             .cloned()
             .collect();
         out.sort_by_key(|c| (c.blob_range.start, c.inner_offset));
@@ -339,6 +339,8 @@ pub struct IndexBuilder {
     added: u64,
     landmark: Option<Landmark>,
     limits: Limits,
+    /// The format numbers chunks itself (pieces of one verified unit share its id).
+    format_ids: bool,
 }
 
 impl Default for IndexBuilder {
@@ -496,7 +498,16 @@ impl IndexBuilder {
             added: 0,
             landmark: None,
             limits,
+            format_ids: false,
         }
+    }
+
+    /// Keeps the chunk ids the format gave (several files' pieces of one unit it verifies
+    /// and stores whole share that unit's id) instead of numbering chunks in entry order.
+    /// The pieces still count against `max_entries`.
+    pub fn with_format_chunk_ids(mut self) -> Self {
+        self.format_ids = true;
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -611,7 +622,9 @@ impl IndexBuilder {
             node.size = e.size;
             check_chunks(&e, &self.limits)?;
             for chunk in &mut e.chunks {
-                chunk.id = ChunkId(self.next_chunk);
+                if !self.format_ids {
+                    chunk.id = ChunkId(self.next_chunk);
+                }
                 self.next_chunk = self
                     .next_chunk
                     .checked_add(1)

@@ -116,6 +116,7 @@ impl LayerFormat for ToyFormat {
                     len,
                     blob_range: f.offset + at..f.offset + at + len,
                     inner_offset: 0,
+                    within: 0,
                     digest: ChunkDigest::parse(digest)
                         .ok_or_else(|| crate::metadata::err(&entry.name, "bad chunk digest"))?,
                 });
@@ -192,7 +193,12 @@ impl ChunkStore for ToyStore {
             .expect("lock")
             .get(&(*blob, chunk.digest))
             .cloned();
-        Box::pin(async move { found.map(|b| b.slice(range.start as usize..range.end as usize)) })
+        Box::pin(async move {
+            found.map(|b| {
+                let end = (range.end as usize).min(b.len());
+                b.slice((range.start as usize).min(end)..end)
+            })
+        })
     }
 
     fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError> {

@@ -96,6 +96,7 @@ mod tests {
             len: 10,
             blob_range: 0..1,
             inner_offset: 0,
+            within: 0,
             digest: ChunkDigest::of(&offset.to_le_bytes()),
         }
     }

@@ -167,7 +167,12 @@ struct Target {
     host: String,
     repository: String,
     headers: Vec<(String, String)>,
+    /// Manifest and upload requests: what they send and accept, and whether they push.
+    extra: oci::Extra,
 }
+
+#[path = "oci.rs"]
+pub mod oci;
 
 /// A shared client: one connection pool, one token cache.
 #[derive(Clone)]
@@ -596,6 +601,7 @@ impl RegistryClient {
                 host: endpoint.host().to_owned(),
                 repository: reference.repository.clone(),
                 headers: endpoint.headers.clone(),
+                extra: oci::Extra::default(),
             };
             if endpoint.is_origin {
                 return self
@@ -698,7 +704,12 @@ impl RegistryClient {
         method: reqwest::Method,
         range: Option<RangeHeader<'_>>,
     ) -> Result<reqwest::Response, Attempt> {
-        let scope = format!("repository:{}:pull", target.repository);
+        let access = if target.extra.push {
+            "pull,push"
+        } else {
+            "pull"
+        };
+        let scope = format!("repository:{}:{access}", target.repository);
         let mut authorization = self.known_authorization(target, &scope);
         let mut fresh = false;
         for _ in 0..2 {
@@ -709,6 +720,7 @@ impl RegistryClient {
             for (name, value) in &target.headers {
                 request = request.header(name, value);
             }
+            request = target.extra.apply(request);
             if let Some(value) = &authorization {
                 request = request.header(AUTHORIZATION, value.clone());
             }

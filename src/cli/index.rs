@@ -1,0 +1,157 @@
+//! `lazysnap index IMAGE [--push]`: indexes the image's gzip layers for lazy pulling
+//! (`lazysnap::layer::gzip_publish`) and, with `--push`, stores the index in the image's
+//! repository next to it. Registry settings and credentials come from the config's
+//! `[registry]` section (docker config, hosts.toml), as for the daemon.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use lazysnap::config::Config;
+use lazysnap::layer::gzip_publish::{self, IndexOptions};
+use lazysnap::registry::{self, Credentials, Reference, RegistryClient, Secret};
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// The image, e.g. `registry.example.com/app:1` (it is read, never changed).
+    image: String,
+    /// Store the index in the image's repository, referring to the image manifest.
+    #[arg(long)]
+    push: bool,
+    /// Also write each layer's index to DIR/<layer hex>.gzidx.
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Uncompressed bytes between resume points (a lazy read fetches about this much).
+    #[arg(long, value_name = "BYTES", default_value_t = gzip_publish::IndexOptions::default().span)]
+    span: u64,
+    /// Layers smaller than this (compressed) are listed as not indexed and pulled whole.
+    #[arg(long, value_name = "BYTES", default_value_t = gzip_publish::DEFAULT_MIN_LAYER_BYTES)]
+    min_layer_size: u64,
+    /// Config file whose `[registry]` and `[limits]` apply. Default /etc/lazysnap/config.toml
+    /// if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Credentials for the image's registry, `user:password` (else the docker config's).
+    #[arg(
+        long,
+        value_name = "USER:PASSWORD",
+        env = "LAZYSNAP_REGISTRY_AUTH",
+        hide_env_values = true
+    )]
+    auth: Option<String>,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: IndexArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref())?;
+    config.validate()?;
+    let reference = Reference::parse(&args.image)?;
+    let client = RegistryClient::new(registry::RegistryConfig {
+        request_timeout: config.registry.request_timeout,
+        read_deadline: config.registry.read_deadline,
+        docker_config: config.registry.docker_config.clone(),
+        hosts_dir: config.registry.hosts_dir.clone(),
+    })?;
+    if let Some(auth) = &args.auth {
+        let (username, password) = auth.split_once(':').context("--auth takes user:password")?;
+        client.set_credentials(
+            &reference.host,
+            Credentials {
+                username: username.to_owned(),
+                password: Secret(password.to_owned()),
+            },
+        );
+    }
+    let options = IndexOptions {
+        span: args.span,
+        min_layer_bytes: args.min_layer_size,
+        limits: config.limits,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    let started = std::time::Instant::now();
+    let report = runtime
+        .block_on(gzip_publish::index_image(&client, &reference, options))
+        .with_context(|| format!("indexing {}", args.image))?;
+    if let Some(dir) = &args.output {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for layer in &report.layers {
+            if let Some(index) = &layer.index {
+                let hex = layer.digest.trim_start_matches("sha256:");
+                let path = dir.join(format!("{hex}.gzidx"));
+                std::fs::write(&path, index)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    let pushed = if args.push {
+        Some(
+            runtime
+                .block_on(gzip_publish::push(&client, &reference, &report))
+                .with_context(|| format!("pushing the index of {}", args.image))?,
+        )
+    } else {
+        None
+    };
+    let took = started.elapsed();
+    let layers: Vec<serde_json::Value> = report
+        .layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "digest": l.digest,
+                "size": l.size,
+                "indexed": l.index.is_some(),
+                "skipped": l.skipped,
+                "index_bytes": l.index.as_ref().map_or(0, |i| i.len()),
+                "spans": l.spans,
+                "entries": l.entries,
+                "ms": l.took.as_millis() as u64,
+            })
+        })
+        .collect();
+    if args.json {
+        let doc = serde_json::json!({
+            "image": args.image,
+            "manifest": report.manifest.digest,
+            "layers": layers,
+            "artifact": pushed.as_ref().map(|p| p.artifact.clone()),
+            "referrers_tag": pushed.as_ref().map(|p| p.tag.clone()),
+            "ms": took.as_millis() as u64,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("image manifest {}", report.manifest.digest);
+    println!(
+        "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7}",
+        "LAYER", "SIZE", "INDEX", "SPANS", "ENTRIES", "MS"
+    );
+    for l in &report.layers {
+        let index = match (&l.index, &l.skipped) {
+            (Some(i), _) => i.len().to_string(),
+            (None, Some(why)) => format!("- ({why})"),
+            (None, None) => "-".into(),
+        };
+        println!(
+            "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7}",
+            l.digest,
+            l.size,
+            index,
+            l.spans,
+            l.entries,
+            l.took.as_millis()
+        );
+    }
+    if let Some(p) = pushed {
+        println!("pushed artifact {} (referrers tag {})", p.artifact, p.tag);
+    }
+    println!("took {} ms", took.as_millis());
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Building a layer's gzip index in one pass over its compressed bytes: the stream is
+//! inflated once ([`CheckpointingInflater`] records the resume points), every span of
+//! uncompressed bytes between resume points is hashed as it goes by, and the tar is parsed
+//! from the same bytes for its entries and where each file's data starts. Used by
+//! `lazysnap index`; blocking (CPU and the reader's I/O).
+
+use std::io::Read;
+
+use sha2::{Digest as _, Sha256};
+
+use super::file::{GzipIndex, TarEntry, TarKind};
+use super::zran::{Checkpoint, CheckpointingInflater, ZranError};
+use crate::chunk::ChunkDigest;
+use crate::metadata::Limits;
+
+/// The default distance between resume points, in uncompressed bytes: a read fetches the
+/// compressed bytes of a span of about this much; smaller spans cost more windows. On the
+/// benchmark's python image 1 MiB gave indexes of 2.9% of the layers and a start fetching
+/// 1.5 times what eStargz fetches (2 MiB: 1.8% and 2.3 times).
+pub const DEFAULT_SPAN: u64 = 1 << 20;
+
+/// Why a layer could not be indexed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("inflating the layer")]
+    Inflate(#[from] ZranError),
+    #[error("reading the layer's tar")]
+    Tar(#[source] std::io::Error),
+    #[error("tar entry {name:?}: {reason}")]
+    Entry { name: String, reason: String },
+    #[error("a span of {0} bytes is over the limit of uncompressed bytes per chunk ([limits] max_chunk_bytes)")]
+    SpanTooLarge(u64),
+}
+
+/// Hashes the uncompressed bytes span by span as the tar reader pulls them through.
+struct SpanHasher<R> {
+    inner: CheckpointingInflater<R>,
+    hasher: Sha256,
+    /// Uncompressed bytes hashed so far.
+    pos: u64,
+    /// Spans whose digest is known (every checkpoint but the last starts one).
+    digests: Vec<ChunkDigest>,
+}
+
+impl<R: Read> SpanHasher<R> {
+    /// Feeds `bytes` (the output from `pos` on), closing a span at every checkpoint they
+    /// reach.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        loop {
+            let next = self.inner.checkpoints().get(self.digests.len() + 1);
+            match next {
+                Some(p) if p.out <= self.pos + bytes.len() as u64 => {
+                    let cut = (p.out - self.pos) as usize;
+                    self.hasher.update(&bytes[..cut]);
+                    self.pos += cut as u64;
+                    bytes = &bytes[cut..];
+                    let digest = std::mem::take(&mut self.hasher).finalize();
+                    self.digests.push(ChunkDigest::from_bytes(digest.into()));
+                }
+                _ => break,
+            }
+        }
+        self.hasher.update(bytes);
+        self.pos += bytes.len() as u64;
+    }
+}
+
+impl<R: Read> Read for SpanHasher<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.feed(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Indexes the gzip tar `blob` (all `compressed_size` bytes of the layer `layer_digest`) with
+/// resume points every `span` uncompressed bytes. The caller checks that the bytes read were
+/// the layer's (its digest).
+pub fn build(
+    layer_digest: &str,
+    compressed_size: u64,
+    blob: impl Read,
+    span: u64,
+    limits: &Limits,
+) -> Result<GzipIndex, BuildError> {
+    let max_points = usize::try_from(limits.max_entries).unwrap_or(usize::MAX);
+    let inflater = CheckpointingInflater::new(blob, span, max_points)?;
+    let hashing = SpanHasher {
+        inner: inflater,
+        hasher: Sha256::new(),
+        pos: 0,
+        digests: Vec::new(),
+    };
+    let mut archive = tar::Archive::new(hashing);
+    let mut entries = Vec::new();
+    for entry in archive.entries().map_err(BuildError::Tar)? {
+        let mut entry = entry.map_err(BuildError::Tar)?;
+        if let Some(e) = describe(&mut entry)? {
+            entries.push(e);
+        }
+    }
+    let mut hashing = archive.into_inner();
+    // The end-of-archive blocks and any padding: the spans cover the whole stream.
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(BuildError::Tar)?;
+    let SpanHasher {
+        inner,
+        hasher,
+        mut digests,
+        pos,
+    } = hashing;
+    let (checkpoints, _) = inner.finish();
+    if !checkpoints.is_empty() {
+        digests.push(ChunkDigest::from_bytes(hasher.finalize().into()));
+    }
+    check_spans(&checkpoints, pos, limits)?;
+    Ok(GzipIndex {
+        layer_digest: layer_digest.to_owned(),
+        compressed_size,
+        uncompressed_size: pos,
+        checkpoints,
+        span_digests: digests,
+        entries,
+    })
+}
+
+fn check_spans(points: &[Checkpoint], total: u64, limits: &Limits) -> Result<(), BuildError> {
+    for (k, p) in points.iter().enumerate() {
+        let end = points.get(k + 1).map_or(total, |n| n.out);
+        if end - p.out > limits.max_chunk_bytes {
+            return Err(BuildError::SpanTooLarge(end - p.out));
+        }
+    }
+    Ok(())
+}
+
+fn describe<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<TarEntry>, BuildError> {
+    let name =
+        String::from_utf8(entry.path_bytes().into_owned()).map_err(|e| BuildError::Entry {
+            name: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            reason: "name is not UTF-8".into(),
+        })?;
+    let bad = |reason: String| BuildError::Entry {
+        name: name.clone(),
+        reason,
+    };
+    let link = || -> Result<String, BuildError> {
+        let target = entry
+            .link_name_bytes()
+            .map(|b| b.into_owned())
+            .unwrap_or_default();
+        String::from_utf8(target).map_err(|_| bad("link target is not UTF-8".into()))
+    };
+    let header = entry.header();
+    let device = || {
+        (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        )
+    };
+    use tar::EntryType as T;
+    let kind = match header.entry_type() {
+        T::Regular | T::Continuous => TarKind::File,
+        T::Directory => TarKind::Dir,
+        T::Symlink => TarKind::Symlink(link()?),
+        T::Link => TarKind::HardLink(link()?),
+        T::Char => {
+            let (a, b) = device();
+            TarKind::CharDevice(a, b)
+        }
+        T::Block => {
+            let (a, b) = device();
+            TarKind::BlockDevice(a, b)
+        }
+        T::Fifo => TarKind::Fifo,
+        T::XGlobalHeader => return Ok(None),
+        other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
+    };
+    let mode = header.mode().map_err(|e| bad(format!("mode: {e}")))?;
+    let mut uid = header.uid().map_err(|e| bad(format!("uid: {e}")))?;
+    let mut gid = header.gid().map_err(|e| bad(format!("gid: {e}")))?;
+    let mut mtime = header.mtime().map_err(|e| bad(format!("mtime: {e}")))? as i64;
+    let mut xattrs = Vec::new();
+    if let Some(extensions) = entry.pax_extensions().map_err(BuildError::Tar)? {
+        for ext in extensions {
+            let ext = ext.map_err(BuildError::Tar)?;
+            let Ok(key) = ext.key() else { continue };
+            let value = ext.value_bytes();
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.split('.').next())
+                    .and_then(|v| v.parse::<i64>().ok())
+            };
+            if let Some(attr) = key.strip_prefix("SCHILY.xattr.") {
+                xattrs.push((attr.to_owned(), value.to_vec()));
+            } else if key == "uid" {
+                uid = number().map_or(uid, |v| v as u64);
+            } else if key == "gid" {
+                gid = number().map_or(gid, |v| v as u64);
+            } else if key == "mtime" {
+                mtime = number().unwrap_or(mtime);
+            }
+        }
+    }
+    let is_file = kind == TarKind::File;
+    Ok(Some(TarEntry {
+        kind,
+        mode,
+        uid: u32::try_from(uid).map_err(|_| bad(format!("uid {uid}")))?,
+        gid: u32::try_from(gid).map_err(|_| bad(format!("gid {gid}")))?,
+        mtime,
+        size: if is_file { entry.size() } else { 0 },
+        offset: if is_file {
+            entry.raw_file_position()
+        } else {
+            0
+        },
+        xattrs,
+        name,
+    }))
+}

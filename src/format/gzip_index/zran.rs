@@ -1,0 +1,497 @@
+//! Random access into a gzip stream, zlib's `zran.c` method: inflating the stream once, a
+//! [`CheckpointingInflater`] records a checkpoint at deflate block boundaries every `span`
+//! bytes of output (the compressed offset, the bits of the previous byte still unread, and the
+//! 32 KiB of output before it); [`inflate_span`] later resumes raw inflation at a checkpoint
+//! from just the compressed bytes after it, primed with those bits and that window.
+//!
+//! zlib's `inflatePrime`, `inflateSetDictionary` and `inflate(Z_BLOCK)` with `data_type` are
+//! not in flate2's safe API; they come from `libz-rs-sys` (zlib's C API implemented in Rust,
+//! so no C zlib is needed to build). The unsafe calls are confined to [`Stream`].
+
+use std::io::Read;
+
+use libz_rs_sys as z;
+
+/// Bytes of history a deflate stream may refer back to.
+pub const WINDOW: usize = 32 << 10;
+/// The gzip trailer after each member's deflate data: CRC-32 and size.
+const GZIP_TRAILER: usize = 8;
+/// zlib's window bits: raw deflate, gzip only, gzip or zlib detected.
+const RAW: i32 = -15;
+const GZIP: i32 = 31;
+const GZIP_OR_ZLIB: i32 = 47;
+
+/// Why inflating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZranError {
+    #[error("zlib refused to start inflating (code {0})")]
+    Init(i32),
+    #[error("zlib refused the resume point's bits or window (code {0})")]
+    Prime(i32),
+    #[error("the compressed data is not valid deflate (code {code}) after {out} bytes of output")]
+    Data { code: i32, out: u64 },
+    #[error("the compressed data ended after {got} of {want} bytes of output")]
+    Short { got: u64, want: u64 },
+    #[error("reading the compressed stream")]
+    Read(#[source] std::io::Error),
+    #[error("more than {0} checkpoints")]
+    TooManyCheckpoints(usize),
+}
+
+/// Where decompression can resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Uncompressed offset.
+    pub out: u64,
+    /// Compressed offset of the first byte not entirely consumed.
+    pub input: u64,
+    /// Bits (0-7) of the byte before `input` that are still to be read.
+    pub bits: u8,
+    /// Up to [`WINDOW`] bytes of output just before `out`.
+    pub window: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// Where the compressed bytes needed to resume here start.
+    pub fn fetch_from(&self) -> u64 {
+        self.input.saturating_sub(u64::from(self.bits > 0))
+    }
+}
+
+/// One zlib inflate stream. Boxed because zlib's state points back at it: it must not move
+/// between calls.
+struct Stream(Box<z::z_stream>);
+
+impl Stream {
+    fn new(window_bits: i32) -> Result<Self, ZranError> {
+        let mut stream = Box::new(z::z_stream::default());
+        // SAFETY: `stream` is a valid, default-initialised z_stream (allocator fields set by
+        // its Default), it stays at this heap address for its whole life, and the version
+        // string is the library's own NUL-terminated one.
+        let code = unsafe {
+            z::inflateInit2_(
+                &mut *stream,
+                window_bits,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if code != z::Z_OK {
+            return Err(ZranError::Init(code));
+        }
+        Ok(Stream(stream))
+    }
+
+    fn reset(&mut self, window_bits: i32) -> Result<(), ZranError> {
+        // SAFETY: the stream was initialised by `inflateInit2_` in `new` and not ended.
+        let code = unsafe { z::inflateReset2(&mut *self.0, window_bits) };
+        if code != z::Z_OK {
+            return Err(ZranError::Init(code));
+        }
+        Ok(())
+    }
+
+    fn prime(&mut self, bits: u8, value: u8) -> Result<(), ZranError> {
+        // SAFETY: initialised stream; zlib checks `bits` (at most 16) itself.
+        let code = unsafe { z::inflatePrime(&mut *self.0, i32::from(bits), i32::from(value)) };
+        if code != z::Z_OK {
+            return Err(ZranError::Prime(code));
+        }
+        Ok(())
+    }
+
+    fn set_dictionary(&mut self, window: &[u8]) -> Result<(), ZranError> {
+        if window.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: initialised raw stream; `window` is valid for reads of its length (at most
+        // WINDOW bytes, checked by callers, so the length fits a u32).
+        let code =
+            unsafe { z::inflateSetDictionary(&mut *self.0, window.as_ptr(), window.len() as u32) };
+        if code != z::Z_OK {
+            return Err(ZranError::Prime(code));
+        }
+        Ok(())
+    }
+
+    /// One `inflate` call from `input` into `output`; returns (zlib's code, bytes consumed,
+    /// bytes produced). Lengths are capped at u32::MAX per call, as zlib's counters are.
+    fn inflate(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (i32, usize, usize) {
+        let avail_in = input.len().min(u32::MAX as usize);
+        let avail_out = output.len().min(u32::MAX as usize);
+        self.0.next_in = input.as_ptr();
+        self.0.avail_in = avail_in as u32;
+        self.0.next_out = output.as_mut_ptr();
+        self.0.avail_out = avail_out as u32;
+        // SAFETY: initialised stream; next_in/next_out point into `input` and `output`, which
+        // outlive the call and are valid for the lengths given; zlib writes only within
+        // `avail_out` bytes of `next_out`.
+        let code = unsafe { z::inflate(&mut *self.0, flush) };
+        let consumed = avail_in - self.0.avail_in as usize;
+        let produced = avail_out - self.0.avail_out as usize;
+        // Never leave pointers to the caller's buffers behind.
+        self.0.next_in = std::ptr::null();
+        self.0.avail_in = 0;
+        self.0.next_out = std::ptr::null_mut();
+        self.0.avail_out = 0;
+        (code, consumed, produced)
+    }
+
+    fn data_type(&self) -> i32 {
+        self.0.data_type
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: initialised by `inflateInit2_` in `new`, ended only here.
+        unsafe {
+            z::inflateEnd(&mut *self.0);
+        }
+    }
+}
+
+/// Inflates a gzip stream (one or more members) as a `Read` of its uncompressed bytes,
+/// recording a [`Checkpoint`] at the first deflate block boundary at least `span` bytes of
+/// output after the previous one (and one at the start).
+pub struct CheckpointingInflater<R> {
+    inner: R,
+    stream: Stream,
+    input: Vec<u8>,
+    in_pos: usize,
+    in_len: usize,
+    inner_done: bool,
+    /// Compressed bytes consumed by zlib so far.
+    total_in: u64,
+    total_out: u64,
+    /// The last output, at most 2 * WINDOW bytes (trimmed to WINDOW when it grows past).
+    history: Vec<u8>,
+    span: u64,
+    max_checkpoints: usize,
+    checkpoints: Vec<Checkpoint>,
+    done: bool,
+}
+
+impl<R: Read> CheckpointingInflater<R> {
+    pub fn new(inner: R, span: u64, max_checkpoints: usize) -> Result<Self, ZranError> {
+        Ok(CheckpointingInflater {
+            inner,
+            stream: Stream::new(GZIP_OR_ZLIB)?,
+            input: vec![0; 256 << 10],
+            in_pos: 0,
+            in_len: 0,
+            inner_done: false,
+            total_in: 0,
+            total_out: 0,
+            history: Vec::with_capacity(2 * WINDOW),
+            span: span.max(1),
+            max_checkpoints,
+            checkpoints: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// The checkpoints recorded so far, in order.
+    pub fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    /// Uncompressed bytes produced so far.
+    pub fn total_out(&self) -> u64 {
+        self.total_out
+    }
+
+    /// The checkpoints and the inner reader.
+    pub fn finish(self) -> (Vec<Checkpoint>, R) {
+        (self.checkpoints, self.inner)
+    }
+
+    fn fill(&mut self) -> Result<(), ZranError> {
+        if self.in_pos < self.in_len || self.inner_done {
+            return Ok(());
+        }
+        self.in_pos = 0;
+        self.in_len = loop {
+            match self.inner.read(&mut self.input) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ZranError::Read(e)),
+            }
+        };
+        if self.in_len == 0 {
+            self.inner_done = true;
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, out: &[u8]) {
+        self.history.extend_from_slice(out);
+        if self.history.len() > 2 * WINDOW {
+            let cut = self.history.len() - WINDOW;
+            self.history.drain(..cut);
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), ZranError> {
+        let data_type = self.stream.data_type();
+        // Bit 7: just after a block (or the header); bit 6: that block was the last one.
+        if data_type & 128 == 0 || data_type & 64 != 0 {
+            return Ok(());
+        }
+        let due = match self.checkpoints.last() {
+            None => true,
+            Some(last) => self.total_out - last.out >= self.span,
+        };
+        if !due {
+            return Ok(());
+        }
+        if self.checkpoints.len() >= self.max_checkpoints {
+            return Err(ZranError::TooManyCheckpoints(self.max_checkpoints));
+        }
+        let keep = self.history.len().min(WINDOW);
+        self.checkpoints.push(Checkpoint {
+            out: self.total_out,
+            input: self.total_in,
+            bits: (data_type & 7) as u8,
+            window: self.history[self.history.len() - keep..].to_vec(),
+        });
+        Ok(())
+    }
+
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ZranError> {
+        // zlib makes progress on every call it is given input and room for; a stream that
+        // stops doing so must not spin here.
+        let mut stalls = 0;
+        while !self.done {
+            self.fill()?;
+            let input = &self.input[self.in_pos..self.in_len];
+            let (code, consumed, produced) = self.stream.inflate(input, buf, z::Z_BLOCK);
+            self.in_pos += consumed;
+            self.total_in += consumed as u64;
+            self.total_out += produced as u64;
+            self.remember(&buf[..produced]);
+            match code {
+                z::Z_OK => self.checkpoint()?,
+                z::Z_STREAM_END => {
+                    // The member ended: another may follow (concatenated gzip members).
+                    self.fill()?;
+                    if self.in_pos >= self.in_len {
+                        self.done = true;
+                    } else {
+                        self.stream.reset(GZIP_OR_ZLIB)?;
+                    }
+                }
+                z::Z_BUF_ERROR if consumed == 0 && produced == 0 => {
+                    if self.inner_done {
+                        return Err(ZranError::Short {
+                            got: self.total_out,
+                            want: self.total_out + 1,
+                        });
+                    }
+                }
+                code => {
+                    return Err(ZranError::Data {
+                        code,
+                        out: self.total_out,
+                    })
+                }
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+            stalls = if consumed == 0 { stalls + 1 } else { 0 };
+            if stalls > 8 {
+                return Err(ZranError::Data {
+                    code,
+                    out: self.total_out,
+                });
+            }
+        }
+        Ok(0)
+    }
+}
+
+impl<R: Read> Read for CheckpointingInflater<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.read_some(buf).map_err(std::io::Error::other)
+    }
+}
+
+/// Inflates `len` bytes from a checkpoint. `compressed` holds the blob from
+/// [`Checkpoint::fetch_from`] on, as far as the span needs (more is ignored). Members that
+/// end inside the span are followed into the next (their trailer skipped, the next header
+/// parsed), as in the stream the checkpoint was taken from.
+pub fn inflate_span(
+    compressed: &[u8],
+    bits: u8,
+    window: &[u8],
+    len: usize,
+) -> Result<Vec<u8>, ZranError> {
+    if bits > 7 || window.len() > WINDOW {
+        return Err(ZranError::Prime(z::Z_STREAM_ERROR));
+    }
+    let mut stream = Stream::new(RAW)?;
+    let mut input = compressed;
+    if bits > 0 {
+        let (&first, rest) = input.split_first().ok_or(ZranError::Short {
+            got: 0,
+            want: len as u64,
+        })?;
+        stream.prime(bits, first >> (8 - bits))?;
+        input = rest;
+    }
+    stream.set_dictionary(window)?;
+    let mut out = vec![0u8; len];
+    let mut filled = 0usize;
+    let mut raw = true;
+    let mut stalls = 0;
+    while filled < len {
+        let (code, consumed, produced) = stream.inflate(input, &mut out[filled..], z::Z_NO_FLUSH);
+        input = &input[consumed..];
+        filled += produced;
+        match code {
+            z::Z_OK => {}
+            z::Z_STREAM_END if filled < len => {
+                // A raw stream leaves the member's trailer to us; a gzip one reads its own.
+                if raw {
+                    input = input.get(GZIP_TRAILER..).unwrap_or_default();
+                    raw = false;
+                }
+                stream.reset(GZIP)?;
+            }
+            z::Z_STREAM_END => {}
+            z::Z_BUF_ERROR if consumed == 0 && produced == 0 => {
+                return Err(ZranError::Short {
+                    got: filled as u64,
+                    want: len as u64,
+                })
+            }
+            z::Z_BUF_ERROR => {}
+            code => {
+                return Err(ZranError::Data {
+                    code,
+                    out: filled as u64,
+                })
+            }
+        }
+        stalls = if consumed == 0 && produced == 0 {
+            stalls + 1
+        } else {
+            0
+        };
+        if (stalls > 0 && input.is_empty()) || stalls > 8 {
+            return Err(ZranError::Short {
+                got: filled as u64,
+                want: len as u64,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn pseudo_random_text(n: usize) -> Vec<u8> {
+        // Compressible but not trivially: words from a small vocabulary, an LCG picking them.
+        let words = [
+            &b"layer "[..],
+            b"chunk ",
+            b"gzip ",
+            b"index ",
+            b"span\n",
+            b"zran ",
+        ];
+        let mut out = Vec::with_capacity(n);
+        let mut x: u64 = 12345;
+        while out.len() < n {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.extend_from_slice(words[(x >> 33) as usize % words.len()]);
+            if x.is_multiple_of(7) {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("gzip");
+        e.finish().expect("gzip")
+    }
+
+    fn check_all_spans(data: &[u8], blob: &[u8], span: u64) -> usize {
+        let mut inflater = CheckpointingInflater::new(blob, span, 10_000).expect("init");
+        let mut out = Vec::new();
+        inflater.read_to_end(&mut out).expect("inflate");
+        assert_eq!(out, data);
+        let (points, _) = inflater.finish();
+        assert_eq!(points[0].out, 0);
+        for (k, p) in points.iter().enumerate() {
+            let end = points.get(k + 1).map_or(data.len() as u64, |n| n.out);
+            let to = points
+                .get(k + 1)
+                .map_or(blob.len() as u64, |n| (n.input + 1).min(blob.len() as u64));
+            let got = inflate_span(
+                &blob[p.fetch_from() as usize..to as usize],
+                p.bits,
+                &p.window,
+                (end - p.out) as usize,
+            )
+            .expect("resume");
+            assert_eq!(got, &data[p.out as usize..end as usize], "span {k}");
+        }
+        points.len()
+    }
+
+    #[test]
+    fn every_span_resumes_from_its_checkpoint_alone() {
+        let data = pseudo_random_text(3 << 20);
+        let points = check_all_spans(&data, &gzip(&data), 256 << 10);
+        assert!(points >= 8, "{points} checkpoints");
+    }
+
+    #[test]
+    fn concatenated_members_are_followed() {
+        let a = pseudo_random_text(700 << 10);
+        let b: Vec<u8> = a.iter().rev().copied().collect();
+        let mut blob = gzip(&a);
+        blob.extend_from_slice(&gzip(&b));
+        let mut data = a.clone();
+        data.extend_from_slice(&b);
+        check_all_spans(&data, &blob, 300 << 10);
+    }
+
+    #[test]
+    fn damaged_input_is_an_error_not_bytes() {
+        let data = pseudo_random_text(1 << 20);
+        let blob = gzip(&data);
+        let mut inflater = CheckpointingInflater::new(&blob[..], 64 << 10, 1000).expect("init");
+        std::io::copy(&mut inflater, &mut std::io::sink()).expect("inflate");
+        let (points, _) = inflater.finish();
+        let p = &points[1];
+        let end = points[2].input as usize + 1;
+        let mut bad = blob[p.fetch_from() as usize..end].to_vec();
+        let len = (points[2].out - p.out) as usize;
+        // A wrong window makes other bytes, which a span digest catches; a cut input is short.
+        let cut = inflate_span(&bad[..bad.len() / 2], p.bits, &p.window, len);
+        assert!(matches!(cut, Err(ZranError::Short { .. })), "{cut:?}");
+        for b in bad.iter_mut().skip(10).step_by(7) {
+            *b ^= 0x5a;
+        }
+        match inflate_span(&bad, p.bits, &p.window, len) {
+            Err(_) => {}
+            Ok(out) => assert_ne!(out, &data[p.out as usize..p.out as usize + len]),
+        }
+        assert!(inflate_span(&bad, 9, &p.window, len).is_err());
+    }
+}

@@ -1,0 +1,369 @@
+//! Finding a layer's gzip index in the registry, once per image: the image's manifest (for
+//! a multi-platform index, the manifest for this machine's platform), the artifacts that
+//! refer to it (the OCI 1.1 referrers API, else the referrers tag schema's
+//! `sha256-<hex>` tag), the newest gzip-index artifact among them, fetched by digest and
+//! checked against it, whose `subject` must be that manifest. Each layer's index blob is
+//! then fetched by the digest the artifact gives and checked against it.
+//!
+//! What is found (or not) is kept per image reference for [`KEEP_FOR`], so the Prepares of
+//! one image's layers cost one lookup; a layer's own Prepare fetches only its index blob.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use crate::format::gzip_index::{
+    ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
+};
+use crate::format::ExternalIndex;
+use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
+
+/// How long an image's lookup (found or not) is reused.
+pub const KEEP_FOR: Duration = Duration::from_secs(120);
+/// Images whose lookups are kept at once.
+const MAX_IMAGES: usize = 256;
+/// The largest manifest, image index or referrers listing read.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// The largest index blob fetched (its decompressed size is bounded by `[limits]
+/// max_toc_bytes` when it is decoded).
+pub const MAX_INDEX_BLOB_BYTES: u64 = 64 << 20;
+/// Children of a multi-platform index looked at.
+const MAX_PLATFORMS: usize = 64;
+
+/// What the registry holds for one layer.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Its index, checked against the digest the image's artifact gives, and the layer's
+    /// size as the image manifest gives it.
+    Found(ExternalIndex, Option<u64>),
+    /// The image's index lists the layer as left out (too small, or not gzip).
+    NotIndexed,
+    /// No index for it, and why.
+    Missing(String),
+}
+
+#[derive(Debug, Default)]
+struct ImageIndexes {
+    /// layer digest → its index blob's digest.
+    layers: HashMap<String, String>,
+    not_indexed: HashSet<String>,
+    /// layer digest → its size, from the image manifest.
+    sizes: HashMap<String, u64>,
+    /// Why the image has no usable index, when it has none.
+    none: Option<String>,
+}
+
+/// Why a lookup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(default, rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    #[serde(default, rename = "artifactType")]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+    #[serde(default)]
+    platform: Option<Platform>,
+    #[serde(default)]
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct Document {
+    #[serde(default, rename = "mediaType")]
+    media_type: Option<String>,
+    #[serde(default, rename = "artifactType")]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    subject: Option<Descriptor>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+type Cell = Arc<OnceCell<Arc<ImageIndexes>>>;
+
+/// Lookups of images' gzip indexes, shared by every Prepare.
+pub struct IndexLookup {
+    registry: RegistryClient,
+    images: Mutex<HashMap<String, (Instant, Cell)>>,
+}
+
+/// The referrers tag schema's tag for `digest`: `sha256-<hex>`.
+pub fn fallback_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+/// The OCI architecture name of this machine.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+impl IndexLookup {
+    pub fn new(registry: RegistryClient) -> Self {
+        IndexLookup {
+            registry,
+            images: Mutex::default(),
+        }
+    }
+
+    /// The index of `layer` of the image pulled as `reference`.
+    pub async fn find(&self, reference: &Reference, layer: &str) -> Lookup {
+        let image = self.image(reference).await;
+        if image.not_indexed.contains(layer) {
+            return Lookup::NotIndexed;
+        }
+        let Some(digest) = image.layers.get(layer) else {
+            return Lookup::Missing(
+                image.none.clone().unwrap_or_else(|| {
+                    "the image's gzip index does not cover this layer".to_owned()
+                }),
+            );
+        };
+        match self
+            .registry
+            .get_blob(reference, digest, MAX_INDEX_BLOB_BYTES)
+            .await
+        {
+            Ok(bytes) => Lookup::Found(
+                ExternalIndex {
+                    digest: digest.clone(),
+                    bytes,
+                },
+                image.sizes.get(layer).copied(),
+            ),
+            Err(e) => Lookup::Missing(format!(
+                "fetching its gzip index {digest}: {}",
+                crate::error_chain(&e)
+            )),
+        }
+    }
+
+    /// Whether the image's lookup is done and found an index (without waiting or asking).
+    pub fn has_index(&self, reference: &Reference) -> bool {
+        let images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+        images
+            .get(&reference.to_string())
+            .and_then(|(_, cell)| cell.get())
+            .is_some_and(|found| !found.layers.is_empty())
+    }
+
+    async fn image(&self, reference: &Reference) -> Arc<ImageIndexes> {
+        let key = reference.to_string();
+        let cell = {
+            let now = Instant::now();
+            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            images.retain(|_, (until, _)| *until > now);
+            if images.len() >= MAX_IMAGES {
+                images.clear();
+            }
+            images
+                .entry(key)
+                .or_insert_with(|| (now + KEEP_FOR, Arc::default()))
+                .1
+                .clone()
+        };
+        cell.get_or_init(|| async {
+            let found = match self.load(reference).await {
+                Ok(found) => found,
+                Err(e) => ImageIndexes {
+                    none: Some(format!(
+                        "looking up the image's gzip index: {}",
+                        crate::error_chain(&e)
+                    )),
+                    ..ImageIndexes::default()
+                },
+            };
+            if let Some(why) = &found.none {
+                tracing::debug!(reference = %reference, reason = %why, "no gzip index for the image");
+            } else {
+                tracing::info!(reference = %reference, layers = found.layers.len(), "found the image's gzip index");
+            }
+            Arc::new(found)
+        })
+        .await
+        .clone()
+    }
+
+    async fn load(&self, reference: &Reference) -> Result<ImageIndexes, LookupError> {
+        let manifest = image_manifest(&self.registry, reference).await?;
+        let image: Document = parse(&manifest.bytes, "the image manifest")?;
+        let sizes: HashMap<String, u64> = image
+            .layers
+            .iter()
+            .filter_map(|l| Some((l.digest.clone(), l.size?)))
+            .collect();
+        let listing = match self
+            .registry
+            .get_referrers(
+                reference,
+                &manifest.digest,
+                ARTIFACT_TYPE,
+                MAX_MANIFEST_BYTES,
+            )
+            .await?
+        {
+            Some(listing) => listing,
+            None => match self
+                .registry
+                .get_manifest(
+                    reference,
+                    &fallback_tag(&manifest.digest),
+                    MAX_MANIFEST_BYTES,
+                )
+                .await
+            {
+                Ok(m) => m.bytes,
+                Err(e) if e.is_not_found() => {
+                    return Ok(ImageIndexes {
+                        none: Some(format!(
+                            "no gzip index refers to the image manifest {}",
+                            manifest.digest
+                        )),
+                        ..ImageIndexes::default()
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let listing: Document = parse(&listing, "the referrers listing")?;
+        // The newest: the pusher appends to the listing.
+        let Some(artifact) = listing
+            .manifests
+            .iter()
+            .rev()
+            .find(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        else {
+            return Ok(ImageIndexes {
+                none: Some(format!(
+                    "no gzip index among the referrers of {}",
+                    manifest.digest
+                )),
+                ..ImageIndexes::default()
+            });
+        };
+        // Fetched by digest: get_manifest checks the bytes against it.
+        let bytes = self
+            .registry
+            .get_manifest(reference, &artifact.digest, MAX_MANIFEST_BYTES)
+            .await?
+            .bytes;
+        let doc: Document = parse(&bytes, "the gzip index artifact")?;
+        if doc.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
+            return Err(LookupError::Invalid(format!(
+                "artifact {} is not a gzip index",
+                artifact.digest
+            )));
+        }
+        let subject = doc.subject.as_ref().map(|s| s.digest.as_str());
+        if subject != Some(manifest.digest.as_str()) {
+            return Err(LookupError::Invalid(format!(
+                "artifact {} refers to {subject:?}, not to the image manifest {}",
+                artifact.digest, manifest.digest
+            )));
+        }
+        let mut found = ImageIndexes {
+            sizes,
+            ..ImageIndexes::default()
+        };
+        for layer in &doc.layers {
+            if layer.media_type != INDEX_MEDIA_TYPE {
+                continue;
+            }
+            if let Some(of) = layer.annotations.get(LAYER_ANNOTATION) {
+                found.layers.insert(of.clone(), layer.digest.clone());
+            }
+        }
+        if let Some(list) = doc.annotations.get(NOT_INDEXED_ANNOTATION) {
+            found.not_indexed = list
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        Ok(found)
+    }
+}
+
+/// The image manifest `reference` names; for a multi-platform index, its manifest for this
+/// machine's platform (linux and this architecture).
+pub async fn image_manifest(
+    registry: &RegistryClient,
+    reference: &Reference,
+) -> Result<Manifest, LookupError> {
+    let manifest = registry
+        .get_manifest(reference, &reference.object, MAX_MANIFEST_BYTES)
+        .await?;
+    let doc: Document = parse(&manifest.bytes, "the image manifest")?;
+    let is_index = manifest.media_type.contains("index")
+        || manifest.media_type.contains("manifest.list")
+        || doc
+            .media_type
+            .as_deref()
+            .is_some_and(|t| t.contains("index"))
+        || (!doc.manifests.is_empty() && doc.layers.is_empty());
+    if !is_index {
+        return Ok(manifest);
+    }
+    let child = doc
+        .manifests
+        .iter()
+        .take(MAX_PLATFORMS)
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
+        })
+        .ok_or_else(|| {
+            LookupError::Invalid(format!(
+                "the image index has no linux/{} manifest",
+                host_arch()
+            ))
+        })?;
+    Ok(registry
+        .get_manifest(reference, &child.digest, MAX_MANIFEST_BYTES)
+        .await?)
+}
+
+fn parse(bytes: &[u8], what: &str) -> Result<Document, LookupError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| LookupError::Invalid(format!("{what} is not a valid OCI document: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_tag_replaces_the_colon() {
+        assert_eq!(fallback_tag("sha256:abc"), "sha256-abc");
+    }
+}

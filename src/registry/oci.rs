@@ -1,0 +1,268 @@
+//! Manifests, referrers and monolithic blob uploads (OCI distribution): what indexing an
+//! image and finding the index of an image need beyond ranged blob reads. These go to the
+//! origin only (hosts.toml mirrors serve pulls of blobs). Content fetched by digest is
+//! checked against that digest here; what the documents mean is the caller's business.
+
+use bytes::Bytes;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
+use reqwest::{Method, StatusCode};
+use sha2::{Digest as _, Sha256};
+
+use super::{read_body, Attempt, BodyError, RegistryClient, RegistryError, Target};
+use crate::registry::Reference;
+
+/// The manifest media types asked for when resolving a reference.
+pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What a request sends and accepts besides the usual headers.
+#[derive(Clone, Default)]
+pub(super) struct Extra {
+    pub push: bool,
+    pub accept: Option<&'static str>,
+    /// Content type and body.
+    pub body: Option<(String, Bytes)>,
+}
+
+impl Extra {
+    pub(super) fn apply(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(accept) = self.accept {
+            request = request.header(ACCEPT, accept);
+        }
+        if let Some((content_type, body)) = &self.body {
+            request = request
+                .header(CONTENT_TYPE, content_type.as_str())
+                .body(body.clone());
+        }
+        request
+    }
+}
+
+/// A manifest as the registry served it.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub media_type: String,
+    /// `sha256:` of `bytes`.
+    pub digest: String,
+    pub bytes: Bytes,
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+impl RegistryClient {
+    fn origin_target(
+        &self,
+        reference: &Reference,
+        path: &str,
+        extra: Extra,
+    ) -> Result<Target, RegistryError> {
+        let endpoints = self.hosts.endpoints(reference)?;
+        let endpoint =
+            endpoints
+                .iter()
+                .find(|e| e.is_origin)
+                .ok_or_else(|| RegistryError::NoEndpoint {
+                    digest: path.to_owned(),
+                })?;
+        Ok(Target {
+            client: self.client_for(endpoint)?,
+            url: format!("{}/{}/{path}", endpoint.base, reference.repository),
+            host: endpoint.host().to_owned(),
+            repository: reference.repository.clone(),
+            headers: endpoint.headers.clone(),
+            extra,
+        })
+    }
+
+    /// One request under the retry policy; the response's status, headers and body (at
+    /// most `limit` bytes).
+    async fn call(
+        &self,
+        target: &Target,
+        method: Method,
+        limit: u64,
+    ) -> Result<(StatusCode, reqwest::header::HeaderMap, reqwest::Url, Bytes), RegistryError> {
+        let deadline = std::time::Instant::now() + self.config.read_deadline;
+        self.with_retries(&target.host, deadline, || async {
+            let mut response = self.send(target, method.clone(), None).await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let url = response.url().clone();
+            let body = match read_body(&mut response, limit, &self.stats.bytes).await {
+                Ok(body) => body,
+                Err(BodyError::TooLarge) => {
+                    return Err(Attempt::Fatal(RegistryError::TooLarge {
+                        host: target.host.clone(),
+                        what: target.url.clone(),
+                        limit,
+                    }))
+                }
+                Err(BodyError::Read(reason)) => {
+                    return Err(Attempt::Retry(format!("reading body: {reason}")))
+                }
+            };
+            Ok((status, headers, url, body))
+        })
+        .await
+    }
+
+    /// The manifest `object` (a tag or digest) of `reference`'s repository, at most `limit`
+    /// bytes; when `object` is a digest the bytes are checked against it.
+    pub async fn get_manifest(
+        &self,
+        reference: &Reference,
+        object: &str,
+        limit: u64,
+    ) -> Result<Manifest, RegistryError> {
+        let extra = Extra {
+            accept: Some(MANIFEST_TYPES),
+            ..Extra::default()
+        };
+        let target = self.origin_target(reference, &format!("manifests/{object}"), extra)?;
+        let (_, headers, _, bytes) = self.call(&target, Method::GET, limit).await?;
+        let digest = sha256_digest(&bytes);
+        if object.starts_with("sha256:") && digest != object {
+            return Err(RegistryError::BadResponse {
+                host: target.host,
+                what: format!("manifest {object}"),
+                reason: format!("its bytes hash to {digest}"),
+            });
+        }
+        let media_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        Ok(Manifest {
+            media_type,
+            digest,
+            bytes,
+        })
+    }
+
+    /// The OCI 1.1 referrers of manifest `digest` with `artifact_type`, as an image index;
+    /// `None` when the registry has no referrers API (or nothing refers to it).
+    pub async fn get_referrers(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        artifact_type: &str,
+        limit: u64,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        let extra = Extra {
+            accept: Some("application/vnd.oci.image.index.v1+json"),
+            ..Extra::default()
+        };
+        let path = format!("referrers/{digest}?artifactType={artifact_type}");
+        let target = self.origin_target(reference, &path, extra)?;
+        match self.call(&target, Method::GET, limit).await {
+            Ok((_, _, _, bytes)) => Ok(Some(bytes)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The whole blob `digest` (at most `limit` bytes), checked against its digest.
+    pub async fn get_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        limit: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let target = self.origin_target(reference, &format!("blobs/{digest}"), Extra::default())?;
+        let (_, _, _, bytes) = self.call(&target, Method::GET, limit).await?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::BadResponse {
+                host: target.host,
+                what: format!("blob {digest}"),
+                reason: format!("its bytes hash to {actual}"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Uploads `bytes` as a blob (one POST, one PUT) unless the repository has it; returns
+    /// its digest.
+    pub async fn push_blob(
+        &self,
+        reference: &Reference,
+        bytes: Bytes,
+    ) -> Result<String, RegistryError> {
+        let digest = sha256_digest(&bytes);
+        let push = Extra {
+            push: true,
+            ..Extra::default()
+        };
+        let head = self.origin_target(reference, &format!("blobs/{digest}"), push.clone())?;
+        match self.call(&head, Method::HEAD, 0).await {
+            Ok(_) => return Ok(digest),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let start = self.origin_target(reference, "blobs/uploads/", push)?;
+        let (status, headers, url, _) = self.call(&start, Method::POST, 64 << 10).await?;
+        let bad = |reason: String| RegistryError::BadResponse {
+            host: start.host.clone(),
+            what: format!("uploading blob {digest}"),
+            reason,
+        };
+        if status != StatusCode::ACCEPTED {
+            return Err(bad(format!("status {status} starting the upload")));
+        }
+        let location = headers
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| bad("no Location for the upload".into()))?;
+        let mut upload = url
+            .join(location)
+            .map_err(|e| bad(format!("upload location {location:?}: {e}")))?;
+        upload.query_pairs_mut().append_pair("digest", &digest);
+        let put = Target {
+            url: upload.to_string(),
+            extra: Extra {
+                push: true,
+                accept: None,
+                body: Some(("application/octet-stream".into(), bytes)),
+            },
+            ..start.clone()
+        };
+        let (status, _, _, _) = self.call(&put, Method::PUT, 64 << 10).await?;
+        if status != StatusCode::CREATED {
+            return Err(bad(format!("status {status} finishing the upload")));
+        }
+        Ok(digest)
+    }
+
+    /// Stores a manifest under `object` (a tag, or its digest).
+    pub async fn put_manifest(
+        &self,
+        reference: &Reference,
+        object: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<String, RegistryError> {
+        let digest = sha256_digest(&bytes);
+        let extra = Extra {
+            push: true,
+            accept: None,
+            body: Some((media_type.to_owned(), bytes)),
+        };
+        let target = self.origin_target(reference, &format!("manifests/{object}"), extra)?;
+        let (status, _, _, _) = self.call(&target, Method::PUT, 64 << 10).await?;
+        if status != StatusCode::CREATED && !status.is_success() {
+            return Err(RegistryError::BadResponse {
+                host: target.host,
+                what: format!("manifest {object}"),
+                reason: format!("status {status}"),
+            });
+        }
+        Ok(digest)
+    }
+}

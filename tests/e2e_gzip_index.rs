@@ -1,0 +1,302 @@
+//! Lazy pulling of an unmodified plain gzip image through its gzip index: the harness pushes
+//! an image as ordinary gzip layers, `lazysnap index --push` stores the index next to it (an
+//! artifact referring to the image manifest, found through the referrers tag schema on
+//! docker-registry 2.8), and `ctr-remote image rpull` through lazysnap mounts every layer
+//! lazily. A tampered index is refused or fails reads with EIO; it never serves wrong bytes.
+
+mod harness;
+
+use std::process::Command;
+
+use harness::image::{self, Entry};
+use harness::Stack;
+use lazysnap::format::gzip_index::file::GzipIndex;
+use lazysnap::layer::gzip_publish::{self, IndexOptions};
+use lazysnap::metadata::Limits;
+use lazysnap::registry::{Reference, RegistryClient, RegistryConfig};
+
+const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
+const SPAN: u64 = 1 << 20;
+
+/// Text-like bytes that compress about as well as real files do.
+fn pseudo_text(len: usize, seed: u64) -> Vec<u8> {
+    let words: [&[u8]; 8] = [
+        b"import ", b"return ", b"layer ", b"self.", b"value, ", b"def ", b"\n    ", b"None",
+    ];
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    while out.len() < len {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.extend_from_slice(words[(x >> 33) as usize % words.len()]);
+        if x.is_multiple_of(5) {
+            out.extend_from_slice(format!("{}", x % 100_000).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// The standard image plus a larger layer of application files; `variant` changes the
+/// middle layers' bytes so that two images share only busybox.
+fn image_spec(variant: u64) -> image::ImageSpec {
+    let mut spec = image::standard_image();
+    spec.layers[1].push(Entry::file("data/variant", format!("variant {variant}\n")));
+    spec.layers.push(vec![
+        Entry::dir("app"),
+        Entry::file("app/lib.py", pseudo_text(12 << 20, variant)),
+        Entry::file("app/model.bin", image::pseudo_random(1 << 20, 40 + variant)),
+        Entry::file("app/hello.txt", "hello from the app layer\n"),
+    ]);
+    spec
+}
+
+fn client() -> RegistryClient {
+    RegistryClient::new(RegistryConfig::default()).expect("registry client")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn manifest_digest(reference: &str) -> String {
+    let reference = Reference::parse(reference).expect("reference");
+    runtime()
+        .block_on(lazysnap::layer::image_manifest(&client(), &reference))
+        .expect("manifest")
+        .digest
+}
+
+fn index(stack: &Stack, reference: &str) -> serde_json::Value {
+    let config = stack.dir.join("index-config.toml");
+    std::fs::write(&config, "").expect("config");
+    let out = Command::new(LAZYSNAP)
+        .args([
+            "index",
+            reference,
+            "--push",
+            "--json",
+            "--min-layer-size",
+            "0",
+        ])
+        .args(["--span", &SPAN.to_string(), "--config"])
+        .arg(&config)
+        .output()
+        .expect("run lazysnap index");
+    assert!(
+        out.status.success(),
+        "lazysnap index failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("index --json")
+}
+
+/// The value of xattr `name` on `rel` in whichever snapshot under `snapshots` holds it.
+fn layer_xattr(snapshots: &std::path::Path, rel: &str, name: &str) -> Option<Vec<u8>> {
+    for entry in std::fs::read_dir(snapshots).ok()?.flatten() {
+        let path = entry.path().join("fs").join(rel);
+        if path.exists() {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+            let c_name = std::ffi::CString::new(name).ok()?;
+            let mut buf = vec![0u8; 256];
+            // SAFETY: both strings are NUL-terminated and `buf` is valid for its length.
+            let n = unsafe {
+                libc::lgetxattr(
+                    c_path.as_ptr(),
+                    c_name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            buf.truncate(n as usize);
+            return Some(buf);
+        }
+    }
+    None
+}
+
+fn lazily_mounted(stack: &Stack) -> usize {
+    stack.lazysnap_log().matches("layer mounted lazily").count()
+}
+
+#[test]
+fn plain_gzip_image_is_pulled_lazily_through_its_index() {
+    harness::require_root();
+    let mut stack = Stack::start(LAZYSNAP);
+    let plain = stack.image_ref("gzidx:plain");
+    image::push(&image_spec(1), &stack.dir, &plain);
+    let digest = manifest_digest(&plain);
+
+    let report = index(&stack, &plain);
+    assert_eq!(report["manifest"], digest.as_str());
+    let layers = report["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 4);
+    assert!(layers.iter().all(|l| l["indexed"] == true), "{report:#}");
+    let layer_bytes: u64 = layers.iter().map(|l| l["size"].as_u64().unwrap_or(0)).sum();
+    let index_bytes: u64 = layers
+        .iter()
+        .map(|l| l["index_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        manifest_digest(&plain),
+        digest,
+        "indexing leaves the image alone"
+    );
+
+    let before = stack.registry_blob_bytes();
+    stack.rpull(&plain);
+    let at_pull = stack.registry_blob_bytes() - before;
+    assert_eq!(
+        lazily_mounted(&stack),
+        4,
+        "every layer mounted lazily:\n{}",
+        stack.lazysnap_log()
+    );
+    assert!(
+        at_pull * 20 <= layer_bytes,
+        "the lazy pull fetched {at_pull} bytes, more than 5% of the layers' {layer_bytes}"
+    );
+
+    // The shell and what it loads first, then one small file of the app layer alone.
+    let out = stack.run("lazysnap", &plain, "small2", "cat /data/small.txt");
+    assert_eq!(out, "hello from layer 2\n");
+    let before = stack.registry_blob_bytes();
+    let out = stack.run("lazysnap", &plain, "small", "cat /app/hello.txt");
+    assert_eq!(out, "hello from the app layer\n");
+    let small_read = stack.registry_blob_bytes() - before;
+    assert!(
+        small_read <= 2 * SPAN && small_read * 5 <= layer_bytes,
+        "a small read fetched {small_read} of {layer_bytes} bytes"
+    );
+
+    // The same tree as a normal pull of the same image.
+    let ours = stack.run("lazysnap", &plain, "describe-lazy", harness::DESCRIBE_FS);
+    let full_before = stack.registry_blob_bytes();
+    stack.pull("overlayfs", &plain);
+    let full = stack.registry_blob_bytes() - full_before;
+    let theirs = stack.run("overlayfs", &plain, "describe-plain", harness::DESCRIBE_FS);
+    let diff = harness::diff_lines(&theirs, &ours);
+    assert!(
+        diff.is_empty(),
+        "container views differ (- overlayfs, + lazysnap):\n{diff}"
+    );
+    assert!(ours.contains("/app/lib.py") && ours.lines().count() > 40);
+    let sums = "sha256sum /app/lib.py /app/model.bin /data/big.bin /data/hardlink /data/opaque/new";
+    assert_eq!(
+        stack.run("lazysnap", &plain, "sums-lazy", sums),
+        stack.run("overlayfs", &plain, "sums-plain", sums)
+    );
+    assert_eq!(
+        layer_xattr(
+            &stack.lazysnap_root().join("snapshots"),
+            "data/xattr",
+            "user.lazysnap"
+        )
+        .as_deref(),
+        Some(b"yes".as_slice()),
+        "the PAX xattr is served"
+    );
+    assert_eq!(manifest_digest(&plain), digest);
+    eprintln!(
+        "gzip-index: layers {layer_bytes} B, indexes {index_bytes} B ({:.2}%), rpull fetched {at_pull} B ({:.2}%), a small read {small_read} B, a normal pull {full} B",
+        index_bytes as f64 * 100.0 / layer_bytes as f64,
+        at_pull as f64 * 100.0 / layer_bytes as f64,
+    );
+
+    // A restarted daemon mounts the layers again from their saved state and index, without
+    // asking the registry.
+    stack.kill_lazysnap();
+    let requests = stack.registry_requests();
+    stack.start_lazysnap();
+    let log = stack.lazysnap_log();
+    assert_eq!(log.matches("remounted lazy layer").count(), 4, "{log}");
+    assert_eq!(
+        stack.registry_requests(),
+        requests,
+        "no registry request to remount"
+    );
+    let mut out = String::new();
+    stack.eventually(
+        "a container after the restart",
+        std::time::Duration::from_secs(15),
+        || match stack.try_ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &plain,
+            "after-restart",
+            "cat",
+            "/app/hello.txt",
+        ]) {
+            Ok(o) => {
+                out = o;
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert_eq!(out, "hello from the app layer\n");
+
+    // A tampered index: layer 2's claims another size (refused: ordinary path), the app
+    // layer's span digests are wrong (mounted, but its reads fail with EIO).
+    let tampered = stack.image_ref("gzidx:tampered");
+    image::push(&image_spec(2), &stack.dir, &tampered);
+    let reference = Reference::parse(&tampered).expect("reference");
+    let rt = runtime();
+    let registry = client();
+    let options = IndexOptions {
+        span: SPAN,
+        min_layer_bytes: 0,
+        limits: Limits::default(),
+    };
+    let mut report = rt
+        .block_on(gzip_publish::index_image(&registry, &reference, options))
+        .expect("index");
+    for (k, layer) in report.layers.iter_mut().enumerate() {
+        let Some(bytes) = &layer.index else { continue };
+        let mut ix = GzipIndex::decode(bytes, &Limits::default()).expect("decode");
+        match k {
+            1 => ix.compressed_size += 1,
+            3 => {
+                for d in &mut ix.span_digests {
+                    *d = lazysnap::chunk::ChunkDigest::of(b"not these bytes");
+                }
+            }
+            _ => continue,
+        }
+        layer.index = Some(ix.encode().expect("encode").into());
+    }
+    rt.block_on(gzip_publish::push(&registry, &reference, &report))
+        .expect("push tampered");
+    let mounted_before = lazily_mounted(&stack);
+    stack.rpull(&tampered);
+    let log = stack.lazysnap_log();
+    assert!(
+        log.contains("does not fit the layer"),
+        "the tampered layer index is refused with a reason:\n{log}"
+    );
+    assert_eq!(
+        lazily_mounted(&stack) - mounted_before,
+        2,
+        "layer 3 and the app layer are lazy, layer 2 took the ordinary path:\n{log}"
+    );
+    let out = stack.run(
+        "lazysnap",
+        &tampered,
+        "tampered",
+        "cat /data/variant; if cat /app/hello.txt; then echo READ-OK; else echo READ-FAILED; fi",
+    );
+    assert!(out.starts_with("variant 2\n"), "{out}");
+    assert!(
+        out.contains("READ-FAILED") && !out.contains("hello from the app layer"),
+        "wrong span digests fail the read, never serve bytes: {out}"
+    );
+}
