@@ -117,8 +117,9 @@ pub struct FuseConfig {
     pub read_timeout: Duration,
     /// Whether files complete in the local store are read by the kernel directly (FUSE
     /// passthrough, Linux 6.9+): `auto` (where the kernel supports it), `on`, `off`. It costs
-    /// one level of the kernel's filesystem stacking depth: nothing can stack on the
-    /// container's overlay. Default `auto`.
+    /// one level of the kernel's filesystem stacking depth (nothing can stack on the
+    /// container's overlay), and a daemon restart then breaks new opens of files running
+    /// processes hold open through it. Default `off`.
     pub passthrough: Passthrough,
 }
 
@@ -127,7 +128,7 @@ impl Default for FuseConfig {
         FuseConfig {
             lazy_pull: true,
             read_timeout: Duration::from_secs(30),
-            passthrough: Passthrough::Auto,
+            passthrough: Passthrough::Off,
         }
     }
 }
@@ -471,9 +472,9 @@ mod tests {
         assert_eq!(c.fuse.read_timeout, Duration::from_millis(500));
         assert!(!c.fuse.lazy_pull);
         assert_eq!(c.cache.memory_bytes, 1024);
-        assert_eq!(c.fuse.passthrough, Passthrough::Auto);
-        let c = Config::parse("[fuse]\npassthrough = \"off\"").expect("parse");
-        assert!(!c.fuse.passthrough.wanted());
+        assert_eq!(c.fuse.passthrough, Passthrough::Off);
+        let c = Config::parse("[fuse]\npassthrough = \"on\"").expect("parse");
+        assert!(c.fuse.passthrough.wanted());
         let err = Config::parse("[fuse]\npassthrough = \"maybe\"").expect_err("bad value");
         assert!(err.to_string().contains("passthrough"), "{err}");
         let err = Config::parse("[fuse]\nread_timeout = \"soon\"").expect_err("bad duration");

@@ -112,7 +112,10 @@ fn store_files(root: &Path) -> Vec<(u64, PathBuf)> {
 #[test]
 fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damage() {
     let cfg = tempfile::tempdir().expect("tempdir");
-    let mut stack = Stack::start_with(LAZYSNAP, config(cfg.path(), ""));
+    let mut stack = Stack::start_with(
+        LAZYSNAP,
+        config(cfg.path(), "[fuse]\npassthrough = \"on\"\n"),
+    );
     let big = image::pseudo_random(12 * CHUNK + 12_345, 42);
     let want = sha256_hex(&big);
     let reference = push_image(&stack, "store", &big);
