@@ -622,7 +622,7 @@ fn not_ahead(args: &Args, rows: &[Row]) -> Vec<String> {
             hwm_mib(normal, |x| x.containerd_hwm_kib),
         ) {
             notes.push(format!(
-                "{image}, memory: lazysnap is a daemon the normal path does without. Its peak RSS at the end of a start was {:.0} MiB ({}) to {:.0} MiB ({}), beside containerd's {ctr:.0} MiB peak on the normal path (unpacking included); warm rows run on a node that already started the image, so their peak includes the earlier start and the chunks kept in the memory tier.",
+                "{image}, memory: lazysnap is a daemon the normal path does without. Its peak RSS at the end of a start was {:.0} MiB ({}) to {:.0} MiB ({}), beside containerd's {ctr:.0} MiB peak on the normal path (unpacking included); warm rows run on a node that already started the image, so their peak includes the earlier start.",
                 lo.1, lo.0, hi.1, hi.0
             ));
         }
