@@ -79,7 +79,7 @@ pub struct VerifyReport {
 pub struct CacheCounters {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
-    /// Chunks found damaged (unreadable, or by `cache verify`) and dropped.
+    /// Chunks `cache verify` found damaged (their files are dropped).
     pub corrupt: AtomicU64,
 }
 
@@ -157,6 +157,8 @@ pub trait ChunkStore: Send + Sync {
     }
     /// Re-hashes what the store holds and drops what no longer matches.
     fn verify(&self) -> BoxFuture<'_, VerifyReport>;
+    /// Makes what is ready durable now (at shutdown). Blocking.
+    fn flush(&self) {}
 }
 
 /// The daemon's store: [`FileStore`] with its counters, as a [`ChunkStore`].
@@ -205,10 +207,12 @@ impl ChunkStore for LocalStore {
                 .await
                 .ok()
                 .flatten();
+            // A ready chunk that could not be read was evicted meanwhile or its file is
+            // damaged (dropped, and logged by the store): either way a miss.
             let counter = if got.is_some() {
                 &self.counters.hits
             } else {
-                &self.counters.corrupt
+                &self.counters.misses
             };
             counter.fetch_add(1, Ordering::Relaxed);
             got
@@ -266,6 +270,10 @@ impl ChunkStore for LocalStore {
 
     fn backing_file(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> Option<File> {
         self.files.complete_file(blob, chunks)
+    }
+
+    fn flush(&self) {
+        self.files.flush();
     }
 
     fn verify(&self) -> BoxFuture<'_, VerifyReport> {

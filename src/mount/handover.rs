@@ -129,6 +129,9 @@ impl LazyLayers {
             self.unhold(m.held_as.as_deref());
             unmounted += 1;
         }
+        // What was stored since the last background flush is made durable before the process
+        // goes, so the next daemon does not fetch it again.
+        self.store.flush();
         tracing::info!(
             kept,
             unmounted,
