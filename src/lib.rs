@@ -7,9 +7,11 @@
 //! - `metadata`: tar entries → layer index (inodes, attributes, chunk maps); pure, knows no
 //!   format.
 //! - `format`: the format seam (`LayerFormat`, `ChunkDecoder`): eStargz and zstd:chunked find
-//!   and verify their TOC, build the index, decode chunks.
-//! - `cache`: the store seam (`ChunkStore`) and today's store: verified chunk bytes on disk and
-//!   in memory, content-addressed, within a disk budget (LRU).
+//!   and verify their TOC, gzip-index its index in the registry; each builds the index and
+//!   decodes chunks.
+//! - `cache`: the store seam (`ChunkStore`) and the local store: decompressed files, one
+//!   sparse file per file of a layer, verified on the way in, read by `pread` or kernel
+//!   passthrough, within a disk budget (LRU).
 //! - `layer`: lazy layers: resolving a layer through the formats, its saved state, and file
 //!   ranges → chunks → store or one deduplicated fetch.
 //! - `mount`: wires lazy layers (layer + fuse crate) into the snapshotter's `RemoteFs`, and
