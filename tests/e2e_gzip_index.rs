@@ -95,33 +95,6 @@ fn index(stack: &Stack, reference: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("index --json")
 }
 
-/// The value of xattr `name` on `rel` in whichever snapshot under `snapshots` holds it.
-fn layer_xattr(snapshots: &std::path::Path, rel: &str, name: &str) -> Option<Vec<u8>> {
-    for entry in std::fs::read_dir(snapshots).ok()?.flatten() {
-        let path = entry.path().join("fs").join(rel);
-        if path.exists() {
-            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-            let c_name = std::ffi::CString::new(name).ok()?;
-            let mut buf = vec![0u8; 256];
-            // SAFETY: both strings are NUL-terminated and `buf` is valid for its length.
-            let n = unsafe {
-                libc::lgetxattr(
-                    c_path.as_ptr(),
-                    c_name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                return None;
-            }
-            buf.truncate(n as usize);
-            return Some(buf);
-        }
-    }
-    None
-}
-
 fn lazily_mounted(stack: &Stack) -> usize {
     stack.lazysnap_log().matches("layer mounted lazily").count()
 }
@@ -194,7 +167,7 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         stack.run("overlayfs", &plain, "sums-plain", sums)
     );
     assert_eq!(
-        layer_xattr(
+        harness::layer_xattr(
             &stack.lazysnap_root().join("snapshots"),
             "data/xattr",
             "user.lazysnap"

@@ -14,33 +14,6 @@ const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 const HARDLINK_GROUPS: &str =
     "find / -xdev -type f -links +1 -exec stat -c '%i %n' {} + 2>/dev/null | sort -k2";
 
-/// The value of xattr `name` on `rel` in whichever snapshot under `snapshots` holds it.
-fn layer_xattr(snapshots: &std::path::Path, rel: &str, name: &str) -> Option<Vec<u8>> {
-    for entry in std::fs::read_dir(snapshots).ok()?.flatten() {
-        let path = entry.path().join("fs").join(rel);
-        if path.exists() {
-            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-            let c_name = std::ffi::CString::new(name).ok()?;
-            let mut buf = vec![0u8; 256];
-            // SAFETY: both strings are NUL-terminated and `buf` is valid for its length.
-            let n = unsafe {
-                libc::lgetxattr(
-                    c_path.as_ptr(),
-                    c_name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                return None;
-            }
-            buf.truncate(n as usize);
-            return Some(buf);
-        }
-    }
-    None
-}
-
 /// Pushes the standard image as plain gzip and converted with `flags`; returns both refs.
 fn push_converted(stack: &Stack, name: &str, flags: &[&str]) -> (String, String) {
     let plain = stack.image_ref(&format!("{name}:gzip"));
@@ -114,12 +87,12 @@ fn same_tree_as_overlayfs(flags: &[&str], name: &str) {
     );
 
     // xattrs, read from the host on each snapshotter's copy of the layer.
-    let lazy_value = layer_xattr(
+    let lazy_value = harness::layer_xattr(
         &stack.lazysnap_root().join("snapshots"),
         "data/xattr",
         "user.lazysnap",
     );
-    let plain_value = layer_xattr(
+    let plain_value = harness::layer_xattr(
         &stack
             .dir
             .join("containerd-root/io.containerd.snapshotter.v1.overlayfs/snapshots"),

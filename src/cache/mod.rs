@@ -179,10 +179,6 @@ impl LocalStore {
     pub fn files(&self) -> &FileStore {
         &self.files
     }
-
-    pub fn counters(&self) -> &CacheCounters {
-        &self.counters
-    }
 }
 
 impl ChunkStore for LocalStore {

@@ -88,3 +88,30 @@ pub fn diff_lines(left: &str, right: &str) -> String {
     }
     out
 }
+
+/// The value of xattr `name` on `rel` in whichever snapshot under `snapshots` holds it.
+pub fn layer_xattr(snapshots: &std::path::Path, rel: &str, name: &str) -> Option<Vec<u8>> {
+    for entry in std::fs::read_dir(snapshots).ok()?.flatten() {
+        let path = entry.path().join("fs").join(rel);
+        if path.exists() {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+            let c_name = std::ffi::CString::new(name).ok()?;
+            let mut buf = vec![0u8; 256];
+            // SAFETY: both strings are NUL-terminated and `buf` is valid for its length.
+            let n = unsafe {
+                libc::lgetxattr(
+                    c_path.as_ptr(),
+                    c_name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            buf.truncate(n as usize);
+            return Some(buf);
+        }
+    }
+    None
+}
