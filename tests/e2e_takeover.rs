@@ -4,7 +4,9 @@
 //! checksum across a SIGTERM + start, a SIGKILL + start (with the registry down meanwhile,
 //! and a read in flight in the killed daemon), and the start of a different binary (an
 //! upgrade). The new daemon takes over the FUSE connections the old one left: same mounts,
-//! same inode numbers, nothing mounted anew.
+//! same inode numbers, nothing mounted anew. With FUSE passthrough on, files the container
+//! holds open across the restarts (its shell's binary, a data file on an open fd) open again
+//! afterwards, as the kernel only allows in the mode of the handles still open.
 
 mod harness;
 
@@ -109,6 +111,27 @@ impl Drop for CacheDropper {
     }
 }
 
+/// Like [`SCRIPT`], after reading every file whole (so the store has them complete and later
+/// opens pass through) and opening `/data/d1` on fd 3, held until the end.
+const HOLDING_SCRIPT: &str = r#"sha256sum /data/d1 /data/d2 /data/d3 /data/d4 /bin/busybox > /dev/null
+exec 3< /data/d1
+echo holding >> /out/log
+i=0
+while [ ! -e /out/stop ]; do
+  i=$((i+1))
+  if out=$(sha256sum /data/d1 /data/d2 /data/d3 /data/d4 2>&1); then
+    echo "$out" >> /out/log
+  else
+    echo "ERR $i sha256sum: $out" >> /out/log
+  fi
+  /bin/busybox true || echo "ERR $i exec /bin/busybox" >> /out/log
+  head -c 1 <&3 > /dev/null || echo "ERR $i read fd 3" >> /out/log
+  echo "iteration $i" >> /out/log
+  sleep 0.1
+done
+echo done >> /out/log
+"#;
+
 /// The reader container; killed and deleted on drop (its shim would outlive containerd).
 struct Reader {
     containerd: PathBuf,
@@ -117,6 +140,10 @@ struct Reader {
 
 impl Reader {
     fn start(stack: &Stack, reference: &str) -> Self {
+        Self::start_with(stack, reference, SCRIPT)
+    }
+
+    fn start_with(stack: &Stack, reference: &str, script: &str) -> Self {
         let out = stack.path("out");
         std::fs::create_dir_all(&out).expect("out dir");
         let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
@@ -131,7 +158,7 @@ impl Reader {
             CONTAINER,
             "/bin/sh",
             "-c",
-            SCRIPT,
+            script,
         ]);
         Self {
             containerd: stack.containerd_socket(),
@@ -416,6 +443,78 @@ fn a_running_container_reads_on_across_restarts_crashes_and_upgrades() {
     let iterations = reader.iterations();
     eprintln!(
         "reader: {iterations} iterations of 4 checksums and an exec, no error; kill -> first read: {kill_to_read:?}"
+    );
+}
+
+/// With passthrough on, a restart must not break opens of files that processes hold open
+/// through passthrough (or through the page cache): the kernel refuses an open in another
+/// mode (`EBUSY`, `ETXTBSY`) while such handles are open, so the new daemon must answer the
+/// way the old one did. The reader holds `/data/d1` on an fd and its shell's binary mapped,
+/// and keeps opening both, across a SIGTERM + start and a SIGKILL + start.
+#[test]
+fn with_passthrough_files_held_open_open_again_after_restarts() {
+    harness::require_root();
+    let cfg = tempfile::tempdir().expect("temp dir");
+    let config = cfg.path().join("lazysnap.toml");
+    std::fs::write(&config, "[fuse]\npassthrough = \"on\"\n").expect("config");
+    let mut stack = Stack::start_with(
+        LAZYSNAP,
+        vec!["--config".into(), config.display().to_string()],
+    );
+    let lazy = push_image(&stack);
+    stack.rpull(&lazy);
+    let data_mount = mount_holding(&stack, "data/d1");
+
+    let reader = Reader::start_with(&stack, &lazy, HOLDING_SCRIPT);
+    stack.eventually(
+        "the reader holds /data/d1 open",
+        Duration::from_secs(60),
+        || reader.log().contains("holding"),
+    );
+    let _dropper = CacheDropper::start();
+    reader.keeps_going(&stack, 3, "before any restart");
+    // The held file is open through passthrough: the mount's journal says so.
+    let journal = {
+        let mut name = data_mount.clone().into_os_string();
+        name.push(".backing-journal");
+        PathBuf::from(name)
+    };
+    let d1 = std::fs::metadata(data_mount.join("data/d1"))
+        .expect("stat d1")
+        .ino();
+    let passed_through = |journal: &Path| {
+        let text = std::fs::read_to_string(journal).unwrap_or_default();
+        text.lines().any(|l| l.starts_with(&format!("p {d1} ")))
+    };
+    assert!(
+        passed_through(&journal),
+        "d1 open through passthrough:\n{}",
+        std::fs::read_to_string(&journal).unwrap_or_default()
+    );
+
+    stack.stop_lazysnap();
+    stack.start_lazysnap();
+    reader.keeps_going(&stack, 3, "after SIGTERM + start, passthrough on");
+    let expected = expected_sums();
+    assert_eq!(
+        reader.exec(&stack, "exec-a", "/bin/busybox sha256sum /data/d1"),
+        format!("{}\n", expected[0])
+    );
+
+    stack.kill_lazysnap();
+    stack.start_lazysnap();
+    reader.keeps_going(&stack, 3, "after SIGKILL + start, passthrough on");
+    assert_eq!(
+        reader.exec(&stack, "exec-b", "/bin/busybox sha256sum /data/d1"),
+        format!("{}\n", expected[0])
+    );
+    // Still passed through after two takeovers, on the id the first daemon registered.
+    assert!(passed_through(&journal), "d1 still passed through");
+    reader.assert_clean("at the end");
+    let log = stack.lazysnap_log();
+    assert!(
+        !log.contains("cannot read the passthrough journal"),
+        "{log}"
     );
 }
 

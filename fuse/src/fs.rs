@@ -28,6 +28,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::debug;
 
+use crate::backing::{Backings, Mode};
 use crate::failures::{FailureKind, ReadFailures};
 use crate::{Attr, FileKind, Ino, LayerSource, SourceError};
 
@@ -69,24 +70,19 @@ pub(crate) struct LayerFs<S> {
     /// reaches every directory other than the root through a lookup in its parent, and a
     /// directory has only one parent, so this is complete and never stale.
     parents: Mutex<HashMap<Ino, Ino>>,
-    /// With passthrough: the regular files open now, and how (see [`Opened`]).
-    open_files: Mutex<HashMap<Ino, Opened>>,
+    /// The regular files open now, and how the kernel reads them.
+    backings: Mutex<Backings>,
     /// Reads that failed with EIO lately; overlapping reads fail at once.
     failures: Arc<ReadFailures>,
 }
 
-/// How the open handles of one inode read. The kernel lets an inode be open either through
-/// the page cache or through a backing file, never both (a mismatch fails the open with EIO),
-/// so the first open picks the mode and every later one follows it until all are released.
-#[derive(Debug)]
-struct Opened {
-    handles: u64,
-    /// `Some` in passthrough mode; dropping it tells the kernel to let the file go.
-    backing: Option<BackingId>,
-}
-
 impl<S: LayerSource> LayerFs<S> {
-    pub(crate) fn new(source: Arc<S>, runtime: Handle, config: FsConfig) -> Self {
+    pub(crate) fn new(
+        source: Arc<S>,
+        runtime: Handle,
+        config: FsConfig,
+        backings: Backings,
+    ) -> Self {
         // A failure is remembered as long as a read may wait: a retry within that time would
         // most likely fail the same way, and a reader's read(2) must not outlast it.
         let failures = Arc::new(ReadFailures::new(config.read_timeout, config.name.clone()));
@@ -95,7 +91,7 @@ impl<S: LayerSource> LayerFs<S> {
             runtime,
             config,
             parents: Mutex::new(HashMap::new()),
-            open_files: Mutex::new(HashMap::new()),
+            backings: Mutex::new(backings),
             failures,
         }
     }
@@ -125,33 +121,33 @@ impl<S: LayerSource> LayerFs<S> {
         // Contents never change, so pages read once stay valid across opens. Nothing is ever
         // written, so close(2) need not send a FLUSH (and wait for its answer).
         let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
-        if !self.config.passthrough {
-            return reply.opened(FileHandle(0), flags);
-        }
-        let mut open_files = self
-            .open_files
+        // The kernel lets an inode be open through the page cache or through one backing
+        // file, never both: `backings` keeps every handle of an inode in the mode its first
+        // one got, across a takeover too.
+        let mode = self
+            .backings
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let opened = open_files.entry(ino).or_insert(Opened {
-            handles: 0,
-            backing: None,
-        });
-        if opened.handles == 0 {
-            opened.backing = self.source.backing_file(ino).and_then(|file| {
+            .unwrap_or_else(PoisonError::into_inner)
+            .open(ino, || {
+                let file = self.source.backing_file(ino)?;
                 reply
                     .open_backing(&file)
+                    .map(BackingId::into_raw)
                     .map_err(|err| debug!(ino = ino.0, error = %err, "kernel refused backing file"))
                     .ok()
             });
-        }
-        opened.handles += 1;
-        match &opened.backing {
-            // The kernel refuses passthrough opens with any flag but a few (EIO), among them
-            // KEEP_CACHE, which has no meaning there anyway.
-            Some(backing) => {
-                reply.opened_passthrough(FileHandle(0), FopenFlags::FOPEN_NOFLUSH, backing);
+        match mode {
+            Mode::Passthrough(id) => {
+                // SAFETY: `id` is open on this connection (registered by us or by the server
+                // before us, and journaled): `backings` closes it only once no handle uses
+                // it, and the wrapper is turned back into the raw id before that.
+                let backing = unsafe { reply.wrap_backing(id) };
+                // The kernel refuses passthrough opens with any flag but a few (EIO), among
+                // them KEEP_CACHE, which has no meaning there anyway.
+                reply.opened_passthrough(FileHandle(0), FopenFlags::FOPEN_NOFLUSH, &backing);
+                backing.into_raw();
             }
-            None => reply.opened(FileHandle(0), flags),
+            Mode::Cached => reply.opened(FileHandle(0), flags),
         }
     }
 
@@ -277,6 +273,10 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             if !enabled {
                 debug!("kernel cannot do FUSE passthrough; serving every read itself");
                 self.config.passthrough = false;
+                self.backings
+                    .get_mut()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .no_passthrough();
             }
         }
         Ok(())
@@ -409,19 +409,10 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if self.config.passthrough {
-            let ino = Ino(ino.0);
-            let mut open_files = self
-                .open_files
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(opened) = open_files.get_mut(&ino) {
-                opened.handles = opened.handles.saturating_sub(1);
-                if opened.handles == 0 {
-                    open_files.remove(&ino);
-                }
-            }
-        }
+        self.backings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .release(Ino(ino.0));
         reply.ok();
     }
 

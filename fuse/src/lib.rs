@@ -14,6 +14,8 @@
 //!   instead of waiting out the deadline again; throttled warnings naming the reason.
 //! - [`mount()`](mount()): mount options, [`MountHandle`], cleanup of stale mounts, and
 //!   [`take_over`] of a connection a previous process served.
+//! - `backing`: which open inodes the kernel reads through which passthrough backing file,
+//!   journaled so that a server taking over opens them the same way.
 //! - `connection`: mount(2) onto our own `/dev/fuse` fd, the INIT handshake kept as
 //!   [`InitParams`], and the kernel's resend notification.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
@@ -21,6 +23,7 @@
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod backing;
 mod connection;
 pub mod error;
 mod failures;

@@ -21,6 +21,7 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
+use crate::backing::Backings;
 use crate::connection::{self, InitParams};
 use crate::fs::{FsConfig, LayerFs};
 use crate::{LayerSource, MountError};
@@ -55,6 +56,12 @@ pub struct MountOptions {
     /// kernel's filesystem stacking depth (of two): overlayfs still stacks on the mount, but
     /// nothing can stack on that overlay. Default off.
     pub passthrough: bool,
+    /// Where the mount journals which open inodes the kernel reads through which backing
+    /// file, so that a server [taking over](take_over) the connection opens them the same way
+    /// (the kernel refuses an open in another mode while older handles are open). Without
+    /// it, a server taking over passes nothing through. Give the same path to [`mount`] and
+    /// to every [`take_over`] of that mount; somewhere that lives as long as the mount.
+    pub backing_journal: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -66,6 +73,7 @@ impl Default for MountOptions {
             cache_ttl: Duration::from_secs(24 * 60 * 60),
             dispatch_threads: 1,
             passthrough: false,
+            backing_journal: None,
         }
     }
 }
@@ -184,15 +192,24 @@ fn serve<S: LayerSource>(
     options: &MountOptions,
     runtime: Handle,
 ) -> io::Result<MountHandle> {
+    let passthrough = options.passthrough;
+    let journal = options.backing_journal.as_deref();
+    let connection = device.try_clone()?;
+    let backings = if answer_kernel {
+        Backings::fresh(connection, passthrough, journal)
+    } else {
+        Backings::taken_over(connection, passthrough, journal)
+    };
     let fs = LayerFs::new(
         source,
         runtime,
         FsConfig {
             read_timeout: options.read_timeout,
             cache_ttl: options.cache_ttl,
-            passthrough: options.passthrough,
+            passthrough,
             name: options.fsname.clone(),
         },
+        backings,
     );
     let session = connection::session_over(fs, device.as_fd(), init, answer_kernel, config)?;
     let (exited_tx, exited) = mpsc::channel();

@@ -227,6 +227,7 @@ impl LazyLayers {
             fsname: format!("lazysnap-{}", digest.replace(':', "-")),
             read_timeout: self.options.read_timeout,
             passthrough: self.options.passthrough,
+            backing_journal: Some(backing_journal(mountpoint)),
             ..fuse::MountOptions::default()
         };
         let taken_over = held.is_some();
@@ -542,6 +543,15 @@ impl LazyLayers {
 /// daemon in requests of up to this much (FUSE caps one request at 1 MiB), several in flight,
 /// instead of the 128 KiB the kernel gives a new FUSE mount.
 const READAHEAD_KIB: u32 = 1024;
+
+/// Where the mount at `mountpoint` journals its passthrough backing ids, for the daemon
+/// that takes it over after a restart: beside the mountpoint, in the snapshot's directory, so
+/// it lives as long as the mount and goes with the snapshot.
+fn backing_journal(mountpoint: &Path) -> PathBuf {
+    let mut name = mountpoint.as_os_str().to_owned();
+    name.push(".backing-journal");
+    PathBuf::from(name)
+}
 
 /// Raises the readahead of the mount whose device is `dev` (its backing device info, named
 /// `major:minor` in sysfs). Best effort: the default still works, only with more round trips.
