@@ -118,8 +118,7 @@ pub struct FuseConfig {
     /// Whether files complete in the local store are read by the kernel directly (FUSE
     /// passthrough, Linux 6.9+): `auto` (where the kernel supports it), `on`, `off`. It costs
     /// one level of the kernel's filesystem stacking depth (nothing can stack on the
-    /// container's overlay), and a daemon restart then breaks new opens of files running
-    /// processes hold open through it. Default `off`.
+    /// container's overlay). Default `off`.
     pub passthrough: Passthrough,
 }
 
