@@ -421,6 +421,35 @@ impl FileStore {
         }
     }
 
+    /// Bytes `range` of the file whose chunks covering it are `chunks`, if all are ready, by
+    /// one `pread`. Blocking.
+    pub fn read_span(
+        &self,
+        blob: &BlobId,
+        chunks: &[ChunkSpec],
+        range: std::ops::Range<u64>,
+    ) -> Option<Bytes> {
+        let first = chunks.first()?;
+        let last = chunks.last()?;
+        // The chunks must cover the range, or the bytes past them would be holes.
+        if range.start < first.file_offset || range.end > last.file_offset + last.len {
+            return None;
+        }
+        let key = StoreKey::new(blob, &first.file);
+        let all: Vec<&ChunkSpec> = chunks.iter().collect();
+        let generation = self.generation_if_ready(&key, &all)?;
+        let file = self.open_for_read(&key)?;
+        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        match read_exact_at(&file, &mut buf, range.start) {
+            Ok(()) => self.still(&key, generation).then(|| buf.freeze()),
+            Err(e) => {
+                tracing::warn!(path = %self.path(&key).display(), error = %e, "reading the store failed; dropping the file");
+                self.forget(&key);
+                None
+            }
+        }
+    }
+
     fn open_for_read(&self, key: &StoreKey) -> Option<Arc<File>> {
         let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(file) = open.get(key) {

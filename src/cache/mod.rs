@@ -136,6 +136,18 @@ pub trait ChunkStore: Send + Sync {
         chunk: &'a ChunkSpec,
         range: Range<u64>,
     ) -> BoxFuture<'a, Option<Bytes>>;
+    /// Bytes `range` of a file (offsets in the file) whose chunks covering it are `chunks`
+    /// (consecutive, in file order), if every one is ready for `blob`: one read for all of
+    /// them, where [`read`](Self::read) would take one per chunk and a copy to join them.
+    /// `None` if any is not ready (or the store cannot), and the caller goes chunk by chunk.
+    fn read_span<'a>(
+        &'a self,
+        _blob: &'a BlobId,
+        _chunks: &'a [ChunkSpec],
+        _range: Range<u64>,
+    ) -> BoxFuture<'a, Option<Bytes>> {
+        Box::pin(async { None })
+    }
     /// Where to stream a chunk fetched from `blob`. Blocking (it may make room on disk):
     /// called from the task that decodes.
     fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError>;
@@ -211,6 +223,31 @@ impl ChunkStore for LocalStore {
                 &self.counters.misses
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            got
+        })
+    }
+
+    fn read_span<'a>(
+        &'a self,
+        blob: &'a BlobId,
+        chunks: &'a [ChunkSpec],
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Option<Bytes>> {
+        Box::pin(async move {
+            if chunks.is_empty() || !chunks.iter().all(|c| self.files.is_ready(blob, c)) {
+                return None;
+            }
+            let (files, blob, owned) = (self.files.clone(), *blob, chunks.to_vec());
+            // A pread may wait on the disk: off the async workers.
+            let got = tokio::task::spawn_blocking(move || files.read_span(&blob, &owned, range))
+                .await
+                .ok()
+                .flatten();
+            if got.is_some() {
+                self.counters
+                    .hits
+                    .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+            }
             got
         })
     }
@@ -350,12 +387,24 @@ mod tests {
             assert_eq!(s.read(&a, &chunks[1], 0..3).await, None);
             store(&s, &a, &chunks[2], parts[2]).expect("put third");
             assert!(s.backing_file(&a, &chunks).is_none(), "not complete yet");
+            assert_eq!(s.read_span(&a, &chunks[1..], 14..20).await, None);
             store(&s, &a, &chunks[0], parts[0]).expect("put first");
             store(&s, &a, &chunks[1], parts[1]).expect("put second");
             assert_eq!(
                 s.read(&a, &chunks[1], 2..6).await.as_deref(),
                 Some(&b"cond"[..])
             );
+            // Across chunks, in one read.
+            assert_eq!(
+                s.read_span(&a, &chunks[1..], 14..21).await.as_deref(),
+                Some(&b"cond th"[..])
+            );
+            assert_eq!(
+                s.read_span(&a, &chunks[1..], 2..21).await,
+                None,
+                "a range the chunks do not cover"
+            );
+            assert_eq!(s.read_span(&blob(2), &chunks, 0..5).await, None);
             let mut whole = String::new();
             std::io::Read::read_to_string(
                 &mut s.backing_file(&a, &chunks).expect("complete"),

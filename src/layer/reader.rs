@@ -202,6 +202,20 @@ impl LayerReader {
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
             .collect();
+        if wanted.len() > 1 && wanted.len() == chunks.len() {
+            // All stored: one read of the range across them.
+            if let Some(out) = self
+                .store
+                .read_span(&self.blob_id, chunks, range.clone())
+                .await
+            {
+                self.counters
+                    .chunk_hits
+                    .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+                self.served(&wanted, out.len());
+                return Ok(out);
+            }
+        }
         let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(wanted.len());
         for chunk in &wanted {
             let part = self
@@ -241,10 +255,6 @@ impl LayerReader {
                 digest: wanted[i].digest,
             });
         }
-        self.note_prefetch_use(&wanted);
-        self.counters
-            .last_access_ms
-            .store(unix_ms(), Ordering::Relaxed);
         let len: usize = parts.iter().flatten().map(Bytes::len).sum();
         let out = match parts.as_slice() {
             // One chunk: hand its bytes on without a copy.
@@ -257,10 +267,19 @@ impl LayerReader {
                 out.freeze()
             }
         };
+        self.served(&wanted, out.len());
+        Ok(out)
+    }
+
+    /// Counts a read served.
+    fn served(&self, chunks: &[&ChunkSpec], len: usize) {
+        self.note_prefetch_use(chunks);
+        self.counters
+            .last_access_ms
+            .store(unix_ms(), Ordering::Relaxed);
         self.counters
             .served_bytes
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out)
+            .fetch_add(len as u64, Ordering::Relaxed);
     }
 
     /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
