@@ -20,6 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -248,6 +249,44 @@ impl<S: LayerSource> LayerFs<S> {
     }
 }
 
+/// Where a read's bytes or failure go.
+struct Answer {
+    reply: ReplyData,
+    failures: Arc<ReadFailures>,
+    ino: Ino,
+    range: std::ops::Range<u64>,
+    pid: u32,
+}
+
+impl Answer {
+    fn send(self, result: Result<Bytes, SourceError>) {
+        let len = (self.range.end - self.range.start) as usize;
+        match result {
+            Ok(data) if data.len() >= len => self.reply.data(&data[..len]),
+            Ok(data) => {
+                let reason = format!("the source gave {} bytes of {len}", data.len());
+                self.fail(FailureKind::Source, reason);
+            }
+            Err(SourceError::Io(cause)) => self.fail(FailureKind::Source, cause.to_string()),
+            // Not a failure to produce bytes (a read of something unreadable): no retry
+            // would fare better or worse, so nothing to remember.
+            Err(err) => self.reply.error(errno(&err, "read", self.ino)),
+        }
+    }
+
+    fn fail(self, kind: FailureKind, reason: String) {
+        // Remembered before the reader hears of it: the kernel retries at once, and the
+        // retry must find the failure. Logged after, so the reader does not wait on it.
+        let unlogged = self
+            .failures
+            .record(self.ino, self.range, self.pid, kind, reason);
+        self.reply.error(Errno::EIO);
+        if let Some(unlogged) = unlogged {
+            unlogged.log();
+        }
+    }
+}
+
 impl<S: LayerSource> Filesystem for LayerFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         // Symlinks never change, so their targets may live in the page cache; parallel
@@ -363,40 +402,38 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             debug!(ino = ino.0, offset, len, %reason, "read overlaps a recent failure");
             return reply.error(Errno::EIO);
         }
+        let answer = Answer {
+            reply,
+            failures: Arc::clone(&self.failures),
+            ino,
+            range,
+            pid,
+        };
         let source = Arc::clone(&self.source);
-        let failures = Arc::clone(&self.failures);
         let deadline = self.config.read_timeout;
-        // If the runtime is shutting down the task is dropped unrun, and so is `reply`, whose
-        // drop answers EIO: the reader is never left hanging.
-        self.runtime.spawn(async move {
-            let failed = match tokio::time::timeout(deadline, source.read(ino, offset, len)).await {
-                Ok(Ok(data)) if data.len() >= len as usize => {
-                    return reply.data(&data[..len as usize]);
+        let runtime = self.runtime.clone();
+        let read_async = move |source: Arc<S>, answer: Answer| {
+            // If the runtime is shutting down the task is dropped unrun, and so is the reply,
+            // whose drop answers EIO: the reader is never left hanging.
+            runtime.spawn(async move {
+                match tokio::time::timeout(deadline, source.read(ino, offset, len)).await {
+                    Ok(result) => answer.send(result),
+                    Err(_elapsed) => answer.fail(
+                        FailureKind::Timeout,
+                        format!("no answer from the source within {deadline:?}"),
+                    ),
                 }
-                Ok(Ok(data)) => (
-                    FailureKind::Source,
-                    format!("the source gave {} bytes of {len}", data.len()),
-                ),
-                Ok(Err(err)) => match &err {
-                    SourceError::Io(cause) => (FailureKind::Source, cause.to_string()),
-                    // Not a failure to produce bytes (a read of something unreadable): no
-                    // retry would fare better or worse, so nothing to remember.
-                    _ => return reply.error(errno(&err, "read", ino)),
-                },
-                Err(_elapsed) => (
-                    FailureKind::Timeout,
-                    format!("no answer from the source within {deadline:?}"),
-                ),
-            };
-            let (kind, reason) = failed;
-            // Remembered before the reader hears of it: the kernel retries at once, and the
-            // retry must find the failure. Logged after, so the reader does not wait on it.
-            let unlogged = failures.record(ino, range, pid, kind, reason);
-            reply.error(Errno::EIO);
-            if let Some(unlogged) = unlogged {
-                unlogged.log();
-            }
-        });
+            });
+        };
+        if S::READS_LOCALLY {
+            self.runtime
+                .spawn_blocking(move || match source.read_local(ino, offset, len) {
+                    Some(result) => answer.send(result),
+                    None => read_async(source, answer),
+                });
+        } else {
+            read_async(source, answer);
+        }
     }
 
     fn release(

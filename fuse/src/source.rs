@@ -197,6 +197,22 @@ pub trait LayerSource: Send + Sync + 'static {
         len: u32,
     ) -> impl Future<Output = Result<Bytes, SourceError>> + Send;
 
+    /// Whether [`read_local`](LayerSource::read_local) can ever answer; when false, reads
+    /// skip it.
+    const READS_LOCALLY: bool = false;
+
+    /// Bytes of regular file `ino` that the source holds locally, read now, blocking on the
+    /// local disk and nothing else; `None` when any of them would have to be fetched, and
+    /// then [`read`](LayerSource::read) is called. It runs on a blocking thread that answers
+    /// the kernel itself: one thread hand-off per read, where an async read that then waits
+    /// on the disk takes three. Same range rules as `read`.
+    ///
+    /// # Errors
+    /// [`SourceError::Io`] when the local bytes cannot be read.
+    fn read_local(&self, _ino: Ino, _offset: u64, _len: u32) -> Option<Result<Bytes, SourceError>> {
+        None
+    }
+
     /// A local file holding exactly the contents of regular file `ino`, if the source has
     /// one complete (fetched whole into a cache, say). On a mount with
     /// [`passthrough`](crate::MountOptions::passthrough), an open of `ino` then lets the kernel

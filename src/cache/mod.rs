@@ -148,6 +148,15 @@ pub trait ChunkStore: Send + Sync {
     ) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async { None })
     }
+    /// [`read_span`](Self::read_span), blocking: for a caller already on a blocking thread.
+    fn read_span_now(
+        &self,
+        _blob: &BlobId,
+        _chunks: &[ChunkSpec],
+        _range: Range<u64>,
+    ) -> Option<Bytes> {
+        None
+    }
     /// Where to stream a chunk fetched from `blob`. Blocking (it may make room on disk):
     /// called from the task that decodes.
     fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError>;
@@ -174,6 +183,7 @@ pub trait ChunkStore: Send + Sync {
 }
 
 /// The daemon's store: [`FileStore`] with its counters, as a [`ChunkStore`].
+#[derive(Clone)]
 pub struct LocalStore {
     files: FileStore,
     counters: Arc<CacheCounters>,
@@ -237,19 +247,28 @@ impl ChunkStore for LocalStore {
             if chunks.is_empty() || !chunks.iter().all(|c| self.files.is_ready(blob, c)) {
                 return None;
             }
-            let (files, blob, owned) = (self.files.clone(), *blob, chunks.to_vec());
+            let (store, blob, owned) = (self.clone(), *blob, chunks.to_vec());
             // A pread may wait on the disk: off the async workers.
-            let got = tokio::task::spawn_blocking(move || files.read_span(&blob, &owned, range))
+            tokio::task::spawn_blocking(move || store.read_span_now(&blob, &owned, range))
                 .await
                 .ok()
-                .flatten();
-            if got.is_some() {
-                self.counters
-                    .hits
-                    .fetch_add(chunks.len() as u64, Ordering::Relaxed);
-            }
-            got
+                .flatten()
         })
+    }
+
+    fn read_span_now(
+        &self,
+        blob: &BlobId,
+        chunks: &[ChunkSpec],
+        range: Range<u64>,
+    ) -> Option<Bytes> {
+        let got = self.files.read_span(blob, chunks, range);
+        if got.is_some() {
+            self.counters
+                .hits
+                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        }
+        got
     }
 
     fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError> {

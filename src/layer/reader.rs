@@ -271,6 +271,24 @@ impl LayerReader {
         Ok(out)
     }
 
+    /// `range` of the file whose chunks covering it are `chunks`, if all of them are stored:
+    /// read now, blocking on the disk. `None` if any is missing (then [`read`](Self::read)).
+    pub fn read_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
+        let wanted: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
+            .collect();
+        if wanted.is_empty() || wanted.len() != chunks.len() {
+            return None;
+        }
+        let out = self.store.read_span_now(&self.blob_id, chunks, range)?;
+        self.counters
+            .chunk_hits
+            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        self.served(&wanted, out.len());
+        Some(out)
+    }
+
     /// Counts a read served.
     fn served(&self, chunks: &[&ChunkSpec], len: usize) {
         self.note_prefetch_use(chunks);

@@ -185,6 +185,20 @@ impl fuse::LayerSource for IndexSource {
             .ok_or(SourceError::NoAttribute)
     }
 
+    const READS_LOCALLY: bool = true;
+
+    fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+        let end = offset + u64::from(len);
+        let chunks = self.index.chunks_for(ino.0, offset, end);
+        let data = self.reader.read_local(chunks, offset..end)?;
+        if let Some(recorder) = &self.recorder {
+            recorder.record(ino.0, chunks);
+        }
+        // A sequential reader's next chunks may still be missing.
+        self.read_ahead(ino.0, offset, end);
+        Some(Ok(data))
+    }
+
     fn backing_file(&self, ino: Ino) -> Option<std::fs::File> {
         let node = self.index.node(ino.0)?;
         if node.kind != NodeKind::File || node.chunks.is_empty() {
