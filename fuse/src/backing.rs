@@ -73,11 +73,9 @@ impl Backings {
             // A previous mount's journal would tell a successor of modes this one never set.
             let _ = fs::remove_file(path);
         }
-        let journal = journal.filter(|_| passthrough).and_then(|path| {
-            Journal::create(path, &HashMap::new())
-                .map_err(|err| warn!(journal = %path.display(), error = %err, "cannot write the passthrough journal; a restart will serve this mount without passthrough"))
-                .ok()
-        });
+        let journal = journal
+            .filter(|_| passthrough)
+            .and_then(|path| Journal::create_or_remove(path, &HashMap::new()));
         Self {
             device,
             open: HashMap::new(),
@@ -102,11 +100,9 @@ impl Backings {
             }
         };
         let passthrough = passthrough && known;
-        let journal = journal.filter(|_| known).and_then(|path| {
-            Journal::create(path, &inherited)
-                .map_err(|err| warn!(journal = %path.display(), error = %err, "cannot rewrite the passthrough journal"))
-                .ok()
-        });
+        let journal = journal
+            .filter(|_| known)
+            .and_then(|path| Journal::create_or_remove(path, &inherited));
         if !inherited.is_empty() {
             debug!(
                 inodes = inherited.len(),
@@ -290,6 +286,19 @@ impl Journal {
             file,
             lines: modes.len(),
         })
+    }
+
+    /// [`create`](Self::create), or else no journal at all: one left from before would tell
+    /// a successor of modes that no longer hold.
+    fn create_or_remove(path: &Path, modes: &HashMap<Ino, Mode>) -> Option<Self> {
+        match Self::create(path, modes) {
+            Ok(journal) => Some(journal),
+            Err(err) => {
+                warn!(journal = %path.display(), error = %err, "cannot write the passthrough journal; after a restart this mount passes nothing through");
+                let _ = fs::remove_file(path);
+                None
+            }
+        }
     }
 
     /// The modes a journal shows open; `None` if there is none. Page-cache durability is
