@@ -1,10 +1,11 @@
 //! The `fuser` filesystem: turns kernel requests into [`LayerSource`] calls and the answers
 //! into replies.
 //!
-//! Metadata requests are answered on the dispatch thread, straight from the source. Reads are
-//! spawned onto the tokio runtime and answered from there (fuser replies are `Send`), so a read
-//! waiting on the network never holds up lookups or reads of other files; each read races the
-//! mount's deadline and loses to it with `EIO`. A read that failed with `EIO` is remembered for
+//! Metadata requests are answered on the dispatch thread, straight from the source. Reads
+//! leave it (fuser replies are `Send`): bytes the source holds locally are read and answered
+//! on a blocking thread; the others are spawned onto the tokio runtime, so a read waiting on
+//! the network never holds up lookups or reads of other files, and each races the mount's
+//! deadline and loses to it with `EIO`. A read that failed with `EIO` is remembered for
 //! a moment (`failures`), and the same task's reads overlapping it fail at once, so the
 //! kernel's retries do not wait out the deadline again. With passthrough on, files the source holds
 //! complete on local disk are opened onto that copy, and the kernel reads it without us.
