@@ -475,32 +475,32 @@ fn counters(b: &Bench) -> Result<Counters, String> {
     })
 }
 
-/// (size, chunks) of /data/big.bin, from the TOC lazysnap saved for the data layer
-/// (`root/layers/<digest>/toc.json`, an eStargz or zstd:chunked JSON TOC): one `reg` entry
-/// and a `chunk` entry for every chunk after the first.
+/// The size of big.bin and how many chunks it is stored in: the largest file of lazysnap's
+/// store (the cold read stored it whole) and the records beside it, one line per chunk.
 fn big_file_chunks(b: &Bench) -> (Option<u64>, Option<u64>) {
-    let layers = b.stack.lazysnap_root().join("layers");
-    for entry in std::fs::read_dir(layers).into_iter().flatten().flatten() {
-        let Ok(text) = std::fs::read(entry.path().join("toc.json")) else {
-            continue;
-        };
-        let Ok(toc) = serde_json::from_slice::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let Some(entries) = toc["entries"].as_array() else {
-            continue;
-        };
-        let big: Vec<&serde_json::Value> = entries
-            .iter()
-            .filter(|e| {
-                e["name"].as_str().map(|n| n.trim_start_matches("./")) == Some("data/big.bin")
-            })
-            .collect();
-        if let Some(reg) = big.iter().find(|e| e["type"] == "reg") {
-            return (reg["size"].as_u64(), Some(big.len() as u64));
-        }
-    }
-    (None, None)
+    let files = b.stack.lazysnap_root().join("cache/files");
+    let largest = std::fs::read_dir(files)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter(|f| f.path().extension().is_none())
+        .filter_map(|f| Some((f.metadata().ok()?.len(), f.path())))
+        .max_by_key(|(len, _)| *len);
+    let Some((len, path)) = largest else {
+        return (None, None);
+    };
+    let mut records = path.into_os_string();
+    records.push(".map");
+    let chunks = std::fs::read_to_string(records)
+        .ok()
+        .map(|text| text.lines().count() as u64);
+    (Some(len), chunks)
 }
 
 /// This node's containerd root, beside its socket (`containerd.sock[-N]` → `containerd-root[-N]`).

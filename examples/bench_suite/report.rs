@@ -459,7 +459,7 @@ fn data_table(o: &mut String, rows: &[Row], image: &str) {
             Box::new(lookups(|d| d.random_read_lookups.as_ref())),
         ),
         (
-            "chunk size of /data/big.bin (from the TOC)".into(),
+            "chunk size of /data/big.bin (from the store's records)".into(),
             Box::new(num(
                 |d| Some(d.layer_bytes? as f64 / d.layer_chunks?.max(1) as f64 / 1024.0),
                 0,
