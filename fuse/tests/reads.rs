@@ -1,5 +1,6 @@
 //! Reads through the kernel against a source that can hang: a read that waits past the
-//! deadline must fail with EIO and must not hold up anything else on the mount.
+//! deadline must fail with EIO and must not hold up anything else on the mount; bytes the
+//! source holds locally are read without its async path.
 
 mod common;
 
@@ -368,4 +369,108 @@ fn the_kernel_caches_entries_and_misses() {
         lookups,
         [OsString::from("present"), OsString::from("absent")]
     );
+}
+
+/// A source holding the first half of each file locally: reads there are answered by
+/// `read_local` on a blocking thread, reads past it by the async `read`; a local read that
+/// fails is an EIO like any other.
+struct HalfLocal {
+    inner: MemorySource,
+    broken: Ino,
+    local: AtomicUsize,
+    remote: AtomicUsize,
+}
+
+impl LayerSource for HalfLocal {
+    const READS_LOCALLY: bool = true;
+
+    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
+        self.inner.lookup(parent, name)
+    }
+    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
+        self.inner.getattr(ino)
+    }
+    fn readdir(
+        &self,
+        dir: Ino,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
+    ) -> Result<(), SourceError> {
+        self.inner.readdir(dir, offset, add)
+    }
+    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
+        self.inner.readlink(ino)
+    }
+    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
+        self.inner.listxattr(ino)
+    }
+    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
+        self.inner.getxattr(ino, name)
+    }
+    async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+        self.remote.fetch_add(1, Ordering::SeqCst);
+        self.inner.read(ino, offset, len).await
+    }
+    fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+        let size = self.inner.getattr(ino).ok()?.size;
+        if offset + u64::from(len) > size / 2 {
+            return None;
+        }
+        self.local.fetch_add(1, Ordering::SeqCst);
+        if ino == self.broken {
+            return Some(Err(SourceError::io("the local copy is damaged")));
+        }
+        // MemorySource's read is ready at once: no runtime needed to drive it.
+        let read = self.inner.read(ino, offset, len);
+        Some(ready_now(read))
+    }
+}
+
+/// Drives a future that never waits.
+fn ready_now<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("MemorySource reads are ready at once"),
+    }
+}
+
+#[test]
+fn local_bytes_are_read_by_read_local_and_the_rest_by_read() {
+    let mut tree = MemorySource::new();
+    tree.file(Ino::ROOT, "file", Meta::new(0o644), pattern(8 << 20));
+    let broken = tree.file(Ino::ROOT, "broken", Meta::new(0o644), pattern(1 << 20));
+    let source = Arc::new(HalfLocal {
+        inner: tree,
+        broken,
+        local: AtomicUsize::new(0),
+        remote: AtomicUsize::new(0),
+    });
+    let m = Mounted::new(Arc::clone(&source), options());
+
+    let file = fs::File::open(m.path("file")).expect("open");
+    let mut head = vec![0u8; 64 << 10];
+    file.read_exact_at(&mut head, 0)
+        .expect("read the local half");
+    assert!(head == pattern(8 << 20)[..64 << 10]);
+    assert!(source.local.load(Ordering::SeqCst) > 0, "served locally");
+    assert_eq!(
+        source.remote.load(Ordering::SeqCst),
+        0,
+        "nothing remote yet"
+    );
+    assert!(fs::read(m.path("file")).expect("read all") == pattern(8 << 20));
+    assert!(
+        source.remote.load(Ordering::SeqCst) > 0,
+        "the second half from read"
+    );
+
+    let mut buf = vec![0u8; 4096];
+    let err = fs::File::open(m.path("broken"))
+        .expect("open")
+        .read_exact_at(&mut buf, 0)
+        .expect_err("a failed local read");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }
