@@ -18,6 +18,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
+use super::verify::VerdictCell;
 use crate::cache::{ChunkSink, ChunkStore, Put};
 use crate::chunk::{self, BlobId, ChunkDigest, ChunkSpec, DigestMismatch, Hashing, PieceId};
 use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
@@ -49,6 +50,8 @@ pub enum ReadError {
     Task(#[source] Arc<tokio::task::JoinError>),
     #[error("chunk {digest} left the store as soon as it was stored (a disk budget smaller than the reads in flight?)")]
     Lost { digest: ChunkDigest },
+    #[error("the layer is bad: its blob hashes to {got}, the image names {expected}")]
+    LayerBad { expected: String, got: String },
 }
 
 /// Where a fetched chunk is for its readers: in the store (read your range from there), or,
@@ -119,6 +122,11 @@ pub struct LayerReader {
     layout: Arc<[ChunkSpec]>,
     /// How far past a missed chunk (compressed bytes) its uncached neighbours come along.
     amplify: u64,
+    /// The whole-blob verdict: a bad layer serves nothing, cached or not.
+    verdict: Arc<VerdictCell>,
+    /// Woken whenever this reader stored chunks, for whoever waits for the layer to be
+    /// complete.
+    stored: tokio::sync::Notify,
 }
 
 impl LayerReader {
@@ -142,7 +150,24 @@ impl LayerReader {
             max_request: 8 << 20,
             layout: Arc::from(Vec::new()),
             amplify: 0,
+            verdict: Arc::default(),
+            stored: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Makes the reader answer to `verdict`: once it says bad, every read fails.
+    pub fn with_verdict(mut self, verdict: Arc<VerdictCell>) -> Self {
+        self.verdict = verdict;
+        self
+    }
+
+    pub fn verdict(&self) -> &Arc<VerdictCell> {
+        &self.verdict
+    }
+
+    /// Completes after this reader next stores chunks (a wake-up already pending counts).
+    pub async fn stored_more(&self) {
+        self.stored.notified().await;
     }
 
     /// Makes a container's read that misses also fetch the uncached chunks that follow the
@@ -198,6 +223,9 @@ impl LayerReader {
     /// the end of the file. Ready chunks are read from the store (just the part wanted); the
     /// rest are fetched, verified and stored first.
     pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
         let wanted: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
@@ -266,6 +294,9 @@ impl LayerReader {
     /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
     /// readahead, background fetch). Returns the uncompressed bytes it had to fetch.
     pub async fn warm(&self, chunks: &[ChunkSpec], priority: Priority) -> Result<u64, ReadError> {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
         let missing: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| !self.store.is_ready(&self.blob_id, c))
@@ -287,6 +318,10 @@ impl LayerReader {
     /// store has all of them: for kernel passthrough. Reads through it never reach this
     /// reader, so the open counts as a use of the file's prefetched chunks.
     pub fn backing_file(&self, chunks: &[ChunkSpec]) -> Option<std::fs::File> {
+        // A bad layer's reads must reach `read`, to fail there.
+        if self.verdict.refusal().is_some() {
+            return None;
+        }
         let file = self.store.backing_file(&self.blob_id, chunks)?;
         let all: Vec<&ChunkSpec> = chunks.iter().collect();
         self.note_prefetch_use(&all);
@@ -567,7 +602,82 @@ impl LayerReader {
         })
         .await
         .map_err(|e| ReadError::Task(Arc::new(e)))?;
+        if landed.iter().any(|l| matches!(l, Ok(Landed::Stored))) {
+            self.stored.notify_one();
+        }
         Ok(landed)
+    }
+
+    /// Fetches blob bytes `range` whole, in one request at `priority`, hands them to `visit`
+    /// (off the async workers), and stores from the same bytes those of `chunks` lying within
+    /// the range that are neither cached nor being fetched by someone else: for a walk that
+    /// needs every byte of the blob (whole-layer verification), so that what it fetches is
+    /// also what fills the cache. The bytes are held within the memory budget meanwhile.
+    /// Chunks that fail to decode or verify fail their own waiters, not this call.
+    pub async fn fetch_through<T, V>(
+        &self,
+        range: Range<u64>,
+        chunks: &[ChunkSpec],
+        priority: Priority,
+        visit: V,
+    ) -> Result<T, ReadError>
+    where
+        V: FnOnce(&[u8]) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
+        let _admission = self.fetches.admit(priority).await;
+        let _buffer = self.fetches.buffer(range.end - range.start).await;
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.blob.read_range(range.clone()).await;
+        self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.fetches.latency.observe(started.elapsed());
+        let blob = result?;
+        self.counters
+            .fetched_bytes
+            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        if blob.len() as u64 != range.end - range.start {
+            return Err(ReadError::ShortBody {
+                range,
+                got: blob.len() as u64,
+            });
+        }
+        let refs: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| c.blob_range.start >= range.start && c.blob_range.end <= range.end)
+            .filter(|c| !self.store.is_ready(&self.blob_id, c))
+            .collect();
+        let all: Vec<usize> = (0..refs.len()).collect();
+        let (mut claim, _theirs) = self.claim(&refs, &all);
+        let mine = std::mem::take(&mut claim.senders);
+        let specs: Vec<ChunkSpec> = mine.iter().map(|(i, _)| refs[*i].clone()).collect();
+        for spec in &specs {
+            self.note_prefetched(spec);
+        }
+        let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
+        let (visited, landed) = tokio::task::spawn_blocking(move || {
+            let visited = visit(&blob);
+            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            (visited, landed)
+        })
+        .await
+        .map_err(|e| ReadError::Task(Arc::new(e)))?;
+        for ((i, tx), value) in mine.iter().zip(&landed) {
+            if let Err(e) = value {
+                tracing::warn!(chunk = %refs[*i].digest, error = %crate::error_chain(e), "a chunk of the blob walk does not verify");
+            }
+            let _ = tx.send(Some(value.clone()));
+        }
+        claim.senders = mine;
+        drop(claim);
+        if landed.iter().any(|l| matches!(l, Ok(Landed::Stored))) {
+            self.stored.notify_one();
+        }
+        Ok(visited)
     }
 }
 
