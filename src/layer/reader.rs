@@ -682,7 +682,9 @@ impl LayerReader {
 }
 
 /// Decodes and verifies each chunk of a fetched run into the store (or, when the store cannot
-/// take it, into memory); `blob` holds blob bytes `range`.
+/// take it, into memory); `blob` holds blob bytes `range`. Pieces of one unit (the files of
+/// one gzip-index span) are decoded and hashed once for all of them: a span holds many small
+/// files, and decoding it once per file made a prefetch of many small files CPU-bound.
 fn decode_run(
     decoder: &dyn ChunkDecoder,
     store: &dyn ChunkStore,
@@ -691,37 +693,179 @@ fn decode_run(
     blob: &Bytes,
     range: Range<u64>,
 ) -> Vec<Result<Landed, ReadError>> {
-    specs
-        .iter()
-        .map(|spec| {
-            let from = (spec.blob_range.start - range.start) as usize;
-            let to = (spec.blob_range.end - range.start) as usize;
-            let compressed = blob.get(from..to).ok_or_else(|| ReadError::ShortBody {
-                range: range.clone(),
-                got: blob.len() as u64,
-            })?;
-            let why = match store.put(blob_id, spec) {
-                Ok(Put::Ready) => return Ok(Landed::Stored),
-                Ok(Put::Sink(sink)) => match stream_into(decoder, spec, compressed, sink) {
-                    Ok(()) => return Ok(Landed::Stored),
-                    Err(Streamed::Refused(e)) => return Err(e),
-                    Err(Streamed::Store(why)) => Some(why),
-                },
-                Ok(Put::Unavailable) => None,
-                Err(e) => Some(crate::error_chain(&e)),
-            };
-            if let Some(why) = why {
-                tracing::warn!(chunk = %spec.digest, error = %why, "storing a chunk failed; serving it from memory");
-            }
-            let bytes = decoder.decode(spec, compressed).map_err(|e| decode_error(spec, e))?;
-            chunk::verify(&spec.digest, Bytes::from(bytes))
-                .map(|v| Landed::Memory(v.into_bytes()))
-                .map_err(|source| ReadError::Corrupt {
-                    offset: spec.blob_range.start,
-                    source,
-                })
+    let compressed_of = |spec: &ChunkSpec| {
+        let from = spec.blob_range.start.checked_sub(range.start)? as usize;
+        let to = spec.blob_range.end.checked_sub(range.start)? as usize;
+        blob.get(from..to)
+    };
+    let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..specs.len()).map(|_| None).collect();
+    let mut units: HashMap<(chunk::ChunkId, u64, u64, ChunkDigest), Vec<usize>> = HashMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        units
+            .entry((
+                spec.id,
+                spec.blob_range.start,
+                spec.blob_range.end,
+                spec.digest,
+            ))
+            .or_default()
+            .push(i);
+    }
+    for pieces in units.values().filter(|p| p.len() > 1) {
+        let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+            continue;
+        };
+        let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+        for (&i, landed) in pieces
+            .iter()
+            .zip(decode_unit(decoder, store, blob_id, &group, compressed))
+        {
+            out[i] = landed;
+        }
+    }
+    out.into_iter()
+        .zip(specs)
+        .map(|(done, spec)| match done {
+            Some(landed) => landed,
+            None => decode_one(
+                decoder,
+                store,
+                blob_id,
+                spec,
+                compressed_of(spec),
+                &range,
+                blob,
+            ),
         })
         .collect()
+}
+
+/// One chunk of a run into the store, or into memory when the store cannot take it.
+fn decode_one(
+    decoder: &dyn ChunkDecoder,
+    store: &dyn ChunkStore,
+    blob_id: &BlobId,
+    spec: &ChunkSpec,
+    compressed: Option<&[u8]>,
+    range: &Range<u64>,
+    blob: &Bytes,
+) -> Result<Landed, ReadError> {
+    let compressed = compressed.ok_or_else(|| ReadError::ShortBody {
+        range: range.clone(),
+        got: blob.len() as u64,
+    })?;
+    let why = match store.put(blob_id, spec) {
+        Ok(Put::Ready) => return Ok(Landed::Stored),
+        Ok(Put::Sink(sink)) => match stream_into(decoder, spec, compressed, sink) {
+            Ok(()) => return Ok(Landed::Stored),
+            Err(Streamed::Refused(e)) => return Err(e),
+            Err(Streamed::Store(why)) => Some(why),
+        },
+        Ok(Put::Unavailable) => None,
+        Err(e) => Some(crate::error_chain(&e)),
+    };
+    if let Some(why) = why {
+        tracing::warn!(chunk = %spec.digest, error = %why, "storing a chunk failed; serving it from memory");
+    }
+    let bytes = decoder
+        .decode(spec, compressed)
+        .map_err(|e| decode_error(spec, e))?;
+    chunk::verify(&spec.digest, Bytes::from(bytes))
+        .map(|v| Landed::Memory(v.into_bytes()))
+        .map_err(|source| ReadError::Corrupt {
+            offset: spec.blob_range.start,
+            source,
+        })
+}
+
+/// Several pieces of one unit, decoded and hashed once, each piece streamed into its own
+/// store entry. `None` for a piece left to [`decode_one`]: the store could not take it here
+/// (it is then decoded again, into memory: rare).
+fn decode_unit(
+    decoder: &dyn ChunkDecoder,
+    store: &dyn ChunkStore,
+    blob_id: &BlobId,
+    pieces: &[&ChunkSpec],
+    compressed: &[u8],
+) -> Vec<Option<Result<Landed, ReadError>>> {
+    let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..pieces.len()).map(|_| None).collect();
+    let mut sinks = Vec::new();
+    for (j, spec) in pieces.iter().enumerate() {
+        match store.put(blob_id, spec) {
+            Ok(Put::Ready) => out[j] = Some(Ok(Landed::Stored)),
+            Ok(Put::Sink(sink)) => sinks.push((
+                j,
+                Piece {
+                    inner: sink,
+                    from: spec.within,
+                    len: spec.len,
+                    at: 0,
+                },
+            )),
+            Ok(Put::Unavailable) | Err(_) => {}
+        }
+    }
+    let Some(first) = pieces.first() else {
+        return out;
+    };
+    if sinks.is_empty() {
+        return out;
+    }
+    let mut hashing = Hashing::new(Fanout { sinks });
+    if let Err(e) = decoder.decode_to(first, compressed, &mut hashing) {
+        let e = decode_error(first, e);
+        for landed in &mut out {
+            landed.get_or_insert_with(|| Err(e.clone()));
+        }
+        return out;
+    }
+    match hashing.verify(&first.digest) {
+        Ok((fanout, proof)) => {
+            for (j, piece) in fanout.sinks {
+                match piece.inner.commit(proof.again()) {
+                    Ok(()) => out[j] = Some(Ok(Landed::Stored)),
+                    Err(e) => {
+                        tracing::warn!(chunk = %first.digest, error = %crate::error_chain(&e), "storing a piece of a chunk failed");
+                    }
+                }
+            }
+        }
+        Err(source) => {
+            for landed in &mut out {
+                landed.get_or_insert_with(|| {
+                    Err(ReadError::Corrupt {
+                        offset: first.blob_range.start,
+                        source: source.clone(),
+                    })
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Writes one unit's bytes to every piece's sink; a sink that fails (disk full) drops out,
+/// and its piece is left to the one-by-one path.
+struct Fanout {
+    sinks: Vec<(usize, Piece<Box<dyn ChunkSink>>)>,
+}
+
+impl std::io::Write for Fanout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sinks
+            .retain_mut(|(_, piece)| match std::io::Write::write_all(piece, buf) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "writing a piece of a chunk into the store failed");
+                    false
+                }
+            });
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn decode_error(spec: &ChunkSpec, e: FormatError) -> ReadError {
@@ -1043,6 +1187,77 @@ mod tests {
         let same = other(honest.clone(), "sha256:fixture");
         same.read(&chunks, 0..size).await.expect("read");
         assert_eq!(honest.requests.load(Ordering::SeqCst), fetched);
+    }
+
+    /// Counts the units it decodes.
+    struct Counting {
+        inner: Arc<dyn ChunkDecoder>,
+        decodes: AtomicUsize,
+    }
+
+    impl ChunkDecoder for Counting {
+        fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+            self.decodes.fetch_add(1, Ordering::SeqCst);
+            self.inner.decode(chunk, compressed)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_files_of_one_span_are_decoded_once_together() {
+        let files: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| {
+                (
+                    format!("lib/m{i}.py"),
+                    format!("module {i}\n").repeat(100).into_bytes(),
+                )
+            })
+            .collect();
+        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
+        let layout = opened.index.chunks_in_blob_order();
+        assert!(
+            layout.iter().all(|c| c.id == layout[0].id),
+            "one span holds every file"
+        );
+        let counting = Arc::new(Counting {
+            inner: opened.decoder.clone(),
+            decodes: AtomicUsize::new(0),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            Arc::new(FixtureBlob {
+                blob: blob.clone(),
+                ..FixtureBlob::default()
+            }),
+            BlobId::new(&digest, None),
+            counting.clone(),
+            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+            Arc::new(Fetches::new(2)),
+        );
+        assert_eq!(layout.len(), files.len(), "one piece per file");
+        reader
+            .warm(&layout, Priority::Prefetch)
+            .await
+            .expect("warm");
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            1,
+            "one decode for the span"
+        );
+        assert!(reader.is_cached(&layout));
+        for (name, data) in &files {
+            let ino = opened.index.resolve(name).expect("file");
+            let size = data.len() as u64;
+            let got = reader
+                .read(opened.index.chunks_for(ino, 0, size), 0..size)
+                .await
+                .expect("read");
+            assert_eq!(got.as_ref(), &data[..], "{name}");
+        }
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            1,
+            "all read from the store"
+        );
     }
 
     #[tokio::test]
