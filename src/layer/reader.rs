@@ -183,19 +183,42 @@ impl LayerReader {
 
     /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
     /// at the first neighbour that is cached or in flight, so each stays one contiguous
-    /// range request.
-    fn neighbours<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
-        if self.amplify == 0 || self.layout.is_empty() {
+    /// range request. Chunks at the very same blob bytes as a missing one (the other files
+    /// of a gzip-index span) always come along: their bytes are fetched and inflated for it
+    /// anyway, and left behind they would each cost the whole span again.
+    fn neighbours<'a>(
+        &'a self,
+        wanted: &[&ChunkSpec],
+        missing: &[usize],
+        amplify: u64,
+    ) -> Vec<&'a ChunkSpec> {
+        if self.layout.is_empty() {
             return Vec::new();
         }
         let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         let mut taken: HashSet<PieceId> = wanted.iter().map(|c| c.piece()).collect();
         let mut extra = Vec::new();
         for &i in missing {
-            let start = wanted[i].blob_range.start;
+            let unit = &wanted[i].blob_range;
+            let start = unit.start;
+            let first = self.layout.partition_point(|c| c.blob_range.start < start);
             let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
+            for same in self.layout[first..at]
+                .iter()
+                .filter(|c| c.blob_range == *unit)
+            {
+                if !inflight.contains_key(&same.piece())
+                    && !self.store.is_ready(&self.blob_id, same)
+                    && taken.insert(same.piece())
+                {
+                    extra.push(same);
+                }
+            }
+            if amplify == 0 {
+                continue;
+            }
             while let Some(next) = self.layout.get(at) {
-                if next.blob_range.end.saturating_sub(start) > self.amplify
+                if next.blob_range.end.saturating_sub(start) > amplify
                     || inflight.contains_key(&next.piece())
                     || self.store.is_ready(&self.blob_id, next)
                 {
@@ -367,8 +390,17 @@ impl LayerReader {
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
             _demand = Some(self.fetches.demand());
+        }
+        if !chunks.is_empty() {
+            // Only a container's read widens to the following chunks; any fetch takes along
+            // the chunks at its very bytes (see `neighbours`).
+            let amplify = if priority == Priority::Demand {
+                self.amplify
+            } else {
+                0
+            };
             let missing: Vec<usize> = (0..wanted).filter(|i| out[*i].is_none()).collect();
-            let extra = self.neighbours(chunks, &missing);
+            let extra = self.neighbours(chunks, &missing, amplify);
             if !extra.is_empty() {
                 with_neighbours = chunks.to_vec();
                 with_neighbours.extend(extra);
@@ -1257,6 +1289,35 @@ mod tests {
             counting.decodes.load(Ordering::SeqCst),
             1,
             "all read from the store"
+        );
+
+        // A container's read of one file brings the span's other files along, whatever
+        // the amplification: their bytes came with it.
+        let served = Arc::new(FixtureBlob {
+            blob,
+            ..FixtureBlob::default()
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            served.clone(),
+            BlobId::new(&digest, None),
+            counting.clone(),
+            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+            Arc::new(Fetches::new(2)),
+        )
+        .with_neighbours(Arc::from(layout.clone()), 1);
+        let ino = opened.index.resolve(&files[7].0).expect("file");
+        let got = reader
+            .read(opened.index.chunks_for(ino, 0, 10), 0..10)
+            .await
+            .expect("read");
+        assert_eq!(got.as_ref(), &files[7].1[..10]);
+        assert!(reader.is_cached(&layout), "the whole span is stored");
+        assert_eq!(served.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            2,
+            "one more decode"
         );
     }
 
