@@ -201,10 +201,19 @@ impl LazyLayers {
             .formats()
             .by_name(&state.format)
             .is_some_and(|f| f.needs_whole_blob_check());
-        let known = check_needed
-            .then(|| self.states.load_verdict(digest))
-            .flatten();
-        let verdict = Arc::new(layer::verify::VerdictCell::new(check_needed, known));
+        // Every mount of one layer answers to one verdict: a layer found bad through one
+        // snapshot is bad through all.
+        let shared = self
+            .mounted()
+            .values()
+            .find(|m| m.digest == *digest)
+            .map(|m| m.reader.verdict().clone());
+        let verdict = shared.unwrap_or_else(|| {
+            let known = check_needed
+                .then(|| self.states.load_verdict(digest))
+                .flatten();
+            Arc::new(layer::verify::VerdictCell::new(check_needed, known))
+        });
         if let Some(layer::verify::Verdict::Bad { expected, got }) = verdict.get() {
             tracing::warn!(layer = %digest, expected = %expected, got = %got, "layer was found bad before: its reads fail with EIO");
         }

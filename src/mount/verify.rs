@@ -46,14 +46,12 @@ impl Check {
         self.activity.set(Activity::Ready);
     }
 
-    /// Waits until reads have stored every chunk of the layer, then checks it.
+    /// Waits until reads have stored every chunk of the layer (it may be so already: a
+    /// restart before the check ended), then checks it.
     pub async fn once_complete(self) {
-        loop {
+        while !self.reader.is_cached(&self.layout) {
             self.reader.stored_more().await;
             tokio::time::sleep(SETTLE).await;
-            if self.reader.is_cached(&self.layout) {
-                break;
-            }
         }
         self.run().await;
     }
@@ -121,5 +119,81 @@ impl Check {
             }
             Err(e) => tracing::warn!(error = %e, "saving the layer's verdict failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::LocalStore;
+    use crate::chunk::BlobId;
+    use crate::layer::verify::VerdictCell;
+    use crate::layer::Fetches;
+    use crate::test_utils::{gzip_index_layer, FixtureBlob};
+
+    #[tokio::test]
+    async fn a_layer_read_whole_is_checked_and_its_verdict_saved() {
+        let files: Vec<(String, Vec<u8>)> = (0..6)
+            .map(|i| {
+                (
+                    format!("f{i}"),
+                    format!("file {i}\n").repeat(40_000).into_bytes(),
+                )
+            })
+            .collect();
+        let (blob, digest, opened) = gzip_index_layer(&files, 256 << 10);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = StateDir::new(dir.path().join("layers"));
+        std::fs::create_dir_all(states.layer_dir(&digest)).expect("state dir");
+        let store: Arc<dyn ChunkStore> =
+            Arc::new(LocalStore::open(&dir.path().join("store"), 0).expect("store"));
+        let verdict = Arc::new(VerdictCell::new(true, None));
+        let layout: Arc<[ChunkSpec]> = Arc::from(opened.index.chunks_in_blob_order());
+        let blob_size = blob.len() as u64;
+        let reader = Arc::new(
+            LayerReader::new(
+                Arc::new(FixtureBlob {
+                    blob,
+                    ..FixtureBlob::default()
+                }),
+                BlobId::new(&digest, None),
+                opened.decoder,
+                store.clone(),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_verdict(verdict.clone()),
+        );
+        let check = Check {
+            digest: digest.clone(),
+            blob_size,
+            reader: reader.clone(),
+            layout: layout.clone(),
+            store,
+            states: states.clone(),
+            activity: Arc::default(),
+        };
+        let task = tokio::spawn(check.once_complete());
+        // Half the layer: no check yet.
+        let half = &layout[..layout.len() / 2];
+        for c in half {
+            reader
+                .read(std::slice::from_ref(c), c.file_offset..c.file_offset + 1)
+                .await
+                .expect("read");
+        }
+        tokio::time::sleep(SETTLE * 2).await;
+        assert_eq!(verdict.label(), "pending", "not complete, not checked");
+        for c in layout.iter() {
+            reader
+                .read(std::slice::from_ref(c), c.file_offset..c.file_offset + 1)
+                .await
+                .expect("read");
+        }
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("checked soon after the last read")
+            .expect("task");
+        assert_eq!(verdict.get(), Some(&Verdict::Verified));
+        assert_eq!(states.load_verdict(&digest), Some(Verdict::Verified));
     }
 }
