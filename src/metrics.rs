@@ -184,11 +184,24 @@ pub fn render(layers: &dyn LazyNode) -> String {
         "Container reads waiting on a registry now.",
         &[("", fetches.demand_waiting() as f64)],
     );
+    let mounts = layers.mounts();
     metric(
         "lazysnap_mounted_layers",
         "gauge",
         "Lazy layers mounted now.",
-        &[("", layers.mounts().len() as f64)],
+        &[("", mounts.len() as f64)],
+    );
+    let verification =
+        |label: &str| mounts.iter().filter(|m| m.verification == label).count() as f64;
+    metric(
+        "lazysnap_mounted_layers_by_verification",
+        "gauge",
+        "Lazy layers mounted now whose format needs the whole-blob check, by its outcome (bad: the blob does not hash to the layer digest, its reads fail).",
+        &[
+            ("{verification=\"pending\"}", verification("pending")),
+            ("{verification=\"verified\"}", verification("verified")),
+            ("{verification=\"bad\"}", verification("bad")),
+        ],
     );
     let takeover = layers.takeover();
     metric(

@@ -70,6 +70,8 @@ pub struct MountReport {
     pub served_bytes: u64,
     /// Served on the connection an earlier daemon left, not mounted anew.
     pub taken_over: bool,
+    /// The whole-blob check: "" where the format needs none, "pending", "verified", "bad".
+    pub verification: &'static str,
 }
 
 /// How this daemon took over the FUSE connections the previous one left at its start.

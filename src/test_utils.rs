@@ -117,3 +117,47 @@ pub async fn open_fixture(name: &str) -> (Arc<FixtureBlob>, Opened) {
     blob.requests.store(0, Ordering::SeqCst);
     (blob, opened)
 }
+
+/// A gzip tar of `files` indexed with resume points every `span` bytes, opened as a
+/// gzip-index layer: (blob, layer digest, opened layer).
+pub fn gzip_index_layer(
+    files: &[(String, Vec<u8>)],
+    span: u64,
+) -> (Vec<u8>, String, crate::format::Opened) {
+    use crate::format::gzip_index::{build::build, GzipIndexFormat};
+    use crate::format::{LayerFormat, Resolved};
+    use sha2::{Digest as _, Sha256};
+    use std::io::Write as _;
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(data.len() as u64);
+        tar.append_data(&mut h, name, &data[..]).expect("file");
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar.into_inner().expect("tar")).expect("gzip");
+    let blob = gz.finish().expect("gzip");
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+    let index = build(
+        &digest,
+        blob.len() as u64,
+        &blob[..],
+        span,
+        &Default::default(),
+    )
+    .expect("index");
+    let encoded = index.encode().expect("encode");
+    let opened = GzipIndexFormat::default()
+        .open(&Resolved {
+            params: serde_json::json!({
+                "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))),
+            }),
+            index: encoded,
+        })
+        .expect("open");
+    (blob, digest, opened)
+}

@@ -273,3 +273,148 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         "wrong span digests fail the read, never serve bytes: {out}"
     );
 }
+
+/// The mounts' verification state by layer digest, from `lazysnap mounts --json`.
+fn verification(stack: &Stack) -> Vec<(String, String)> {
+    let listed = stack.cli_json(&["mounts"]);
+    let mut out: Vec<(String, String)> = listed["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["digest"].as_str().unwrap_or_default().to_owned(),
+                m["verification"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn a_blob_that_matches_its_index_but_not_its_digest_is_found_bad_once_fetched() {
+    harness::require_root();
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let config = cfg.path().join("lazysnap.toml");
+    std::fs::write(&config, "[prefetch]\nbackground_fetch = true\n").expect("config");
+    let mut stack = Stack::start_with(
+        LAZYSNAP,
+        vec!["--config".into(), config.display().to_string()],
+    );
+    let reference = stack.image_ref("gzidx:verify");
+    image::push(&image_spec(3), &stack.dir, &reference);
+    let report = index(&stack, &reference);
+    let layers = report["layers"].as_array().expect("layers").clone();
+    let app = layers
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
+        .and_then(|l| l["digest"].as_str())
+        .expect("the app layer")
+        .to_owned();
+
+    // The registry serves other bytes for the app layer than its digest names: its gzip
+    // header's MTIME changed, which no span covers, so every span still matches the index
+    // (built from the honest blob). docker-registry does not check blobs it serves.
+    let hex = app.trim_start_matches("sha256:");
+    let data = stack
+        .path("registry-data")
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut blob = std::fs::read(&data).expect("read the app layer's blob");
+    blob[4] ^= 0x5a;
+    std::fs::write(&data, &blob).expect("tamper the app layer's blob");
+    let got = {
+        use sha2::Digest as _;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)))
+    };
+
+    stack.rpull(&reference);
+    assert_eq!(lazily_mounted(&stack), 4, "{}", stack.lazysnap_log());
+    let mut states = Vec::new();
+    stack.eventually(
+        "every layer's background fetch to reach a verdict",
+        std::time::Duration::from_secs(120),
+        || {
+            states = verification(&stack);
+            states.len() == 4 && states.iter().all(|(_, v)| v == "verified" || v == "bad")
+        },
+    );
+    for (digest, state) in &states {
+        let expected = if *digest == app { "bad" } else { "verified" };
+        assert_eq!(state, expected, "layer {digest}: {states:?}");
+    }
+    let log = stack.lazysnap_log();
+    let bad_lines: Vec<&str> = log.lines().filter(|l| l.contains("layer is bad")).collect();
+    assert_eq!(bad_lines.len(), 1, "one warning for the bad layer:\n{log}");
+    assert!(
+        bad_lines[0].contains(&app) && bad_lines[0].contains(&got),
+        "the warning names the layer and both digests: {}",
+        bad_lines[0]
+    );
+    assert_eq!(log.matches("layer verified").count(), 3, "{log}");
+    let table = stack.cli(&["mounts"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&app[..19]) && l.ends_with("BAD")),
+        "{table}"
+    );
+
+    // Reads of the bad layer fail, also of what its background fetch had stored; the other
+    // layers serve as before.
+    let script =
+        "cat /data/small.txt; if cat /app/hello.txt; then echo READ-OK; else echo READ-FAILED; fi";
+    let out = stack.run("lazysnap", &reference, "bad-layer", script);
+    assert!(out.starts_with("hello from layer 2\n"), "{out}");
+    assert!(
+        out.contains("READ-FAILED") && !out.contains("hello from the app layer"),
+        "a bad layer serves nothing: {out}"
+    );
+
+    // A restarted daemon keeps the verdicts: nothing is checked again, nothing fetched.
+    stack.kill_lazysnap();
+    let requests = stack.registry_requests();
+    stack.start_lazysnap();
+    assert_eq!(verification(&stack), states, "verdicts survive a restart");
+    let mut out = String::new();
+    stack.eventually(
+        "a container after the restart",
+        std::time::Duration::from_secs(15),
+        || match stack.try_ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            &reference,
+            "bad-after-restart",
+            "/bin/sh",
+            "-c",
+            script,
+        ]) {
+            Ok(o) => {
+                out = o;
+                true
+            }
+            Err(_) => false,
+        },
+    );
+    assert!(
+        out.starts_with("hello from layer 2\n") && out.contains("READ-FAILED"),
+        "{out}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        stack.registry_requests(),
+        requests,
+        "no layer is fetched or checked again after the restart"
+    );
+    assert_eq!(
+        stack.lazysnap_log().matches("layer verified").count(),
+        3,
+        "no second check"
+    );
+}

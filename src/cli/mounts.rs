@@ -59,6 +59,7 @@ fn render_mounts(mounts: &[MountRow], now_ms: u64) -> String {
         ("FETCHED", Align::Right),
         ("SERVED", Align::Right),
         ("TAKEN OVER", Align::Left),
+        ("VERIFIED", Align::Left),
     ]);
     for m in mounts {
         t.row([
@@ -70,6 +71,13 @@ fn render_mounts(mounts: &[MountRow], now_ms: u64) -> String {
             output::human_bytes(m.fetched_bytes),
             output::human_bytes(m.served_bytes),
             if m.taken_over { "yes" } else { "-" }.to_owned(),
+            match m.verification.as_str() {
+                "" => "-",
+                "verified" => "yes",
+                "bad" => "BAD",
+                other => other,
+            }
+            .to_owned(),
         ]);
     }
     t.render()
@@ -98,6 +106,7 @@ mod tests {
             fetched_bytes: 1 << 20,
             served_bytes: 512,
             taken_over: true,
+            verification: "verified".to_owned(),
         }
     }
 
@@ -119,6 +128,7 @@ mod tests {
                 "fetched_bytes": 1_048_576,
                 "served_bytes": 512,
                 "taken_over": true,
+                "verification": "verified",
             }], "takeover": null})
         );
     }
@@ -128,8 +138,17 @@ mod tests {
         let text = render_mounts(&[row()], 1_000 + 5 * 60_000);
         assert_eq!(
             text,
-            "DIGEST               REFERENCE               MOUNTPOINT                        STATE        MOUNTED  FETCHED  SERVED  TAKEN OVER\n\
-             sha256:0123456789ab  registry.example/app:1  /var/lib/lazysnap/snapshots/3/fs  prefetching  5m ago   1.0 MiB   512 B  yes\n"
+            "DIGEST               REFERENCE               MOUNTPOINT                        STATE        MOUNTED  FETCHED  SERVED  TAKEN OVER  VERIFIED\n\
+             sha256:0123456789ab  registry.example/app:1  /var/lib/lazysnap/snapshots/3/fs  prefetching  5m ago   1.0 MiB   512 B  yes         yes\n"
+        );
+        let mut bad = row();
+        bad.verification = "bad".to_owned();
+        assert!(
+            render_mounts(&[bad], 1_000)
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.ends_with("BAD")),
+            "a bad layer stands out"
         );
     }
 

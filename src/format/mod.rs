@@ -136,6 +136,12 @@ pub trait LayerFormat: Send + Sync {
     /// Opens a layer from what `resolve` returned (now or before a restart), checking the
     /// saved index again: a damaged file must not become a wrong layer. CPU-bound.
     fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError>;
+    /// Whether the chunk digests of this format's indexes fall short of tying the bytes to
+    /// the image, so that a layer fetched completely must also be checked against its layer
+    /// digest (`crate::layer::verify`). False where the index is pinned by the image itself.
+    fn needs_whole_blob_check(&self) -> bool {
+        false
+    }
 }
 
 /// The formats the daemon knows, in the order they are tried.

@@ -285,6 +285,7 @@ impl Control for ControlService {
                     fetched_bytes: m.fetched_bytes,
                     served_bytes: m.served_bytes,
                     taken_over: m.taken_over,
+                    verification: m.verification.into(),
                 })
                 .collect(),
             takeover,

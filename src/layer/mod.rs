@@ -14,6 +14,7 @@ mod reader;
 mod resolve;
 mod source;
 mod state;
+pub mod verify;
 
 pub use blob::RegistryBlob;
 pub use error::LayerError;

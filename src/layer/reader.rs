@@ -18,6 +18,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};
+use super::verify::VerdictCell;
 use crate::cache::{ChunkSink, ChunkStore, Put};
 use crate::chunk::{self, BlobId, ChunkDigest, ChunkSpec, DigestMismatch, Hashing, PieceId};
 use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
@@ -49,6 +50,8 @@ pub enum ReadError {
     Task(#[source] Arc<tokio::task::JoinError>),
     #[error("chunk {digest} left the store as soon as it was stored (a disk budget smaller than the reads in flight?)")]
     Lost { digest: ChunkDigest },
+    #[error("the layer is bad: its blob hashes to {got}, the image names {expected}")]
+    LayerBad { expected: String, got: String },
 }
 
 /// Where a fetched chunk is for its readers: in the store (read your range from there), or,
@@ -119,6 +122,11 @@ pub struct LayerReader {
     layout: Arc<[ChunkSpec]>,
     /// How far past a missed chunk (compressed bytes) its uncached neighbours come along.
     amplify: u64,
+    /// The whole-blob verdict: a bad layer serves nothing, cached or not.
+    verdict: Arc<VerdictCell>,
+    /// Woken whenever this reader stored chunks, for whoever waits for the layer to be
+    /// complete.
+    stored: tokio::sync::Notify,
 }
 
 impl LayerReader {
@@ -142,7 +150,24 @@ impl LayerReader {
             max_request: 8 << 20,
             layout: Arc::from(Vec::new()),
             amplify: 0,
+            verdict: Arc::default(),
+            stored: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Makes the reader answer to `verdict`: once it says bad, every read fails.
+    pub fn with_verdict(mut self, verdict: Arc<VerdictCell>) -> Self {
+        self.verdict = verdict;
+        self
+    }
+
+    pub fn verdict(&self) -> &Arc<VerdictCell> {
+        &self.verdict
+    }
+
+    /// Completes after this reader next stores chunks (a wake-up already pending counts).
+    pub async fn stored_more(&self) {
+        self.stored.notified().await;
     }
 
     /// Makes a container's read that misses also fetch the uncached chunks that follow the
@@ -158,19 +183,42 @@ impl LayerReader {
 
     /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
     /// at the first neighbour that is cached or in flight, so each stays one contiguous
-    /// range request.
-    fn neighbours<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
-        if self.amplify == 0 || self.layout.is_empty() {
+    /// range request. Chunks at the very same blob bytes as a missing one (the other files
+    /// of a gzip-index span) always come along: their bytes are fetched and inflated for it
+    /// anyway, and left behind they would each cost the whole span again.
+    fn neighbours<'a>(
+        &'a self,
+        wanted: &[&ChunkSpec],
+        missing: &[usize],
+        amplify: u64,
+    ) -> Vec<&'a ChunkSpec> {
+        if self.layout.is_empty() {
             return Vec::new();
         }
         let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         let mut taken: HashSet<PieceId> = wanted.iter().map(|c| c.piece()).collect();
         let mut extra = Vec::new();
         for &i in missing {
-            let start = wanted[i].blob_range.start;
+            let unit = &wanted[i].blob_range;
+            let start = unit.start;
+            let first = self.layout.partition_point(|c| c.blob_range.start < start);
             let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
+            for same in self.layout[first..at]
+                .iter()
+                .filter(|c| c.blob_range == *unit)
+            {
+                if !inflight.contains_key(&same.piece())
+                    && !self.store.is_ready(&self.blob_id, same)
+                    && taken.insert(same.piece())
+                {
+                    extra.push(same);
+                }
+            }
+            if amplify == 0 {
+                continue;
+            }
             while let Some(next) = self.layout.get(at) {
-                if next.blob_range.end.saturating_sub(start) > self.amplify
+                if next.blob_range.end.saturating_sub(start) > amplify
                     || inflight.contains_key(&next.piece())
                     || self.store.is_ready(&self.blob_id, next)
                 {
@@ -198,6 +246,9 @@ impl LayerReader {
     /// the end of the file. Ready chunks are read from the store (just the part wanted); the
     /// rest are fetched, verified and stored first.
     pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
         let wanted: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
@@ -303,6 +354,9 @@ impl LayerReader {
     /// Makes sure `chunks` are cached, fetching what is missing at `priority` (prefetch,
     /// readahead, background fetch). Returns the uncompressed bytes it had to fetch.
     pub async fn warm(&self, chunks: &[ChunkSpec], priority: Priority) -> Result<u64, ReadError> {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
         let missing: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| !self.store.is_ready(&self.blob_id, c))
@@ -324,6 +378,10 @@ impl LayerReader {
     /// store has all of them: for kernel passthrough. Reads through it never reach this
     /// reader, so the open counts as a use of the file's prefetched chunks.
     pub fn backing_file(&self, chunks: &[ChunkSpec]) -> Option<std::fs::File> {
+        // A bad layer's reads must reach `read`, to fail there.
+        if self.verdict.refusal().is_some() {
+            return None;
+        }
         let file = self.store.backing_file(&self.blob_id, chunks)?;
         let all: Vec<&ChunkSpec> = chunks.iter().collect();
         self.note_prefetch_use(&all);
@@ -369,8 +427,17 @@ impl LayerReader {
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
             _demand = Some(self.fetches.demand());
+        }
+        if !chunks.is_empty() {
+            // Only a container's read widens to the following chunks; any fetch takes along
+            // the chunks at its very bytes (see `neighbours`).
+            let amplify = if priority == Priority::Demand {
+                self.amplify
+            } else {
+                0
+            };
             let missing: Vec<usize> = (0..wanted).filter(|i| out[*i].is_none()).collect();
-            let extra = self.neighbours(chunks, &missing);
+            let extra = self.neighbours(chunks, &missing, amplify);
             if !extra.is_empty() {
                 with_neighbours = chunks.to_vec();
                 with_neighbours.extend(extra);
@@ -604,12 +671,89 @@ impl LayerReader {
         })
         .await
         .map_err(|e| ReadError::Task(Arc::new(e)))?;
+        if landed.iter().any(|l| matches!(l, Ok(Landed::Stored))) {
+            self.stored.notify_one();
+        }
         Ok(landed)
+    }
+
+    /// Fetches blob bytes `range` whole, in one request at `priority`, hands them to `visit`
+    /// (off the async workers), and stores from the same bytes those of `chunks` lying within
+    /// the range that are neither cached nor being fetched by someone else: for a walk that
+    /// needs every byte of the blob (whole-layer verification), so that what it fetches is
+    /// also what fills the cache. The bytes are held within the memory budget meanwhile.
+    /// Chunks that fail to decode or verify fail their own waiters, not this call.
+    pub async fn fetch_through<T, V>(
+        &self,
+        range: Range<u64>,
+        chunks: &[ChunkSpec],
+        priority: Priority,
+        visit: V,
+    ) -> Result<T, ReadError>
+    where
+        V: FnOnce(&[u8]) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        if let Some(refused) = self.verdict.refusal() {
+            return Err(refused);
+        }
+        let _admission = self.fetches.admit(priority).await;
+        let _buffer = self.fetches.buffer(range.end - range.start).await;
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = self.blob.read_range(range.clone()).await;
+        self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.fetches.latency.observe(started.elapsed());
+        let blob = result?;
+        self.counters
+            .fetched_bytes
+            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+        if blob.len() as u64 != range.end - range.start {
+            return Err(ReadError::ShortBody {
+                range,
+                got: blob.len() as u64,
+            });
+        }
+        let refs: Vec<&ChunkSpec> = chunks
+            .iter()
+            .filter(|c| c.blob_range.start >= range.start && c.blob_range.end <= range.end)
+            .filter(|c| !self.store.is_ready(&self.blob_id, c))
+            .collect();
+        let all: Vec<usize> = (0..refs.len()).collect();
+        let (mut claim, _theirs) = self.claim(&refs, &all);
+        let mine = std::mem::take(&mut claim.senders);
+        let specs: Vec<ChunkSpec> = mine.iter().map(|(i, _)| refs[*i].clone()).collect();
+        for spec in &specs {
+            self.note_prefetched(spec);
+        }
+        let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
+        let (visited, landed) = tokio::task::spawn_blocking(move || {
+            let visited = visit(&blob);
+            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            (visited, landed)
+        })
+        .await
+        .map_err(|e| ReadError::Task(Arc::new(e)))?;
+        for ((i, tx), value) in mine.iter().zip(&landed) {
+            if let Err(e) = value {
+                tracing::warn!(chunk = %refs[*i].digest, error = %crate::error_chain(e), "a chunk of the blob walk does not verify");
+            }
+            let _ = tx.send(Some(value.clone()));
+        }
+        claim.senders = mine;
+        drop(claim);
+        if landed.iter().any(|l| matches!(l, Ok(Landed::Stored))) {
+            self.stored.notify_one();
+        }
+        Ok(visited)
     }
 }
 
 /// Decodes and verifies each chunk of a fetched run into the store (or, when the store cannot
-/// take it, into memory); `blob` holds blob bytes `range`.
+/// take it, into memory); `blob` holds blob bytes `range`. Pieces of one unit (the files of
+/// one gzip-index span) are decoded and hashed once for all of them: a span holds many small
+/// files, and decoding it once per file made a prefetch of many small files CPU-bound.
 fn decode_run(
     decoder: &dyn ChunkDecoder,
     store: &dyn ChunkStore,
@@ -618,37 +762,179 @@ fn decode_run(
     blob: &Bytes,
     range: Range<u64>,
 ) -> Vec<Result<Landed, ReadError>> {
-    specs
-        .iter()
-        .map(|spec| {
-            let from = (spec.blob_range.start - range.start) as usize;
-            let to = (spec.blob_range.end - range.start) as usize;
-            let compressed = blob.get(from..to).ok_or_else(|| ReadError::ShortBody {
-                range: range.clone(),
-                got: blob.len() as u64,
-            })?;
-            let why = match store.put(blob_id, spec) {
-                Ok(Put::Ready) => return Ok(Landed::Stored),
-                Ok(Put::Sink(sink)) => match stream_into(decoder, spec, compressed, sink) {
-                    Ok(()) => return Ok(Landed::Stored),
-                    Err(Streamed::Refused(e)) => return Err(e),
-                    Err(Streamed::Store(why)) => Some(why),
-                },
-                Ok(Put::Unavailable) => None,
-                Err(e) => Some(crate::error_chain(&e)),
-            };
-            if let Some(why) = why {
-                tracing::warn!(chunk = %spec.digest, error = %why, "storing a chunk failed; serving it from memory");
-            }
-            let bytes = decoder.decode(spec, compressed).map_err(|e| decode_error(spec, e))?;
-            chunk::verify(&spec.digest, Bytes::from(bytes))
-                .map(|v| Landed::Memory(v.into_bytes()))
-                .map_err(|source| ReadError::Corrupt {
-                    offset: spec.blob_range.start,
-                    source,
-                })
+    let compressed_of = |spec: &ChunkSpec| {
+        let from = spec.blob_range.start.checked_sub(range.start)? as usize;
+        let to = spec.blob_range.end.checked_sub(range.start)? as usize;
+        blob.get(from..to)
+    };
+    let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..specs.len()).map(|_| None).collect();
+    let mut units: HashMap<(chunk::ChunkId, u64, u64, ChunkDigest), Vec<usize>> = HashMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        units
+            .entry((
+                spec.id,
+                spec.blob_range.start,
+                spec.blob_range.end,
+                spec.digest,
+            ))
+            .or_default()
+            .push(i);
+    }
+    for pieces in units.values().filter(|p| p.len() > 1) {
+        let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+            continue;
+        };
+        let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+        for (&i, landed) in pieces
+            .iter()
+            .zip(decode_unit(decoder, store, blob_id, &group, compressed))
+        {
+            out[i] = landed;
+        }
+    }
+    out.into_iter()
+        .zip(specs)
+        .map(|(done, spec)| match done {
+            Some(landed) => landed,
+            None => decode_one(
+                decoder,
+                store,
+                blob_id,
+                spec,
+                compressed_of(spec),
+                &range,
+                blob,
+            ),
         })
         .collect()
+}
+
+/// One chunk of a run into the store, or into memory when the store cannot take it.
+fn decode_one(
+    decoder: &dyn ChunkDecoder,
+    store: &dyn ChunkStore,
+    blob_id: &BlobId,
+    spec: &ChunkSpec,
+    compressed: Option<&[u8]>,
+    range: &Range<u64>,
+    blob: &Bytes,
+) -> Result<Landed, ReadError> {
+    let compressed = compressed.ok_or_else(|| ReadError::ShortBody {
+        range: range.clone(),
+        got: blob.len() as u64,
+    })?;
+    let why = match store.put(blob_id, spec) {
+        Ok(Put::Ready) => return Ok(Landed::Stored),
+        Ok(Put::Sink(sink)) => match stream_into(decoder, spec, compressed, sink) {
+            Ok(()) => return Ok(Landed::Stored),
+            Err(Streamed::Refused(e)) => return Err(e),
+            Err(Streamed::Store(why)) => Some(why),
+        },
+        Ok(Put::Unavailable) => None,
+        Err(e) => Some(crate::error_chain(&e)),
+    };
+    if let Some(why) = why {
+        tracing::warn!(chunk = %spec.digest, error = %why, "storing a chunk failed; serving it from memory");
+    }
+    let bytes = decoder
+        .decode(spec, compressed)
+        .map_err(|e| decode_error(spec, e))?;
+    chunk::verify(&spec.digest, Bytes::from(bytes))
+        .map(|v| Landed::Memory(v.into_bytes()))
+        .map_err(|source| ReadError::Corrupt {
+            offset: spec.blob_range.start,
+            source,
+        })
+}
+
+/// Several pieces of one unit, decoded and hashed once, each piece streamed into its own
+/// store entry. `None` for a piece left to [`decode_one`]: the store could not take it here
+/// (it is then decoded again, into memory: rare).
+fn decode_unit(
+    decoder: &dyn ChunkDecoder,
+    store: &dyn ChunkStore,
+    blob_id: &BlobId,
+    pieces: &[&ChunkSpec],
+    compressed: &[u8],
+) -> Vec<Option<Result<Landed, ReadError>>> {
+    let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..pieces.len()).map(|_| None).collect();
+    let mut sinks = Vec::new();
+    for (j, spec) in pieces.iter().enumerate() {
+        match store.put(blob_id, spec) {
+            Ok(Put::Ready) => out[j] = Some(Ok(Landed::Stored)),
+            Ok(Put::Sink(sink)) => sinks.push((
+                j,
+                Piece {
+                    inner: sink,
+                    from: spec.within,
+                    len: spec.len,
+                    at: 0,
+                },
+            )),
+            Ok(Put::Unavailable) | Err(_) => {}
+        }
+    }
+    let Some(first) = pieces.first() else {
+        return out;
+    };
+    if sinks.is_empty() {
+        return out;
+    }
+    let mut hashing = Hashing::new(Fanout { sinks });
+    if let Err(e) = decoder.decode_to(first, compressed, &mut hashing) {
+        let e = decode_error(first, e);
+        for landed in &mut out {
+            landed.get_or_insert_with(|| Err(e.clone()));
+        }
+        return out;
+    }
+    match hashing.verify(&first.digest) {
+        Ok((fanout, proof)) => {
+            for (j, piece) in fanout.sinks {
+                match piece.inner.commit(proof.again()) {
+                    Ok(()) => out[j] = Some(Ok(Landed::Stored)),
+                    Err(e) => {
+                        tracing::warn!(chunk = %first.digest, error = %crate::error_chain(&e), "storing a piece of a chunk failed");
+                    }
+                }
+            }
+        }
+        Err(source) => {
+            for landed in &mut out {
+                landed.get_or_insert_with(|| {
+                    Err(ReadError::Corrupt {
+                        offset: first.blob_range.start,
+                        source: source.clone(),
+                    })
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Writes one unit's bytes to every piece's sink; a sink that fails (disk full) drops out,
+/// and its piece is left to the one-by-one path.
+struct Fanout {
+    sinks: Vec<(usize, Piece<Box<dyn ChunkSink>>)>,
+}
+
+impl std::io::Write for Fanout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sinks
+            .retain_mut(|(_, piece)| match std::io::Write::write_all(piece, buf) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "writing a piece of a chunk into the store failed");
+                    false
+                }
+            });
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn decode_error(spec: &ChunkSpec, e: FormatError) -> ReadError {
@@ -970,6 +1256,106 @@ mod tests {
         let same = other(honest.clone(), "sha256:fixture");
         same.read(&chunks, 0..size).await.expect("read");
         assert_eq!(honest.requests.load(Ordering::SeqCst), fetched);
+    }
+
+    /// Counts the units it decodes.
+    struct Counting {
+        inner: Arc<dyn ChunkDecoder>,
+        decodes: AtomicUsize,
+    }
+
+    impl ChunkDecoder for Counting {
+        fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+            self.decodes.fetch_add(1, Ordering::SeqCst);
+            self.inner.decode(chunk, compressed)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_files_of_one_span_are_decoded_once_together() {
+        let files: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| {
+                (
+                    format!("lib/m{i}.py"),
+                    format!("module {i}\n").repeat(100).into_bytes(),
+                )
+            })
+            .collect();
+        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
+        let layout = opened.index.chunks_in_blob_order();
+        assert!(
+            layout.iter().all(|c| c.id == layout[0].id),
+            "one span holds every file"
+        );
+        let counting = Arc::new(Counting {
+            inner: opened.decoder.clone(),
+            decodes: AtomicUsize::new(0),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            Arc::new(FixtureBlob {
+                blob: blob.clone(),
+                ..FixtureBlob::default()
+            }),
+            BlobId::new(&digest, None),
+            counting.clone(),
+            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+            Arc::new(Fetches::new(2)),
+        );
+        assert_eq!(layout.len(), files.len(), "one piece per file");
+        reader
+            .warm(&layout, Priority::Prefetch)
+            .await
+            .expect("warm");
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            1,
+            "one decode for the span"
+        );
+        assert!(reader.is_cached(&layout));
+        for (name, data) in &files {
+            let ino = opened.index.resolve(name).expect("file");
+            let size = data.len() as u64;
+            let got = reader
+                .read(opened.index.chunks_for(ino, 0, size), 0..size)
+                .await
+                .expect("read");
+            assert_eq!(got.as_ref(), &data[..], "{name}");
+        }
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            1,
+            "all read from the store"
+        );
+
+        // A container's read of one file brings the span's other files along, whatever
+        // the amplification: their bytes came with it.
+        let served = Arc::new(FixtureBlob {
+            blob,
+            ..FixtureBlob::default()
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            served.clone(),
+            BlobId::new(&digest, None),
+            counting.clone(),
+            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+            Arc::new(Fetches::new(2)),
+        )
+        .with_neighbours(Arc::from(layout.clone()), 1);
+        let ino = opened.index.resolve(&files[7].0).expect("file");
+        let got = reader
+            .read(opened.index.chunks_for(ino, 0, 10), 0..10)
+            .await
+            .expect("read");
+        assert_eq!(got.as_ref(), &files[7].1[..10]);
+        assert!(reader.is_cached(&layout), "the whole span is stored");
+        assert_eq!(served.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            counting.decodes.load(Ordering::SeqCst),
+            2,
+            "one more decode"
+        );
     }
 
     #[tokio::test]

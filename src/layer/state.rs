@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::verify::Verdict;
 use super::{LayerError, LayerSource};
 use crate::format::Resolved;
 
@@ -93,6 +94,9 @@ pub struct StateDir {
 }
 
 const STATE_FILE: &str = "layer.json";
+/// The whole-blob verdict (`super::verify`), once there is one: written apart from
+/// `layer.json`, which is written before the layer is mounted and never again.
+const VERDICT_FILE: &str = "verdict.json";
 const INDEX_FILE: &str = "index.zst";
 /// The index before it was compressed.
 const PLAIN_INDEX_FILE: &str = "index";
@@ -163,6 +167,44 @@ impl StateDir {
             let _ = std::fs::remove_file(dir.join(old));
         }
         Ok(())
+    }
+
+    /// Records the whole-blob verdict of layer `digest`, whose state is saved; a restarted
+    /// daemon neither checks the layer again nor forgets that it is bad.
+    pub fn save_verdict(&self, digest: &str, verdict: &Verdict) -> Result<(), LayerError> {
+        let dir = self.layer_dir(digest);
+        let path = dir.join(VERDICT_FILE);
+        let json = serde_json::to_vec(verdict).map_err(|source| LayerError::StateJson {
+            layer: digest.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+        let tmp = dir.join(format!(".{VERDICT_FILE}.tmp"));
+        let io = |action: &'static str, path: &Path| {
+            let (layer, path) = (digest.to_owned(), path.to_path_buf());
+            move |source| LayerError::State {
+                layer,
+                action,
+                path,
+                source,
+            }
+        };
+        std::fs::write(&tmp, json).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("rename into", &path))
+    }
+
+    /// The verdict saved for layer `digest`; none if it was never checked (or the file
+    /// does not parse: the layer is then checked again).
+    pub fn load_verdict(&self, digest: &str) -> Option<Verdict> {
+        let path = self.layer_dir(digest).join(VERDICT_FILE);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(layer = %digest, path = %path.display(), error = %e, "saved layer verdict does not parse; the layer will be checked again");
+                None
+            }
+        }
     }
 
     /// Removes the state of layer `digest`; the bytes it held.
@@ -353,6 +395,45 @@ mod tests {
         assert!(states.list().is_empty());
         let err = states.load("sha256:cc").expect_err("unknown");
         assert!(matches!(err, LayerError::Unknown { .. }), "{err}");
+    }
+
+    #[test]
+    fn verdicts_are_saved_next_to_the_state_and_go_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = StateDir::new(dir.path().to_path_buf());
+        states.save(&state()).expect("save");
+        assert_eq!(states.load_verdict("sha256:aa"), None);
+        let bad = Verdict::Bad {
+            expected: "sha256:aa".into(),
+            got: "sha256:ff".into(),
+        };
+        states
+            .save_verdict("sha256:aa", &bad)
+            .expect("save verdict");
+        assert_eq!(states.load_verdict("sha256:aa"), Some(bad));
+        states
+            .save_verdict("sha256:aa", &Verdict::Verified)
+            .expect("save verdict");
+        assert_eq!(states.load_verdict("sha256:aa"), Some(Verdict::Verified));
+        assert_eq!(
+            states.load("sha256:aa").expect("load"),
+            state(),
+            "the state itself is untouched"
+        );
+        std::fs::write(dir.path().join("sha256-aa").join(VERDICT_FILE), b"{").expect("write");
+        assert_eq!(
+            states.load_verdict("sha256:aa"),
+            None,
+            "garbage is no verdict"
+        );
+        states.remove("sha256:aa");
+        assert_eq!(states.load_verdict("sha256:aa"), None);
+        assert!(
+            states
+                .save_verdict("sha256:aa", &Verdict::Verified)
+                .is_err(),
+            "no verdict without a saved state"
+        );
     }
 
     #[test]

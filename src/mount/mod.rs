@@ -18,6 +18,7 @@ mod lower;
 mod report;
 #[cfg(test)]
 mod seams_tests;
+mod verify;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -195,6 +196,28 @@ impl LazyLayers {
         }
         let index = Arc::new(index);
         let prefetch = &self.options.prefetch;
+        let check_needed = self
+            .resolver
+            .formats()
+            .by_name(&state.format)
+            .is_some_and(|f| f.needs_whole_blob_check());
+        // Every mount of one layer answers to one verdict: a layer found bad through one
+        // snapshot is bad through all.
+        let shared = self
+            .mounted()
+            .values()
+            .find(|m| m.digest == *digest)
+            .map(|m| m.reader.verdict().clone());
+        let verdict = shared.unwrap_or_else(|| {
+            let known = check_needed
+                .then(|| self.states.load_verdict(digest))
+                .flatten();
+            Arc::new(layer::verify::VerdictCell::new(check_needed, known))
+        });
+        if let Some(layer::verify::Verdict::Bad { expected, got }) = verdict.get() {
+            tracing::warn!(layer = %digest, expected = %expected, got = %got, "layer was found bad before: its reads fail with EIO");
+        }
+        let layout: Arc<[crate::chunk::ChunkSpec]> = Arc::from(index.chunks_in_blob_order());
         let reader = Arc::new(
             LayerReader::new(
                 self.resolver.blob(&state.source)?,
@@ -203,10 +226,8 @@ impl LazyLayers {
                 self.store.clone(),
                 self.fetches.clone(),
             )
-            .with_neighbours(
-                Arc::from(index.chunks_in_blob_order()),
-                prefetch.amplify_bytes,
-            ),
+            .with_neighbours(layout.clone(), prefetch.amplify_bytes)
+            .with_verdict(verdict.clone()),
         );
         let recorder = (!prefetch.trace_window.is_zero()).then(|| {
             Arc::new(ReadRecorder::new(
@@ -273,26 +294,50 @@ impl LazyLayers {
         let activity = Arc::new(ActivityCell::default());
         {
             let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
+            let check = (check_needed && verdict.get().is_none()).then(|| verify::Check {
+                digest: digest.clone(),
+                blob_size: state.blob_size,
+                reader: reader.clone(),
+                layout: layout.clone(),
+                store: self.store.clone(),
+                states: self.states.clone(),
+                activity: activity.clone(),
+            });
+            // With background fetch on, the check is the background fetch (one pass over the
+            // blob); otherwise it waits for reads to have fetched the layer.
+            let (walk_after_prefetch, check) = match check {
+                Some(c) if prefetch.enabled && prefetch.background_fetch => (Some(c), None),
+                other => (None, other),
+            };
             if prefetch.enabled {
                 let plan = MountPlan {
                     trace: true,
                     landmarks: prefetch.landmarks,
-                    background: prefetch.background_fetch,
+                    background: prefetch.background_fetch && walk_after_prefetch.is_none(),
                     concurrency: prefetch.concurrency,
                 };
                 let trace = self.traces.load(digest);
                 activity.set(Activity::Prefetching);
+                let after = crate::prefetch::after_mount(
+                    digest.clone(),
+                    reader.clone(),
+                    index.clone(),
+                    trace,
+                    plan,
+                    activity.clone(),
+                );
                 set.spawn_on(
-                    crate::prefetch::after_mount(
-                        digest.clone(),
-                        reader.clone(),
-                        index.clone(),
-                        trace,
-                        plan,
-                        activity.clone(),
-                    ),
+                    async move {
+                        after.await;
+                        if let Some(check) = walk_after_prefetch {
+                            check.in_background_fetch().await;
+                        }
+                    },
                     &self.runtime,
                 );
+            }
+            if let Some(check) = check {
+                set.spawn_on(check.once_complete(), &self.runtime);
             }
             if let Some(recorder) = &recorder {
                 // Saved every few seconds, so a trace is there soon after a container's start

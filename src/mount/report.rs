@@ -171,6 +171,7 @@ impl LazyNode for LazyLayers {
                     fetched_bytes: get(&c.fetched_bytes),
                     served_bytes: get(&c.served_bytes),
                     taken_over: m.taken_over,
+                    verification: m.reader.verdict().label(),
                 }
             })
             .collect();

@@ -151,8 +151,10 @@ pub async fn fetch_plan(
     let mut batches: Vec<Vec<ChunkSpec>> = Vec::new();
     let mut batch_bytes = 0;
     for chunk in plan {
-        // Chunks of identical content are one entry in the store: fetch them once.
-        if !seen.insert(chunk.digest) {
+        // Chunks of identical content are one entry in the store: fetch them once. The
+        // pieces of one gzip-index span share the span's digest but are other bytes each
+        // (other `within`): not one entry.
+        if !seen.insert((chunk.digest, chunk.within, chunk.len)) {
             continue;
         }
         if batches.is_empty() || batch_bytes + chunk.len > BATCH_BYTES {
@@ -305,5 +307,51 @@ pub async fn flush_trace(
         ),
         Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "saving read trace failed"),
         Err(e) => tracing::warn!(error = %e, "saving read trace failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::LocalStore;
+    use crate::chunk::BlobId;
+    use crate::layer::Fetches;
+    use crate::test_utils::{gzip_index_layer, FixtureBlob};
+
+    #[tokio::test]
+    async fn a_plan_fetches_every_file_of_a_shared_span() {
+        let files: Vec<(String, Vec<u8>)> = (0..12)
+            .map(|i| {
+                (
+                    format!("m{i}.py"),
+                    format!("def f{i}(): pass\n").repeat(50).into_bytes(),
+                )
+            })
+            .collect();
+        let (blob, digest, opened) = gzip_index_layer(&files, 1 << 20);
+        let layout = plan_all(&opened.index);
+        assert!(
+            layout.len() == files.len() && layout.iter().all(|c| c.digest == layout[0].digest),
+            "the files are pieces of one span"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = LayerReader::new(
+            Arc::new(FixtureBlob {
+                blob,
+                ..FixtureBlob::default()
+            }),
+            BlobId::new(&digest, None),
+            opened.decoder,
+            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+            Arc::new(Fetches::new(2)),
+        );
+        let fetched = fetch_plan(&reader, layout.clone(), Priority::Prefetch, 2)
+            .await
+            .expect("plan");
+        let bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+        assert_eq!(fetched, bytes, "every file's piece");
+        assert!(reader.is_cached(&layout));
     }
 }

@@ -140,6 +140,12 @@ impl LayerFormat for GzipIndexFormat {
             decoder: Arc::new(SpanDecoder { index }),
         })
     }
+
+    /// The index, span digests included, is whoever pushed it's word: only the layer digest
+    /// in the image manifest vouches for the bytes.
+    fn needs_whole_blob_check(&self) -> bool {
+        true
+    }
 }
 
 /// The inode table of an indexed layer; each file's chunks are its pieces of spans.
