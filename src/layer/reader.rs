@@ -325,6 +325,10 @@ impl LayerReader {
     /// `range` of the file whose chunks covering it are `chunks`, if all of them are stored:
     /// read now, blocking on the disk. `None` if any is missing (then [`read`](Self::read)).
     pub fn read_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
+        // A bad layer's reads must reach `read`, to fail there.
+        if self.verdict.refusal().is_some() {
+            return None;
+        }
         let wanted: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
