@@ -80,6 +80,9 @@ pub struct LayerCounters {
     pub prefetch_used_bytes: AtomicU64,
     /// Unix milliseconds of the last read by a container.
     pub last_access_ms: AtomicU64,
+    /// Compressed bytes of the chunks containers read, each fetch unit once per layer: what
+    /// `fetched_bytes` is divided by for the fetch amplification.
+    pub read_chunk_bytes: AtomicU64,
 }
 
 /// Unix milliseconds now.
@@ -119,6 +122,9 @@ pub struct LayerReader {
     layout: Arc<[ChunkSpec]>,
     /// How far past a missed chunk (compressed bytes) its uncached neighbours come along.
     amplify: u64,
+    /// One bit per entry of `layout`: whether a container has read that fetch unit, so it
+    /// counts once in `read_chunk_bytes`. Atomic words keep the lock off the read path.
+    read_marks: Box<[AtomicU64]>,
 }
 
 impl LayerReader {
@@ -142,6 +148,7 @@ impl LayerReader {
             max_request: 8 << 20,
             layout: Arc::from(Vec::new()),
             amplify: 0,
+            read_marks: Box::default(),
         }
     }
 
@@ -151,9 +158,35 @@ impl LayerReader {
     /// its modules), so this trades a little bandwidth for many round trips. `layout` is
     /// every chunk of the layer in blob order.
     pub fn with_neighbours(mut self, layout: Arc<[ChunkSpec]>, amplify: u64) -> Self {
+        self.read_marks = (0..layout.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         self.layout = layout;
         self.amplify = amplify;
         self
+    }
+
+    /// Counts the fetch units of `chunks` no container read before into `read_chunk_bytes`.
+    /// A unit is a blob range: pieces sharing one (a gzip-index span) count it once, since
+    /// it is fetched once. Without a layout nothing is counted.
+    fn note_read<'c>(&self, chunks: impl IntoIterator<Item = &'c ChunkSpec>) {
+        for chunk in chunks {
+            let start = chunk.blob_range.start;
+            let at = self.layout.partition_point(|c| c.blob_range.start < start);
+            if self.layout.get(at).map(|c| c.blob_range.start) != Some(start) {
+                continue;
+            }
+            let Some(word) = self.read_marks.get(at / 64) else {
+                continue;
+            };
+            let bit = 1u64 << (at % 64);
+            if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                self.counters.read_chunk_bytes.fetch_add(
+                    chunk.blob_range.end.saturating_sub(start),
+                    Ordering::Relaxed,
+                );
+            }
+        }
     }
 
     /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
@@ -221,7 +254,15 @@ impl LayerReader {
                 break;
             }
             let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
+            let waited = std::time::Instant::now();
             let landed = self.load(&specs, Priority::Demand).await?;
+            tracing::debug!(
+                file_offset = range.start,
+                bytes = range.end - range.start,
+                chunks = specs.len(),
+                ms = waited.elapsed().as_millis() as u64,
+                "a container's read waited on the registry"
+            );
             for (i, landed) in missing.into_iter().zip(landed) {
                 let chunk = wanted[i];
                 let part = chunk.part_of(&range);
@@ -242,6 +283,7 @@ impl LayerReader {
             });
         }
         self.note_prefetch_use(&wanted);
+        self.note_read(wanted.iter().copied());
         self.counters
             .last_access_ms
             .store(unix_ms(), Ordering::Relaxed);
@@ -290,6 +332,8 @@ impl LayerReader {
         let file = self.store.backing_file(&self.blob_id, chunks)?;
         let all: Vec<&ChunkSpec> = chunks.iter().collect();
         self.note_prefetch_use(&all);
+        // Its reads never reach us: the open proves its start was wanted, no more.
+        self.note_read(chunks.first());
         self.counters
             .last_access_ms
             .store(unix_ms(), Ordering::Relaxed);
@@ -548,6 +592,15 @@ impl LayerReader {
         let result = self.blob.read_range(range.clone()).await;
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
+        tracing::debug!(
+            start = range.start,
+            bytes = range.end - range.start,
+            chunks = run.len(),
+            speculative = run.iter().filter(|(i, _)| *i >= first_speculative).count(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "fetched a run of chunks"
+        );
         let blob = result?;
         self.counters
             .fetched_bytes
@@ -878,6 +931,27 @@ mod tests {
         assert_eq!(
             c.prefetch_used_bytes.load(Ordering::Relaxed),
             chunks[1].len + chunks[2].len
+        );
+        let compressed = |cs: &[ChunkSpec]| -> u64 {
+            cs.iter()
+                .map(|c| c.blob_range.end - c.blob_range.start)
+                .sum()
+        };
+        assert_eq!(
+            c.read_chunk_bytes.load(Ordering::Relaxed),
+            compressed(&chunks[..3]),
+            "each chunk read counts its compressed bytes"
+        );
+        reader.read(&chunks, 0..end).await.expect("read again");
+        assert_eq!(
+            c.read_chunk_bytes.load(Ordering::Relaxed),
+            compressed(&chunks[..3]),
+            "a chunk read again counts once"
+        );
+        assert_eq!(
+            c.fetched_bytes.load(Ordering::Relaxed),
+            chunks[2].blob_range.end - chunks[0].blob_range.start,
+            "the one request spanned the three chunks"
         );
     }
 

@@ -187,7 +187,9 @@ impl LazyLayers {
         held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
         let digest = &state.source.digest;
+        let opening = std::time::Instant::now();
         let opened = layer::open(self.resolver.formats(), state)?;
+        let open_ms = opening.elapsed().as_millis() as u64;
         let mut index = opened.index;
         let adopted = lower::adopt_lower_attrs(&mut index, lower);
         if adopted > 0 {
@@ -266,9 +268,11 @@ impl LazyLayers {
                 },
             })?
             .dev();
+        let fuse_ms = opening.elapsed().as_millis() as u64 - open_ms;
         if !taken_over {
             widen_readahead(dev);
         }
+        tracing::debug!(layer = %digest, open_ms, fuse_ms, widen_ms = opening.elapsed().as_millis() as u64 - open_ms - fuse_ms, "mounted");
         let activity = Arc::new(ActivityCell::default());
         {
             let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -425,20 +429,33 @@ impl RemoteFs for LazyLayers {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let resolved = self
             .runtime
             .block_on(self.resolver.resolve(&source, labels));
+        let resolve_ms = started.elapsed().as_millis() as u64;
         // After this layer's own request, not before: by now the client knows how the registry
         // authenticates, so the requests ahead go out with credentials instead of each being
         // challenged in parallel.
         self.resolve_others_ahead(&source, labels);
         let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
+        let saving = std::time::Instant::now();
         self.save_state(&state).map_err(remote_error)?;
+        let save_ms = saving.elapsed().as_millis() as u64;
+        let mounting = std::time::Instant::now();
         if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
+        // Where a Prepare's time goes, for finding what holds up a pull.
+        tracing::debug!(
+            layer = %state.source.digest,
+            resolve_ms,
+            save_ms,
+            mount_ms = mounting.elapsed().as_millis() as u64,
+            "lazy layer ready"
+        );
         serde_json::to_value(layer::SavedState::of(&state))
             .map_err(|e| RemoteError::Failed(Box::new(e)))
     }
