@@ -99,6 +99,10 @@ type Shared = Option<Result<Landed, ReadError>>;
 const MAX_GAP: u64 = 128 << 10;
 /// Range requests one read or prefetch batch has in flight at once.
 const RUNS_IN_FLIGHT: usize = 4;
+/// A missed chunk brings the rest of its file along when that rest is at most this many
+/// compressed bytes: executables, libraries and modules are read whole once opened. Larger
+/// files are left to readahead, which follows what is actually read.
+const WHOLE_FILE_BYTES: u64 = 4 << 20;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
@@ -153,10 +157,11 @@ impl LayerReader {
     }
 
     /// Makes a container's read that misses also fetch the uncached chunks that follow the
-    /// missed ones in the blob, up to `amplify` compressed bytes past each. A tar keeps a
-    /// directory's files together and programs read them together (an interpreter importing
-    /// its modules), so this trades a little bandwidth for many round trips. `layout` is
-    /// every chunk of the layer in blob order.
+    /// missed ones in the blob, up to `amplify` compressed bytes past each, and the rest of
+    /// the missed chunk's file when that rest is small (see [`WHOLE_FILE_BYTES`]). A tar keeps
+    /// a directory's files together and programs read them together (an interpreter importing
+    /// its modules), and a program or library opened is read whole; so this trades a little
+    /// bandwidth for round trips. `layout` is every chunk of the layer in blob order.
     pub fn with_neighbours(mut self, layout: Arc<[ChunkSpec]>, amplify: u64) -> Self {
         self.read_marks = (0..layout.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
@@ -189,10 +194,10 @@ impl LayerReader {
         }
     }
 
-    /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
-    /// at the first neighbour that is cached or in flight, so each stays one contiguous
-    /// range request.
-    fn neighbours<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
+    /// Uncached, not-in-flight chunks right after the missing ones: within `amplify`, or of
+    /// the same file when its rest is within [`WHOLE_FILE_BYTES`]. Stops at the first one
+    /// that is cached or in flight.
+    fn neighbours(&self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<ChunkSpec> {
         if self.amplify == 0 || self.layout.is_empty() {
             return Vec::new();
         }
@@ -200,22 +205,59 @@ impl LayerReader {
         let mut taken: HashSet<PieceId> = wanted.iter().map(|c| c.piece()).collect();
         let mut extra = Vec::new();
         for &i in missing {
-            let start = wanted[i].blob_range.start;
-            let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
-            while let Some(next) = self.layout.get(at) {
-                if next.blob_range.end.saturating_sub(start) > self.amplify
+            let missed = wanted[i];
+            let start = missed.blob_range.start;
+            let first = self.layout.partition_point(|c| c.blob_range.start <= start);
+            let rest_of_file = self.layout[first..]
+                .iter()
+                .take_while(|c| c.file == missed.file)
+                .last()
+                .map_or(0, |c| c.blob_range.end.saturating_sub(start));
+            let reach = if rest_of_file <= WHOLE_FILE_BYTES {
+                self.amplify.max(rest_of_file)
+            } else {
+                self.amplify
+            };
+            for next in &self.layout[first..] {
+                if next.blob_range.end.saturating_sub(start) > reach
                     || inflight.contains_key(&next.piece())
                     || self.store.is_ready(&self.blob_id, next)
                 {
                     break;
                 }
                 if taken.insert(next.piece()) {
-                    extra.push(next);
+                    extra.push(next.clone());
                 }
-                at += 1;
             }
         }
         extra
+    }
+
+    /// Fetches the neighbours of a container's missed chunks in a request of their own, on
+    /// the wire together with the read's: the reader waits for the bytes it asked for only,
+    /// not for the neighbours' transfer and decoding. Claimed before this returns, so a read
+    /// of a neighbour meanwhile waits for this fetch instead of starting another.
+    fn fetch_neighbours(self: &Arc<Self>, wanted: &[&ChunkSpec], missing: &[usize]) {
+        let extra = self.neighbours(wanted, missing);
+        if extra.is_empty() {
+            return;
+        }
+        let refs: Vec<&ChunkSpec> = extra.iter().collect();
+        let all: Vec<usize> = (0..refs.len()).collect();
+        let (claim, _theirs) = self.claim(&refs, &all);
+        let pending = claim.into_senders();
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let refs: Vec<&ChunkSpec> = extra.iter().collect();
+            let mut out = vec![None; refs.len()];
+            let claim = Claim {
+                reader: &me,
+                senders: pending,
+            };
+            if let Err(e) = me.fetch_claimed(&refs, claim, &mut out, 0, 0).await {
+                tracing::debug!(error = %crate::error_chain(&e), "fetching a read's neighbours failed");
+            }
+        });
     }
 
     /// The blob the store scopes this layer's bytes to.
@@ -230,7 +272,11 @@ impl LayerReader {
     /// Returns bytes `range` of a file whose chunks (in file order) are `chunks`; shorter at
     /// the end of the file. Ready chunks are read from the store (just the part wanted); the
     /// rest are fetched, verified and stored first.
-    pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        chunks: &[ChunkSpec],
+        range: Range<u64>,
+    ) -> Result<Bytes, ReadError> {
         let wanted: Vec<&ChunkSpec> = chunks
             .iter()
             .filter(|c| c.file_offset < range.end && c.file_offset + c.len > range.start)
@@ -248,10 +294,13 @@ impl LayerReader {
         }
         // A chunk stored by this fetch can be evicted before it is read (a budget smaller
         // than what is in flight): fetch it again, a few times at most.
-        for _attempt in 0..3 {
+        for attempt in 0..3 {
             let missing: Vec<usize> = (0..wanted.len()).filter(|i| parts[*i].is_none()).collect();
             if missing.is_empty() {
                 break;
+            }
+            if attempt == 0 {
+                self.fetch_neighbours(&wanted, &missing);
             }
             let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
             let waited = std::time::Instant::now();
@@ -369,21 +418,11 @@ impl LayerReader {
         let mut out: Vec<Option<Landed>> = vec![None; chunks.len()];
         let wanted = chunks.len();
         let mut _demand = None;
-        let mut with_neighbours;
-        let mut chunks = chunks;
         if priority == Priority::Demand && !chunks.is_empty() {
             self.counters
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
             _demand = Some(self.fetches.demand());
-            let missing: Vec<usize> = (0..wanted).filter(|i| out[*i].is_none()).collect();
-            let extra = self.neighbours(chunks, &missing);
-            if !extra.is_empty() {
-                with_neighbours = chunks.to_vec();
-                with_neighbours.extend(extra);
-                out.resize(with_neighbours.len(), None);
-                chunks = &with_neighbours;
-            }
         }
         // What a container did not ask for is speculative, and counts as prefetch.
         let first_speculative = if priority == Priority::Demand {
@@ -746,6 +785,14 @@ struct Claim<'a> {
     senders: Vec<(usize, watch::Sender<Shared>)>,
 }
 
+impl Claim<'_> {
+    /// The promises, for a fetch that outlives this borrow of the reader; the chunks stay
+    /// in flight until each is answered.
+    fn into_senders(mut self) -> Vec<(usize, watch::Sender<Shared>)> {
+        std::mem::take(&mut self.senders)
+    }
+}
+
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut inflight = self
@@ -772,7 +819,7 @@ mod tests {
         blob: Arc<FixtureBlob>,
         decoder: Arc<dyn ChunkDecoder>,
         cache: Arc<LocalStore>,
-        reader: LayerReader,
+        reader: Arc<LayerReader>,
     }
 
     async fn setup(corrupt: bool, fail: bool) -> Setup {
@@ -786,13 +833,13 @@ mod tests {
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Arc::new(LocalStore::open(dir.path(), 0).expect("cache"));
-        let reader = LayerReader::new(
+        let reader = Arc::new(LayerReader::new(
             blob.clone(),
             BlobId::new("sha256:fixture", None),
             opened.decoder.clone(),
             cache.clone(),
             Arc::new(Fetches::new(2)),
-        );
+        ));
         Setup {
             _dir: dir,
             index: opened.index,
@@ -888,70 +935,117 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_miss_brings_its_uncached_neighbours_in_the_same_request() {
+    async fn a_miss_brings_the_rest_of_its_small_file_in_a_request_of_its_own() {
         let s = setup(false, false).await;
         let layout = s.index.chunks_in_blob_order();
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let chunks = s.index.chunks_for(ino, 0, size).to_vec();
-        let reach = chunks[2].blob_range.end - chunks[0].blob_range.start;
+        assert!(chunks.len() > 2, "fixture has a file of several chunks");
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = LayerReader::new(
-            s.blob.clone(),
-            BlobId::new("sha256:fixture", None),
-            s.decoder.clone(),
-            Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
-            Arc::new(Fetches::new(2)),
-        )
-        .with_neighbours(Arc::from(layout), reach);
+        // The smallest reach: only the rest of the file comes along.
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout), 1),
+        );
         let expected = expected_multi_chunk();
         let first = reader.read(&chunks, 0..10).await.expect("read");
         assert_eq!(first.as_ref(), &expected[..10]);
-        assert_eq!(s.blob.requests.load(Ordering::SeqCst), 1);
-        let c = reader.counters();
-        assert_eq!(
-            c.prefetch_bytes.load(Ordering::Relaxed),
-            chunks[1].len + chunks[2].len,
-            "the two following chunks came along, counted as prefetch"
-        );
-        let end = chunks[2].file_offset + chunks[2].len;
-        let rest = reader
-            .read(&chunks, chunks[1].file_offset..end)
+        let landed = async {
+            while !reader.is_cached(&chunks) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
             .await
-            .expect("read");
-        assert_eq!(
-            rest.as_ref(),
-            &expected[chunks[1].file_offset as usize..end as usize]
-        );
+            .expect("the rest of the file lands");
         assert_eq!(
             s.blob.requests.load(Ordering::SeqCst),
-            1,
-            "no second request"
+            2,
+            "the read's chunk, and the rest of the file beside it"
+        );
+        let c = reader.counters();
+        let rest: u64 = chunks[1..].iter().map(|c| c.len).sum();
+        assert_eq!(
+            c.prefetch_bytes.load(Ordering::Relaxed),
+            rest,
+            "the rest of the file counts as prefetch"
+        );
+        let all = reader.read(&chunks, 0..size).await.expect("read");
+        assert_eq!(all.as_ref(), expected.as_slice());
+        assert_eq!(
+            s.blob.requests.load(Ordering::SeqCst),
+            2,
+            "no third request"
         );
         assert_eq!(c.demand_network_reads.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            c.prefetch_used_bytes.load(Ordering::Relaxed),
-            chunks[1].len + chunks[2].len
-        );
-        let compressed = |cs: &[ChunkSpec]| -> u64 {
-            cs.iter()
-                .map(|c| c.blob_range.end - c.blob_range.start)
-                .sum()
-        };
+        assert_eq!(c.prefetch_used_bytes.load(Ordering::Relaxed), rest);
+        let compressed: u64 = chunks
+            .iter()
+            .map(|c| c.blob_range.end - c.blob_range.start)
+            .sum();
         assert_eq!(
             c.read_chunk_bytes.load(Ordering::Relaxed),
-            compressed(&chunks[..3]),
+            compressed,
             "each chunk read counts its compressed bytes"
         );
-        reader.read(&chunks, 0..end).await.expect("read again");
+        reader.read(&chunks, 0..size).await.expect("read again");
         assert_eq!(
             c.read_chunk_bytes.load(Ordering::Relaxed),
-            compressed(&chunks[..3]),
+            compressed,
             "a chunk read again counts once"
         );
         assert_eq!(
             c.fetched_bytes.load(Ordering::Relaxed),
-            chunks[2].blob_range.end - chunks[0].blob_range.start,
-            "the one request spanned the three chunks"
+            compressed,
+            "fetched exactly what was read: amplification 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_brings_the_next_files_within_reach() {
+        let s = setup(false, false).await;
+        let layout: Vec<ChunkSpec> = s.index.chunks_in_blob_order();
+        // The last chunk of a file that another file follows in the blob.
+        let at = layout
+            .windows(2)
+            .position(|w| w[0].file != w[1].file)
+            .expect("the fixture has several files");
+        let (last, next) = (layout[at].clone(), layout[at + 1].clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reach = next.blob_range.end - last.blob_range.start;
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout), reach),
+        );
+        let from = last.file_offset;
+        reader
+            .read(std::slice::from_ref(&last), from..from + 1)
+            .await
+            .expect("read");
+        let landed = async {
+            while !reader.is_cached(std::slice::from_ref(&next)) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
+            .await
+            .expect("the next file's chunk lands");
+        assert_eq!(
+            reader.counters().prefetch_bytes.load(Ordering::Relaxed),
+            next.len,
+            "the chunk after the file, within reach, and nothing more"
         );
     }
 
@@ -972,13 +1066,13 @@ mod tests {
             delay: std::time::Duration::ZERO,
         });
         let other = |blob: Arc<FixtureBlob>, id: &str| {
-            LayerReader::new(
+            Arc::new(LayerReader::new(
                 blob,
                 BlobId::new(id, None),
                 s.decoder.clone(),
                 s.cache.clone(),
                 Arc::new(Fetches::new(2)),
-            )
+            ))
         };
         let attacker = other(lying.clone(), "sha256:attacker");
         assert!(!attacker.is_cached(&chunks));
