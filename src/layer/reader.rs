@@ -100,9 +100,11 @@ const MAX_GAP: u64 = 128 << 10;
 /// Range requests one read or prefetch batch has in flight at once.
 const RUNS_IN_FLIGHT: usize = 4;
 /// A missed chunk brings the rest of its file along when that rest is at most this many
-/// compressed bytes: executables, libraries and modules are read whole once opened. Larger
-/// files are left to readahead, which follows what is actually read.
-const WHOLE_FILE_BYTES: u64 = 4 << 20;
+/// compressed bytes: executables, libraries and modules are read whole once opened, and a
+/// program's page faults hit its chunks one at a time (gcc's cc1, 12 MiB compressed, waited
+/// on eight of them in turn). Larger files are left to readahead, which follows what is
+/// actually read.
+const WHOLE_FILE_BYTES: u64 = 16 << 20;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
