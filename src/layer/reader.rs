@@ -105,6 +105,10 @@ const RUNS_IN_FLIGHT: usize = 4;
 /// on eight of them in turn). Larger files are left to readahead, which follows what is
 /// actually read.
 const WHOLE_FILE_BYTES: u64 = 16 << 20;
+/// A miss in a directory of at most this many compressed bytes brings the directory's other
+/// files: small enough that fetching it whole costs less than a round trip or two at the
+/// link speeds lazy pulling is for.
+const SMALL_DIRECTORY_BYTES: u64 = 512 << 10;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
@@ -128,6 +132,10 @@ pub struct LayerReader {
     layout: Arc<[ChunkSpec]>,
     /// How far past a missed chunk (compressed bytes) its uncached neighbours come along.
     amplify: u64,
+    /// The directory of each entry of `layout`, and each directory's entries with their
+    /// compressed bytes: a miss in a small directory brings the rest of it.
+    directories: Arc<[u64]>,
+    directory_members: HashMap<u64, (u64, Vec<u32>)>,
     /// One bit per entry of `layout`: whether a container has read that fetch unit, so it
     /// counts once in `read_chunk_bytes`. Atomic words keep the lock off the read path.
     read_marks: Box<[AtomicU64]>,
@@ -155,6 +163,8 @@ impl LayerReader {
             layout: Arc::from(Vec::new()),
             amplify: 0,
             read_marks: Box::default(),
+            directories: Arc::from(Vec::new()),
+            directory_members: HashMap::new(),
         }
     }
 
@@ -170,6 +180,26 @@ impl LayerReader {
             .collect();
         self.layout = layout;
         self.amplify = amplify;
+        self
+    }
+
+    /// Makes a miss in a directory of at most [`SMALL_DIRECTORY_BYTES`] (compressed) also
+    /// fetch the directory's other uncached files: the headers a compiler includes, the
+    /// modules of one package. `directories` names the directory of each chunk of the
+    /// layout given to [`Self::with_neighbours`] (0 for none).
+    pub fn with_directories(mut self, directories: Vec<u64>) -> Self {
+        let mut members: HashMap<u64, (u64, Vec<u32>)> = HashMap::new();
+        for (i, (dir, chunk)) in directories.iter().zip(self.layout.iter()).enumerate() {
+            if *dir == 0 {
+                continue;
+            }
+            let entry = members.entry(*dir).or_default();
+            entry.0 += chunk.blob_range.end.saturating_sub(chunk.blob_range.start);
+            entry.1.push(i as u32);
+        }
+        members.retain(|_, (bytes, _)| *bytes <= SMALL_DIRECTORY_BYTES);
+        self.directory_members = members;
+        self.directories = Arc::from(directories);
         self
     }
 
@@ -210,11 +240,17 @@ impl LayerReader {
             let missed = wanted[i];
             let start = missed.blob_range.start;
             let first = self.layout.partition_point(|c| c.blob_range.start <= start);
-            let rest_of_file = self.layout[first..]
+            // Stops at the cap: a huge file's chunks are not walked on every miss.
+            let mut rest_of_file = 0;
+            for c in self.layout[first..]
                 .iter()
                 .take_while(|c| c.file == missed.file)
-                .last()
-                .map_or(0, |c| c.blob_range.end.saturating_sub(start));
+            {
+                rest_of_file = c.blob_range.end.saturating_sub(start);
+                if rest_of_file > WHOLE_FILE_BYTES {
+                    break;
+                }
+            }
             let reach = if rest_of_file <= WHOLE_FILE_BYTES {
                 self.amplify.max(rest_of_file)
             } else {
@@ -231,7 +267,31 @@ impl LayerReader {
                     extra.push(next.clone());
                 }
             }
+            let at = self.layout.partition_point(|c| c.blob_range.start < start);
+            let piece = missed.piece();
+            let Some(dir) = self.layout[at..first.max(at)]
+                .iter()
+                .position(|c| c.piece() == piece)
+                .and_then(|k| self.directories.get(at + k))
+            else {
+                continue;
+            };
+            let Some((_, members)) = self.directory_members.get(dir) else {
+                continue;
+            };
+            for &m in members {
+                let Some(other) = self.layout.get(m as usize) else {
+                    continue;
+                };
+                if !inflight.contains_key(&other.piece())
+                    && !self.store.is_ready(&self.blob_id, other)
+                    && taken.insert(other.piece())
+                {
+                    extra.push(other.clone());
+                }
+            }
         }
+        extra.sort_by_key(|c| c.blob_range.start);
         extra
     }
 
@@ -1048,6 +1108,56 @@ mod tests {
             reader.counters().prefetch_bytes.load(Ordering::Relaxed),
             next.len,
             "the chunk after the file, within reach, and nothing more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_in_a_small_directory_brings_its_other_files() {
+        let s = setup(false, false).await;
+        let layout: Vec<ChunkSpec> = s.index.chunks_in_blob_order();
+        let dirs = s.index.directories_of(&layout);
+        // A file of one chunk in a directory that holds other files too.
+        let (miss, dir) = (0..layout.len())
+            .filter(|&i| dirs[i] != 0)
+            .filter(|&i| layout.iter().filter(|c| c.file == layout[i].file).count() == 1)
+            .find(|&i| {
+                (0..layout.len()).any(|j| dirs[j] == dirs[i] && layout[j].file != layout[i].file)
+            })
+            .map(|i| (layout[i].clone(), dirs[i]))
+            .expect("the fixture has a directory of several files");
+        let others: Vec<ChunkSpec> = (0..layout.len())
+            .filter(|&j| dirs[j] == dir && layout[j].piece() != miss.piece())
+            .map(|j| layout[j].clone())
+            .collect();
+        let dir_path = tempfile::tempdir().expect("tempdir");
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir_path.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout.clone()), 1)
+            .with_directories(dirs),
+        );
+        let from = miss.file_offset;
+        reader
+            .read(std::slice::from_ref(&miss), from..from + 1)
+            .await
+            .expect("read");
+        let landed = async {
+            while !reader.is_cached(&others) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
+            .await
+            .expect("the directory's other files land");
+        assert_eq!(
+            reader.counters().prefetch_bytes.load(Ordering::Relaxed),
+            others.iter().map(|c| c.len).sum::<u64>(),
+            "the directory's other files, and nothing else"
         );
     }
 

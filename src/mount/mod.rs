@@ -197,6 +197,8 @@ impl LazyLayers {
         }
         let index = Arc::new(index);
         let prefetch = &self.options.prefetch;
+        let layout = index.chunks_in_blob_order();
+        let directories = index.directories_of(&layout);
         let reader = Arc::new(
             LayerReader::new(
                 self.resolver.blob(&state.source)?,
@@ -205,10 +207,8 @@ impl LazyLayers {
                 self.store.clone(),
                 self.fetches.clone(),
             )
-            .with_neighbours(
-                Arc::from(index.chunks_in_blob_order()),
-                prefetch.amplify_bytes,
-            ),
+            .with_neighbours(Arc::from(layout), prefetch.amplify_bytes)
+            .with_directories(directories),
         );
         let recorder = (!prefetch.trace_window.is_zero()).then(|| {
             Arc::new(ReadRecorder::new(
@@ -268,11 +268,18 @@ impl LazyLayers {
                 },
             })?
             .dev();
-        let fuse_ms = opening.elapsed().as_millis() as u64 - open_ms;
+        let mounted_ms = opening.elapsed().as_millis() as u64;
         if !taken_over {
             widen_readahead(dev);
         }
-        tracing::debug!(layer = %digest, open_ms, fuse_ms, widen_ms = opening.elapsed().as_millis() as u64 - open_ms - fuse_ms, "mounted");
+        // A Prepare waits for all of this: which part holds up a pull.
+        tracing::debug!(
+            layer = %digest,
+            open_ms,
+            fuse_ms = mounted_ms.saturating_sub(open_ms),
+            widen_ms = (opening.elapsed().as_millis() as u64).saturating_sub(mounted_ms),
+            "mounted"
+        );
         let activity = Arc::new(ActivityCell::default());
         {
             let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
