@@ -128,12 +128,19 @@ fn layers_resolve_in_one_request_each_and_ahead_of_their_prepares() {
 
     // (a) One ranged GET per lazy layer whose TOC is in its last bytes: no HEAD, no separate
     // footer or TOC request; two for the layer whose TOC begins before them.
+    // That second request is made ahead, not by the layer's Prepare: a Prepare fetching the
+    // index itself would be a third.
     let mut two_requests = 0;
     for (digest, _) in &layers {
         let requests = lazysnap_requests_of(&stack, digest);
         let get = ("GET".to_owned(), "206".to_owned());
         if requests.len() == 2 {
             two_requests += 1;
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("fetched the layer's index ahead") && l.contains(digest)),
+                "layer {digest}'s index was not fetched ahead:\n{log}"
+            );
         }
         assert!(
             requests == vec![get.clone()] || requests == vec![get.clone(), get],
@@ -166,28 +173,12 @@ fn layers_resolve_in_one_request_each_and_ahead_of_their_prepares() {
         spread * 1000.0,
         RTT.as_millis()
     );
+    // The many-file layer's index arrives a round trip after its suffix, both ahead; one after
+    // the other, the four layers would take at least five.
     assert!(
-        spread < RTT.as_secs_f64(),
+        spread < 2.0 * RTT.as_secs_f64(),
         "mounting took {spread:.3}s, one round trip per layer would be {:.3}s:\n{log}",
-        3.0 * RTT.as_secs_f64()
-    );
-    // No Prepare waited a round trip, the many-file layer's included: its whole TOC was there.
-    let resolving: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("lazy layer ready"))
-        .filter_map(|l| {
-            l.split("resolve_ms=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    assert_eq!(resolving.len(), 4, "{log}");
-    assert!(
-        resolving.iter().all(|ms| *ms < RTT.as_millis() as u64),
-        "resolving in the Prepares took {resolving:?} ms:\n{log}"
+        5.0 * RTT.as_secs_f64()
     );
 
     // (c) The contents read correctly.

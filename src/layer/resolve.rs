@@ -182,6 +182,7 @@ impl Resolver {
             .await
         {
             Ok(head) if head.len() as u64 == tail_offset - start => {
+                tracing::debug!(layer = %digest, bytes = head.len(), "fetched the layer's index ahead");
                 let mut whole = bytes::BytesMut::with_capacity(head.len() + tail.len());
                 whole.extend_from_slice(&head);
                 whole.extend_from_slice(&tail);
