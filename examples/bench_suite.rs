@@ -183,7 +183,9 @@ fn main() {
     let started = Instant::now();
     // lazysnap's own default level: the harness asks for debug, whose per-read lines would
     // cost the lazy path time no production node spends.
-    std::env::set_var("RUST_LOG", "info");
+    // BENCH_LAZYSNAP_LOG asks for more, to see where a run's time goes.
+    let level = std::env::var("BENCH_LAZYSNAP_LOG").unwrap_or_else(|_| "info".to_owned());
+    std::env::set_var("RUST_LOG", level);
     eprintln!("starting registry, lazysnap and containerd in a temporary directory ...");
     let lazysnap_args = match &args.lazysnap_config {
         Some(file) => vec!["--config".to_owned(), file.clone()],

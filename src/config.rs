@@ -210,9 +210,13 @@ pub struct PrefetchConfig {
     /// 256 KiB and doubles while the pattern holds. 0 turns readahead off. Default 8 MiB.
     pub readahead_max_bytes: u64,
     /// A container's read that misses also fetches the uncached chunks that follow it in the
-    /// layer blob, up to this many compressed bytes: files stored together are read together
-    /// (an interpreter importing its modules), so one round trip brings several. 0 fetches
-    /// only what the read touches. Default 256 KiB.
+    /// layer blob, up to this many compressed bytes, the rest of its file when that is small,
+    /// and the other files of a small directory: files stored together are read together (an
+    /// interpreter importing its modules, a compiler including headers),
+    /// so one round trip brings several. They come in a request of their own beside the
+    /// read's, so the read does not wait for them. 0 fetches only what the read touches.
+    /// Default 64 KiB: on the python image, 256 KiB saved four of 31 round trips but fetched
+    /// 1.6 times what was read; 64 KiB fetches 1.1 times.
     pub amplify_bytes: u64,
     /// After prefetch, fetch the rest of every mounted layer at low priority, so containers
     /// stop depending on the registry. Default false.
@@ -228,7 +232,7 @@ impl Default for PrefetchConfig {
             concurrency: 4,
             landmarks: true,
             readahead_max_bytes: 8 << 20,
-            amplify_bytes: 256 << 10,
+            amplify_bytes: 64 << 10,
             background_fetch: false,
         }
     }

@@ -121,6 +121,12 @@ pub fn render(layers: &dyn LazyNode) -> String {
         &[("", t.demand_network_reads as f64)],
     );
     metric(
+        "lazysnap_read_chunk_bytes_total",
+        "counter",
+        "Compressed bytes of the chunks containers read, each chunk once per layer (fetched_bytes divided by this is the fetch amplification).",
+        &[("", t.read_chunk_bytes as f64)],
+    );
+    metric(
         "lazysnap_cache_hits_total",
         "counter",
         "Chunk reads answered by the local store.",

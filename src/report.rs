@@ -20,6 +20,8 @@ pub struct Totals {
     pub prefetch_bytes: u64,
     pub prefetch_used_bytes: u64,
     pub demand_network_reads: u64,
+    /// Compressed bytes of the chunks containers read, each once per layer.
+    pub read_chunk_bytes: u64,
 }
 
 /// The cache and fetch figures of the whole node, for `lazysnap cache stats` and metrics.

@@ -22,6 +22,9 @@ pub struct Sample {
     /// lazysnap's `fetched_bytes` and `demand_network_reads` over pull and start.
     pub fetched_bytes: Option<u64>,
     pub demand_reads: Option<u64>,
+    /// lazysnap's `read_chunk_bytes` over pull and start: compressed bytes of the chunks the
+    /// container read (absent in results from before it was counted).
+    pub read_chunk_bytes: Option<u64>,
     /// Peak resident memory (VmHWM) at the end of the start, in KiB.
     pub lazysnap_hwm_kib: Option<u64>,
     pub containerd_hwm_kib: Option<u64>,
@@ -34,6 +37,13 @@ pub struct Sample {
 impl Sample {
     pub fn total_ms(&self) -> f64 {
         self.pull_ms + self.first_output_ms
+    }
+
+    /// Bytes fetched per compressed byte of the chunks read; `None` when nothing was read
+    /// or the run predates the counter.
+    pub fn fetch_amplification(&self) -> Option<f64> {
+        let read = self.read_chunk_bytes.filter(|r| *r > 0)?;
+        Some(self.fetched_bytes? as f64 / read as f64)
     }
 }
 
@@ -194,8 +204,9 @@ fn start(
         first_output_ms,
         run_exit_ms,
         link_bytes,
-        fetched_bytes: Some(after.0.saturating_sub(stats_before.0)).filter(|_| lazy),
-        demand_reads: Some(after.1.saturating_sub(stats_before.1)).filter(|_| lazy),
+        fetched_bytes: Some(after.fetched.saturating_sub(stats_before.fetched)).filter(|_| lazy),
+        demand_reads: Some(after.waits.saturating_sub(stats_before.waits)).filter(|_| lazy),
+        read_chunk_bytes: Some(after.read.saturating_sub(stats_before.read)).filter(|_| lazy),
         lazysnap_hwm_kib: hwm(b.stack.lazysnap.as_ref().and_then(|p| p.pid())),
         containerd_hwm_kib: hwm(b.stack.containerd.as_ref().and_then(|p| p.pid())),
         import_ms: None,
@@ -300,15 +311,26 @@ fn cli_json(b: &Bench, args: &[&str]) -> Result<serde_json::Value, String> {
     serde_json::from_str(&out).map_err(|e| format!("`lazysnap {args:?} --json`: {e}: {out}"))
 }
 
-/// lazysnap's cumulative (`fetched_bytes`, `demand_network_reads`) on the current node.
-fn stats(b: &Bench) -> Result<(u64, u64), String> {
+/// lazysnap's cumulative fetch figures on the current node.
+struct Fetched {
+    fetched: u64,
+    waits: u64,
+    read: u64,
+}
+
+fn stats(b: &Bench) -> Result<Fetched, String> {
     let json = cli_json(b, &["cache", "stats"])?;
     let field = |name: &str| {
         json[name]
             .as_u64()
             .ok_or_else(|| format!("`lazysnap cache stats --json` has no number {name:?}: {json}"))
     };
-    Ok((field("fetched_bytes")?, field("demand_network_reads")?))
+    Ok(Fetched {
+        fetched: field("fetched_bytes")?,
+        waits: field("demand_network_reads")?,
+        // A daemon from before the counter: amplification is not shown.
+        read: json["read_chunk_bytes"].as_u64().unwrap_or(0),
+    })
 }
 
 /// VmHWM (peak resident memory) of process `pid`, in KiB.

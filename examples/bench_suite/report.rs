@@ -28,6 +28,7 @@ pub fn write(args: &Args, rows: &[Row], setup: &Setup, elapsed: Duration) -> Pat
             "scenario": r.scenario.name(),
             "format": r.format.tag(),
             "error": r.error,
+            "median": summary(&r.samples),
             "samples": r.samples,
         })).collect::<Vec<_>>(),
     });
@@ -164,6 +165,19 @@ fn machine() -> String {
     )
 }
 
+/// The medians a row is judged by, for readers of results.json.
+fn summary(samples: &[Sample]) -> serde_json::Value {
+    let med = |v: Option<Vec<f64>>| v.filter(|v| !v.is_empty()).map(|v| median(&v));
+    serde_json::json!({
+        "pull_s": med(collect(samples, |x| Some(x.pull_ms / 1000.0))),
+        "first_output_s": med(collect(samples, |x| Some(x.first_output_ms / 1000.0))),
+        "total_s": med(collect(samples, |x| Some(x.total_ms() / 1000.0))),
+        "fetched_mib": med(collect(samples, |x| x.fetched_bytes.map(mib))),
+        "demand_reads": med(collect(samples, |x| x.demand_reads.map(|n| n as f64))),
+        "fetch_amplification": med(collect(samples, Sample::fetch_amplification)),
+    })
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -262,15 +276,19 @@ fn markdown(
 
     for image in image_names(rows) {
         let _ = writeln!(o, "## {image}\n");
-        let _ = writeln!(o, "| scenario | format | pull | first output | total | over the link | fetched by lazysnap | reads waiting on the network | lazysnap peak RSS | containerd peak RSS |");
+        let _ = writeln!(o, "| scenario | format | pull | first output | total | over the link | fetched by lazysnap | reads waiting on the network | fetch amplification | lazysnap peak RSS | containerd peak RSS |");
         let _ = writeln!(
             o,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for r in rows.iter().filter(|r| r.image == image) {
             let head = format!("| {} | {} |", r.scenario.label(), r.format.label());
             if let Some(e) = &r.error {
-                let _ = writeln!(o, "{head} failed: {} | | | | | | | |", e.replace('|', "/"));
+                let _ = writeln!(
+                    o,
+                    "{head} failed: {} | | | | | | | | |",
+                    e.replace('|', "/")
+                );
                 continue;
             }
             let s = &r.samples;
@@ -283,13 +301,14 @@ fn markdown(
             };
             let _ = writeln!(
                 o,
-                "{head} {} | {} | {} | {} MiB | {} | {} | {} | {} |",
+                "{head} {} | {} | {} | {} MiB | {} | {} | {} | {} | {} |",
                 seconds(&s.iter().map(|x| x.pull_ms).collect::<Vec<_>>()),
                 seconds(&s.iter().map(|x| x.first_output_ms).collect::<Vec<_>>()),
                 seconds(&s.iter().map(Sample::total_ms).collect::<Vec<_>>()),
                 spread(&s.iter().map(|x| mib(x.link_bytes)).collect::<Vec<_>>(), 1),
                 opt(collect(s, |x| x.fetched_bytes.map(mib)), 1, "MiB"),
                 opt(collect(s, |x| x.demand_reads.map(|n| n as f64)), 0, ""),
+                opt(collect(s, Sample::fetch_amplification), 2, ""),
                 opt(
                     collect(s, |x| x.lazysnap_hwm_kib.map(|k| k as f64 / 1024.0)),
                     0,

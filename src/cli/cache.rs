@@ -132,6 +132,17 @@ fn render_stats(s: &CacheStatsResponse) -> String {
         format!("{} in {} requests", hb(s.fetched_bytes), s.fetches),
     ]);
     t.row(["served".to_owned(), hb(s.served_bytes)]);
+    let amplification = if s.read_chunk_bytes == 0 {
+        "nothing read yet".to_owned()
+    } else {
+        format!(
+            "{:.2} ({} fetched for {} of chunks read)",
+            s.fetched_bytes as f64 / s.read_chunk_bytes as f64,
+            hb(s.fetched_bytes),
+            hb(s.read_chunk_bytes)
+        )
+    };
+    t.row(["fetch amplification".to_owned(), amplification]);
     t.row([
         "prefetched".to_owned(),
         format!(
@@ -395,7 +406,7 @@ mod tests {
         })
         .expect("serialize");
         let object = json.as_object().expect("object");
-        assert_eq!(object.len(), 17);
+        assert_eq!(object.len(), 18);
         assert_eq!(json["disk_chunks"], 0);
         assert_eq!(json["disk_used_bytes"], 123);
         assert_eq!(json["hit_ratio"], 0.5);

@@ -142,6 +142,12 @@ pub trait LayerFormat: Send + Sync {
     fn needs_whole_blob_check(&self) -> bool {
         false
     }
+    /// Where the layer's index lies in the blob, when `tail` (the blob's last bytes) says,
+    /// so that a layer resolved ahead has its whole index fetched in the background and its
+    /// Prepare makes no request. Only a hint: `resolve` verifies whatever it is given.
+    fn index_range(&self, _tail: &[u8], _blob_size: u64) -> Option<Range<u64>> {
+        None
+    }
 }
 
 /// The formats the daemon knows, in the order they are tried.

@@ -349,6 +349,10 @@ impl LayerFormat for Estargz {
     fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
         open_toc(resolved, &self.limits)
     }
+
+    fn index_range(&self, tail: &[u8], blob_size: u64) -> Option<std::ops::Range<u64>> {
+        toc_range(tail, blob_size, Compression::Gzip, &self.limits)
+    }
 }
 
 impl LayerFormat for ZstdChunked {
@@ -370,6 +374,22 @@ impl LayerFormat for ZstdChunked {
     fn open(&self, resolved: &Resolved) -> Result<Opened, FormatError> {
         open_toc(resolved, &self.limits)
     }
+
+    fn index_range(&self, tail: &[u8], blob_size: u64) -> Option<std::ops::Range<u64>> {
+        toc_range(tail, blob_size, Compression::Zstd, &self.limits)
+    }
+}
+
+/// The TOC's blob range from the footer in `tail`, if the footer is of `compression` and
+/// the TOC within the limits.
+fn toc_range(
+    tail: &[u8],
+    blob_size: u64,
+    compression: Compression,
+    limits: &Limits,
+) -> Option<std::ops::Range<u64>> {
+    let location = locate_toc(tail, blob_size, limits.max_toc_bytes).ok()?;
+    (location.compression == compression).then(|| location.offset..location.offset + location.len)
 }
 
 fn toc_digest<'a>(hints: &LayerHints<'a>) -> Result<&'a str, String> {

@@ -256,3 +256,31 @@ async fn a_toc_in_the_suffix_is_verified_against_the_label() {
         "{found:?}"
     );
 }
+
+#[test]
+fn the_index_range_is_the_footers_toc_for_its_own_format_only() {
+    let limits = Limits::default();
+    for (name, own, other) in [
+        (
+            "estargz",
+            &Estargz { limits } as &dyn LayerFormat,
+            &ZstdChunked { limits } as &dyn LayerFormat,
+        ),
+        (
+            "zstdchunked",
+            &ZstdChunked { limits } as &dyn LayerFormat,
+            &Estargz { limits } as &dyn LayerFormat,
+        ),
+    ] {
+        let f = fixture(name);
+        let size = f.blob.len() as u64;
+        let location = locate_toc(tail(&f.blob), size, MAXT).expect("footer");
+        assert_eq!(
+            own.index_range(tail(&f.blob), size),
+            Some(location.offset..location.offset + location.len),
+            "{name}"
+        );
+        assert_eq!(other.index_range(tail(&f.blob), size), None, "{name}");
+        assert_eq!(own.index_range(&[0u8; 64], size), None, "{name}: no footer");
+    }
+}

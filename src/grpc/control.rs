@@ -94,6 +94,7 @@ impl Control for ControlService {
             evicted_entries: s.store.evicted.entries,
             evicted_bytes: s.store.evicted.bytes,
             corrupt_entries: s.store.corrupt,
+            read_chunk_bytes: s.totals.read_chunk_bytes,
         }))
     }
 

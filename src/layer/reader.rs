@@ -83,6 +83,9 @@ pub struct LayerCounters {
     pub prefetch_used_bytes: AtomicU64,
     /// Unix milliseconds of the last read by a container.
     pub last_access_ms: AtomicU64,
+    /// Compressed bytes of the chunks containers read, each fetch unit once per layer: what
+    /// `fetched_bytes` is divided by for the fetch amplification.
+    pub read_chunk_bytes: AtomicU64,
 }
 
 /// Unix milliseconds now.
@@ -99,6 +102,16 @@ type Shared = Option<Result<Landed, ReadError>>;
 const MAX_GAP: u64 = 128 << 10;
 /// Range requests one read or prefetch batch has in flight at once.
 const RUNS_IN_FLIGHT: usize = 4;
+/// A missed chunk brings the rest of its file along when that rest is at most this many
+/// compressed bytes: executables, libraries and modules are read whole once opened, and a
+/// program's page faults hit its chunks one at a time (gcc's cc1, 12 MiB compressed, waited
+/// on eight of them in turn). Larger files are left to readahead, which follows what is
+/// actually read.
+const WHOLE_FILE_BYTES: u64 = 16 << 20;
+/// A miss in a directory of at most this many compressed bytes brings the directory's other
+/// files: small enough that fetching it whole costs less than a round trip or two at the
+/// link speeds lazy pulling is for.
+const SMALL_DIRECTORY_BYTES: u64 = 512 << 10;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
@@ -127,6 +140,13 @@ pub struct LayerReader {
     /// Woken whenever this reader stored chunks, for whoever waits for the layer to be
     /// complete.
     stored: tokio::sync::Notify,
+    /// The directory of each entry of `layout`, and each directory's entries with their
+    /// compressed bytes: a miss in a small directory brings the rest of it.
+    directories: Arc<[u64]>,
+    directory_members: HashMap<u64, (u64, Vec<u32>)>,
+    /// One bit per entry of `layout`: whether a container has read that fetch unit, so it
+    /// counts once in `read_chunk_bytes`. Atomic words keep the lock off the read path.
+    read_marks: Box<[AtomicU64]>,
 }
 
 impl LayerReader {
@@ -152,6 +172,9 @@ impl LayerReader {
             amplify: 0,
             verdict: Arc::default(),
             stored: tokio::sync::Notify::new(),
+            read_marks: Box::default(),
+            directories: Arc::from(Vec::new()),
+            directory_members: HashMap::new(),
         }
     }
 
@@ -171,27 +194,25 @@ impl LayerReader {
     }
 
     /// Makes a container's read that misses also fetch the uncached chunks that follow the
-    /// missed ones in the blob, up to `amplify` compressed bytes past each. A tar keeps a
-    /// directory's files together and programs read them together (an interpreter importing
-    /// its modules), so this trades a little bandwidth for many round trips. `layout` is
-    /// every chunk of the layer in blob order.
+    /// missed ones in the blob, up to `amplify` compressed bytes past each, and the rest of
+    /// the missed chunk's file when that rest is small (see [`WHOLE_FILE_BYTES`]). A tar keeps
+    /// a directory's files together and programs read them together (an interpreter importing
+    /// its modules), and a program or library opened is read whole; so this trades a little
+    /// bandwidth for round trips. `layout` is every chunk of the layer in blob order.
     pub fn with_neighbours(mut self, layout: Arc<[ChunkSpec]>, amplify: u64) -> Self {
+        self.read_marks = (0..layout.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         self.layout = layout;
         self.amplify = amplify;
         self
     }
 
-    /// Uncached, not-in-flight chunks right after the missing ones, within `amplify`; stops
-    /// at the first neighbour that is cached or in flight, so each stays one contiguous
-    /// range request. Chunks at the very same blob bytes as a missing one (the other files
-    /// of a gzip-index span) always come along: their bytes are fetched and inflated for it
-    /// anyway, and left behind they would each cost the whole span again.
-    fn neighbours<'a>(
-        &'a self,
-        wanted: &[&ChunkSpec],
-        missing: &[usize],
-        amplify: u64,
-    ) -> Vec<&'a ChunkSpec> {
+    /// Uncached, not-in-flight chunks at the very same blob bytes as the missing ones (the
+    /// other files of a gzip-index span): their bytes are fetched and inflated for the
+    /// missing ones anyway, and left behind they would each cost the whole span again. They
+    /// come along in the same request, whoever fetches.
+    fn siblings<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
         if self.layout.is_empty() {
             return Vec::new();
         }
@@ -200,9 +221,12 @@ impl LayerReader {
         let mut extra = Vec::new();
         for &i in missing {
             let unit = &wanted[i].blob_range;
-            let start = unit.start;
-            let first = self.layout.partition_point(|c| c.blob_range.start < start);
-            let mut at = self.layout.partition_point(|c| c.blob_range.start <= start);
+            let first = self
+                .layout
+                .partition_point(|c| c.blob_range.start < unit.start);
+            let at = self
+                .layout
+                .partition_point(|c| c.blob_range.start <= unit.start);
             for same in self.layout[first..at]
                 .iter()
                 .filter(|c| c.blob_range == *unit)
@@ -214,23 +238,149 @@ impl LayerReader {
                     extra.push(same);
                 }
             }
-            if amplify == 0 {
+        }
+        extra
+    }
+
+    /// Makes a miss in a directory of at most [`SMALL_DIRECTORY_BYTES`] (compressed) also
+    /// fetch the directory's other uncached files: the headers a compiler includes, the
+    /// modules of one package. `directories` names the directory of each chunk of the
+    /// layout given to [`Self::with_neighbours`] (0 for none).
+    pub fn with_directories(mut self, directories: Vec<u64>) -> Self {
+        let mut members: HashMap<u64, (u64, Vec<u32>)> = HashMap::new();
+        for (i, (dir, chunk)) in directories.iter().zip(self.layout.iter()).enumerate() {
+            if *dir == 0 {
                 continue;
             }
-            while let Some(next) = self.layout.get(at) {
-                if next.blob_range.end.saturating_sub(start) > amplify
+            let entry = members.entry(*dir).or_default();
+            entry.0 += chunk.blob_range.end.saturating_sub(chunk.blob_range.start);
+            entry.1.push(i as u32);
+        }
+        members.retain(|_, (bytes, _)| *bytes <= SMALL_DIRECTORY_BYTES);
+        self.directory_members = members;
+        self.directories = Arc::from(directories);
+        self
+    }
+
+    /// Counts the fetch units of `chunks` no container read before into `read_chunk_bytes`.
+    /// A unit is a blob range: pieces sharing one (a gzip-index span) count it once, since
+    /// it is fetched once. Without a layout nothing is counted.
+    fn note_read<'c>(&self, chunks: impl IntoIterator<Item = &'c ChunkSpec>) {
+        for chunk in chunks {
+            let start = chunk.blob_range.start;
+            let at = self.layout.partition_point(|c| c.blob_range.start < start);
+            if self.layout.get(at).map(|c| c.blob_range.start) != Some(start) {
+                continue;
+            }
+            let Some(word) = self.read_marks.get(at / 64) else {
+                continue;
+            };
+            let bit = 1u64 << (at % 64);
+            if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                self.counters.read_chunk_bytes.fetch_add(
+                    chunk.blob_range.end.saturating_sub(start),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    /// Uncached, not-in-flight chunks right after the missing ones: within `amplify`, or of
+    /// the same file when its rest is within [`WHOLE_FILE_BYTES`]. Stops at the first one
+    /// that is cached or in flight.
+    fn neighbours(&self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<ChunkSpec> {
+        if self.amplify == 0 || self.layout.is_empty() {
+            return Vec::new();
+        }
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken: HashSet<PieceId> = wanted.iter().map(|c| c.piece()).collect();
+        let mut extra = Vec::new();
+        for &i in missing {
+            let missed = wanted[i];
+            let start = missed.blob_range.start;
+            let first = self.layout.partition_point(|c| c.blob_range.start <= start);
+            // Stops at the cap: a huge file's chunks are not walked on every miss.
+            let mut rest_of_file = 0;
+            for c in self.layout[first..]
+                .iter()
+                .take_while(|c| c.file == missed.file)
+            {
+                rest_of_file = c.blob_range.end.saturating_sub(start);
+                if rest_of_file > WHOLE_FILE_BYTES {
+                    break;
+                }
+            }
+            let reach = if rest_of_file <= WHOLE_FILE_BYTES {
+                self.amplify.max(rest_of_file)
+            } else {
+                self.amplify
+            };
+            for next in &self.layout[first..] {
+                if next.blob_range.end.saturating_sub(start) > reach
                     || inflight.contains_key(&next.piece())
                     || self.store.is_ready(&self.blob_id, next)
                 {
                     break;
                 }
                 if taken.insert(next.piece()) {
-                    extra.push(next);
+                    extra.push(next.clone());
                 }
-                at += 1;
+            }
+            let at = self.layout.partition_point(|c| c.blob_range.start < start);
+            let piece = missed.piece();
+            let Some(dir) = self.layout[at..first.max(at)]
+                .iter()
+                .position(|c| c.piece() == piece)
+                .and_then(|k| self.directories.get(at + k))
+            else {
+                continue;
+            };
+            let Some((_, members)) = self.directory_members.get(dir) else {
+                continue;
+            };
+            for &m in members {
+                let Some(other) = self.layout.get(m as usize) else {
+                    continue;
+                };
+                // The missed chunk's span siblings come with the read itself (`siblings`).
+                if other.blob_range != missed.blob_range
+                    && !inflight.contains_key(&other.piece())
+                    && !self.store.is_ready(&self.blob_id, other)
+                    && taken.insert(other.piece())
+                {
+                    extra.push(other.clone());
+                }
             }
         }
+        extra.sort_by_key(|c| c.blob_range.start);
         extra
+    }
+
+    /// Fetches the neighbours of a container's missed chunks in a request of their own, on
+    /// the wire together with the read's: the reader waits for the bytes it asked for only,
+    /// not for the neighbours' transfer and decoding. Claimed before this returns, so a read
+    /// of a neighbour meanwhile waits for this fetch instead of starting another.
+    fn fetch_neighbours(self: &Arc<Self>, wanted: &[&ChunkSpec], missing: &[usize]) {
+        let extra = self.neighbours(wanted, missing);
+        if extra.is_empty() {
+            return;
+        }
+        let refs: Vec<&ChunkSpec> = extra.iter().collect();
+        let all: Vec<usize> = (0..refs.len()).collect();
+        let (claim, _theirs) = self.claim(&refs, &all);
+        let pending = claim.into_senders();
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let refs: Vec<&ChunkSpec> = extra.iter().collect();
+            let mut out = vec![None; refs.len()];
+            let claim = Claim {
+                reader: &me,
+                senders: pending,
+            };
+            if let Err(e) = me.fetch_claimed(&refs, claim, &mut out, 0, 0).await {
+                tracing::debug!(error = %crate::error_chain(&e), "fetching a read's neighbours failed");
+            }
+        });
     }
 
     /// The blob the store scopes this layer's bytes to.
@@ -245,7 +395,11 @@ impl LayerReader {
     /// Returns bytes `range` of a file whose chunks (in file order) are `chunks`; shorter at
     /// the end of the file. Ready chunks are read from the store (just the part wanted); the
     /// rest are fetched, verified and stored first.
-    pub async fn read(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Result<Bytes, ReadError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        chunks: &[ChunkSpec],
+        range: Range<u64>,
+    ) -> Result<Bytes, ReadError> {
         if let Some(refused) = self.verdict.refusal() {
             return Err(refused);
         }
@@ -280,13 +434,24 @@ impl LayerReader {
         }
         // A chunk stored by this fetch can be evicted before it is read (a budget smaller
         // than what is in flight): fetch it again, a few times at most.
-        for _attempt in 0..3 {
+        for attempt in 0..3 {
             let missing: Vec<usize> = (0..wanted.len()).filter(|i| parts[*i].is_none()).collect();
             if missing.is_empty() {
                 break;
             }
+            if attempt == 0 {
+                self.fetch_neighbours(&wanted, &missing);
+            }
             let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
+            let waited = std::time::Instant::now();
             let landed = self.load(&specs, Priority::Demand).await?;
+            tracing::debug!(
+                file_offset = range.start,
+                bytes = range.end - range.start,
+                chunks = specs.len(),
+                ms = waited.elapsed().as_millis() as u64,
+                "a container's read waited on the registry"
+            );
             for (i, landed) in missing.into_iter().zip(landed) {
                 let chunk = wanted[i];
                 let part = chunk.part_of(&range);
@@ -347,6 +512,7 @@ impl LayerReader {
     /// Counts a read served.
     fn served(&self, chunks: &[&ChunkSpec], len: usize) {
         self.note_prefetch_use(chunks);
+        self.note_read(chunks.iter().copied());
         self.counters
             .last_access_ms
             .store(unix_ms(), Ordering::Relaxed);
@@ -389,6 +555,8 @@ impl LayerReader {
         let file = self.store.backing_file(&self.blob_id, chunks)?;
         let all: Vec<&ChunkSpec> = chunks.iter().collect();
         self.note_prefetch_use(&all);
+        // Its reads never reach us: the open proves its start was wanted, no more.
+        self.note_read(chunks.first());
         self.counters
             .last_access_ms
             .store(unix_ms(), Ordering::Relaxed);
@@ -424,31 +592,23 @@ impl LayerReader {
         let mut out: Vec<Option<Landed>> = vec![None; chunks.len()];
         let wanted = chunks.len();
         let mut _demand = None;
-        let mut with_neighbours;
-        let mut chunks = chunks;
         if priority == Priority::Demand && !chunks.is_empty() {
             self.counters
                 .demand_network_reads
                 .fetch_add(1, Ordering::Relaxed);
             _demand = Some(self.fetches.demand());
         }
-        if !chunks.is_empty() {
-            // Only a container's read widens to the following chunks; any fetch takes along
-            // the chunks at its very bytes (see `neighbours`).
-            let amplify = if priority == Priority::Demand {
-                self.amplify
-            } else {
-                0
-            };
-            let missing: Vec<usize> = (0..wanted).filter(|i| out[*i].is_none()).collect();
-            let extra = self.neighbours(chunks, &missing, amplify);
-            if !extra.is_empty() {
-                with_neighbours = chunks.to_vec();
-                with_neighbours.extend(extra);
-                out.resize(with_neighbours.len(), None);
-                chunks = &with_neighbours;
-            }
-        }
+        // Any fetch takes along the chunks at its very bytes (see `siblings`).
+        let missing: Vec<usize> = (0..wanted).collect();
+        let extra = self.siblings(chunks, &missing);
+        let with_siblings: Vec<&ChunkSpec>;
+        let chunks = if extra.is_empty() {
+            chunks
+        } else {
+            with_siblings = chunks.iter().copied().chain(extra).collect();
+            out.resize(with_siblings.len(), None);
+            &with_siblings[..]
+        };
         // What a container did not ask for is speculative, and counts as prefetch.
         let first_speculative = if priority == Priority::Demand {
             wanted
@@ -656,6 +816,15 @@ impl LayerReader {
         let result = self.blob.read_range(range.clone()).await;
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
+        tracing::debug!(
+            start = range.start,
+            bytes = range.end - range.start,
+            chunks = run.len(),
+            speculative = run.iter().filter(|(i, _)| *i >= first_speculative).count(),
+            ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "fetched a run of chunks"
+        );
         let blob = result?;
         self.counters
             .fetched_bytes
@@ -1020,6 +1189,14 @@ struct Claim<'a> {
     senders: Vec<(usize, watch::Sender<Shared>)>,
 }
 
+impl Claim<'_> {
+    /// The promises, for a fetch that outlives this borrow of the reader; the chunks stay
+    /// in flight until each is answered.
+    fn into_senders(mut self) -> Vec<(usize, watch::Sender<Shared>)> {
+        std::mem::take(&mut self.senders)
+    }
+}
+
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let mut inflight = self
@@ -1046,7 +1223,7 @@ mod tests {
         blob: Arc<FixtureBlob>,
         decoder: Arc<dyn ChunkDecoder>,
         cache: Arc<LocalStore>,
-        reader: LayerReader,
+        reader: Arc<LayerReader>,
     }
 
     async fn setup(corrupt: bool, fail: bool) -> Setup {
@@ -1060,13 +1237,13 @@ mod tests {
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Arc::new(LocalStore::open(dir.path(), 0).expect("cache"));
-        let reader = LayerReader::new(
+        let reader = Arc::new(LayerReader::new(
             blob.clone(),
             BlobId::new("sha256:fixture", None),
             opened.decoder.clone(),
             cache.clone(),
             Arc::new(Fetches::new(2)),
-        );
+        ));
         Setup {
             _dir: dir,
             index: opened.index,
@@ -1162,49 +1339,167 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_miss_brings_its_uncached_neighbours_in_the_same_request() {
+    async fn a_miss_brings_the_rest_of_its_small_file_in_a_request_of_its_own() {
         let s = setup(false, false).await;
         let layout = s.index.chunks_in_blob_order();
         let (ino, size) = file(&s, "dir/multi-chunk.txt");
         let chunks = s.index.chunks_for(ino, 0, size).to_vec();
-        let reach = chunks[2].blob_range.end - chunks[0].blob_range.start;
+        assert!(chunks.len() > 2, "fixture has a file of several chunks");
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = LayerReader::new(
-            s.blob.clone(),
-            BlobId::new("sha256:fixture", None),
-            s.decoder.clone(),
-            Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
-            Arc::new(Fetches::new(2)),
-        )
-        .with_neighbours(Arc::from(layout), reach);
+        // The smallest reach: only the rest of the file comes along.
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout), 1),
+        );
         let expected = expected_multi_chunk();
         let first = reader.read(&chunks, 0..10).await.expect("read");
         assert_eq!(first.as_ref(), &expected[..10]);
-        assert_eq!(s.blob.requests.load(Ordering::SeqCst), 1);
-        let c = reader.counters();
-        assert_eq!(
-            c.prefetch_bytes.load(Ordering::Relaxed),
-            chunks[1].len + chunks[2].len,
-            "the two following chunks came along, counted as prefetch"
-        );
-        let end = chunks[2].file_offset + chunks[2].len;
-        let rest = reader
-            .read(&chunks, chunks[1].file_offset..end)
+        let landed = async {
+            while !reader.is_cached(&chunks) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
             .await
-            .expect("read");
-        assert_eq!(
-            rest.as_ref(),
-            &expected[chunks[1].file_offset as usize..end as usize]
-        );
+            .expect("the rest of the file lands");
         assert_eq!(
             s.blob.requests.load(Ordering::SeqCst),
-            1,
-            "no second request"
+            2,
+            "the read's chunk, and the rest of the file beside it"
+        );
+        let c = reader.counters();
+        let rest: u64 = chunks[1..].iter().map(|c| c.len).sum();
+        assert_eq!(
+            c.prefetch_bytes.load(Ordering::Relaxed),
+            rest,
+            "the rest of the file counts as prefetch"
+        );
+        let all = reader.read(&chunks, 0..size).await.expect("read");
+        assert_eq!(all.as_ref(), expected.as_slice());
+        assert_eq!(
+            s.blob.requests.load(Ordering::SeqCst),
+            2,
+            "no third request"
         );
         assert_eq!(c.demand_network_reads.load(Ordering::Relaxed), 1);
+        assert_eq!(c.prefetch_used_bytes.load(Ordering::Relaxed), rest);
+        let compressed: u64 = chunks
+            .iter()
+            .map(|c| c.blob_range.end - c.blob_range.start)
+            .sum();
         assert_eq!(
-            c.prefetch_used_bytes.load(Ordering::Relaxed),
-            chunks[1].len + chunks[2].len
+            c.read_chunk_bytes.load(Ordering::Relaxed),
+            compressed,
+            "each chunk read counts its compressed bytes"
+        );
+        reader.read(&chunks, 0..size).await.expect("read again");
+        assert_eq!(
+            c.read_chunk_bytes.load(Ordering::Relaxed),
+            compressed,
+            "a chunk read again counts once"
+        );
+        assert_eq!(
+            c.fetched_bytes.load(Ordering::Relaxed),
+            compressed,
+            "fetched exactly what was read: amplification 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_brings_the_next_files_within_reach() {
+        let s = setup(false, false).await;
+        let layout: Vec<ChunkSpec> = s.index.chunks_in_blob_order();
+        // The last chunk of a file that another file follows in the blob.
+        let at = layout
+            .windows(2)
+            .position(|w| w[0].file != w[1].file)
+            .expect("the fixture has several files");
+        let (last, next) = (layout[at].clone(), layout[at + 1].clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reach = next.blob_range.end - last.blob_range.start;
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout), reach),
+        );
+        let from = last.file_offset;
+        reader
+            .read(std::slice::from_ref(&last), from..from + 1)
+            .await
+            .expect("read");
+        let landed = async {
+            while !reader.is_cached(std::slice::from_ref(&next)) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
+            .await
+            .expect("the next file's chunk lands");
+        assert_eq!(
+            reader.counters().prefetch_bytes.load(Ordering::Relaxed),
+            next.len,
+            "the chunk after the file, within reach, and nothing more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_miss_in_a_small_directory_brings_its_other_files() {
+        let s = setup(false, false).await;
+        let layout: Vec<ChunkSpec> = s.index.chunks_in_blob_order();
+        let dirs = s.index.directories_of(&layout);
+        // A file of one chunk in a directory that holds other files too.
+        let (miss, dir) = (0..layout.len())
+            .filter(|&i| dirs[i] != 0)
+            .filter(|&i| layout.iter().filter(|c| c.file == layout[i].file).count() == 1)
+            .find(|&i| {
+                (0..layout.len()).any(|j| dirs[j] == dirs[i] && layout[j].file != layout[i].file)
+            })
+            .map(|i| (layout[i].clone(), dirs[i]))
+            .expect("the fixture has a directory of several files");
+        let others: Vec<ChunkSpec> = (0..layout.len())
+            .filter(|&j| dirs[j] == dir && layout[j].piece() != miss.piece())
+            .map(|j| layout[j].clone())
+            .collect();
+        let dir_path = tempfile::tempdir().expect("tempdir");
+        let reader = Arc::new(
+            LayerReader::new(
+                s.blob.clone(),
+                BlobId::new("sha256:fixture", None),
+                s.decoder.clone(),
+                Arc::new(LocalStore::open(dir_path.path(), 0).expect("cache")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout.clone()), 1)
+            .with_directories(dirs),
+        );
+        let from = miss.file_offset;
+        reader
+            .read(std::slice::from_ref(&miss), from..from + 1)
+            .await
+            .expect("read");
+        let landed = async {
+            while !reader.is_cached(&others) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
+            .await
+            .expect("the directory's other files land");
+        assert_eq!(
+            reader.counters().prefetch_bytes.load(Ordering::Relaxed),
+            others.iter().map(|c| c.len).sum::<u64>(),
+            "the directory's other files, and nothing else"
         );
     }
 
@@ -1225,13 +1520,13 @@ mod tests {
             delay: std::time::Duration::ZERO,
         });
         let other = |blob: Arc<FixtureBlob>, id: &str| {
-            LayerReader::new(
+            Arc::new(LayerReader::new(
                 blob,
                 BlobId::new(id, None),
                 s.decoder.clone(),
                 s.cache.clone(),
                 Arc::new(Fetches::new(2)),
-            )
+            ))
         };
         let attacker = other(lying.clone(), "sha256:attacker");
         assert!(!attacker.is_cached(&chunks));
@@ -1296,7 +1591,7 @@ mod tests {
             decodes: AtomicUsize::new(0),
         });
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = LayerReader::new(
+        let reader = Arc::new(LayerReader::new(
             Arc::new(FixtureBlob {
                 blob: blob.clone(),
                 ..FixtureBlob::default()
@@ -1305,7 +1600,7 @@ mod tests {
             counting.clone(),
             Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
             Arc::new(Fetches::new(2)),
-        );
+        ));
         assert_eq!(layout.len(), files.len(), "one piece per file");
         reader
             .warm(&layout, Priority::Prefetch)
@@ -1339,14 +1634,16 @@ mod tests {
             ..FixtureBlob::default()
         });
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = LayerReader::new(
-            served.clone(),
-            BlobId::new(&digest, None),
-            counting.clone(),
-            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
-            Arc::new(Fetches::new(2)),
-        )
-        .with_neighbours(Arc::from(layout.clone()), 1);
+        let reader = Arc::new(
+            LayerReader::new(
+                served.clone(),
+                BlobId::new(&digest, None),
+                counting.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_neighbours(Arc::from(layout.clone()), 1),
+        );
         let ino = opened.index.resolve(&files[7].0).expect("file");
         let got = reader
             .read(opened.index.chunks_for(ino, 0, 10), 0..10)

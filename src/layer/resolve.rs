@@ -7,8 +7,10 @@
 //! Resolving ahead: the first Prepare of an image's layer names all the image's layers; their
 //! suffixes are fetched in the background ([`Resolver::resolve_ahead`]), so that each layer's
 //! own Prepare finds its bytes there (or waits for the request already under way) instead of
-//! paying a round trip. Only raw bytes are kept, never a verdict: the layer's own Prepare
-//! verifies the index in them against the TOC digest of its own labels, as ever.
+//! paying a round trip. When a suffix's footer places the index before the suffix (a TOC of
+//! a few hundred KiB), the rest of the index is fetched ahead too. Only raw bytes are kept,
+//! never a verdict: the layer's own Prepare verifies the index in them against the TOC digest
+//! of its own labels, as ever.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -35,6 +37,9 @@ const AHEAD_FOR: Duration = Duration::from_secs(120);
 const MAX_AHEAD: usize = 64;
 /// At most this many requests ahead at once.
 const AHEAD_CONCURRENCY: usize = 4;
+/// The most of a layer's index, beyond its suffix, fetched ahead with it (so at most
+/// [`MAX_AHEAD`] times this more memory); a bigger index is left to the layer's Prepare.
+const AHEAD_INDEX_BYTES: u64 = 1 << 20;
 
 /// A blob's size and last bytes, or `None` when fetching them failed.
 type Suffix = Option<(u64, Bytes)>;
@@ -140,10 +145,56 @@ impl Resolver {
             .read_suffix(reference, digest, SUFFIX_BYTES)
             .await
         {
-            Ok(suffix) => Some(suffix),
+            Ok((size, tail)) => Some(self.with_index(reference, digest, size, tail).await),
             Err(e) => {
                 tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's suffix ahead failed; its Prepare fetches it again");
                 None
+            }
+        }
+    }
+
+    /// The suffix extended back to the start of the layer's index, when a footer in it says
+    /// the index begins earlier: typical layers' TOCs are a few hundred KiB, and fetching the
+    /// rest here, in the background, spares the layer's Prepare its second round trip. The
+    /// footer is not trusted: the Prepare verifies whatever index it finds in the bytes.
+    async fn with_index(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+        tail: Bytes,
+    ) -> (u64, Bytes) {
+        let tail_offset = size.saturating_sub(tail.len() as u64);
+        let start = self
+            .formats
+            .iter()
+            .filter_map(|f| f.index_range(&tail, size))
+            .map(|r| r.start)
+            .min();
+        let Some(start) =
+            start.filter(|s| *s < tail_offset && tail_offset - *s <= AHEAD_INDEX_BYTES)
+        else {
+            return (size, tail);
+        };
+        match self
+            .registry
+            .read_range(reference, digest, start..tail_offset)
+            .await
+        {
+            Ok(head) if head.len() as u64 == tail_offset - start => {
+                tracing::debug!(layer = %digest, bytes = head.len(), "fetched the layer's index ahead");
+                let mut whole = bytes::BytesMut::with_capacity(head.len() + tail.len());
+                whole.extend_from_slice(&head);
+                whole.extend_from_slice(&tail);
+                (size, whole.freeze())
+            }
+            Ok(head) => {
+                tracing::debug!(layer = %digest, got = head.len(), wanted = tail_offset - start, "the registry sent a short index range ahead; the Prepare fetches the index itself");
+                (size, tail)
+            }
+            Err(e) => {
+                tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's index ahead failed; its Prepare fetches it itself");
+                (size, tail)
             }
         }
     }

@@ -79,7 +79,7 @@ struct Setup {
     layout: Vec<ChunkSpec>,
     blob: Arc<FixtureBlob>,
     store: Arc<LocalStore>,
-    reader: LayerReader,
+    reader: Arc<LayerReader>,
     verdict: Arc<VerdictCell>,
 }
 
@@ -94,14 +94,16 @@ fn setup(indexed: &[u8], digest: &str, served: Vec<u8>) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(LocalStore::open(dir.path(), 0).expect("store"));
     let verdict = Arc::new(VerdictCell::new(true, None));
-    let reader = LayerReader::new(
-        blob.clone(),
-        BlobId::new(digest, None),
-        opened.decoder,
-        store.clone(),
-        Arc::new(Fetches::new(2)),
-    )
-    .with_verdict(verdict.clone());
+    let reader = Arc::new(
+        LayerReader::new(
+            blob.clone(),
+            BlobId::new(digest, None),
+            opened.decoder,
+            store.clone(),
+            Arc::new(Fetches::new(2)),
+        )
+        .with_verdict(verdict.clone()),
+    );
     let layout = opened.index.chunks_in_blob_order();
     Setup {
         _dir: dir,

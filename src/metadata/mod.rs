@@ -184,6 +184,29 @@ impl LayerIndex {
         out
     }
 
+    /// The directory (its inode) holding the file of each chunk of `layout`; 0 for a chunk
+    /// no directory lists. A hard-linked file counts in the first directory listing it.
+    pub fn directories_of(&self, layout: &[ChunkSpec]) -> Vec<u64> {
+        let mut dir_of: HashMap<crate::chunk::PieceId, u64> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.kind != NodeKind::Dir {
+                continue;
+            }
+            for (_, child) in &node.children {
+                let Some(file) = self.node(*child).filter(|n| n.kind == NodeKind::File) else {
+                    continue;
+                };
+                for chunk in &file.chunks {
+                    dir_of.entry(chunk.piece()).or_insert(i as u64 + 1);
+                }
+            }
+        }
+        layout
+            .iter()
+            .map(|c| dir_of.get(&c.piece()).copied().unwrap_or(0))
+            .collect()
+    }
+
     pub fn node(&self, ino: u64) -> Option<&Node> {
         ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
     }

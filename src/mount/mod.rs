@@ -188,7 +188,9 @@ impl LazyLayers {
         held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
         let digest = &state.source.digest;
+        let opening = std::time::Instant::now();
         let opened = layer::open(self.resolver.formats(), state)?;
+        let open_ms = opening.elapsed().as_millis() as u64;
         let mut index = opened.index;
         let adopted = lower::adopt_lower_attrs(&mut index, lower);
         if adopted > 0 {
@@ -218,6 +220,7 @@ impl LazyLayers {
             tracing::warn!(layer = %digest, expected = %expected, got = %got, "layer was found bad before: its reads fail with EIO");
         }
         let layout: Arc<[crate::chunk::ChunkSpec]> = Arc::from(index.chunks_in_blob_order());
+        let directories = index.directories_of(&layout);
         let reader = Arc::new(
             LayerReader::new(
                 self.resolver.blob(&state.source)?,
@@ -227,6 +230,7 @@ impl LazyLayers {
                 self.fetches.clone(),
             )
             .with_neighbours(layout.clone(), prefetch.amplify_bytes)
+            .with_directories(directories)
             .with_verdict(verdict.clone()),
         );
         let recorder = (!prefetch.trace_window.is_zero()).then(|| {
@@ -288,9 +292,18 @@ impl LazyLayers {
                 },
             })?
             .dev();
+        let mounted_ms = opening.elapsed().as_millis() as u64;
         if !taken_over {
             widen_readahead(dev);
         }
+        // A Prepare waits for all of this: which part holds up a pull.
+        tracing::debug!(
+            layer = %digest,
+            open_ms,
+            fuse_ms = mounted_ms.saturating_sub(open_ms),
+            widen_ms = (opening.elapsed().as_millis() as u64).saturating_sub(mounted_ms),
+            "mounted"
+        );
         let activity = Arc::new(ActivityCell::default());
         {
             let mut set = tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -471,20 +484,33 @@ impl RemoteFs for LazyLayers {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let resolved = self
             .runtime
             .block_on(self.resolver.resolve(&source, labels));
+        let resolve_ms = started.elapsed().as_millis() as u64;
         // After this layer's own request, not before: by now the client knows how the registry
         // authenticates, so the requests ahead go out with credentials instead of each being
         // challenged in parallel.
         self.resolve_others_ahead(&source, labels);
         let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
+        let saving = std::time::Instant::now();
         self.save_state(&state).map_err(remote_error)?;
+        let save_ms = saving.elapsed().as_millis() as u64;
+        let mounting = std::time::Instant::now();
         if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
+        // Where a Prepare's time goes, for finding what holds up a pull.
+        tracing::debug!(
+            layer = %state.source.digest,
+            resolve_ms,
+            save_ms,
+            mount_ms = mounting.elapsed().as_millis() as u64,
+            "lazy layer ready"
+        );
         serde_json::to_value(layer::SavedState::of(&state))
             .map_err(|e| RemoteError::Failed(Box::new(e)))
     }

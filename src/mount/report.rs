@@ -34,6 +34,7 @@ fn add(totals: &mut Totals, c: &LayerCounters) {
     totals.prefetch_bytes += get(&c.prefetch_bytes);
     totals.prefetch_used_bytes += get(&c.prefetch_used_bytes);
     totals.demand_network_reads += get(&c.demand_network_reads);
+    totals.read_chunk_bytes += get(&c.read_chunk_bytes);
 }
 
 impl LazyLayers {
@@ -48,6 +49,7 @@ impl LazyLayers {
             chunk_hits = get(&c.chunk_hits),
             chunk_misses = get(&c.chunk_misses),
             demand_network_reads = get(&c.demand_network_reads),
+            read_chunk_bytes = get(&c.read_chunk_bytes),
             prefetch_bytes = get(&c.prefetch_bytes),
             prefetch_used_bytes = get(&c.prefetch_used_bytes),
             "unmounting lazy layer"
