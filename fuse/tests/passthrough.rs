@@ -4,10 +4,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,9 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::{pattern, Mounted};
-use lazysnap_fuse::{
-    Attr, DirEntry, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError,
-};
+use lazysnap_fuse::{Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError};
 use nix::mount::{umount2, MntFlags, MsFlags};
 
 const LEN: usize = 2 << 20;
@@ -33,34 +29,7 @@ struct Cached {
 }
 
 impl LayerSource for Cached {
-    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
-        self.inner.lookup(parent, name)
-    }
-
-    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
-        self.inner.getattr(ino)
-    }
-
-    fn readdir(
-        &self,
-        dir: Ino,
-        offset: u64,
-        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        self.inner.readdir(dir, offset, add)
-    }
-
-    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
-        self.inner.readlink(ino)
-    }
-
-    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
-        self.inner.listxattr(ino)
-    }
-
-    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
-        self.inner.getxattr(ino, name)
-    }
+    crate::delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);
 
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);

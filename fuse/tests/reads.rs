@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
-use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{pattern, wait_until, Mounted};
-use lazysnap_fuse::{
-    Attr, DirEntry, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError,
-};
+use lazysnap_fuse::{Attr, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError};
 
 const DEADLINE: Duration = Duration::from_secs(1);
 
@@ -70,37 +67,14 @@ impl Scripted {
 }
 
 impl LayerSource for Scripted {
+    crate::delegate_to_inner!(getattr, readdir, readlink, listxattr, getxattr);
+
     fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
         self.lookups
             .lock()
             .expect("lookup log")
             .push(name.to_owned());
         self.inner.lookup(parent, name)
-    }
-
-    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
-        self.inner.getattr(ino)
-    }
-
-    fn readdir(
-        &self,
-        dir: Ino,
-        offset: u64,
-        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        self.inner.readdir(dir, offset, add)
-    }
-
-    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
-        self.inner.readlink(ino)
-    }
-
-    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
-        self.inner.listxattr(ino)
-    }
-
-    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
-        self.inner.getxattr(ino, name)
     }
 
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
@@ -383,30 +357,8 @@ struct HalfLocal {
 
 impl LayerSource for HalfLocal {
     const READS_LOCALLY: bool = true;
+    crate::delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);
 
-    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
-        self.inner.lookup(parent, name)
-    }
-    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
-        self.inner.getattr(ino)
-    }
-    fn readdir(
-        &self,
-        dir: Ino,
-        offset: u64,
-        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        self.inner.readdir(dir, offset, add)
-    }
-    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
-        self.inner.readlink(ino)
-    }
-    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
-        self.inner.listxattr(ino)
-    }
-    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
-        self.inner.getxattr(ino, name)
-    }
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         self.remote.fetch_add(1, Ordering::SeqCst);
         self.inner.read(ino, offset, len).await

@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::ops::ControlFlow;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -21,8 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{mounts_at, pattern, require_root};
 use lazysnap_fuse::{
-    detach_mount, mount, take_over, Attr, DirEntry, InitParams, Ino, LayerSource, MemorySource,
-    Meta, MountOptions, SourceError,
+    detach_mount, mount, take_over, InitParams, Ino, LayerSource, MemorySource, Meta, MountOptions,
+    SourceError,
 };
 
 const CHILD_ENV: &str = "LAZYSNAP_FUSE_TEST_TAKEOVER_CHILD";
@@ -60,29 +58,8 @@ impl Stalling {
 }
 
 impl LayerSource for Stalling {
-    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
-        self.inner.lookup(parent, name)
-    }
-    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
-        self.inner.getattr(ino)
-    }
-    fn readdir(
-        &self,
-        dir: Ino,
-        offset: u64,
-        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        self.inner.readdir(dir, offset, add)
-    }
-    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
-        self.inner.readlink(ino)
-    }
-    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
-        self.inner.listxattr(ino)
-    }
-    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
-        self.inner.getxattr(ino, name)
-    }
+    crate::delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);
+
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         if Some(ino) == self.stalled {

@@ -215,3 +215,63 @@ pub fn pattern(len: usize) -> Vec<u8> {
         .map(|i| (i.wrapping_mul(0x9E37_79B9).rotate_right(13) ^ (i >> 8)) as u8)
         .collect()
 }
+
+/// Implements the named [`LayerSource`] metadata methods by handing them to `self.inner` (a
+/// [`lazysnap_fuse::MemorySource`]): test sources differ from it in how they read, and write
+/// only that. `delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);`
+#[macro_export]
+macro_rules! delegate_to_inner {
+    ($($method:ident),* $(,)?) => { $( $crate::delegate_to_inner!(@one $method); )* };
+    (@one lookup) => {
+        fn lookup(
+            &self,
+            parent: ::lazysnap_fuse::Ino,
+            name: &::std::ffi::OsStr,
+        ) -> Result<::lazysnap_fuse::Attr, ::lazysnap_fuse::SourceError> {
+            self.inner.lookup(parent, name)
+        }
+    };
+    (@one getattr) => {
+        fn getattr(
+            &self,
+            ino: ::lazysnap_fuse::Ino,
+        ) -> Result<::lazysnap_fuse::Attr, ::lazysnap_fuse::SourceError> {
+            self.inner.getattr(ino)
+        }
+    };
+    (@one readdir) => {
+        fn readdir(
+            &self,
+            dir: ::lazysnap_fuse::Ino,
+            offset: u64,
+            add: &mut dyn FnMut(::lazysnap_fuse::DirEntry<'_>) -> ::std::ops::ControlFlow<()>,
+        ) -> Result<(), ::lazysnap_fuse::SourceError> {
+            self.inner.readdir(dir, offset, add)
+        }
+    };
+    (@one readlink) => {
+        fn readlink(
+            &self,
+            ino: ::lazysnap_fuse::Ino,
+        ) -> Result<::std::ffi::OsString, ::lazysnap_fuse::SourceError> {
+            self.inner.readlink(ino)
+        }
+    };
+    (@one listxattr) => {
+        fn listxattr(
+            &self,
+            ino: ::lazysnap_fuse::Ino,
+        ) -> Result<Vec<::std::ffi::OsString>, ::lazysnap_fuse::SourceError> {
+            self.inner.listxattr(ino)
+        }
+    };
+    (@one getxattr) => {
+        fn getxattr(
+            &self,
+            ino: ::lazysnap_fuse::Ino,
+            name: &::std::ffi::OsStr,
+        ) -> Result<::bytes::Bytes, ::lazysnap_fuse::SourceError> {
+            self.inner.getxattr(ino, name)
+        }
+    };
+}
