@@ -91,8 +91,9 @@ impl Backings {
         let read = journal.map(|path| (path, Journal::read(path)));
         let (inherited, known) = match read {
             Some((_, Ok(Some(inherited)))) => (inherited, true),
-            // No journal: the previous server never passed anything through, or had no
-            // journal configured. Only the first is safe to pass through after.
+            // No journal: the previous server had passthrough off, or no journal. Either
+            // way which inodes it held open through the page cache is unknown, and a
+            // passthrough open of one of them would be refused.
             Some((_, Ok(None))) | None => (HashMap::new(), false),
             Some((path, Err(err))) => {
                 warn!(journal = %path.display(), error = %err, "cannot read the passthrough journal; this mount serves every open through the page cache until it is mounted again");
