@@ -184,7 +184,23 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     );
 
     // A restarted daemon mounts the layers again from their saved state and index, without
-    // asking the registry.
+    // asking the registry. A layer the reads above completed gets its whole-blob check about
+    // a second after they pause, over the registry; killed before it ends, the next daemon
+    // would rightly run it again. So the kill waits for the registry to stay quiet.
+    let mut quiet_since = (stack.registry_requests(), std::time::Instant::now());
+    let waiting = std::time::Instant::now();
+    while quiet_since.1.elapsed() < std::time::Duration::from_secs(3) {
+        assert!(
+            waiting.elapsed() < std::time::Duration::from_secs(60),
+            "the registry never went quiet:\n{}",
+            stack.lazysnap_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = stack.registry_requests();
+        if now != quiet_since.0 {
+            quiet_since = (now, std::time::Instant::now());
+        }
+    }
     stack.kill_lazysnap();
     let requests = stack.registry_requests();
     stack.start_lazysnap();
