@@ -118,14 +118,9 @@ pub async fn open_fixture(name: &str) -> (Arc<FixtureBlob>, Opened) {
     (blob, opened)
 }
 
-/// A gzip tar of `files` indexed with resume points every `span` bytes, opened as a
-/// gzip-index layer: (blob, layer digest, opened layer).
-pub fn gzip_index_layer(
-    files: &[(String, Vec<u8>)],
-    span: u64,
-) -> (Vec<u8>, String, crate::format::Opened) {
-    use crate::format::gzip_index::{build::build, GzipIndexFormat};
-    use crate::format::{LayerFormat, Resolved};
+/// A gzip tar of `files` (regular files owned by root, mode 0644, mtime 0) at `level`, and
+/// its digest.
+pub fn gzip_tar(files: &[(String, Vec<u8>)], level: flate2::Compression) -> (Vec<u8>, String) {
     use sha2::{Digest as _, Sha256};
     use std::io::Write as _;
     let mut tar = tar::Builder::new(Vec::new());
@@ -138,10 +133,23 @@ pub fn gzip_index_layer(
         h.set_size(data.len() as u64);
         tar.append_data(&mut h, name, &data[..]).expect("file");
     }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), level);
     gz.write_all(&tar.into_inner().expect("tar")).expect("gzip");
     let blob = gz.finish().expect("gzip");
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+    (blob, digest)
+}
+
+/// A gzip tar of `files` indexed with resume points every `span` bytes, opened as a
+/// gzip-index layer: (blob, layer digest, opened layer).
+pub fn gzip_index_layer(
+    files: &[(String, Vec<u8>)],
+    span: u64,
+) -> (Vec<u8>, String, crate::format::Opened) {
+    use crate::format::gzip_index::{build::build, GzipIndexFormat};
+    use crate::format::{LayerFormat, Resolved};
+    use sha2::{Digest as _, Sha256};
+    let (blob, digest) = gzip_tar(files, flate2::Compression::default());
     let index = build(
         &digest,
         blob.len() as u64,

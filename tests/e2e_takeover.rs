@@ -31,9 +31,11 @@ const INFLIGHT_LEN: usize = 4 << 20;
 const INFLIGHT_AT: u64 = 3 << 20;
 const CONTAINER: &str = "reader";
 
-/// Reads and checksums every file, execs busybox from its lazy layer, and says how it went,
-/// in `/out/log` (a host directory), until `/out/stop` appears.
-const SCRIPT: &str = r#"i=0
+/// Reads and checksums every file, execs busybox from its lazy layer, runs `each` (more
+/// checks, lines ending in newlines), and says how it went, in `/out/log` (a host directory),
+/// until `/out/stop` appears; after `setup`.
+fn reader_script(setup: &str, each: &str) -> String {
+    let head = r#"i=0
 while [ ! -e /out/stop ]; do
   i=$((i+1))
   if out=$(sha256sum /data/d1 /data/d2 /data/d3 /data/d4 2>&1); then
@@ -42,11 +44,14 @@ while [ ! -e /out/stop ]; do
     echo "ERR $i sha256sum: $out" >> /out/log
   fi
   /bin/busybox true || echo "ERR $i exec /bin/busybox" >> /out/log
-  echo "iteration $i" >> /out/log
+"#;
+    let tail = r#"  echo "iteration $i" >> /out/log
   sleep 0.1
 done
 echo done >> /out/log
 "#;
+    [setup, head, each, tail].concat()
+}
 
 fn data(n: usize) -> Vec<u8> {
     image::pseudo_random(FILE_LEN, 100 + n as u64)
@@ -111,26 +116,14 @@ impl Drop for CacheDropper {
     }
 }
 
-/// Like [`SCRIPT`], after reading every file whole (so the store has them complete and later
-/// opens pass through) and opening `/data/d1` on fd 3, held until the end.
-const HOLDING_SCRIPT: &str = r#"sha256sum /data/d1 /data/d2 /data/d3 /data/d4 /bin/busybox > /dev/null
-exec 3< /data/d1
-echo holding >> /out/log
-i=0
-while [ ! -e /out/stop ]; do
-  i=$((i+1))
-  if out=$(sha256sum /data/d1 /data/d2 /data/d3 /data/d4 2>&1); then
-    echo "$out" >> /out/log
-  else
-    echo "ERR $i sha256sum: $out" >> /out/log
-  fi
-  /bin/busybox true || echo "ERR $i exec /bin/busybox" >> /out/log
-  head -c 1 <&3 > /dev/null || echo "ERR $i read fd 3" >> /out/log
-  echo "iteration $i" >> /out/log
-  sleep 0.1
-done
-echo done >> /out/log
-"#;
+/// [`reader_script`] after reading every file whole (so the store has them complete and
+/// later opens pass through) and opening `/data/d1` on fd 3, held and read from until the end.
+fn holding_script() -> String {
+    reader_script(
+        "sha256sum /data/d1 /data/d2 /data/d3 /data/d4 /bin/busybox > /dev/null\nexec 3< /data/d1\necho holding >> /out/log\n",
+        "  head -c 1 <&3 > /dev/null || echo \"ERR $i read fd 3\" >> /out/log\n",
+    )
+}
 
 /// The reader container; killed and deleted on drop (its shim would outlive containerd).
 struct Reader {
@@ -140,7 +133,7 @@ struct Reader {
 
 impl Reader {
     fn start(stack: &Stack, reference: &str) -> Self {
-        Self::start_with(stack, reference, SCRIPT)
+        Self::start_with(stack, reference, &reader_script("", ""))
     }
 
     fn start_with(stack: &Stack, reference: &str, script: &str) -> Self {
@@ -465,7 +458,7 @@ fn with_passthrough_files_held_open_open_again_after_restarts() {
     stack.rpull(&lazy);
     let data_mount = mount_holding(&stack, "data/d1");
 
-    let reader = Reader::start_with(&stack, &lazy, HOLDING_SCRIPT);
+    let reader = Reader::start_with(&stack, &lazy, &holding_script());
     stack.eventually(
         "the reader holds /data/d1 open",
         Duration::from_secs(60),

@@ -1212,6 +1212,18 @@ impl Drop for Claim<'_> {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
+    /// Waits (10 s at most, or fails with `what`) until every one of `chunks` is stored.
+    async fn until_cached(reader: &LayerReader, chunks: &[ChunkSpec], what: &str) {
+        let landed = async {
+            while !reader.is_cached(chunks) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
+            .await
+            .expect(what);
+    }
+
     use super::*;
     use crate::cache::LocalStore;
     use crate::metadata::{LayerIndex, ROOT};
@@ -1360,14 +1372,7 @@ mod tests {
         let expected = expected_multi_chunk();
         let first = reader.read(&chunks, 0..10).await.expect("read");
         assert_eq!(first.as_ref(), &expected[..10]);
-        let landed = async {
-            while !reader.is_cached(&chunks) {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
-            .await
-            .expect("the rest of the file lands");
+        until_cached(&reader, &chunks, "the rest of the file lands").await;
         assert_eq!(
             s.blob.requests.load(Ordering::SeqCst),
             2,
@@ -1438,14 +1443,12 @@ mod tests {
             .read(std::slice::from_ref(&last), from..from + 1)
             .await
             .expect("read");
-        let landed = async {
-            while !reader.is_cached(std::slice::from_ref(&next)) {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
-            .await
-            .expect("the next file's chunk lands");
+        until_cached(
+            &reader,
+            std::slice::from_ref(&next),
+            "the next file's chunk lands",
+        )
+        .await;
         assert_eq!(
             reader.counters().prefetch_bytes.load(Ordering::Relaxed),
             next.len,
@@ -1488,14 +1491,7 @@ mod tests {
             .read(std::slice::from_ref(&miss), from..from + 1)
             .await
             .expect("read");
-        let landed = async {
-            while !reader.is_cached(&others) {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), landed)
-            .await
-            .expect("the directory's other files land");
+        until_cached(&reader, &others, "the directory's other files land").await;
         assert_eq!(
             reader.counters().prefetch_bytes.load(Ordering::Relaxed),
             others.iter().map(|c| c.len).sum::<u64>(),

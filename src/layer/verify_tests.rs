@@ -3,7 +3,6 @@
 //! whose bytes are not the layer's (its gzip header changed) is found bad, and a bad layer
 //! serves nothing, cached chunks included.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -16,7 +15,7 @@ use crate::format::gzip_index::{build::build, GzipIndexFormat};
 use crate::format::{LayerFormat, Opened, Resolved};
 use crate::layer::Fetches;
 use crate::metadata::{LayerIndex, Limits};
-use crate::test_utils::FixtureBlob;
+use crate::test_utils::{gzip_tar, FixtureBlob};
 
 const SPAN: u64 = 1 << 20;
 
@@ -42,21 +41,7 @@ fn layer(size: usize) -> Layer {
         .map(|i| (format!("f{i}"), noise(size / 4, i)))
         .chain([("small".to_owned(), b"small\n".to_vec())])
         .collect();
-    let mut tar = tar::Builder::new(Vec::new());
-    for (name, data) in &files {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(data.len() as u64);
-        tar.append_data(&mut h, name, &data[..]).expect("file");
-    }
-    let tar = tar.into_inner().expect("tar");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).expect("gzip");
-    let blob = gz.finish().expect("gzip");
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+    let (blob, digest) = gzip_tar(&files, flate2::Compression::fast());
     (blob, digest, files)
 }
 
