@@ -221,6 +221,11 @@ pub struct PrefetchConfig {
     /// After prefetch, fetch the rest of every mounted layer at low priority, so containers
     /// stop depending on the registry. Default false.
     pub background_fetch: bool,
+    /// Of the chunks a layer's trace names that are already on local disk, the most bytes
+    /// read ahead into the page cache when the layer is mounted, so that a container started
+    /// again finds its files in memory, as it would right after a normal pull unpacked them.
+    /// The kernel may drop them again under memory pressure. Default 256 MiB; 0 = off.
+    pub preload_bytes: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -234,6 +239,7 @@ impl Default for PrefetchConfig {
             readahead_max_bytes: 8 << 20,
             amplify_bytes: 64 << 10,
             background_fetch: false,
+            preload_bytes: 256 << 20,
         }
     }
 }

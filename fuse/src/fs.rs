@@ -76,6 +76,8 @@ pub(crate) struct LayerFs<S> {
     backings: Mutex<Backings>,
     /// Reads that failed with EIO lately; overlapping reads fail at once.
     failures: Arc<ReadFailures>,
+    /// Whether the source has any extended attribute (`LayerSource::has_xattrs`).
+    xattrs: bool,
 }
 
 impl<S: LayerSource> LayerFs<S> {
@@ -89,6 +91,7 @@ impl<S: LayerSource> LayerFs<S> {
         // most likely fail the same way, and a reader's read(2) must not outlast it.
         let failures = Arc::new(ReadFailures::new(config.read_timeout, config.name.clone()));
         Self {
+            xattrs: source.has_xattrs(),
             source,
             runtime,
             config,
@@ -518,6 +521,10 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            // The kernel remembers this for the connection and asks no more.
+            return reply.error(Errno::ENOSYS);
+        }
         let ino = Ino(ino.0);
         match self.source.getxattr(ino, name) {
             Ok(value) => reply_xattr(reply, size, &value),
@@ -526,6 +533,9 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let ino = Ino(ino.0);
         let names = match self.source.listxattr(ino) {
             Ok(names) => names,

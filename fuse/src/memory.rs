@@ -325,6 +325,10 @@ impl LayerSource for MemorySource {
             .ok_or(SourceError::NoAttribute)
     }
 
+    fn has_xattrs(&self) -> bool {
+        self.nodes.iter().any(|node| !node.xattrs.is_empty())
+    }
+
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         let data = match &self.node(ino)?.content {
             Content::File(data) => data,

@@ -178,6 +178,14 @@ pub trait LayerSource: Send + Sync + 'static {
     /// [`SourceError::NoAttribute`] if the inode has no attribute of that name.
     fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError>;
 
+    /// Whether any inode has an extended attribute. When none has, the filesystem tells the
+    /// kernel it keeps none (`ENOSYS`), and the kernel stops asking for the rest of the mount
+    /// and answers `EOPNOTSUPP` itself: overlayfs asks each lower layer for its own attributes
+    /// on most lookups and every exec, each a round trip. Asked once, at mount.
+    fn has_xattrs(&self) -> bool {
+        true
+    }
+
     /// Reads `len` bytes of regular file `ino` starting at `offset`.
     ///
     /// The filesystem only asks for ranges inside the file (`offset + len <= size`, `len > 0`)

@@ -423,6 +423,24 @@ fn xattrs_pass_through_including_trusted() {
 }
 
 #[test]
+fn a_layer_without_xattrs_keeps_none_and_serves_as_before() {
+    let mut src = MemorySource::new();
+    let dir = src.dir(Ino::ROOT, "dir", Meta::new(0o755));
+    src.file(dir, "file", Meta::new(0o644), &b"plain\n"[..]);
+    let m = Mounted::new(Arc::new(src), MountOptions::default());
+    let file = m.path("dir/file");
+    // As on a filesystem without xattr support: the kernel answers for the whole mount once
+    // it has heard so, and the second question does not reach the source.
+    for _ in 0..2 {
+        let err = lgetxattr(&file, "security.capability").expect_err("no xattrs");
+        assert_eq!(errno_of(&err), libc::EOPNOTSUPP);
+    }
+    let err = llistxattr(&file).expect_err("no xattr list");
+    assert_eq!(errno_of(&err), libc::EOPNOTSUPP);
+    assert_eq!(fs::read(&file).expect("read"), b"plain\n");
+}
+
+#[test]
 fn writes_fail_with_erofs() {
     let (_src, m) = mounted();
     let attempts: [(&str, std::io::Result<()>); 7] = [

@@ -471,6 +471,38 @@ impl FileStore {
         }
     }
 
+    /// Asks the kernel to read the ready ones of `chunks` into its page cache, in the order
+    /// given, at most `max_bytes` of them; returns the bytes asked for. The kernel starts the
+    /// reads and returns: nothing here waits on the disk but an open. A later read of these
+    /// bytes (a `pread` here, or the kernel's own through passthrough, which reads the same
+    /// file) then finds them in memory, as a normal pull's just-unpacked files would be.
+    pub fn preload(&self, blob: &BlobId, chunks: &[ChunkSpec], max_bytes: u64) -> u64 {
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        let mut asked = 0u64;
+        for chunk in chunks {
+            if asked.saturating_add(chunk.len) > max_bytes {
+                break;
+            }
+            if !self.is_ready(blob, chunk) {
+                continue;
+            }
+            let key = StoreKey::new(blob, &chunk.file);
+            let Some(file) = self.open_for_read(&key) else {
+                continue;
+            };
+            let (Ok(offset), Ok(len)) =
+                (i64::try_from(chunk.file_offset), i64::try_from(chunk.len))
+            else {
+                continue;
+            };
+            // Only a hint: a failure costs the later read a trip to the disk, nothing more.
+            if posix_fadvise(&*file, offset, len, PosixFadviseAdvice::POSIX_FADV_WILLNEED).is_ok() {
+                asked += chunk.len;
+            }
+        }
+        asked
+    }
+
     /// A read-only handle on the file of `chunks` (a whole file's chunks) if every one is
     /// present: the file then holds exactly the file's contents.
     pub fn complete_file(&self, blob: &BlobId, chunks: &[ChunkSpec]) -> Option<File> {

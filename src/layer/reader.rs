@@ -544,6 +544,20 @@ impl LayerReader {
             .saturating_sub(before))
     }
 
+    /// Asks the store to bring the ready ones of `chunks` into memory, in order, at most
+    /// `max_bytes`: for the reads a trace predicts of bytes already on local disk. Returns
+    /// the bytes asked for; a bad layer's are not.
+    pub async fn preload(&self, chunks: Vec<ChunkSpec>, max_bytes: u64) -> u64 {
+        if self.verdict.refusal().is_some() || max_bytes == 0 {
+            return 0;
+        }
+        let (store, blob) = (self.store.clone(), self.blob_id);
+        // The kernel only starts the reads, but opening the files is file I/O.
+        tokio::task::spawn_blocking(move || store.preload(&blob, &chunks, max_bytes))
+            .await
+            .unwrap_or(0)
+    }
+
     /// A local file with exactly the contents of the file whose chunks are `chunks`, if the
     /// store has all of them: for kernel passthrough. Reads through it never reach this
     /// reader, so the open counts as a use of the file's prefetched chunks.

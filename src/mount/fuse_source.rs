@@ -185,6 +185,13 @@ impl fuse::LayerSource for IndexSource {
             .ok_or(SourceError::NoAttribute)
     }
 
+    fn has_xattrs(&self) -> bool {
+        self.index
+            .inodes()
+            .filter_map(|ino| self.index.node(ino))
+            .any(|node| !node.xattrs.is_empty())
+    }
+
     const READS_LOCALLY: bool = true;
 
     fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {

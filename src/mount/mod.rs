@@ -328,6 +328,7 @@ impl LazyLayers {
                     landmarks: prefetch.landmarks,
                     background: prefetch.background_fetch && walk_after_prefetch.is_none(),
                     concurrency: prefetch.concurrency,
+                    preload_bytes: prefetch.preload_bytes,
                 };
                 let trace = self.traces.load(digest);
                 activity.set(Activity::Prefetching);

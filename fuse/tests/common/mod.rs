@@ -273,5 +273,8 @@ macro_rules! delegate_to_inner {
         ) -> Result<::bytes::Bytes, ::lazysnap_fuse::SourceError> {
             self.inner.getxattr(ino, name)
         }
+        fn has_xattrs(&self) -> bool {
+            self.inner.has_xattrs()
+        }
     };
 }
