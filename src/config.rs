@@ -177,6 +177,12 @@ pub struct CacheConfig {
     /// Bytes the disk store may hold; past it the least recently used files are evicted.
     /// 0 means no limit. Default 0.
     pub disk_budget_bytes: u64,
+    /// The saved states (index and parameters) of layers no snapshot mounts any more are
+    /// kept up to this many bytes, so that an image removed and pulled again mounts without
+    /// asking the registry; the least recently unmounted go first, and `lazysnap cache
+    /// prune` removes them all. They count against `disk_budget_bytes`. Default 256 MiB;
+    /// 0 removes a layer's state with its last snapshot.
+    pub unmounted_state_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -184,6 +190,7 @@ impl Default for CacheConfig {
         CacheConfig {
             memory_bytes: 64 << 20,
             disk_budget_bytes: 0,
+            unmounted_state_bytes: 256 << 20,
         }
     }
 }

@@ -203,6 +203,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
             read_timeout: config.fuse.read_timeout,
             passthrough: config.fuse.passthrough.wanted(),
             memory_bytes: config.cache.memory_bytes,
+            unmounted_state_bytes: config.cache.unmounted_state_bytes,
             prefetch: config.prefetch.clone(),
         },
         tokio::runtime::Handle::current(),

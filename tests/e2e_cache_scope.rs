@@ -258,23 +258,27 @@ fn chunks_are_served_only_to_layers_whose_blob_holds_them_and_saved_state_is_sco
     );
     assert_eq!(on_disk(&[&layers]), state_bytes);
 
-    // The victim's layer goes with its last snapshot: A and D removed, containerd's GC
-    // removes both snapshots of the layer, and its state with them.
+    // The victim's layer outlives its last snapshot: A and D removed, containerd's GC
+    // removes both snapshots of the layer, and its state stays for a pull to come.
     stack.ctr(&["images", "rm", "--sync", &a, &d]);
     stack.eventually(
-        "the victim layer's saved state to go with its last snapshot",
+        "the victim layer to be unmounted",
         Duration::from_secs(30),
-        || !victim_state.exists(),
+        || {
+            let listed = stack.cli_json(&["mounts"]);
+            !listed["mounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|m| m["digest"].as_str() == Some(victim_digest.as_str()))
+        },
     );
     assert!(
-        layers
-            .join(honest_digest.replace(':', "-"))
-            .join("layer.json")
-            .exists(),
-        "other layers' state stays"
+        victim_state.join("index.zst").exists(),
+        "an unmounted layer's state is kept"
     );
     stack.eventually(
-        "cache stats to drop the removed state",
+        "cache stats to count the kept state",
         Duration::from_secs(10),
         || {
             let (stats, disk) = (stack.cli_json(&["cache", "stats"]), lazysnap_disk(&root));
@@ -282,10 +286,46 @@ fn chunks_are_served_only_to_layers_whose_blob_holds_them_and_saved_state_is_sco
             number(&stats, "disk_used_bytes") == disk
         },
     );
-    // Pulled again now, the layer is resolved from the registry again.
+    // Pulled again, the image's layer mounts from its kept state, not resolved anew (its
+    // data was pruned above, so reading it still fetches).
+    let reused = |stack: &Stack| {
+        stack
+            .lazysnap_log()
+            .lines()
+            .filter(|l| l.contains("reusing saved layer state") && l.contains(&victim_digest))
+            .count()
+    };
+    let resolved = |stack: &Stack| {
+        stack
+            .lazysnap_log()
+            .lines()
+            .filter(|l| l.contains("resolved layer") && l.contains(&victim_digest))
+            .count()
+    };
+    let (reused_before, resolved_before) = (reused(&stack), resolved(&stack));
+    stack.rpull(&a);
+    assert_eq!(
+        (reused(&stack), resolved(&stack)),
+        (reused_before + 1, resolved_before),
+        "a re-pull after the image was removed took the layer from its kept state"
+    );
+    let out = stack.run("lazysnap", &a, "a-again", "cat /secret/case");
+    assert!(out.starts_with("victim"), "{out}");
+
+    // Removed again and pruned: an unmounted layer's state goes with `cache prune`, and the
+    // next pull resolves the layer from the registry.
+    stack.ctr(&["images", "rm", "--sync", &a]);
+    stack.eventually(
+        "cache prune to remove the unmounted layer's state",
+        Duration::from_secs(30),
+        || {
+            stack.cli_json(&["cache", "prune", "--to", "0"]);
+            !victim_state.exists()
+        },
+    );
     let lines = registry_lines_of(&stack, &victim_digest);
     stack.rpull(&a);
-    assert!(registry_lines_of(&stack, &victim_digest) >= lines + 2);
+    assert!(registry_lines_of(&stack, &victim_digest) >= lines + 1);
     assert!(victim_state.join("index.zst").exists());
 }
 

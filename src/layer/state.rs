@@ -4,7 +4,8 @@
 //! again while its state is here is mounted, without asking the registry. States saved before
 //! compression (`index`, or `toc.json` before that) still load. Files are written to a
 //! temporary name and renamed, so a crash leaves the old or the new. The state of a layer is
-//! removed with its last snapshot (`crate::mount`), and its bytes count against the cache's
+//! kept after its last snapshot goes, for a pull of the same layer to come, within
+//! `[cache] unmounted_state_bytes` (`crate::mount`), and its bytes count against the cache's
 //! disk budget.
 //!
 //! Blocking file I/O: call from blocking threads.
@@ -231,17 +232,51 @@ impl StateDir {
             if keep.contains(&path) {
                 continue;
             }
+            freed += remove_path(&path);
+        }
+        freed
+    }
+
+    /// Marks the state of layer `digest` as unmounted now, for
+    /// [`trim_unmounted`](Self::trim_unmounted): its state file's time is set to now.
+    pub fn mark_unmounted(&self, digest: &str) {
+        let path = self.layer_dir(digest).join(STATE_FILE);
+        let touched = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        if let Err(e) = touched {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(path = %path.display(), error = %e, "cannot mark a saved layer state as unmounted");
+            }
+        }
+    }
+
+    /// Removes the states of layers other than `mounted` (digests) beyond `max_bytes` in
+    /// all, those unmounted longest ago first, and anything half-written; the bytes freed.
+    pub fn trim_unmounted(&self, mounted: &[&str], max_bytes: u64) -> u64 {
+        let mounted: Vec<PathBuf> = mounted.iter().map(|d| self.layer_dir(d)).collect();
+        let mut unmounted: Vec<(std::time::SystemTime, u64, PathBuf)> = Vec::new();
+        let mut freed = 0;
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if mounted.contains(&path) {
+                continue;
+            }
             let bytes = dir_bytes(&path);
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
+            match std::fs::metadata(path.join(STATE_FILE)).and_then(|m| m.modified()) {
+                Ok(when) => unmounted.push((when, bytes, path)),
+                // No state file: a save cut short, of no use to anyone.
+                Err(_) => freed += remove_path(&path),
+            }
+        }
+        unmounted.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut kept = 0u64;
+        for (_, bytes, path) in unmounted {
+            if kept.saturating_add(bytes) <= max_bytes {
+                kept += bytes;
             } else {
-                std::fs::remove_file(&path)
-            };
-            match removed {
-                Ok(()) => freed += bytes,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "removing saved layer state failed")
-                }
+                freed += remove_path(&path);
             }
         }
         freed
@@ -359,6 +394,23 @@ fn dir_bytes(dir: &Path) -> u64 {
     }
 }
 
+/// Removes a layer's state directory (or a stray file); the bytes freed.
+fn remove_path(path: &Path) -> u64 {
+    let bytes = dir_bytes(path);
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    match removed {
+        Ok(()) => bytes,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "removing saved layer state failed");
+            0
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,6 +447,54 @@ mod tests {
         assert!(states.list().is_empty());
         let err = states.load("sha256:cc").expect_err("unknown");
         assert!(matches!(err, LayerError::Unknown { .. }), "{err}");
+    }
+
+    #[test]
+    fn unmounted_states_are_kept_within_their_bytes_most_recently_unmounted_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let states = StateDir::new(dir.path().to_path_buf());
+        let of = |digest: &str| {
+            let mut s = state();
+            s.source.digest = digest.into();
+            s
+        };
+        for d in ["sha256:aa", "sha256:bb", "sha256:cc"] {
+            states.save(&of(d)).expect("save");
+        }
+        let one = states.disk_usage() / 3;
+        // bb was unmounted long ago, cc just now; aa is still mounted.
+        let at = |digest: &str, secs: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(states.layer_dir(digest).join(STATE_FILE))
+                .and_then(|f| {
+                    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                })
+                .expect("set time");
+        };
+        at("sha256:bb", 1_000);
+        states.mark_unmounted("sha256:cc");
+        // A save cut short before its state file.
+        std::fs::create_dir_all(states.layer_dir("sha256:dd")).expect("mkdir");
+        std::fs::write(states.layer_dir("sha256:dd").join(INDEX_FILE), b"x").expect("write");
+
+        assert_eq!(states.trim_unmounted(&["sha256:aa"], u64::MAX), 1);
+        assert_eq!(states.list().len(), 3, "all three kept without a limit");
+        assert_eq!(states.trim_unmounted(&["sha256:aa"], one), one);
+        assert!(
+            states.load("sha256:aa").is_ok(),
+            "a mounted layer's state stays"
+        );
+        assert!(
+            states.load("sha256:cc").is_ok(),
+            "the latest unmounted stays"
+        );
+        assert!(matches!(
+            states.load("sha256:bb"),
+            Err(LayerError::Unknown { .. })
+        ));
+        assert_eq!(states.trim_unmounted(&["sha256:aa"], 0), one);
+        assert_eq!(states.list().len(), 1);
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct LazyOptions {
     pub passthrough: bool,
     /// Fetched bytes held in memory at once.
     pub memory_bytes: u64,
+    /// Saved states of layers no snapshot mounts are kept up to this many bytes.
+    pub unmounted_state_bytes: u64,
     pub prefetch: PrefetchConfig,
 }
 
@@ -169,6 +171,28 @@ impl LazyLayers {
         let freed = self.states.remove(digest);
         if freed > 0 {
             tracing::debug!(layer = %digest, bytes = freed, "removed saved layer state");
+        }
+        self.store.reserve(self.states.disk_usage());
+    }
+
+    /// Keeps the saved state of `digest`, whose last mount may just have gone, for a pull
+    /// of the same layer to come: it is marked as the most recently unmounted, and the
+    /// states of unmounted layers beyond `unmounted_state_bytes` are removed, least
+    /// recently unmounted first. Call with `lifecycle` held.
+    fn retire_state(&self, digest: &str) {
+        let mounted: Vec<String> = self.mounted().values().map(|m| m.digest.clone()).collect();
+        if !mounted.iter().any(|d| d == digest) {
+            self.states.mark_unmounted(digest);
+        }
+        let keep: Vec<&str> = mounted.iter().map(String::as_str).collect();
+        let freed = self
+            .states
+            .trim_unmounted(&keep, self.options.unmounted_state_bytes);
+        if freed > 0 {
+            tracing::debug!(
+                bytes = freed,
+                "removed the saved state of layers unmounted longest ago"
+            );
         }
         self.store.reserve(self.states.disk_usage());
     }
@@ -569,14 +593,14 @@ impl RemoteFs for LazyLayers {
             .map_err(remote_error)
     }
 
-    /// The layer's saved state goes with its last mount.
+    /// The layer's saved state outlives its last mount, within `unmounted_state_bytes`.
     fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         let lifecycle = self.lifecycle();
         let mounted = self.mounted().remove(mountpoint);
         let Some(mounted) = mounted else {
             return Ok(());
         };
-        self.drop_state_if_unused(&mounted.digest);
+        self.retire_state(&mounted.digest);
         drop(lifecycle);
         self.end_tasks(&mounted);
         mounted.handle.unmount().map_err(|e| RemoteError::Unmount {
