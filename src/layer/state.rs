@@ -270,7 +270,7 @@ impl StateDir {
                 Err(_) => freed += remove_path(&path),
             }
         }
-        unmounted.sort_by(|a, b| b.0.cmp(&a.0));
+        unmounted.sort_by_key(|u| std::cmp::Reverse(u.0));
         let mut kept = 0u64;
         for (_, bytes, path) in unmounted {
             if kept.saturating_add(bytes) <= max_bytes {
