@@ -426,3 +426,92 @@ fn readahead_turns_a_sequential_read_into_few_network_waits() {
     );
     assert!(waits * 8 < chunks, "{waits} waits for {chunks} chunks");
 }
+
+/// Bytes of the files under `dir` that are in the page cache now, by `fincore`.
+fn resident_bytes(dir: &std::path::Path) -> u64 {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(path),
+                Ok(t) if t.is_file() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    if files.is_empty() {
+        return 0;
+    }
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .args(&files)
+        .output()
+        .expect("run fincore");
+    assert!(out.status.success(), "fincore: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Empties the kernel's page cache, as a node that has done other work since would have it.
+fn drop_page_cache() {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches");
+}
+
+#[test]
+fn a_layer_mounted_again_brings_its_traced_files_into_memory_before_the_container_starts() {
+    const SIZE: usize = 8 << 20;
+    let (_cfg, args) = config("");
+    let stack = Stack::start_with(LAZYSNAP, args);
+    let (lazy, expected) = push_data_image(&stack, "preload", image::pseudo_random(SIZE, 7), &[]);
+    stack.rpull(&lazy);
+    let out = stack.run("lazysnap", &lazy, "first", "sha256sum < /data/file.bin");
+    assert!(out.starts_with(&expected), "{out}");
+    wait_for_traces(&stack, 1);
+
+    // The image goes; the layers' bytes stay in the store, and nothing of them in memory.
+    stack.ctr(&["images", "rm", "--sync", &lazy]);
+    stack.eventually(
+        "containerd's GC to remove every snapshot",
+        Duration::from_secs(30),
+        || {
+            stack
+                .ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"])
+                .lines()
+                .nth(1)
+                .is_none()
+        },
+    );
+    let store = stack.lazysnap_root().join("cache");
+    drop_page_cache();
+    let cold = resident_bytes(&store);
+
+    let fetched_before = number(&stats(&stack), "fetched_bytes");
+    stack.rpull(&lazy);
+    wait_until_prefetched(&stack);
+    let warm = resident_bytes(&store);
+    eprintln!("store bytes in memory: {cold} after dropping caches, {warm} after the mount");
+    assert!(
+        warm >= cold + (SIZE as u64) * 9 / 10,
+        "the traced file was read into memory on mount: {cold} -> {warm}\n{}",
+        stack.diagnostics()
+    );
+    assert!(
+        stack.lazysnap_log().lines().any(
+            |l| l.contains("prefetched the layer's traced") && !l.contains("preloaded_bytes=0")
+        ),
+        "{}",
+        stack.diagnostics()
+    );
+    let out = stack.run("lazysnap", &lazy, "second", "sha256sum < /data/file.bin");
+    assert!(out.starts_with(&expected), "{out}");
+    assert_eq!(
+        number(&stats(&stack), "fetched_bytes"),
+        fetched_before,
+        "nothing came from the registry again"
+    );
+}
