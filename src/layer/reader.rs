@@ -112,13 +112,6 @@ const WHOLE_FILE_BYTES: u64 = 16 << 20;
 /// files: small enough that fetching it whole costs less than a round trip or two at the
 /// link speeds lazy pulling is for.
 const SMALL_DIRECTORY_BYTES: u64 = 512 << 10;
-/// A read whose own missing chunks are at least this many compressed bytes has its
-/// neighbours fetched only once its own bytes are in: by then the link, not the round trip,
-/// bounds how long it waits, and a request beside it would take half the link (the python
-/// interpreter's first 2 MiB chunk waited 185 ms beside the rest of its file, where alone it
-/// takes about 100). Smaller reads are bound by the round trip, and their neighbours go out
-/// beside them. About what the links lazy pulling is for move in one round trip.
-const NEIGHBOURS_AFTER_BYTES: u64 = 128 << 10;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
@@ -154,8 +147,6 @@ pub struct LayerReader {
     /// One bit per entry of `layout`: whether a container has read that fetch unit, so it
     /// counts once in `read_chunk_bytes`. Atomic words keep the lock off the read path.
     read_marks: Box<[AtomicU64]>,
-    /// See [`NEIGHBOURS_AFTER_BYTES`].
-    neighbours_after: u64,
 }
 
 impl LayerReader {
@@ -184,15 +175,7 @@ impl LayerReader {
             read_marks: Box::default(),
             directories: Arc::from(Vec::new()),
             directory_members: HashMap::new(),
-            neighbours_after: NEIGHBOURS_AFTER_BYTES,
         }
-    }
-
-    /// Sets the compressed bytes from which a read's neighbours wait for the read's own
-    /// fetch (default [`NEIGHBOURS_AFTER_BYTES`]).
-    pub fn with_neighbours_after(mut self, bytes: u64) -> Self {
-        self.neighbours_after = bytes;
-        self
     }
 
     /// Makes the reader answer to `verdict`: once it says bad, every read fails.
@@ -377,15 +360,7 @@ impl LayerReader {
     /// the wire together with the read's: the reader waits for the bytes it asked for only,
     /// not for the neighbours' transfer and decoding. Claimed before this returns, so a read
     /// of a neighbour meanwhile waits for this fetch instead of starting another.
-    ///
-    /// When `after` is given, the request waits until it resolves (or is dropped): the
-    /// caller's own fetch is done.
-    fn fetch_neighbours(
-        self: &Arc<Self>,
-        wanted: &[&ChunkSpec],
-        missing: &[usize],
-        after: Option<tokio::sync::oneshot::Receiver<()>>,
-    ) {
+    fn fetch_neighbours(self: &Arc<Self>, wanted: &[&ChunkSpec], missing: &[usize]) {
         let extra = self.neighbours(wanted, missing);
         if extra.is_empty() {
             return;
@@ -396,10 +371,6 @@ impl LayerReader {
         let pending = claim.into_senders();
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            if let Some(after) = after {
-                // Sent or dropped, the read's own fetch is over either way.
-                let _ = after.await;
-            }
             let refs: Vec<&ChunkSpec> = extra.iter().collect();
             let mut out = vec![None; refs.len()];
             let claim = Claim {
@@ -468,25 +439,12 @@ impl LayerReader {
             if missing.is_empty() {
                 break;
             }
-            let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
-            // Dropped when this read's own fetch is over, which lets big reads' neighbours go.
-            let mut own_fetch_done = None;
             if attempt == 0 {
-                let own: u64 = specs
-                    .iter()
-                    .map(|c| c.blob_range.end.saturating_sub(c.blob_range.start))
-                    .sum();
-                let after = (own >= self.neighbours_after).then(|| {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    own_fetch_done = Some(tx);
-                    rx
-                });
-                self.fetch_neighbours(&wanted, &missing, after);
+                self.fetch_neighbours(&wanted, &missing);
             }
+            let specs: Vec<&ChunkSpec> = missing.iter().map(|i| wanted[*i]).collect();
             let waited = std::time::Instant::now();
-            let landed = self.load(&specs, Priority::Demand).await;
-            drop(own_fetch_done);
-            let landed = landed?;
+            let landed = self.load(&specs, Priority::Demand).await?;
             tracing::debug!(
                 file_offset = range.start,
                 bytes = range.end - range.start,
@@ -1471,82 +1429,6 @@ mod tests {
             c.fetched_bytes.load(Ordering::Relaxed),
             compressed,
             "fetched exactly what was read: amplification 1"
-        );
-    }
-
-    /// A blob that notes when each of its requests started and ended.
-    struct Timed {
-        inner: Arc<FixtureBlob>,
-        spans: Mutex<Vec<(Range<u64>, tokio::time::Instant, tokio::time::Instant)>>,
-    }
-
-    impl BlobSource for Timed {
-        fn read_range(
-            &self,
-            range: Range<u64>,
-        ) -> futures_util::future::BoxFuture<'_, Result<Bytes, BlobError>> {
-            Box::pin(async move {
-                let start = tokio::time::Instant::now();
-                let out = self.inner.read_range(range.clone()).await;
-                let end = tokio::time::Instant::now();
-                self.spans.lock().expect("spans").push((range, start, end));
-                out
-            })
-        }
-    }
-
-    /// Whether the neighbours' request of a read of `multi-chunk.txt`'s first chunk started
-    /// before the read's own request ended, with neighbours waiting from `after` bytes on.
-    async fn neighbours_overlap_the_read(after: u64) -> bool {
-        let s = setup(false, false).await;
-        let layout = s.index.chunks_in_blob_order();
-        let (ino, size) = file(&s, "dir/multi-chunk.txt");
-        let chunks = s.index.chunks_for(ino, 0, size).to_vec();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let blob = Arc::new(Timed {
-            inner: s.blob.clone(),
-            spans: Mutex::default(),
-        });
-        let reader = Arc::new(
-            LayerReader::new(
-                blob.clone(),
-                BlobId::new("sha256:fixture", None),
-                s.decoder.clone(),
-                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
-                Arc::new(Fetches::new(2)),
-            )
-            .with_neighbours(Arc::from(layout), 1)
-            .with_neighbours_after(after),
-        );
-        let first = reader.read(&chunks, 0..10).await.expect("read");
-        assert_eq!(first.as_ref(), &expected_multi_chunk()[..10]);
-        until_cached(&reader, &chunks, "the rest of the file lands").await;
-        let spans = blob.spans.lock().expect("spans").clone();
-        assert_eq!(
-            spans.len(),
-            2,
-            "the read's request and its neighbours': {spans:?}"
-        );
-        let own = spans
-            .iter()
-            .find(|(r, _, _)| r.start == chunks[0].blob_range.start)
-            .expect("the read's own request");
-        let theirs = spans
-            .iter()
-            .find(|(r, _, _)| r.start != chunks[0].blob_range.start)
-            .expect("the neighbours' request");
-        theirs.1 < own.2
-    }
-
-    #[tokio::test]
-    async fn a_big_read_has_its_neighbours_fetched_after_it_a_small_one_beside_it() {
-        assert!(
-            !neighbours_overlap_the_read(1).await,
-            "a read of at least the threshold: neighbours once its own bytes are in"
-        );
-        assert!(
-            neighbours_overlap_the_read(u64::MAX).await,
-            "a read below the threshold: neighbours on the wire beside it"
         );
     }
 
