@@ -194,7 +194,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
         held = held.len(),
         "lazy mounts' FUSE fds are held outside the daemon"
     );
-    let layers = Arc::new(LazyLayers::new(
+    Ok(Arc::new(LazyLayers::new(
         Resolver::new(registry, Formats::builtin_with(config.limits)),
         Arc::new(cache),
         Arc::new(traces),
@@ -208,7 +208,5 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
         tokio::runtime::Handle::current(),
         fd_store,
         held,
-    ));
-    layers.defer_mounts();
-    Ok(layers)
+    )))
 }

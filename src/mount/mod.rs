@@ -109,35 +109,6 @@ pub struct LazyLayers {
     takeover: Mutex<TakeoverReport>,
     /// Every mounted layer by image, for finding a program's libraries in the layers below.
     image_layers: Arc<libraries::ImageLayers>,
-    /// Mounts a Prepare returned before finishing, by mountpoint (see [`Self::defer_mounts`]).
-    pending: Mutex<HashMap<PathBuf, Arc<Pending>>>,
-    /// Set by [`Self::defer_mounts`]: the handle a deferred mount's thread holds.
-    me: std::sync::OnceLock<std::sync::Weak<LazyLayers>>,
-}
-
-/// How long anything waits for a deferred mount: it is local work (parsing an index, one
-/// FUSE mount), so this is only a bound for a wedged kernel.
-const PENDING_WAIT: Duration = Duration::from_secs(60);
-
-/// A mount finishing in the background, and who waits for it.
-struct Pending {
-    digest: String,
-    done: Mutex<bool>,
-    finished: std::sync::Condvar,
-}
-
-impl Pending {
-    fn finish(&self) {
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.finished.notify_all();
-    }
-
-    fn wait(&self) {
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self
-            .finished
-            .wait_timeout_while(done, PENDING_WAIT, |done| !*done);
-    }
 }
 
 impl LazyLayers {
@@ -176,29 +147,6 @@ impl LazyLayers {
             takeover_started,
             takeover: Mutex::default(),
             image_layers: Arc::default(),
-            pending: Mutex::default(),
-            me: std::sync::OnceLock::new(),
-        }
-    }
-
-    /// Lets a Prepare return as soon as its layer is resolved, its state saved and its index
-    /// opened, with the FUSE mount and the tasks that serve it made on a thread of its own: containerd then prepares
-    /// the next layer meanwhile, instead of waiting for each mount in turn. Whatever needs the
-    /// mount waits for it (`settle`: a snapshot made on the layer, `check`, `unmount`); a
-    /// deferred mount that fails leaves the layer dead, and the snapshotter mounts it again
-    /// from its saved state when it is next used, as any dead mount.
-    pub fn defer_mounts(self: &Arc<Self>) {
-        let _ = self.me.set(Arc::downgrade(self));
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<Pending>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn wait_pending(&self, mountpoint: &Path) {
-        let pending = self.pending().get(mountpoint).cloned();
-        if let Some(p) = pending {
-            p.wait();
         }
     }
 
@@ -219,9 +167,7 @@ impl LazyLayers {
     /// Removes the saved state of `digest` unless a mount still uses it. Call with
     /// `lifecycle` held.
     fn drop_state_if_unused(&self, digest: &str) {
-        if self.mounted().values().any(|m| m.digest == digest)
-            || self.pending().values().any(|p| p.digest == digest)
-        {
+        if self.mounted().values().any(|m| m.digest == digest) {
             return;
         }
         let freed = self.states.remove(digest);
@@ -245,22 +191,9 @@ impl LazyLayers {
         lower: &[PathBuf],
         held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
+        let digest = &state.source.digest;
         let opening = std::time::Instant::now();
         let opened = layer::open(self.resolver.formats(), state)?;
-        self.mount_opened(mountpoint, state, opened, opening, lower, held)
-    }
-
-    /// [`Self::mount_state`] once the layer's index is open (since `opening`).
-    fn mount_opened(
-        &self,
-        mountpoint: &Path,
-        state: &LayerState,
-        opened: crate::format::Opened,
-        opening: Instant,
-        lower: &[PathBuf],
-        held: Option<HeldConnection>,
-    ) -> Result<(), LayerError> {
-        let digest = &state.source.digest;
         let open_ms = opening.elapsed().as_millis() as u64;
         let mut index = opened.index;
         let adopted = lower::adopt_lower_attrs(&mut index, lower);
@@ -579,28 +512,6 @@ impl RemoteFs for LazyLayers {
         let saving = std::time::Instant::now();
         self.save_state(&state).map_err(remote_error)?;
         let save_ms = saving.elapsed().as_millis() as u64;
-        if let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) {
-            // The index is opened here, not later: one that does not open (over a limit, say)
-            // must still send the layer down the ordinary path, which only this answer can.
-            let opening = Instant::now();
-            let opened = match layer::open(self.resolver.formats(), &state) {
-                Ok(opened) => opened,
-                Err(e) => {
-                    self.drop_state_if_unused(&state.source.digest);
-                    return Err(remote_error(e));
-                }
-            };
-            let answer = serde_json::to_value(layer::SavedState::of(&state))
-                .map_err(|e| RemoteError::Failed(Box::new(e)))?;
-            self.mount_later(me, mountpoint, state, opened, opening, lower);
-            tracing::debug!(
-                layer = %source.digest,
-                resolve_ms,
-                save_ms,
-                "lazy layer ready; mounting it meanwhile"
-            );
-            return Ok(answer);
-        }
         let mounting = std::time::Instant::now();
         if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
@@ -673,7 +584,6 @@ impl RemoteFs for LazyLayers {
 
     /// The layer's saved state goes with its last mount.
     fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
-        self.wait_pending(mountpoint);
         let lifecycle = self.lifecycle();
         let mounted = self.mounted().remove(mountpoint);
         let Some(mounted) = mounted else {
@@ -691,12 +601,7 @@ impl RemoteFs for LazyLayers {
     }
 
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError> {
-        self.wait_pending(mountpoint);
         self.check_mount(mountpoint, false)
-    }
-
-    fn settle(&self, mountpoint: &Path) {
-        self.wait_pending(mountpoint);
     }
 
     fn held_mountpoints(&self) -> Vec<PathBuf> {
@@ -709,53 +614,6 @@ impl RemoteFs for LazyLayers {
 }
 
 impl LazyLayers {
-    /// Mounts a resolved layer whose state is saved and index opened on a thread of its own,
-    /// after the deferred mounts of the layers below it (their attributes are read through them).
-    fn mount_later(
-        &self,
-        me: Arc<Self>,
-        mountpoint: &Path,
-        state: LayerState,
-        opened: crate::format::Opened,
-        opening: Instant,
-        lower: &[PathBuf],
-    ) {
-        let pending = Arc::new(Pending {
-            digest: state.source.digest.clone(),
-            done: Mutex::new(false),
-            finished: std::sync::Condvar::new(),
-        });
-        let below: Vec<Arc<Pending>> = {
-            let mut all = self.pending();
-            all.insert(mountpoint.to_path_buf(), pending.clone());
-            lower.iter().filter_map(|l| all.get(l).cloned()).collect()
-        };
-        let (mountpoint, lower) = (mountpoint.to_path_buf(), lower.to_vec());
-        self.runtime.spawn_blocking(move || {
-            for p in &below {
-                p.wait();
-            }
-            let started = Instant::now();
-            // Without `lifecycle`: the pending entry keeps the state from being removed, and
-            // the next layer's Prepare must not wait for this mount.
-            let result = me.mount_opened(&mountpoint, &state, opened, opening, &lower, None);
-            match result {
-                Ok(()) => tracing::debug!(
-                    layer = %state.source.digest,
-                    mount_ms = started.elapsed().as_millis() as u64,
-                    "deferred mount done"
-                ),
-                // The state stays: `check` finds no mount here, and the snapshotter mounts
-                // the layer again from it.
-                Err(e) => {
-                    tracing::warn!(layer = %state.source.digest, mountpoint = %mountpoint.display(), error = %crate::error_chain(&e), "deferred mount failed")
-                }
-            }
-            me.pending().remove(&mountpoint);
-            pending.finish();
-        });
-    }
-
     /// Ends what a mount runs besides serving (prefetch, trace saving, readahead: dropping
     /// the set aborts them) and keeps its figures.
     fn end_tasks(&self, mounted: &Mounted) {

@@ -101,9 +101,7 @@ impl Snapshotter {
         if self.store.get(&target)?.is_some() {
             return Err(SnapshotError::AlreadyExists { key: target });
         }
-        // Not waiting for the parent's mount: a lazy layer's Prepare needs only its parents'
-        // directories, and their mounts may still be finishing (see `RemoteFs::settle`).
-        let mounts = self.create_unsettled(Kind::Active, key, parent, labels.clone())?;
+        let mounts = self.create(Kind::Active, key, parent, labels.clone())?;
         let record = self.get(key)?;
         let fs = self.fs_dir(record.id);
         let lower = self.lower_dirs(&self.store.parent_ids(&record)?);
@@ -111,12 +109,10 @@ impl Snapshotter {
             Ok(state) => state,
             Err(RemoteError::NotLazy(why)) => {
                 tracing::info!(key, %target, reason = %crate::error_chain(&*why), "layer is not lazy; containerd will download and unpack it");
-                self.inherit_owner_settled(&fs, parent)?;
                 return Ok(mounts);
             }
             Err(e) => {
                 tracing::warn!(key, %target, error = %crate::error_chain(&e), "lazy mount failed; falling back to download and unpack");
-                self.inherit_owner_settled(&fs, parent)?;
                 return Ok(mounts);
             }
         };
@@ -398,46 +394,7 @@ impl Snapshotter {
             .ok_or_else(|| SnapshotError::NotFound { key: key.into() })
     }
 
-    /// Makes a snapshot on `parent`, once the parent's lazy mount (if still finishing) is
-    /// done: the new root takes its owner from the parent's root.
     fn create(
-        &self,
-        kind: Kind,
-        key: &str,
-        parent: Option<&str>,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, SnapshotError> {
-        self.settle(parent)?;
-        self.create_unsettled(kind, key, parent, labels)
-    }
-
-    /// Waits for the lazy mount of snapshot `parent`, if it is one still finishing.
-    fn settle(&self, parent: Option<&str>) -> Result<(), SnapshotError> {
-        let (Some(remote), Some(parent)) = (&self.remote, parent) else {
-            return Ok(());
-        };
-        if let Some(record) = self.store.get(parent)? {
-            if record.remote.is_some() {
-                remote.settle(&self.fs_dir(record.id));
-            }
-        }
-        Ok(())
-    }
-
-    /// Gives `fs` its parent's owner again once the parent's mount is done: for a layer
-    /// made without waiting for it that then takes the ordinary path after all.
-    fn inherit_owner_settled(&self, fs: &Path, parent: Option<&str>) -> Result<(), SnapshotError> {
-        self.settle(parent)?;
-        let Some(parent) = parent else {
-            return Ok(());
-        };
-        match self.store.get(parent)? {
-            Some(record) => self.inherit_owner(fs, record.id),
-            None => Ok(()),
-        }
-    }
-
-    fn create_unsettled(
         &self,
         kind: Kind,
         key: &str,

@@ -82,10 +82,6 @@ pub trait RemoteFs: Send + Sync {
     /// otherwise. Cheap (a stat or two, or a recent answer) and bounded in time, even when the
     /// file system hangs.
     fn check(&self, mountpoint: &Path) -> Result<(), RemoteError>;
-    /// Waits until the mount at `mountpoint` is done, when `mount` returned before finishing
-    /// it (its layer is resolved and committed, but its file system not served yet); returns
-    /// at once for any other path. Bounded in time.
-    fn settle(&self, _mountpoint: &Path) {}
     /// Mountpoints still mounted from an earlier run whose connections this file system
     /// holds and takes over in `remount`: a restore must leave them mounted.
     fn held_mountpoints(&self) -> Vec<PathBuf> {
