@@ -114,6 +114,7 @@ impl SharedLibraries {
         let Some(dynamic) = elf::dynamic_section(&head, MAX_DYNAMIC_BYTES) else {
             return;
         };
+        let layers = self.image.of(&self.reference);
         let Some(section) = file_bytes(&index, &reader, ino, dynamic.range.clone()).await else {
             return;
         };
@@ -124,7 +125,6 @@ impl SharedLibraries {
             return;
         };
         let names = elf::needed(&section, &strings, self.max);
-        let layers = self.image.of(&self.reference);
         let mut warms = Vec::new();
         for name in &names {
             let Some((reader, chunks)) = find_library(&layers, name) else {
@@ -173,18 +173,29 @@ fn find_library(
     layers: &[(Arc<LayerIndex>, Arc<LayerReader>)],
     name: &str,
 ) -> Option<(Arc<LayerReader>, Vec<ChunkSpec>)> {
-    for dir in library_dirs(layers) {
-        let mut path = format!("{dir}/{name}");
-        for _ in 0..MAX_HOPS {
-            let Some((index, reader, ino)) = layers
+    library_dirs(layers)
+        .into_iter()
+        .find_map(|dir| find_file(layers, &format!("{dir}/{name}")))
+}
+
+/// The reader and chunks of the regular file at `path` (relative to the root), taking each
+/// component from the topmost layer that has it and following symlinks on the way (a
+/// merged-/usr image's `lib64` is one); `None` for a file over [`MAX_LIBRARY_BYTES`].
+fn find_file(
+    layers: &[(Arc<LayerIndex>, Arc<LayerReader>)],
+    path: &str,
+) -> Option<(Arc<LayerReader>, Vec<ChunkSpec>)> {
+    let mut path = normalise(path)?;
+    'hops: for _ in 0..MAX_HOPS {
+        let parts: Vec<&str> = path.split('/').collect();
+        for k in 1..=parts.len() {
+            let prefix = parts[..k].join("/");
+            let (index, reader, ino) = layers
                 .iter()
-                .find_map(|(i, r)| i.resolve(&path).map(|ino| (i, r, ino)))
-            else {
-                break;
-            };
+                .find_map(|(i, r)| i.resolve(&prefix).map(|ino| (i, r, ino)))?;
             let node = index.node(ino)?;
             match node.kind {
-                NodeKind::File => {
+                NodeKind::File if k == parts.len() => {
                     let compressed: u64 = node
                         .chunks
                         .iter()
@@ -197,18 +208,20 @@ fn find_library(
                 }
                 NodeKind::Symlink => {
                     let target = std::str::from_utf8(&node.link_target).ok()?;
-                    path = match target.strip_prefix('/') {
-                        Some(absolute) => absolute.to_owned(),
-                        None => match path.rsplit_once('/') {
-                            Some((parent, _)) => format!("{parent}/{target}"),
-                            None => target.to_owned(),
-                        },
+                    let parent = parts[..k - 1].join("/");
+                    let rest = parts[k..].join("/");
+                    let joined = match target.strip_prefix('/') {
+                        Some(absolute) => format!("{absolute}/{rest}"),
+                        None => format!("{parent}/{target}/{rest}"),
                     };
-                    path = normalise(&path)?;
+                    path = normalise(&joined)?;
+                    continue 'hops;
                 }
-                _ => break,
+                NodeKind::Dir if k < parts.len() => {}
+                _ => return None,
             }
         }
+        return None;
     }
     None
 }
@@ -291,6 +304,10 @@ mod tests {
         let (lower_index, lower_reader, lower_blob) = layer(
             &[
                 (lib.to_owned(), b"library bytes ".repeat(500)),
+                (
+                    "lib64/ld-test.so.2".to_owned(),
+                    b"loader bytes ".repeat(500),
+                ),
                 (
                     "usr/lib/x86_64-linux-gnu/libunused.so.1".to_owned(),
                     b"other ".repeat(500),
