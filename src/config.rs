@@ -230,6 +230,11 @@ pub struct PrefetchConfig {
     /// Default 64 KiB: on the python image, 256 KiB saved four of 31 round trips but fetched
     /// 1.6 times what was read; 64 KiB fetches 1.1 times.
     pub amplify_bytes: u64,
+    /// A container's read of the start of a program or shared library (ELF) also fetches, at
+    /// once and whole, up to this many of the libraries it needs (`DT_NEEDED`, looked up in
+    /// the usual library directories of the image's mounted layers), instead of the loader
+    /// waiting a round trip for each in turn. 0 turns it off. Default 32.
+    pub shared_libraries: usize,
     /// After prefetch, fetch the rest of every mounted layer at low priority, so containers
     /// stop depending on the registry. Default false.
     pub background_fetch: bool,
@@ -250,6 +255,7 @@ impl Default for PrefetchConfig {
             landmarks: true,
             readahead_max_bytes: 8 << 20,
             amplify_bytes: 64 << 10,
+            shared_libraries: 32,
             background_fetch: false,
             preload_bytes: 256 << 20,
         }

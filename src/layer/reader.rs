@@ -490,6 +490,26 @@ impl LayerReader {
     /// `range` of the file whose chunks covering it are `chunks`, if all of them are stored:
     /// read now, blocking on the disk. `None` if any is missing (then [`read`](Self::read)).
     pub fn read_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
+        let (wanted, out) = self.stored_bytes(chunks, range)?;
+        self.counters
+            .chunk_hits
+            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
+        self.served(&wanted, out.len());
+        Some(out)
+    }
+
+    /// Like [`read_local`](Self::read_local), for lazysnap's own look at a file (the ELF
+    /// headers prefetch parses): counted as no container's read, so the fetch amplification
+    /// stays what containers made it.
+    pub fn peek_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
+        self.stored_bytes(chunks, range).map(|(_, out)| out)
+    }
+
+    fn stored_bytes<'c>(
+        &self,
+        chunks: &'c [ChunkSpec],
+        range: Range<u64>,
+    ) -> Option<(Vec<&'c ChunkSpec>, Bytes)> {
         // A bad layer's reads must reach `read`, to fail there.
         if self.verdict.refusal().is_some() {
             return None;
@@ -502,11 +522,7 @@ impl LayerReader {
             return None;
         }
         let out = self.store.read_span_now(&self.blob_id, chunks, range)?;
-        self.counters
-            .chunk_hits
-            .fetch_add(wanted.len() as u64, Ordering::Relaxed);
-        self.served(&wanted, out.len());
-        Some(out)
+        Some((wanted, out))
     }
 
     /// Counts a read served.

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use lazysnap_fuse::{self as fuse, Attr, Device, DirEntry, FileKind, Ino, SourceError};
 use tokio::runtime::Handle;
 
+use super::libraries::SharedLibraries;
 use super::MountTasks;
 use crate::layer::{LayerReader, Priority};
 use crate::metadata::{LayerIndex, Node, NodeKind};
@@ -25,6 +26,7 @@ pub struct IndexSource {
     runtime: Handle,
     /// Readahead runs here, owned by the mount and ended with it.
     tasks: MountTasks,
+    libraries: Option<Arc<SharedLibraries>>,
 }
 
 impl IndexSource {
@@ -43,7 +45,37 @@ impl IndexSource {
             readahead,
             runtime,
             tasks,
+            libraries: None,
         }
+    }
+
+    /// Makes a read of the start of a program or library fetch the libraries it needs.
+    pub fn with_libraries(mut self, libraries: Arc<SharedLibraries>) -> Self {
+        self.libraries = Some(libraries);
+        self
+    }
+
+    /// After a container read `data` at `offset` of file `ino`: when that is the start of
+    /// an ELF file not looked at before, fetches its libraries in the background.
+    fn after_read(&self, ino: u64, offset: u64, data: &Bytes) {
+        let Some(libraries) = &self.libraries else {
+            return;
+        };
+        if !libraries.wants(ino, offset, data) {
+            return;
+        }
+        let (libraries, index, reader, head) = (
+            libraries.clone(),
+            self.index.clone(),
+            self.reader.clone(),
+            data.clone(),
+        );
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn_on(
+            async move { libraries.fetch_needed(index, reader, ino, head).await },
+            &self.runtime,
+        );
     }
 
     /// Starts fetching ahead of a sequential reader, without waiting for it: the read itself
@@ -203,6 +235,7 @@ impl fuse::LayerSource for IndexSource {
         }
         // A sequential reader's next chunks may still be missing.
         self.read_ahead(ino.0, offset, end);
+        self.after_read(ino.0, offset, &data);
         Some(Ok(data))
     }
 
@@ -233,10 +266,12 @@ impl fuse::LayerSource for IndexSource {
         }
         self.read_ahead(ino.0, offset, end);
         async move {
-            self.reader.read(chunks, offset..end).await.map_err(|e| {
+            let data = self.reader.read(chunks, offset..end).await.map_err(|e| {
                 tracing::warn!(ino = ino.0, offset, len, error = %crate::error_chain(&e), "read failed");
                 SourceError::io(e)
-            })
+            })?;
+            self.after_read(ino.0, offset, &data);
+            Ok(data)
         }
     }
 }

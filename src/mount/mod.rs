@@ -14,6 +14,7 @@
 mod fuse_source;
 mod handover;
 mod health;
+mod libraries;
 mod lower;
 mod report;
 #[cfg(test)]
@@ -110,6 +111,8 @@ pub struct LazyLayers {
     /// When the held fds were taken back.
     takeover_started: Instant,
     takeover: Mutex<TakeoverReport>,
+    /// Every mounted layer by image, for finding a program's libraries in the layers below.
+    image_layers: Arc<libraries::ImageLayers>,
 }
 
 impl LazyLayers {
@@ -147,6 +150,7 @@ impl LazyLayers {
             held: Mutex::new(held),
             takeover_started,
             takeover: Mutex::default(),
+            image_layers: Arc::default(),
         }
     }
 
@@ -266,14 +270,24 @@ impl LazyLayers {
             ))
         });
         let tasks: MountTasks = Arc::default();
-        let source = Arc::new(IndexSource::new(
-            index.clone(),
-            reader.clone(),
-            recorder.clone(),
-            Readahead::new(prefetch.readahead_max_bytes),
-            self.runtime.clone(),
-            tasks.clone(),
+        self.image_layers
+            .add(&state.source.reference, &index, &reader);
+        let libraries = Arc::new(libraries::SharedLibraries::new(
+            self.image_layers.clone(),
+            state.source.reference.clone(),
+            prefetch.shared_libraries,
         ));
+        let source = Arc::new(
+            IndexSource::new(
+                index.clone(),
+                reader.clone(),
+                recorder.clone(),
+                Readahead::new(prefetch.readahead_max_bytes),
+                self.runtime.clone(),
+                tasks.clone(),
+            )
+            .with_libraries(libraries),
+        );
         let options = fuse::MountOptions {
             fsname: format!("lazysnap-{}", digest.replace(':', "-")),
             read_timeout: self.options.read_timeout,

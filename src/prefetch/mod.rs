@@ -7,6 +7,7 @@
 //!
 //! Uses the layer reader and the layer index; knows nothing of FUSE or containerd.
 
+pub mod elf;
 pub mod readahead;
 pub mod recorder;
 pub mod trace;
