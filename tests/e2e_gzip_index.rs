@@ -235,7 +235,7 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     assert_eq!(out, "hello from the app layer\n");
 
     // A tampered index: layer 2's claims another size (refused: ordinary path), the app
-    // layer's span digests are wrong (mounted, but its reads fail with EIO).
+    // layer's part digests are wrong (mounted, but its reads fail with EIO).
     let tampered = stack.image_ref("gzidx:tampered");
     image::push(&image_spec(2), &stack.dir, &tampered);
     let reference = Reference::parse(&tampered).expect("reference");
@@ -255,8 +255,8 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         match k {
             1 => ix.compressed_size += 1,
             3 => {
-                for d in &mut ix.span_digests {
-                    *d = lazysnap::chunk::ChunkDigest::of(b"not these bytes");
+                for part in &mut ix.parts {
+                    part.digest = lazysnap::chunk::ChunkDigest::of(b"not these bytes");
                 }
             }
             _ => continue,

@@ -208,11 +208,18 @@ impl LayerReader {
         self
     }
 
-    /// Uncached, not-in-flight chunks at the very same blob bytes as the missing ones (the
-    /// other files of a gzip-index span): their bytes are fetched and inflated for the
-    /// missing ones anyway, and left behind they would each cost the whole span again. They
-    /// come along in the same request, whoever fetches.
-    fn siblings<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
+    /// Uncached, not-in-flight chunks whose blob bytes the fetch of the missing ones brings
+    /// anyway: those starting where a missing one starts (the other files of a gzip-index
+    /// part, and of the span's earlier parts, which are inflated on the way), left behind
+    /// they would each cost their bytes again. With `whole_span` (a container's read, which
+    /// is likely to go on reading nearby), also the span's later parts, whose bytes follow
+    /// in the same request. They come along in the same request, whoever fetches.
+    fn siblings<'a>(
+        &'a self,
+        wanted: &[&ChunkSpec],
+        missing: &[usize],
+        whole_span: bool,
+    ) -> Vec<&'a ChunkSpec> {
         if self.layout.is_empty() {
             return Vec::new();
         }
@@ -229,7 +236,7 @@ impl LayerReader {
                 .partition_point(|c| c.blob_range.start <= unit.start);
             for same in self.layout[first..at]
                 .iter()
-                .filter(|c| c.blob_range == *unit)
+                .filter(|c| whole_span || c.blob_range.end <= unit.end)
             {
                 if !inflight.contains_key(&same.piece())
                     && !self.store.is_ready(&self.blob_id, same)
@@ -600,7 +607,7 @@ impl LayerReader {
         }
         // Any fetch takes along the chunks at its very bytes (see `siblings`).
         let missing: Vec<usize> = (0..wanted).collect();
-        let extra = self.siblings(chunks, &missing);
+        let extra = self.siblings(chunks, &missing, priority == Priority::Demand);
         let with_siblings: Vec<&ChunkSpec>;
         let chunks = if extra.is_empty() {
             chunks
@@ -925,8 +932,10 @@ impl LayerReader {
 
 /// Decodes and verifies each chunk of a fetched run into the store (or, when the store cannot
 /// take it, into memory); `blob` holds blob bytes `range`. Pieces of one unit (the files of
-/// one gzip-index span) are decoded and hashed once for all of them: a span holds many small
-/// files, and decoding it once per file made a prefetch of many small files CPU-bound.
+/// one gzip-index part) are decoded and hashed once for all of them: a part holds many small
+/// files, and decoding it once per file made a prefetch of many small files CPU-bound. Units
+/// whose compressed bytes start at the same offset (the parts of one span) are decoded
+/// together, in one pass over their shared start.
 fn decode_run(
     decoder: &dyn ChunkDecoder,
     store: &dyn ChunkStore,
@@ -941,7 +950,8 @@ fn decode_run(
         blob.get(from..to)
     };
     let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..specs.len()).map(|_| None).collect();
-    let mut units: HashMap<(chunk::ChunkId, u64, u64, ChunkDigest), Vec<usize>> = HashMap::new();
+    type UnitKey = (chunk::ChunkId, u64, u64, ChunkDigest);
+    let mut units: HashMap<UnitKey, Vec<usize>> = HashMap::new();
     for (i, spec) in specs.iter().enumerate() {
         units
             .entry((
@@ -953,16 +963,62 @@ fn decode_run(
             .or_default()
             .push(i);
     }
-    for pieces in units.values().filter(|p| p.len() > 1) {
-        let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+    // Units by where their compressed bytes start.
+    let mut families: HashMap<u64, Vec<&Vec<usize>>> = HashMap::new();
+    for (key, pieces) in &units {
+        families.entry(key.1).or_default().push(pieces);
+    }
+    for family in families.values() {
+        if family.len() == 1 {
+            let pieces = family[0];
+            if pieces.len() == 1 {
+                continue;
+            }
+            let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+                continue;
+            };
+            let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+            for (&i, landed) in pieces
+                .iter()
+                .zip(decode_unit(decoder, store, blob_id, &group, compressed))
+            {
+                out[i] = landed;
+            }
+            continue;
+        }
+        let heads: Vec<&ChunkSpec> = family.iter().map(|p| &specs[p[0]]).collect();
+        let Some(longest) = heads.iter().max_by_key(|c| c.blob_range.end) else {
             continue;
         };
-        let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
-        for (&i, landed) in pieces
-            .iter()
-            .zip(decode_unit(decoder, store, blob_id, &group, compressed))
-        {
-            out[i] = landed;
+        let Some(compressed) = compressed_of(longest) else {
+            continue;
+        };
+        match decoder.decode_shared(&heads, compressed) {
+            Ok(decoded) => {
+                for (pieces, bytes) in family.iter().zip(decoded) {
+                    let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+                    let given = Decoded(bytes);
+                    for (&i, landed) in
+                        pieces
+                            .iter()
+                            .zip(decode_unit(&given, store, blob_id, &group, &[]))
+                    {
+                        out[i] = landed;
+                    }
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for pieces in family {
+                    for &i in pieces.iter() {
+                        out[i] = Some(Err(ReadError::Decode {
+                            digest: specs[i].digest,
+                            offset: specs[i].blob_range.start,
+                            source: e.clone(),
+                        }));
+                    }
+                }
+            }
         }
     }
     out.into_iter()
@@ -980,6 +1036,25 @@ fn decode_run(
             ),
         })
         .collect()
+}
+
+/// A unit's bytes decoded already (with the other parts of its span), handed to
+/// [`decode_unit`] as its decoder: they are hashed and stored like freshly decoded ones.
+struct Decoded(Vec<u8>);
+
+impl ChunkDecoder for Decoded {
+    fn decode(&self, _chunk: &ChunkSpec, _compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        Ok(self.0.clone())
+    }
+
+    fn decode_to(
+        &self,
+        _chunk: &ChunkSpec,
+        _compressed: &[u8],
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), FormatError> {
+        out.write_all(&self.0).map_err(FormatError::ChunkWrite)
+    }
 }
 
 /// One chunk of a run into the store, or into memory when the store cannot take it.
