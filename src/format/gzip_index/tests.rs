@@ -366,7 +366,8 @@ fn parts_that_do_not_tile_the_stream_or_overreach_are_refused() {
         .iter()
         .position(|p| p.out_end == boundary)
         .expect("a part ends at the resume point");
-    let cases: Vec<(&str, Box<dyn Fn(&mut GzipIndex)>)> = vec![
+    type Tamper = Box<dyn Fn(&mut GzipIndex)>;
+    let cases: Vec<(&str, Tamper)> = vec![
         ("out of order", Box::new(|ix| ix.parts.swap(0, 1))),
         (
             "a resume point inside a part",
