@@ -136,6 +136,14 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         at_pull * 20 <= layer_bytes,
         "the lazy pull fetched {at_pull} bytes, more than 5% of the layers' {layer_bytes}"
     );
+    // The first Prepare's lookup started fetching every layer's index: the later Prepares
+    // took theirs from there.
+    let log = stack.lazysnap_log();
+    assert_eq!(
+        log.matches("using the gzip index fetched ahead").count(),
+        4,
+        "{log}"
+    );
 
     // The shell and what it loads first, then one small file of the app layer alone.
     let out = stack.run("lazysnap", &plain, "small2", "cat /data/small.txt");
