@@ -350,7 +350,7 @@ impl LayerReader {
                     continue;
                 };
                 // The missed chunk's span siblings come with the read itself (`siblings`).
-                if other.blob_range != missed.blob_range
+                if other.blob_range.start != missed.blob_range.start
                     && !inflight.contains_key(&other.piece())
                     && !self.store.is_ready(&self.blob_id, other)
                     && taken.insert(other.piece())
