@@ -368,10 +368,23 @@ impl LayerReader {
     /// not for the neighbours' transfer and decoding. Claimed before this returns, so a read
     /// of a neighbour meanwhile waits for this fetch instead of starting another.
     fn fetch_neighbours(self: &Arc<Self>, wanted: &[&ChunkSpec], missing: &[usize]) {
-        let extra = self.neighbours(wanted, missing);
+        let mut extra = self.neighbours(wanted, missing);
         if extra.is_empty() {
             return;
         }
+        // As with the read itself, a neighbour in a gzip-index span brings the rest of the
+        // span: the container is likely to read on there, and a later part fetched apart
+        // would cost the span's compressed bytes from its resume point again.
+        let whole: Vec<ChunkSpec> = {
+            let refs: Vec<&ChunkSpec> = extra.iter().collect();
+            let all: Vec<usize> = (0..refs.len()).collect();
+            self.siblings(&refs, &all, true)
+                .into_iter()
+                .cloned()
+                .collect()
+        };
+        extra.extend(whole);
+        extra.sort_by_key(|c| c.blob_range.start);
         let refs: Vec<&ChunkSpec> = extra.iter().collect();
         let all: Vec<usize> = (0..refs.len()).collect();
         let (claim, _theirs) = self.claim(&refs, &all);
@@ -607,7 +620,10 @@ impl LayerReader {
         }
         // Any fetch takes along the chunks at its very bytes (see `siblings`).
         let missing: Vec<usize> = (0..wanted).collect();
-        let extra = self.siblings(chunks, &missing, priority == Priority::Demand);
+        // A container's read, or readahead (one, a little early), takes whole spans: it is
+        // likely to go on reading nearby. Trace and landmark prefetch stop at the parts named.
+        let whole_span = matches!(priority, Priority::Demand | Priority::Readahead);
+        let extra = self.siblings(chunks, &missing, whole_span);
         let with_siblings: Vec<&ChunkSpec>;
         let chunks = if extra.is_empty() {
             chunks
