@@ -1658,6 +1658,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn prefetch_stops_at_its_part_and_a_containers_read_takes_the_whole_span() {
+        // Varied text, so that deflate ends blocks often and the span has several parts.
+        let mut x: u64 = 7;
+        let files: Vec<(String, Vec<u8>)> = (0..24)
+            .map(|i| {
+                let mut data = Vec::new();
+                while data.len() < 24 << 10 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    data.extend_from_slice(format!("{} {}\n", x >> 40, x % 977).as_bytes());
+                }
+                (format!("lib/m{i:02}.py"), data)
+            })
+            .collect();
+        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 512 << 10);
+        let layout = opened.index.chunks_in_blob_order();
+        let span_start = layout[0].blob_range.start;
+        let span: Vec<ChunkSpec> = layout
+            .iter()
+            .filter(|c| c.blob_range.start == span_start)
+            .cloned()
+            .collect();
+        let span_end = span.iter().map(|c| c.blob_range.end).max().unwrap_or(0);
+        assert!(
+            span.iter().any(|c| c.blob_range.end < span_end),
+            "the first span has several parts"
+        );
+        let first = opened.index.resolve("lib/m00.py").expect("first file");
+        let chunks = opened.index.node(first).expect("node").chunks.clone();
+        let reader = |dir: &tempfile::TempDir| {
+            Arc::new(
+                LayerReader::new(
+                    Arc::new(FixtureBlob {
+                        blob: blob.clone(),
+                        ..FixtureBlob::default()
+                    }),
+                    BlobId::new(&digest, None),
+                    opened.decoder.clone(),
+                    Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                    Arc::new(Fetches::new(2)),
+                )
+                .with_neighbours(Arc::from(layout.clone()), 0),
+            )
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefetching = reader(&dir);
+        prefetching
+            .warm(&chunks, Priority::Prefetch)
+            .await
+            .expect("warm");
+        let fetched = prefetching.counters().fetched_bytes.load(Ordering::Relaxed);
+        assert!(
+            fetched < span_end - span_start,
+            "prefetch fetched {fetched} of the span's {} bytes",
+            span_end - span_start
+        );
+        assert!(
+            !prefetching.is_cached(&span),
+            "the span's last parts are left"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reading = reader(&dir);
+        let len = files[0].1.len() as u64;
+        let got = reading.read(&chunks, 0..len).await.expect("read");
+        assert_eq!(got.as_ref(), files[0].1.as_slice());
+        assert!(reading.is_cached(&span), "the read brought its whole span");
+    }
+
+    #[tokio::test]
     async fn the_files_of_one_span_are_decoded_once_together() {
         let files: Vec<(String, Vec<u8>)> = (0..20)
             .map(|i| {
