@@ -136,6 +136,14 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         at_pull * 20 <= layer_bytes,
         "the lazy pull fetched {at_pull} bytes, more than 5% of the layers' {layer_bytes}"
     );
+    // The first Prepare's lookup started fetching every layer's index: the later Prepares
+    // took theirs from there.
+    let log = stack.lazysnap_log();
+    assert_eq!(
+        log.matches("using the gzip index fetched ahead").count(),
+        4,
+        "{log}"
+    );
 
     // The shell and what it loads first, then one small file of the app layer alone.
     let out = stack.run("lazysnap", &plain, "small2", "cat /data/small.txt");
@@ -235,7 +243,7 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     assert_eq!(out, "hello from the app layer\n");
 
     // A tampered index: layer 2's claims another size (refused: ordinary path), the app
-    // layer's span digests are wrong (mounted, but its reads fail with EIO).
+    // layer's part digests are wrong (mounted, but its reads fail with EIO).
     let tampered = stack.image_ref("gzidx:tampered");
     image::push(&image_spec(2), &stack.dir, &tampered);
     let reference = Reference::parse(&tampered).expect("reference");
@@ -255,8 +263,8 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         match k {
             1 => ix.compressed_size += 1,
             3 => {
-                for d in &mut ix.span_digests {
-                    *d = lazysnap::chunk::ChunkDigest::of(b"not these bytes");
+                for part in &mut ix.parts {
+                    part.digest = lazysnap::chunk::ChunkDigest::of(b"not these bytes");
                 }
             }
             _ => continue,

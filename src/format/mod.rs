@@ -119,6 +119,29 @@ pub trait ChunkDecoder: Send + Sync {
         let bytes = self.decode(chunk, compressed)?;
         out.write_all(&bytes).map_err(FormatError::ChunkWrite)
     }
+
+    /// Decodes several chunks whose compressed extents start at the same blob offset (the
+    /// parts of one gzip-index span), `compressed` reaching as far as the longest: a format
+    /// whose chunks share a prefix decodes it once. Each chunk's bytes, in order; the
+    /// default decodes them one by one.
+    fn decode_shared(
+        &self,
+        chunks: &[&ChunkSpec],
+        compressed: &[u8],
+    ) -> Result<Vec<Vec<u8>>, FormatError> {
+        chunks
+            .iter()
+            .map(|c| {
+                let len = c.blob_range.end.saturating_sub(c.blob_range.start) as usize;
+                let own = compressed.get(..len).ok_or_else(|| {
+                    FormatError::ChunkDecompress(std::io::Error::other(
+                        "compressed bytes shorter than the chunk's extent",
+                    ))
+                })?;
+                self.decode(c, own)
+            })
+            .collect()
+    }
 }
 
 /// One lazy layer format.

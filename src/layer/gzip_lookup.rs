@@ -7,13 +7,20 @@
 //!
 //! What is found (or not) is kept per image reference for [`KEEP_FOR`], so the Prepares of
 //! one image's layers cost one lookup; a layer's own Prepare fetches only its index blob.
+//! Once an image's artifact is known, its layers' index blobs are fetched ahead, a few at a
+//! time and within [`AHEAD_BYTES`] in all, so that the Prepares containerd sends one after
+//! another find them there (or wait for the request under way) instead of each paying a
+//! round trip and a transfer while earlier layers' prefetch holds the link, as the suffixes
+//! of eStargz layers are fetched ahead (`resolve`). Each blob is checked against its digest
+//! as ever.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::format::gzip_index::{
     ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
@@ -32,6 +39,15 @@ const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 pub const MAX_INDEX_BLOB_BYTES: u64 = 64 << 20;
 /// Children of a multi-platform index looked at.
 const MAX_PLATFORMS: usize = 64;
+/// Index blobs fetched ahead and not yet taken by their layer's Prepare hold at most this
+/// much memory in all (a blob bigger than its descriptor says is refused by the fetch).
+pub const AHEAD_BYTES: u64 = 32 << 20;
+/// Index blobs fetched ahead at once.
+const AHEAD_CONCURRENCY: usize = 4;
+
+/// An index blob fetched ahead (with its share of [`AHEAD_BYTES`]), or by the Prepare that
+/// came first; `None` when fetching it failed (the Prepare then fetches it itself).
+type Ahead = Arc<OnceCell<Option<(Bytes, Option<OwnedSemaphorePermit>)>>>;
 
 /// What the registry holds for one layer.
 #[derive(Debug)]
@@ -52,6 +68,10 @@ struct ImageIndexes {
     not_indexed: HashSet<String>,
     /// layer digest → its size, from the image manifest.
     sizes: HashMap<String, u64>,
+    /// layer digest → its index blob's size, from the artifact manifest, in layer order.
+    index_sizes: Vec<(String, u64)>,
+    /// layer digest → its index blob, fetched ahead; taken by the layer's Prepare.
+    ahead: Mutex<HashMap<String, Ahead>>,
     /// Why the image has no usable index, when it has none.
     none: Option<String>,
 }
@@ -110,6 +130,9 @@ type Cell = Arc<OnceCell<Arc<ImageIndexes>>>;
 pub struct IndexLookup {
     registry: RegistryClient,
     images: Mutex<HashMap<String, (Instant, Cell)>>,
+    /// KiB of index blobs held ahead ([`AHEAD_BYTES`]).
+    ahead_budget: Arc<Semaphore>,
+    ahead_requests: Arc<Semaphore>,
 }
 
 /// The referrers tag schema's tag for `digest`: `sha256-<hex>`.
@@ -131,6 +154,8 @@ impl IndexLookup {
         IndexLookup {
             registry,
             images: Mutex::default(),
+            ahead_budget: Arc::new(Semaphore::new((AHEAD_BYTES >> 10) as usize)),
+            ahead_requests: Arc::new(Semaphore::new(AHEAD_CONCURRENCY)),
         }
     }
 
@@ -147,6 +172,32 @@ impl IndexLookup {
                 }),
             );
         };
+        let ahead = image
+            .ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(layer);
+        if let Some(cell) = ahead {
+            let got = cell
+                .get_or_init(|| async {
+                    self.registry
+                        .get_blob(reference, digest, MAX_INDEX_BLOB_BYTES)
+                        .await
+                        .ok()
+                        .map(|b| (b, None))
+                })
+                .await;
+            if let Some((bytes, _)) = got {
+                tracing::debug!(layer, "using the gzip index fetched ahead");
+                return Lookup::Found(
+                    ExternalIndex {
+                        digest: digest.clone(),
+                        bytes: bytes.clone(),
+                    },
+                    image.sizes.get(layer).copied(),
+                );
+            }
+        }
         match self
             .registry
             .get_blob(reference, digest, MAX_INDEX_BLOB_BYTES)
@@ -206,10 +257,50 @@ impl IndexLookup {
             } else {
                 tracing::info!(reference = %reference, layers = found.layers.len(), "found the image's gzip index");
             }
-            Arc::new(found)
+            let found = Arc::new(found);
+            self.fetch_ahead(reference, &found);
+            found
         })
         .await
         .clone()
+    }
+
+    /// Starts fetching the image's index blobs for the Prepares to come, in layer order, as
+    /// far as [`AHEAD_BYTES`] allows (by the sizes the artifact manifest declares, which the
+    /// fetches hold the blobs to).
+    fn fetch_ahead(&self, reference: &Reference, image: &Arc<ImageIndexes>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut ahead = image.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        for (layer, size) in &image.index_sizes {
+            let Some(digest) = image.layers.get(layer) else {
+                continue;
+            };
+            let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+            let Ok(permit) = self.ahead_budget.clone().try_acquire_many_owned(kib) else {
+                break;
+            };
+            let cell: Ahead = Arc::default();
+            ahead.insert(layer.clone(), cell.clone());
+            let (registry, requests) = (self.registry.clone(), self.ahead_requests.clone());
+            let (reference, digest, size) = (reference.clone(), digest.clone(), *size);
+            runtime.spawn(async move {
+                let Ok(_request) = requests.acquire_owned().await else {
+                    return;
+                };
+                cell.get_or_init(|| async {
+                    match registry.get_blob(&reference, &digest, size).await {
+                        Ok(bytes) => Some((bytes, Some(permit))),
+                        Err(e) => {
+                            tracing::debug!(index = %digest, error = %crate::error_chain(&e), "fetching a gzip index ahead failed; its Prepare fetches it itself");
+                            None
+                        }
+                    }
+                })
+                .await;
+            });
+        }
     }
 
     async fn load(&self, reference: &Reference) -> Result<ImageIndexes, LookupError> {
@@ -299,6 +390,9 @@ impl IndexLookup {
             }
             if let Some(of) = layer.annotations.get(LAYER_ANNOTATION) {
                 found.layers.insert(of.clone(), layer.digest.clone());
+                if let Some(size) = layer.size.filter(|s| *s <= MAX_INDEX_BLOB_BYTES) {
+                    found.index_sizes.push((of.clone(), size));
+                }
             }
         }
         if let Some(list) = doc.annotations.get(NOT_INDEXED_ANNOTATION) {

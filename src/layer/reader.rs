@@ -208,11 +208,18 @@ impl LayerReader {
         self
     }
 
-    /// Uncached, not-in-flight chunks at the very same blob bytes as the missing ones (the
-    /// other files of a gzip-index span): their bytes are fetched and inflated for the
-    /// missing ones anyway, and left behind they would each cost the whole span again. They
-    /// come along in the same request, whoever fetches.
-    fn siblings<'a>(&'a self, wanted: &[&ChunkSpec], missing: &[usize]) -> Vec<&'a ChunkSpec> {
+    /// Uncached, not-in-flight chunks whose blob bytes the fetch of the missing ones brings
+    /// anyway: those starting where a missing one starts (the other files of a gzip-index
+    /// part, and of the span's earlier parts, which are inflated on the way), left behind
+    /// they would each cost their bytes again. With `whole_span` (a container's read, which
+    /// is likely to go on reading nearby), also the span's later parts, whose bytes follow
+    /// in the same request. They come along in the same request, whoever fetches.
+    fn siblings<'a>(
+        &'a self,
+        wanted: &[&ChunkSpec],
+        missing: &[usize],
+        whole_span: bool,
+    ) -> Vec<&'a ChunkSpec> {
         if self.layout.is_empty() {
             return Vec::new();
         }
@@ -229,7 +236,7 @@ impl LayerReader {
                 .partition_point(|c| c.blob_range.start <= unit.start);
             for same in self.layout[first..at]
                 .iter()
-                .filter(|c| c.blob_range == *unit)
+                .filter(|c| whole_span || c.blob_range.end <= unit.end)
             {
                 if !inflight.contains_key(&same.piece())
                     && !self.store.is_ready(&self.blob_id, same)
@@ -343,7 +350,7 @@ impl LayerReader {
                     continue;
                 };
                 // The missed chunk's span siblings come with the read itself (`siblings`).
-                if other.blob_range != missed.blob_range
+                if other.blob_range.start != missed.blob_range.start
                     && !inflight.contains_key(&other.piece())
                     && !self.store.is_ready(&self.blob_id, other)
                     && taken.insert(other.piece())
@@ -361,10 +368,23 @@ impl LayerReader {
     /// not for the neighbours' transfer and decoding. Claimed before this returns, so a read
     /// of a neighbour meanwhile waits for this fetch instead of starting another.
     fn fetch_neighbours(self: &Arc<Self>, wanted: &[&ChunkSpec], missing: &[usize]) {
-        let extra = self.neighbours(wanted, missing);
+        let mut extra = self.neighbours(wanted, missing);
         if extra.is_empty() {
             return;
         }
+        // As with the read itself, a neighbour in a gzip-index span brings the rest of the
+        // span: the container is likely to read on there, and a later part fetched apart
+        // would cost the span's compressed bytes from its resume point again.
+        let whole: Vec<ChunkSpec> = {
+            let refs: Vec<&ChunkSpec> = extra.iter().collect();
+            let all: Vec<usize> = (0..refs.len()).collect();
+            self.siblings(&refs, &all, true)
+                .into_iter()
+                .cloned()
+                .collect()
+        };
+        extra.extend(whole);
+        extra.sort_by_key(|c| c.blob_range.start);
         let refs: Vec<&ChunkSpec> = extra.iter().collect();
         let all: Vec<usize> = (0..refs.len()).collect();
         let (claim, _theirs) = self.claim(&refs, &all);
@@ -630,7 +650,10 @@ impl LayerReader {
         }
         // Any fetch takes along the chunks at its very bytes (see `siblings`).
         let missing: Vec<usize> = (0..wanted).collect();
-        let extra = self.siblings(chunks, &missing);
+        // A container's read, or readahead (one, a little early), takes whole spans: it is
+        // likely to go on reading nearby. Trace and landmark prefetch stop at the parts named.
+        let whole_span = matches!(priority, Priority::Demand | Priority::Readahead);
+        let extra = self.siblings(chunks, &missing, whole_span);
         let with_siblings: Vec<&ChunkSpec>;
         let chunks = if extra.is_empty() {
             chunks
@@ -955,8 +978,10 @@ impl LayerReader {
 
 /// Decodes and verifies each chunk of a fetched run into the store (or, when the store cannot
 /// take it, into memory); `blob` holds blob bytes `range`. Pieces of one unit (the files of
-/// one gzip-index span) are decoded and hashed once for all of them: a span holds many small
-/// files, and decoding it once per file made a prefetch of many small files CPU-bound.
+/// one gzip-index part) are decoded and hashed once for all of them: a part holds many small
+/// files, and decoding it once per file made a prefetch of many small files CPU-bound. Units
+/// whose compressed bytes start at the same offset (the parts of one span) are decoded
+/// together, in one pass over their shared start.
 fn decode_run(
     decoder: &dyn ChunkDecoder,
     store: &dyn ChunkStore,
@@ -971,7 +996,8 @@ fn decode_run(
         blob.get(from..to)
     };
     let mut out: Vec<Option<Result<Landed, ReadError>>> = (0..specs.len()).map(|_| None).collect();
-    let mut units: HashMap<(chunk::ChunkId, u64, u64, ChunkDigest), Vec<usize>> = HashMap::new();
+    type UnitKey = (chunk::ChunkId, u64, u64, ChunkDigest);
+    let mut units: HashMap<UnitKey, Vec<usize>> = HashMap::new();
     for (i, spec) in specs.iter().enumerate() {
         units
             .entry((
@@ -983,16 +1009,62 @@ fn decode_run(
             .or_default()
             .push(i);
     }
-    for pieces in units.values().filter(|p| p.len() > 1) {
-        let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+    // Units by where their compressed bytes start.
+    let mut families: HashMap<u64, Vec<&Vec<usize>>> = HashMap::new();
+    for (key, pieces) in &units {
+        families.entry(key.1).or_default().push(pieces);
+    }
+    for family in families.values() {
+        if family.len() == 1 {
+            let pieces = family[0];
+            if pieces.len() == 1 {
+                continue;
+            }
+            let Some(compressed) = compressed_of(&specs[pieces[0]]) else {
+                continue;
+            };
+            let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+            for (&i, landed) in pieces
+                .iter()
+                .zip(decode_unit(decoder, store, blob_id, &group, compressed))
+            {
+                out[i] = landed;
+            }
+            continue;
+        }
+        let heads: Vec<&ChunkSpec> = family.iter().map(|p| &specs[p[0]]).collect();
+        let Some(longest) = heads.iter().max_by_key(|c| c.blob_range.end) else {
             continue;
         };
-        let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
-        for (&i, landed) in pieces
-            .iter()
-            .zip(decode_unit(decoder, store, blob_id, &group, compressed))
-        {
-            out[i] = landed;
+        let Some(compressed) = compressed_of(longest) else {
+            continue;
+        };
+        match decoder.decode_shared(&heads, compressed) {
+            Ok(decoded) => {
+                for (pieces, bytes) in family.iter().zip(decoded) {
+                    let group: Vec<&ChunkSpec> = pieces.iter().map(|&i| &specs[i]).collect();
+                    let given = Decoded(bytes);
+                    for (&i, landed) in
+                        pieces
+                            .iter()
+                            .zip(decode_unit(&given, store, blob_id, &group, &[]))
+                    {
+                        out[i] = landed;
+                    }
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for pieces in family {
+                    for &i in pieces.iter() {
+                        out[i] = Some(Err(ReadError::Decode {
+                            digest: specs[i].digest,
+                            offset: specs[i].blob_range.start,
+                            source: e.clone(),
+                        }));
+                    }
+                }
+            }
         }
     }
     out.into_iter()
@@ -1010,6 +1082,25 @@ fn decode_run(
             ),
         })
         .collect()
+}
+
+/// A unit's bytes decoded already (with the other parts of its span), handed to
+/// [`decode_unit`] as its decoder: they are hashed and stored like freshly decoded ones.
+struct Decoded(Vec<u8>);
+
+impl ChunkDecoder for Decoded {
+    fn decode(&self, _chunk: &ChunkSpec, _compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        Ok(self.0.clone())
+    }
+
+    fn decode_to(
+        &self,
+        _chunk: &ChunkSpec,
+        _compressed: &[u8],
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), FormatError> {
+        out.write_all(&self.0).map_err(FormatError::ChunkWrite)
+    }
 }
 
 /// One chunk of a run into the store, or into memory when the store cannot take it.
@@ -1594,6 +1685,76 @@ mod tests {
             self.decodes.fetch_add(1, Ordering::SeqCst);
             self.inner.decode(chunk, compressed)
         }
+    }
+
+    #[tokio::test]
+    async fn prefetch_stops_at_its_part_and_a_containers_read_takes_the_whole_span() {
+        // Varied text, so that deflate ends blocks often and the span has several parts.
+        let mut x: u64 = 7;
+        let files: Vec<(String, Vec<u8>)> = (0..24)
+            .map(|i| {
+                let mut data = Vec::new();
+                while data.len() < 24 << 10 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    data.extend_from_slice(format!("{} {}\n", x >> 40, x % 977).as_bytes());
+                }
+                (format!("lib/m{i:02}.py"), data)
+            })
+            .collect();
+        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 512 << 10);
+        let layout = opened.index.chunks_in_blob_order();
+        let span_start = layout[0].blob_range.start;
+        let span: Vec<ChunkSpec> = layout
+            .iter()
+            .filter(|c| c.blob_range.start == span_start)
+            .cloned()
+            .collect();
+        let span_end = span.iter().map(|c| c.blob_range.end).max().unwrap_or(0);
+        assert!(
+            span.iter().any(|c| c.blob_range.end < span_end),
+            "the first span has several parts"
+        );
+        let first = opened.index.resolve("lib/m00.py").expect("first file");
+        let chunks = opened.index.node(first).expect("node").chunks.clone();
+        let reader = |dir: &tempfile::TempDir| {
+            Arc::new(
+                LayerReader::new(
+                    Arc::new(FixtureBlob {
+                        blob: blob.clone(),
+                        ..FixtureBlob::default()
+                    }),
+                    BlobId::new(&digest, None),
+                    opened.decoder.clone(),
+                    Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                    Arc::new(Fetches::new(2)),
+                )
+                .with_neighbours(Arc::from(layout.clone()), 0),
+            )
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefetching = reader(&dir);
+        prefetching
+            .warm(&chunks, Priority::Prefetch)
+            .await
+            .expect("warm");
+        let fetched = prefetching.counters().fetched_bytes.load(Ordering::Relaxed);
+        assert!(
+            fetched < span_end - span_start,
+            "prefetch fetched {fetched} of the span's {} bytes",
+            span_end - span_start
+        );
+        assert!(
+            !prefetching.is_cached(&span),
+            "the span's last parts are left"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reading = reader(&dir);
+        let len = files[0].1.len() as u64;
+        let got = reading.read(&chunks, 0..len).await.expect("read");
+        assert_eq!(got.as_ref(), files[0].1.as_slice());
+        assert!(reading.is_cached(&span), "the read brought its whole span");
     }
 
     #[tokio::test]

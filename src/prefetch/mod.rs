@@ -142,6 +142,44 @@ pub fn plan_all(index: &LayerIndex) -> Vec<ChunkSpec> {
     index.chunks_in_blob_order()
 }
 
+/// Cuts `plan` into batches of about [`BATCH_BYTES`], in order, each chunk once.
+fn batch_plan(plan: Vec<ChunkSpec>) -> Vec<Vec<ChunkSpec>> {
+    let mut seen = HashSet::new();
+    let mut batches: Vec<Vec<ChunkSpec>> = Vec::new();
+    // Where the chunks of each compressed start went (the parts of a gzip-index span all
+    // start at its resume point).
+    let mut batch_of: HashMap<u64, usize> = HashMap::new();
+    let mut batch_bytes = 0;
+    for chunk in plan {
+        // Chunks of identical content are one entry in the store: fetch them once. The
+        // pieces of one gzip-index part share the part's digest but are other bytes each
+        // (other `within`): not one entry.
+        if !seen.insert((chunk.digest, chunk.within, chunk.len)) {
+            continue;
+        }
+        // A later chunk of a span already planned joins that batch: fetched apart, it would
+        // cost the span's compressed bytes from the resume point again; together, one request
+        // reaches the further of the two ends. A batch grows by at most the rest of its spans.
+        if let Some(batch) = batch_of
+            .get(&chunk.blob_range.start)
+            .and_then(|&b| batches.get_mut(b))
+        {
+            batch.push(chunk);
+            continue;
+        }
+        if batches.is_empty() || batch_bytes + chunk.len > BATCH_BYTES {
+            batches.push(Vec::new());
+            batch_bytes = 0;
+        }
+        batch_bytes += chunk.len;
+        batch_of.insert(chunk.blob_range.start, batches.len() - 1);
+        if let Some(batch) = batches.last_mut() {
+            batch.push(chunk);
+        }
+    }
+    batches
+}
+
 /// Fetches `plan` at `priority`, in order, `concurrency` batches at a time; stops at the
 /// first error. Returns the bytes it fetched (what was cached already costs nothing).
 pub async fn fetch_plan(
@@ -150,25 +188,7 @@ pub async fn fetch_plan(
     priority: Priority,
     concurrency: usize,
 ) -> Result<u64, ReadError> {
-    let mut seen = HashSet::new();
-    let mut batches: Vec<Vec<ChunkSpec>> = Vec::new();
-    let mut batch_bytes = 0;
-    for chunk in plan {
-        // Chunks of identical content are one entry in the store: fetch them once. The
-        // pieces of one gzip-index span share the span's digest but are other bytes each
-        // (other `within`): not one entry.
-        if !seen.insert((chunk.digest, chunk.within, chunk.len)) {
-            continue;
-        }
-        if batches.is_empty() || batch_bytes + chunk.len > BATCH_BYTES {
-            batches.push(Vec::new());
-            batch_bytes = 0;
-        }
-        batch_bytes += chunk.len;
-        if let Some(batch) = batches.last_mut() {
-            batch.push(chunk);
-        }
-    }
+    let batches = batch_plan(plan);
     let mut results = stream::iter(batches)
         .map(|batch| async move { reader.warm(&batch, priority).await })
         .buffered(concurrency.max(1));
@@ -326,6 +346,38 @@ mod tests {
     use crate::chunk::BlobId;
     use crate::layer::Fetches;
     use crate::test_utils::{gzip_index_layer, FixtureBlob};
+
+    fn chunk(start: u64, end: u64, len: u64, tag: u8) -> ChunkSpec {
+        ChunkSpec {
+            id: crate::chunk::ChunkId(u32::from(tag)),
+            file: Default::default(),
+            file_offset: 0,
+            len,
+            blob_range: start..end,
+            inner_offset: 0,
+            within: 0,
+            digest: crate::chunk::ChunkDigest::of(&[tag]),
+        }
+    }
+
+    #[test]
+    fn later_parts_of_a_span_join_the_batch_that_has_its_first() {
+        // Span A's first part, 4 MiB of other spans (a batch full), then span A's later part
+        // and a chunk of a new span.
+        let plan = vec![
+            chunk(0, 100, 1 << 20, 1),
+            chunk(1000, 2000, 3 << 20, 2),
+            chunk(5000, 6000, 1 << 20, 3),
+            chunk(0, 300, 1 << 20, 4),
+            chunk(7000, 8000, 1 << 20, 5),
+        ];
+        let batches = batch_plan(plan);
+        let tags: Vec<Vec<u32>> = batches
+            .iter()
+            .map(|b| b.iter().map(|c| c.id.0).collect())
+            .collect();
+        assert_eq!(tags, vec![vec![1, 2, 4], vec![3, 5]]);
+    }
 
     #[tokio::test]
     async fn a_plan_fetches_every_file_of_a_shared_span() {

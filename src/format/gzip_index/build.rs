@@ -1,6 +1,6 @@
 //! Building a layer's gzip index in one pass over its compressed bytes: the stream is
-//! inflated once ([`CheckpointingInflater`] records the resume points), every span of
-//! uncompressed bytes between resume points is hashed as it goes by, and the tar is parsed
+//! inflated once ([`CheckpointingInflater`] records the resume points and the finer marks
+//! that cut spans into parts), every part is hashed as it goes by, and the tar is parsed
 //! from the same bytes for its entries and where each file's data starts. Used by
 //! `lazysnap index`; blocking (CPU and the reader's I/O).
 
@@ -8,7 +8,7 @@ use std::io::Read;
 
 use sha2::{Digest as _, Sha256};
 
-use super::file::{GzipIndex, TarEntry, TarKind};
+use super::file::{GzipIndex, Part, TarEntry, TarKind};
 use super::zran::{Checkpoint, CheckpointingInflater, ZranError};
 use crate::chunk::ChunkDigest;
 use crate::metadata::Limits;
@@ -18,6 +18,11 @@ use crate::metadata::Limits;
 /// benchmark's python image 1 MiB gave indexes of 2.9% of the layers and a start fetching
 /// 1.5 times what eStargz fetches (2 MiB: 1.8% and 2.3 times).
 pub const DEFAULT_SPAN: u64 = 1 << 20;
+/// Parts per span: a read fetches the compressed bytes from its span's resume point to the
+/// end of the part it needs, not to the span's end. Each part costs 48 bytes of index (its
+/// ends and digest), about 0.05% of the python image's layers at 8 per MiB; with a trace,
+/// the python start fetched 11.1 MiB instead of 12.9 MiB (indexes 2.88% instead of 2.84%).
+pub const PARTS_PER_SPAN: u64 = 8;
 
 /// Why a layer could not be indexed.
 #[derive(Debug, thiserror::Error)]
@@ -32,22 +37,21 @@ pub enum BuildError {
     SpanTooLarge(u64),
 }
 
-/// Hashes the uncompressed bytes span by span as the tar reader pulls them through.
+/// Hashes the uncompressed bytes part by part as the tar reader pulls them through.
 struct SpanHasher<R> {
     inner: CheckpointingInflater<R>,
     hasher: Sha256,
     /// Uncompressed bytes hashed so far.
     pos: u64,
-    /// Spans whose digest is known (every checkpoint but the last starts one).
+    /// Parts whose digest is known (every mark but the first, at 0, ends one).
     digests: Vec<ChunkDigest>,
 }
 
 impl<R: Read> SpanHasher<R> {
-    /// Feeds `bytes` (the output from `pos` on), closing a span at every checkpoint they
-    /// reach.
+    /// Feeds `bytes` (the output from `pos` on), closing a part at every mark they reach.
     fn feed(&mut self, mut bytes: &[u8]) {
         loop {
-            let next = self.inner.checkpoints().get(self.digests.len() + 1);
+            let next = self.inner.marks().get(self.digests.len() + 1);
             match next {
                 Some(p) if p.out <= self.pos + bytes.len() as u64 => {
                     let cut = (p.out - self.pos) as usize;
@@ -84,7 +88,8 @@ pub fn build(
     limits: &Limits,
 ) -> Result<GzipIndex, BuildError> {
     let max_points = usize::try_from(limits.max_entries).unwrap_or(usize::MAX);
-    let inflater = CheckpointingInflater::new(blob, span, max_points)?;
+    let part = (span / PARTS_PER_SPAN).max(1);
+    let inflater = CheckpointingInflater::new(blob, span, part, max_points)?;
     let hashing = SpanHasher {
         inner: inflater,
         hasher: Sha256::new(),
@@ -102,23 +107,39 @@ pub fn build(
     let mut hashing = archive.into_inner();
     // The end-of-archive blocks and any padding: the spans cover the whole stream.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(BuildError::Tar)?;
+    // A mark recorded by a last call that produced nothing still ends a part.
+    hashing.feed(&[]);
     let SpanHasher {
         inner,
         hasher,
         mut digests,
         pos,
     } = hashing;
-    let (checkpoints, _) = inner.finish();
-    if !checkpoints.is_empty() {
-        digests.push(ChunkDigest::from_bytes(hasher.finalize().into()));
-    }
+    let (checkpoints, marks, _) = inner.finish();
     check_spans(&checkpoints, pos, limits)?;
+    // Part j ends at mark j + 1, the last part at the end of the stream (unless a mark is
+    // there already, ending an empty last span).
+    let mut ends: Vec<(u64, u64)> = marks.iter().skip(1).map(|m| (m.out, m.input)).collect();
+    if pos > marks.last().map_or(0, |m| m.out) {
+        digests.push(ChunkDigest::from_bytes(hasher.finalize().into()));
+        ends.push((pos, compressed_size));
+    }
+    let parts = ends
+        .into_iter()
+        .zip(digests)
+        .map(|((out_end, input), digest)| Part {
+            out_end,
+            // As for a span: the partial byte at `input` holds the block's last bits.
+            blob_end: input.saturating_add(1).min(compressed_size),
+            digest,
+        })
+        .collect();
     Ok(GzipIndex {
         layer_digest: layer_digest.to_owned(),
         compressed_size,
         uncompressed_size: pos,
         checkpoints,
-        span_digests: digests,
+        parts,
         entries,
     })
 }

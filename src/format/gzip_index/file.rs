@@ -1,8 +1,13 @@
 //! The gzip index document: what `lazysnap index` writes for one layer and the snapshotter
-//! reads back — the layer it describes, its resume points with their windows, the sha256 of
-//! every span of uncompressed bytes between them, and the tar's entries with where each
+//! reads back — the layer it describes, its resume points with their windows, the parts the
+//! spans between them are cut into (where each ends in the uncompressed stream and in the
+//! blob, and the sha256 of its uncompressed bytes), and the tar's entries with where each
 //! file's bytes start in the uncompressed stream. A little-endian binary layout, the whole
 //! zstd-compressed (the windows are most of it and compress like the layer's data).
+//!
+//! Version 1 (`LZGZIX01`) had one digest per span and no parts; it is still read, as one part
+//! per span. Parts (version 2) let a read that needs the start of a span fetch only the
+//! compressed bytes up to the end of the part it needs, not to the end of the span.
 //!
 //! The document comes from the registry, so decoding trusts nothing: every count, length and
 //! offset is checked against the bytes that remain and against `[limits]` before anything is
@@ -14,7 +19,8 @@ use super::zran::{Checkpoint, WINDOW};
 use crate::chunk::ChunkDigest;
 use crate::metadata::{over_limit, Limits};
 
-const MAGIC: &[u8; 8] = b"LZGZIX01";
+const MAGIC_V1: &[u8; 8] = b"LZGZIX01";
+const MAGIC: &[u8; 8] = b"LZGZIX02";
 /// Digest strings are `sha256:` and 64 hex digits.
 const MAX_DIGEST_BYTES: usize = 71;
 
@@ -63,6 +69,20 @@ pub struct TarEntry {
     pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
+/// A stretch of a span, ending at a deflate block boundary: the unit a read fetches (from its
+/// span's resume point to `blob_end`), inflates and verifies. A part starts where the one
+/// before it ends (the first at 0); every resume point is the end of a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Uncompressed offset of the part's end.
+    pub out_end: u64,
+    /// The blob bytes before this offset are enough to inflate the part's span up to
+    /// `out_end`.
+    pub blob_end: u64,
+    /// The sha256 of the part's uncompressed bytes.
+    pub digest: ChunkDigest,
+}
+
 /// The index of one gzip layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GzipIndex {
@@ -73,8 +93,8 @@ pub struct GzipIndex {
     /// Resume points, the first at output offset 0; span `k` runs from point `k` to point
     /// `k + 1` (the last to `uncompressed_size`).
     pub checkpoints: Vec<Checkpoint>,
-    /// The sha256 of each span's uncompressed bytes.
-    pub span_digests: Vec<ChunkDigest>,
+    /// The parts the spans are cut into, in stream order, covering it whole.
+    pub parts: Vec<Part>,
     pub entries: Vec<TarEntry>,
 }
 
@@ -102,6 +122,31 @@ impl GzipIndex {
         Some(start..end)
     }
 
+    /// Part `j`'s uncompressed bytes `start..end`.
+    pub fn part_out(&self, j: usize) -> Option<std::ops::Range<u64>> {
+        let end = self.parts.get(j)?.out_end;
+        let start = match j {
+            0 => 0,
+            _ => self.parts.get(j - 1)?.out_end,
+        };
+        Some(start..end)
+    }
+
+    /// The span part `j` belongs to.
+    pub fn span_of_part(&self, j: usize) -> Option<usize> {
+        let start = self.part_out(j)?.start;
+        self.checkpoints
+            .partition_point(|p| p.out <= start)
+            .checked_sub(1)
+    }
+
+    /// The blob bytes to fetch to inflate part `j`: from its span's resume point to the
+    /// part's end.
+    pub fn part_blob(&self, j: usize) -> Option<std::ops::Range<u64>> {
+        let start = self.checkpoints.get(self.span_of_part(j)?)?.fetch_from();
+        Some(start..self.parts.get(j)?.blob_end)
+    }
+
     /// The document, zstd-compressed at a high level: the index is written once and fetched
     /// by every node, so a smaller one is worth the second or so per layer.
     pub fn encode(&self) -> std::io::Result<Vec<u8>> {
@@ -111,12 +156,17 @@ impl GzipIndex {
         w.extend_from_slice(&self.compressed_size.to_le_bytes());
         w.extend_from_slice(&self.uncompressed_size.to_le_bytes());
         w.extend_from_slice(&(self.checkpoints.len() as u32).to_le_bytes());
-        for (p, digest) in self.checkpoints.iter().zip(&self.span_digests) {
+        for p in &self.checkpoints {
             w.extend_from_slice(&p.out.to_le_bytes());
             w.extend_from_slice(&p.input.to_le_bytes());
             w.push(p.bits);
             put_bytes(&mut w, &p.window);
-            w.extend_from_slice(digest.as_bytes());
+        }
+        w.extend_from_slice(&(self.parts.len() as u32).to_le_bytes());
+        for part in &self.parts {
+            w.extend_from_slice(&part.out_end.to_le_bytes());
+            w.extend_from_slice(&part.blob_end.to_le_bytes());
+            w.extend_from_slice(part.digest.as_bytes());
         }
         w.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
@@ -162,9 +212,11 @@ impl GzipIndex {
             )));
         }
         let mut r = Cursor { buf: &raw, pos: 0 };
-        if r.take(MAGIC.len(), "the magic")? != MAGIC {
-            return Err(IndexFileError::Magic);
-        }
+        let v1 = match r.take(MAGIC.len(), "the magic")? {
+            m if m == MAGIC => false,
+            m if m == MAGIC_V1 => true,
+            _ => return Err(IndexFileError::Magic),
+        };
         let digest = r.string(MAX_DIGEST_BYTES as u64, "the layer digest")?;
         if ChunkDigest::parse(&digest).is_none() || !digest.starts_with("sha256:") {
             return Err(invalid(format!(
@@ -173,20 +225,28 @@ impl GzipIndex {
         }
         let compressed_size = r.u64("the compressed size")?;
         let uncompressed_size = r.u64("the uncompressed size")?;
-        // out, input, bits, window length, digest: at least 53 bytes each.
-        let n = r.count(53, limits.max_entries, "resume points")?;
+        // out, input, bits, window length (and in version 1 a digest): at least 21 bytes
+        // each.
+        let n = r.count(
+            if v1 { 53 } else { 21 },
+            limits.max_entries,
+            "resume points",
+        )?;
         if n == 0 {
             return Err(invalid("no resume points".into()));
         }
         let mut checkpoints: Vec<Checkpoint> = Vec::with_capacity(n);
-        let mut span_digests = Vec::with_capacity(n);
+        let mut span_digests = Vec::with_capacity(if v1 { n } else { 0 });
         for k in 0..n {
             let out = r.u64("a resume point")?;
             let input = r.u64("a resume point")?;
             let bits = r.u8("a resume point")?;
             let window = r.bytes(WINDOW as u64, "a window")?.to_vec();
-            let mut digest = [0u8; 32];
-            digest.copy_from_slice(r.take(32, "a span digest")?);
+            if v1 {
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32, "a span digest")?);
+                span_digests.push(ChunkDigest::from_bytes(digest));
+            }
             let ordered = match checkpoints.last() {
                 None => out == 0,
                 Some(prev) => out > prev.out && input > prev.input,
@@ -208,14 +268,13 @@ impl GzipIndex {
                 bits,
                 window,
             });
-            span_digests.push(ChunkDigest::from_bytes(digest));
         }
         let mut index = GzipIndex {
             layer_digest: digest,
             compressed_size,
             uncompressed_size,
             checkpoints,
-            span_digests,
+            parts: Vec::new(),
             entries: Vec::new(),
         };
         for k in 0..n {
@@ -242,6 +301,38 @@ impl GzipIndex {
                 )));
             }
         }
+        index.parts = if v1 {
+            // One part per span, ending where the span does.
+            (0..n)
+                .filter_map(|k| {
+                    let out = index.span_out(k)?;
+                    let blob = index.span_blob(k)?;
+                    // An empty last span has no bytes to verify: no part.
+                    (out.end > out.start).then_some(Part {
+                        out_end: out.end,
+                        blob_end: blob.end,
+                        digest: *span_digests.get(k)?,
+                    })
+                })
+                .collect()
+        } else {
+            // out end, blob end, digest: 48 bytes each.
+            let m = r.count(48, limits.max_entries, "parts")?;
+            let mut parts = Vec::with_capacity(m);
+            for _ in 0..m {
+                let out_end = r.u64("a part")?;
+                let blob_end = r.u64("a part")?;
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(r.take(32, "a part digest")?);
+                parts.push(Part {
+                    out_end,
+                    blob_end,
+                    digest: ChunkDigest::from_bytes(digest),
+                });
+            }
+            parts
+        };
+        check_parts(&index, limits)?;
         // kind (1), name and link lengths (4 + 4), 5 u32, mtime, size and offset (3 x 8) and
         // the xattr count (4): at least 57 bytes each. More would refuse an honest index of a
         // few short-named files.
@@ -322,6 +413,63 @@ impl GzipIndex {
         index.entries = entries;
         Ok(index)
     }
+}
+
+/// The parts must cover the stream in order, each within its span (every resume point ends
+/// one), and claim no more compressed bytes than their output can need: a read trusts these
+/// extents for the size of what it fetches and inflates.
+fn check_parts(index: &GzipIndex, limits: &Limits) -> Result<(), IndexFileError> {
+    let mut prev = 0;
+    for (j, part) in index.parts.iter().enumerate() {
+        if part.out_end <= prev || part.out_end > index.uncompressed_size {
+            return Err(invalid(format!(
+                "part {j} ends at {} after {prev}, or outside the layer's {} bytes",
+                part.out_end, index.uncompressed_size
+            )));
+        }
+        prev = part.out_end;
+    }
+    if prev != index.uncompressed_size {
+        return Err(invalid(format!(
+            "the parts end at {prev}, the layer at {}",
+            index.uncompressed_size
+        )));
+    }
+    for (k, p) in index.checkpoints.iter().enumerate().skip(1) {
+        if index
+            .parts
+            .binary_search_by_key(&p.out, |part| part.out_end)
+            .is_err()
+        {
+            return Err(invalid(format!(
+                "resume point {k} at {} is inside a part",
+                p.out
+            )));
+        }
+    }
+    for j in 0..index.parts.len() {
+        let (Some(k), Some(out), Some(blob)) =
+            (index.span_of_part(j), index.part_out(j), index.part_blob(j))
+        else {
+            return Err(invalid(format!("part {j} is in no span")));
+        };
+        let Some(span) = index.span_out(k) else {
+            return Err(invalid(format!("part {j} is in no span")));
+        };
+        // Inflated from the span's start: that much output, bounded by the span's check.
+        let decoded = out.end.saturating_sub(span.start);
+        if decoded > limits.max_chunk_bytes
+            || blob.end < blob.start
+            || blob.end > index.compressed_size
+            || blob.end - blob.start > Limits::extent_bound(decoded)
+        {
+            return Err(invalid(format!(
+                "part {j} claims compressed bytes {}..{} for {decoded} bytes of output",
+                blob.start, blob.end
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(reason: String) -> IndexFileError {

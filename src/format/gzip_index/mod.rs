@@ -6,7 +6,10 @@
 //! data (`zran`), with the sha256 of each span of uncompressed bytes between them. A span is
 //! the unit the reader fetches, verifies and stores: its compressed extent is fetched,
 //! inflation resumes from the stored window, and the span's bytes are checked against its
-//! digest; a file's bytes are pieces of spans ([`ChunkSpec::within`]).
+//! digest; a file's bytes are pieces of spans ([`ChunkSpec::within`]). Spans are cut into
+//! parts at deflate block boundaries, each with its own digest and compressed end: the unit
+//! fetched and verified is a part, whose compressed bytes run from its span's resume point
+//! to the part's end, so a read near a span's start does not fetch the rest of the span.
 //!
 //! The format finds nothing itself: the resolver looks the image's index up in the registry,
 //! checks it from the artifact manifest's digest down to the layer's index blob digest, and
@@ -182,85 +185,144 @@ pub fn layer_index(index: &GzipIndex, limits: &Limits) -> Result<LayerIndex, For
     Ok(builder.finish())
 }
 
-/// The pieces of spans holding bytes `offset..offset + size` of the stream, in file order.
-/// At most one per span: bounded by the (checked) number of resume points.
+/// The pieces of parts holding bytes `offset..offset + size` of the stream, in file order.
+/// At most one per part: bounded by the (checked) number of parts.
 fn pieces(index: &GzipIndex, offset: u64, size: u64) -> Vec<ChunkSpec> {
     let end = offset.saturating_add(size);
     let mut out = Vec::new();
     if size == 0 {
         return out;
     }
-    let first = index
-        .checkpoints
-        .partition_point(|p| p.out <= offset)
-        .saturating_sub(1);
-    for k in first..index.checkpoints.len() {
-        let (Some(span), Some(blob), Some(digest)) = (
-            index.span_out(k),
-            index.span_blob(k),
-            index.span_digests.get(k),
+    let first = index.parts.partition_point(|p| p.out_end <= offset);
+    for j in first..index.parts.len() {
+        let (Some(part), Some(blob), Some(digest)) = (
+            index.part_out(j),
+            index.part_blob(j),
+            index.parts.get(j).map(|p| p.digest),
         ) else {
             break;
         };
-        if span.start >= end {
+        if part.start >= end {
             break;
         }
-        let from = offset.max(span.start);
-        let to = end.min(span.end);
+        let from = offset.max(part.start);
+        let to = end.min(part.end);
         if from >= to {
             continue;
         }
         out.push(ChunkSpec {
-            id: ChunkId(k as u32),
+            id: ChunkId(j as u32),
             file: Default::default(),
             file_offset: from - offset,
             len: to - from,
             blob_range: blob,
             inner_offset: 0,
-            within: from - span.start,
-            digest: *digest,
+            within: from - part.start,
+            digest,
         });
     }
     out
 }
 
-/// Inflates whole spans from their resume points.
+/// Inflates parts from their spans' resume points.
 struct SpanDecoder {
     index: GzipIndex,
 }
 
-impl ChunkDecoder for SpanDecoder {
-    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
-        let k = chunk.id.0 as usize;
+impl SpanDecoder {
+    /// Part `j`'s span, resume point and uncompressed range, checked against what `chunk`
+    /// says its compressed bytes are.
+    fn locate(
+        &self,
+        chunk: &ChunkSpec,
+    ) -> Result<(usize, std::ops::Range<u64>, std::ops::Range<u64>), FormatError> {
+        let j = chunk.id.0 as usize;
+        let (Some(k), Some(part), Some(blob)) = (
+            self.index.span_of_part(j),
+            self.index.part_out(j),
+            self.index.part_blob(j),
+        ) else {
+            return Err(FormatError::GzipIndexMismatch(format!("no part {j}")));
+        };
+        let Some(span) = self.index.span_out(k) else {
+            return Err(FormatError::GzipIndexMismatch(format!("no span {k}")));
+        };
+        if blob != chunk.blob_range {
+            return Err(FormatError::GzipIndexMismatch(format!(
+                "part {j} is not at blob bytes {}..{}",
+                chunk.blob_range.start, chunk.blob_range.end
+            )));
+        }
+        Ok((k, span, part))
+    }
+
+    /// Span `k` inflated from its resume point up to uncompressed offset `end`.
+    fn inflate(&self, k: usize, end: u64, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         let (Some(point), Some(span)) = (self.index.checkpoints.get(k), self.index.span_out(k))
         else {
             return Err(FormatError::GzipIndexMismatch(format!("no span {k}")));
         };
-        if self.index.span_blob(k) != Some(chunk.blob_range.clone()) {
-            return Err(FormatError::GzipIndexMismatch(format!(
-                "span {k} is not at blob bytes {}..{}",
-                chunk.blob_range.start, chunk.blob_range.end
-            )));
+        // Within the span, whose length was checked against max_chunk_bytes when the index
+        // was decoded.
+        let len = end.clamp(span.start, span.end) - span.start;
+        let out = zran::inflate_span(compressed, point.bits, &point.window, len as usize)
+            .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))?;
+        if end >= span.end {
+            check_next_window(&self.index, k, &out)?;
         }
-        // The span's length was checked against max_chunk_bytes when the index was decoded.
-        let out = zran::inflate_span(
-            compressed,
-            point.bits,
-            &point.window,
-            (span.end - span.start) as usize,
-        )
-        .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))?;
-        check_next_window(&self.index, k, &out)?;
         Ok(out)
+    }
+}
+
+impl ChunkDecoder for SpanDecoder {
+    fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        let (k, span, part) = self.locate(chunk)?;
+        let mut out = self.inflate(k, part.end, compressed)?;
+        out.drain(..(part.start - span.start) as usize);
+        Ok(out)
+    }
+
+    /// Parts of one span share their compressed start: the span is inflated once, as far as
+    /// the last of them, and cut.
+    fn decode_shared(
+        &self,
+        units: &[&ChunkSpec],
+        compressed: &[u8],
+    ) -> Result<Vec<Vec<u8>>, FormatError> {
+        let mut located = Vec::with_capacity(units.len());
+        for unit in units {
+            located.push(self.locate(unit)?);
+        }
+        let Some(&(k, ref span, _)) = located.first() else {
+            return Ok(Vec::new());
+        };
+        if located.iter().any(|(other, _, _)| *other != k) {
+            return units.iter().map(|u| self.decode(u, compressed)).collect();
+        }
+        let end = located
+            .iter()
+            .map(|(_, _, p)| p.end)
+            .max()
+            .unwrap_or(span.start);
+        let out = self.inflate(k, end, compressed)?;
+        Ok(located
+            .iter()
+            .map(|(_, span, part)| {
+                let from = (part.start - span.start) as usize;
+                let to = (part.end - span.start) as usize;
+                out.get(from..to).unwrap_or_default().to_vec()
+            })
+            .collect())
     }
 }
 
 /// The next resume point's window must be the end of this span's output: the windows chain
 /// the spans together (the first has none, so it decodes from the blob alone), and a window
 /// that is not what precedes its point would make the next span other bytes than the layer
-/// holds, digests notwithstanding. Checked whenever a span is decoded, so a layer fetched
-/// whole (background fetch) has checked every window. A window longer than the span reaches
-/// into earlier spans and is checked as far as this span goes.
+/// holds, digests notwithstanding. Checked whenever a span's last part is decoded (with the
+/// rest of the span), so a layer fetched whole (background fetch) has checked every window.
+/// A window longer than the span reaches into earlier spans and is checked as far as this
+/// span goes.
 fn check_next_window(index: &GzipIndex, k: usize, out: &[u8]) -> Result<(), FormatError> {
     let Some(next) = index.checkpoints.get(k + 1) else {
         return Ok(());

@@ -112,7 +112,10 @@ fn the_document_round_trips_and_knows_every_entry() {
         "{} spans",
         index.checkpoints.len()
     );
-    assert_eq!(index.span_digests.len(), index.checkpoints.len());
+    assert!(
+        index.parts.len() > index.checkpoints.len(),
+        "spans are cut into parts"
+    );
     assert_eq!(index.compressed_size, blob.len() as u64);
     let encoded = index.encode().expect("encode");
     let decoded = GzipIndex::decode(&encoded, &Limits::default()).expect("decode");
@@ -264,7 +267,14 @@ fn a_window_that_does_not_chain_fails_the_span_before_it() {
         let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
         good.decoder.decode(c, compressed).expect("honest span");
     }
-    // A forged window for point 2 is caught when span 1 is decoded.
+    // A forged window for point 2 is caught when span 1's last part is decoded (with the
+    // rest of the span).
+    let span1_end = index.checkpoints[2].out;
+    let last_part = index
+        .parts
+        .iter()
+        .position(|p| p.out_end == span1_end)
+        .expect("a part ends at each resume point");
     index.checkpoints[2].window[100] ^= 0xff;
     let encoded = index.encode().expect("encode");
     let forged = GzipIndexFormat::default()
@@ -277,8 +287,8 @@ fn a_window_that_does_not_chain_fails_the_span_before_it() {
         .index
         .chunks_in_blob_order()
         .into_iter()
-        .find(|c| c.id == ChunkId(1))
-        .expect("span 1");
+        .find(|c| c.id == ChunkId(last_part as u32))
+        .expect("span 1's last part");
     let compressed = &blob[span1.blob_range.start as usize..span1.blob_range.end as usize];
     let err = forged
         .decoder
@@ -288,4 +298,109 @@ fn a_window_that_does_not_chain_fails_the_span_before_it() {
         err.to_string().contains("window of resume point 2"),
         "{err}"
     );
+}
+
+#[test]
+fn a_read_fetches_its_span_only_up_to_the_end_of_its_part() {
+    let (blob, _, index) = indexed();
+    let encoded = index.encode().expect("encode");
+    let opened = GzipIndexFormat::default()
+        .open(&Resolved {
+            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
+            index: encoded,
+        })
+        .expect("open");
+    let layout = opened.index.chunks_in_blob_order();
+    let mut shorter = 0;
+    for c in &layout {
+        let j = c.id.0 as usize;
+        let k = index.span_of_part(j).expect("span");
+        let span_blob = index.span_blob(k).expect("span blob");
+        assert_eq!(c.blob_range.start, span_blob.start, "from the resume point");
+        assert!(c.blob_range.end <= span_blob.end, "never past the span");
+        if c.blob_range.end < span_blob.end {
+            shorter += 1;
+        }
+    }
+    assert!(shorter > 0, "no piece stops short of its span's end");
+    // The parts of one span decoded together are the parts decoded one by one.
+    let parts_of = |k: usize| -> Vec<&ChunkSpec> {
+        let mut seen = std::collections::HashSet::new();
+        layout
+            .iter()
+            .filter(|c| index.span_of_part(c.id.0 as usize) == Some(k))
+            .filter(|c| seen.insert(c.id))
+            .collect()
+    };
+    let first_span = (0..index.checkpoints.len())
+        .map(parts_of)
+        .max_by_key(|p| p.len())
+        .expect("spans");
+    assert!(first_span.len() > 1, "a span has several parts");
+    let longest = first_span
+        .iter()
+        .map(|c| c.blob_range.end)
+        .max()
+        .expect("parts");
+    let start = first_span[0].blob_range.start as usize;
+    let together = opened
+        .decoder
+        .decode_shared(&first_span, &blob[start..longest as usize])
+        .expect("decode together");
+    for (c, bytes) in first_span.iter().zip(&together) {
+        let alone = opened
+            .decoder
+            .decode(c, &blob[start..c.blob_range.end as usize])
+            .expect("decode alone");
+        assert_eq!(&alone, bytes);
+        assert_eq!(crate::chunk::ChunkDigest::of(bytes), c.digest);
+    }
+}
+
+#[test]
+fn parts_that_do_not_tile_the_stream_or_overreach_are_refused() {
+    let (_, _, index) = indexed();
+    let boundary = index.checkpoints[1].out;
+    let at = index
+        .parts
+        .iter()
+        .position(|p| p.out_end == boundary)
+        .expect("a part ends at the resume point");
+    type Tamper = Box<dyn Fn(&mut GzipIndex)>;
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("out of order", Box::new(|ix| ix.parts.swap(0, 1))),
+        (
+            "a resume point inside a part",
+            Box::new(move |ix| {
+                ix.parts.remove(at);
+            }),
+        ),
+        (
+            "short of the layer's end",
+            Box::new(|ix| {
+                ix.parts.pop();
+            }),
+        ),
+        (
+            "more compressed bytes than the layer",
+            Box::new(|ix| ix.parts[2].blob_end = ix.compressed_size + 1),
+        ),
+        (
+            "more compressed bytes than the output can need",
+            Box::new(|ix| {
+                ix.compressed_size = u64::MAX / 2;
+                ix.parts[0].blob_end = 1 << 40;
+            }),
+        ),
+    ];
+    for (what, tamper) in cases {
+        let mut ix = index.clone();
+        tamper(&mut ix);
+        let encoded = ix.encode().expect("encode");
+        let err = GzipIndex::decode(&encoded, &Limits::default()).expect_err(what);
+        assert!(
+            matches!(err, super::file::IndexFileError::Invalid(_)),
+            "{what}: {err}"
+        );
+    }
 }

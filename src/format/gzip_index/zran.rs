@@ -2,7 +2,9 @@
 //! [`CheckpointingInflater`] records a checkpoint at deflate block boundaries every `span`
 //! bytes of output (the compressed offset, the bits of the previous byte still unread, and the
 //! 32 KiB of output before it); [`inflate_span`] later resumes raw inflation at a checkpoint
-//! from just the compressed bytes after it, primed with those bits and that window.
+//! from just the compressed bytes after it, primed with those bits and that window. Between
+//! checkpoints it also marks finer block boundaries ([`Mark`]): where a read that needs only
+//! the start of a span may stop fetching.
 //!
 //! zlib's `inflatePrime`, `inflateSetDictionary` and `inflate(Z_BLOCK)` with `data_type` are
 //! not in flate2's safe API; they come from `libz-rs-sys` (zlib's C API implemented in Rust,
@@ -49,6 +51,15 @@ pub struct Checkpoint {
     pub bits: u8,
     /// Up to [`WINDOW`] bytes of output just before `out`.
     pub window: Vec<u8>,
+}
+
+/// A deflate block boundary: inflating from the previous checkpoint up to uncompressed offset
+/// `out` needs the compressed bytes before `input` and the partial byte at it. Every
+/// checkpoint is a mark too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub out: u64,
+    pub input: u64,
 }
 
 impl Checkpoint {
@@ -167,13 +178,18 @@ pub struct CheckpointingInflater<R> {
     /// The last output, at most 2 * WINDOW bytes (trimmed to WINDOW when it grows past).
     history: Vec<u8>,
     span: u64,
+    /// The least output between marks.
+    part: u64,
     max_checkpoints: usize,
     checkpoints: Vec<Checkpoint>,
+    marks: Vec<Mark>,
     done: bool,
 }
 
 impl<R: Read> CheckpointingInflater<R> {
-    pub fn new(inner: R, span: u64, max_checkpoints: usize) -> Result<Self, ZranError> {
+    /// A checkpoint every `span` bytes of output and a mark every `part` (marks count against
+    /// `max_checkpoints` too, so memory stays bounded by it).
+    pub fn new(inner: R, span: u64, part: u64, max_checkpoints: usize) -> Result<Self, ZranError> {
         Ok(CheckpointingInflater {
             inner,
             stream: Stream::new(GZIP_OR_ZLIB)?,
@@ -185,8 +201,10 @@ impl<R: Read> CheckpointingInflater<R> {
             total_out: 0,
             history: Vec::with_capacity(2 * WINDOW),
             span: span.max(1),
+            part: part.clamp(1, span.max(1)),
             max_checkpoints,
             checkpoints: Vec::new(),
+            marks: Vec::new(),
             done: false,
         })
     }
@@ -201,9 +219,14 @@ impl<R: Read> CheckpointingInflater<R> {
         self.total_out
     }
 
-    /// The checkpoints and the inner reader.
-    pub fn finish(self) -> (Vec<Checkpoint>, R) {
-        (self.checkpoints, self.inner)
+    /// The marks recorded so far, in order.
+    pub fn marks(&self) -> &[Mark] {
+        &self.marks
+    }
+
+    /// The checkpoints, the marks and the inner reader.
+    pub fn finish(self) -> (Vec<Checkpoint>, Vec<Mark>, R) {
+        (self.checkpoints, self.marks, self.inner)
     }
 
     fn fill(&mut self) -> Result<(), ZranError> {
@@ -242,11 +265,22 @@ impl<R: Read> CheckpointingInflater<R> {
             None => true,
             Some(last) => self.total_out - last.out >= self.span,
         };
-        if !due {
+        let mark_due = self
+            .marks
+            .last()
+            .is_none_or(|m| self.total_out - m.out >= self.part);
+        if !due && !mark_due {
             return Ok(());
         }
-        if self.checkpoints.len() >= self.max_checkpoints {
+        if self.marks.len() >= self.max_checkpoints {
             return Err(ZranError::TooManyCheckpoints(self.max_checkpoints));
+        }
+        self.marks.push(Mark {
+            out: self.total_out,
+            input: self.total_in,
+        });
+        if !due {
+            return Ok(());
         }
         let keep = self.history.len().min(WINDOW);
         self.checkpoints.push(Checkpoint {
@@ -430,11 +464,32 @@ mod tests {
     }
 
     fn check_all_spans(data: &[u8], blob: &[u8], span: u64) -> usize {
-        let mut inflater = CheckpointingInflater::new(blob, span, 10_000).expect("init");
+        let mut inflater = CheckpointingInflater::new(blob, span, span / 4, 10_000).expect("init");
         let mut out = Vec::new();
         inflater.read_to_end(&mut out).expect("inflate");
         assert_eq!(out, data);
-        let (points, _) = inflater.finish();
+        let (points, marks, _) = inflater.finish();
+        // A read stopping at a mark inflates from the checkpoint before it with the compressed
+        // bytes up to the mark alone.
+        assert!(marks.len() > points.len(), "marks between checkpoints");
+        for m in &marks {
+            let k = points.partition_point(|p| p.out <= m.out) - 1;
+            let p = &points[k];
+            let to = (m.input + 1).min(blob.len() as u64) as usize;
+            let got = inflate_span(
+                &blob[p.fetch_from() as usize..to],
+                p.bits,
+                &p.window,
+                (m.out - p.out) as usize,
+            )
+            .expect("resume up to a mark");
+            assert_eq!(
+                got,
+                &data[p.out as usize..m.out as usize],
+                "mark at {}",
+                m.out
+            );
+        }
         assert_eq!(points[0].out, 0);
         for (k, p) in points.iter().enumerate() {
             let end = points.get(k + 1).map_or(data.len() as u64, |n| n.out);
@@ -475,9 +530,10 @@ mod tests {
     fn damaged_input_is_an_error_not_bytes() {
         let data = pseudo_random_text(1 << 20);
         let blob = gzip(&data);
-        let mut inflater = CheckpointingInflater::new(&blob[..], 64 << 10, 1000).expect("init");
+        let mut inflater =
+            CheckpointingInflater::new(&blob[..], 64 << 10, 64 << 10, 1000).expect("init");
         std::io::copy(&mut inflater, &mut std::io::sink()).expect("inflate");
-        let (points, _) = inflater.finish();
+        let (points, _, _) = inflater.finish();
         let p = &points[1];
         let end = points[2].input as usize + 1;
         let mut bad = blob[p.fetch_from() as usize..end].to_vec();
