@@ -288,20 +288,16 @@ fn chunks_are_served_only_to_layers_whose_blob_holds_them_and_saved_state_is_sco
     );
     // Pulled again, the image's layer mounts from its kept state, not resolved anew (its
     // data was pruned above, so reading it still fetches).
-    let reused = |stack: &Stack| {
+    // Lines of lazysnap's log that say `what` of the victim's layer.
+    let said = |stack: &Stack, what: &str| {
         stack
             .lazysnap_log()
             .lines()
-            .filter(|l| l.contains("reusing saved layer state") && l.contains(&victim_digest))
+            .filter(|l| l.contains(what) && l.contains(&victim_digest))
             .count()
     };
-    let resolved = |stack: &Stack| {
-        stack
-            .lazysnap_log()
-            .lines()
-            .filter(|l| l.contains("resolved layer") && l.contains(&victim_digest))
-            .count()
-    };
+    let reused = |stack: &Stack| said(stack, "reusing saved layer state");
+    let resolved = |stack: &Stack| said(stack, "resolved layer");
     let (reused_before, resolved_before) = (reused(&stack), resolved(&stack));
     stack.rpull(&a);
     assert_eq!(

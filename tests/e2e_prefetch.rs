@@ -93,6 +93,21 @@ fn wait_for_traces(stack: &Stack, at_least: usize) -> BTreeMap<String, u64> {
     traces
 }
 
+/// Waits until containerd's GC has removed every lazysnap snapshot.
+fn wait_until_no_snapshots(stack: &Stack) {
+    stack.eventually(
+        "containerd's GC to remove every snapshot",
+        Duration::from_secs(30),
+        || {
+            stack
+                .ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"])
+                .lines()
+                .nth(1)
+                .is_none()
+        },
+    );
+}
+
 /// Waits until no lazy layer is still prefetching.
 fn wait_until_prefetched(stack: &Stack) {
     stack.eventually("prefetch to finish", Duration::from_secs(60), || {
@@ -177,17 +192,7 @@ fn a_trace_learned_on_the_same_node_prefetches_the_next_mount() {
 
     // The image goes, the cache is emptied: only the trace is left.
     stack.ctr(&["images", "rm", "--sync", &lazy]);
-    stack.eventually(
-        "containerd's GC to remove every snapshot",
-        Duration::from_secs(30),
-        || {
-            stack
-                .ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"])
-                .lines()
-                .nth(1)
-                .is_none()
-        },
-    );
+    wait_until_no_snapshots(&stack);
     let pruned = stack.cli_json(&["cache", "prune", "--to", "0"]);
     assert_eq!(number(&pruned, "disk_used_bytes"), 0, "{pruned}");
 
@@ -475,17 +480,7 @@ fn a_layer_mounted_again_brings_its_traced_files_into_memory_before_the_containe
 
     // The image goes; the layers' bytes stay in the store, and nothing of them in memory.
     stack.ctr(&["images", "rm", "--sync", &lazy]);
-    stack.eventually(
-        "containerd's GC to remove every snapshot",
-        Duration::from_secs(30),
-        || {
-            stack
-                .ctr(&["snapshots", "--snapshotter", "lazysnap", "ls"])
-                .lines()
-                .nth(1)
-                .is_none()
-        },
-    );
+    wait_until_no_snapshots(&stack);
     let store = stack.lazysnap_root().join("cache");
     drop_page_cache();
     let cold = resident_bytes(&store);
