@@ -308,7 +308,7 @@ fn sigterm_ends_the_daemon_promptly_while_a_container_uses_a_lazy_mount() {
             .arg(containerd)
             .args([
                 "--namespace",
-                "lazysnap-test",
+                &harness::namespace(),
                 "task",
                 "exec",
                 "--exec-id",

@@ -221,7 +221,7 @@ fn a_daemon_killed_while_filling_a_file_keeps_what_it_stored() {
             std::process::Command::new("ctr")
                 .arg("--address")
                 .arg(ctr)
-                .args(["--namespace", "lazysnap-test"])
+                .args(["--namespace", crate::harness::namespace().as_str()])
                 .args([
                     "run",
                     "--rm",

@@ -213,7 +213,7 @@ impl Reader {
         std::process::Command::new("ctr")
             .arg("--address")
             .arg(&self.containerd)
-            .args(["--namespace", "lazysnap-test"])
+            .args(["--namespace", crate::harness::namespace().as_str()])
             .args(args)
             .output()
             .is_ok_and(|o| o.status.success())

@@ -229,7 +229,7 @@ fn run_workload(
         .arg(b.stack.containerd_socket())
         .args([
             "--namespace",
-            "lazysnap-test",
+            &crate::harness::namespace(),
             "run",
             "--rm",
             "--snapshotter",

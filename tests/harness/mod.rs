@@ -26,6 +26,14 @@ pub mod tools;
 #[allow(unused_imports)]
 pub use stack::Stack;
 
+/// The containerd namespace the tests and the bench run containers in. runc keeps its state
+/// per namespace under `/run/containerd/runc/<namespace>`, shared by every containerd on the
+/// machine, so two suites run side by side (e.g. from two worktrees) set
+/// `LAZYSNAP_TEST_NAMESPACE` to keep their container ids apart.
+pub fn namespace() -> String {
+    std::env::var("LAZYSNAP_TEST_NAMESPACE").unwrap_or_else(|_| "lazysnap-test".to_string())
+}
+
 /// The busybox applets the test images link, for the scripts containers run.
 pub const APPLETS: &[&str] = &[
     "sh",

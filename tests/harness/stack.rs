@@ -463,7 +463,7 @@ state = "{state}"
         let out = Command::new(tool)
             .arg("--address")
             .arg(self.containerd_socket())
-            .args(["--namespace", "lazysnap-test"])
+            .args(["--namespace", super::namespace().as_str()])
             .args(args)
             .output()
             .map_err(|e| format!("run {tool}: {e}"))?;
