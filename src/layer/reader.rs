@@ -109,9 +109,14 @@ const RUNS_IN_FLIGHT: usize = 4;
 /// actually read.
 const WHOLE_FILE_BYTES: u64 = 16 << 20;
 /// A miss in a directory of at most this many compressed bytes brings the directory's other
-/// files: small enough that fetching it whole costs less than a round trip or two at the
-/// link speeds lazy pulling is for.
+/// files once the container has read another of them: small enough that fetching it whole
+/// costs less than a round trip or two at the link speeds lazy pulling is for.
 const SMALL_DIRECTORY_BYTES: u64 = 512 << 10;
+/// A directory of at most this many compressed bytes comes whole on its first miss. Above
+/// it, one file read says too little: a start that reads one file of a directory of many
+/// (a config among data files) would fetch several times what it reads; a second file read
+/// (modules of one package imported together) is the evidence that the rest is wanted too.
+const FIRST_MISS_DIRECTORY_BYTES: u64 = 128 << 10;
 
 /// The reader of one mounted layer.
 pub struct LayerReader {
@@ -144,6 +149,8 @@ pub struct LayerReader {
     /// compressed bytes: a miss in a small directory brings the rest of it.
     directories: Arc<[u64]>,
     directory_members: HashMap<u64, (u64, Vec<u32>)>,
+    /// [`FIRST_MISS_DIRECTORY_BYTES`], lowered by tests whose fixture directories are tiny.
+    first_miss_directory_bytes: u64,
     /// One bit per entry of `layout`: whether a container has read that fetch unit, so it
     /// counts once in `read_chunk_bytes`. Atomic words keep the lock off the read path.
     read_marks: Box<[AtomicU64]>,
@@ -175,6 +182,7 @@ impl LayerReader {
             read_marks: Box::default(),
             directories: Arc::from(Vec::new()),
             directory_members: HashMap::new(),
+            first_miss_directory_bytes: FIRST_MISS_DIRECTORY_BYTES,
         }
     }
 
@@ -249,8 +257,9 @@ impl LayerReader {
         extra
     }
 
-    /// Makes a miss in a directory of at most [`SMALL_DIRECTORY_BYTES`] (compressed) also
-    /// fetch the directory's other uncached files: the headers a compiler includes, the
+    /// Makes a miss in a directory of at most [`FIRST_MISS_DIRECTORY_BYTES`] (compressed), or
+    /// of at most [`SMALL_DIRECTORY_BYTES`] once another of its files was read, also fetch the
+    /// directory's other uncached files: the headers a compiler includes, the
     /// modules of one package. `directories` names the directory of each chunk of the
     /// layout given to [`Self::with_neighbours`] (0 for none).
     pub fn with_directories(mut self, directories: Vec<u64>) -> Self {
@@ -267,6 +276,13 @@ impl LayerReader {
         self.directory_members = members;
         self.directories = Arc::from(directories);
         self
+    }
+
+    /// Whether a container has read chunk `at` of the layout (see [`Self::note_read`]).
+    fn was_read(&self, at: usize) -> bool {
+        self.read_marks
+            .get(at / 64)
+            .is_some_and(|word| word.load(Ordering::Relaxed) & (1u64 << (at % 64)) != 0)
     }
 
     /// Counts the fetch units of `chunks` no container read before into `read_chunk_bytes`.
@@ -342,9 +358,19 @@ impl LayerReader {
             else {
                 continue;
             };
-            let Some((_, members)) = self.directory_members.get(dir) else {
+            let Some((dir_bytes, members)) = self.directory_members.get(dir) else {
                 continue;
             };
+            if *dir_bytes > self.first_miss_directory_bytes
+                && !members.iter().any(|&m| {
+                    self.layout
+                        .get(m as usize)
+                        .is_some_and(|c| c.file != missed.file)
+                        && self.was_read(m as usize)
+                })
+            {
+                continue;
+            }
             for &m in members {
                 let Some(other) = self.layout.get(m as usize) else {
                     continue;
@@ -1618,6 +1644,94 @@ mod tests {
             others.iter().map(|c| c.len).sum::<u64>(),
             "the directory's other files, and nothing else"
         );
+    }
+
+    #[tokio::test]
+    async fn a_miss_in_a_larger_directory_brings_its_other_files_once_another_was_read() {
+        let s = setup(false, false).await;
+        let layout: Vec<ChunkSpec> = s.index.chunks_in_blob_order();
+        let dirs = s.index.directories_of(&layout);
+        // A directory of two files or more: a chunk of one is read, then the last chunk of
+        // another (so that the rest of its file brings nothing); the directory's other
+        // chunks are what the rule may bring.
+        let files_of = |dir: u64| {
+            let mut files: Vec<_> = (0..layout.len())
+                .filter(|&k| dirs[k] == dir)
+                .map(|k| layout[k].file)
+                .collect();
+            files.sort_unstable();
+            files.dedup();
+            files
+        };
+        let dir = dirs
+            .iter()
+            .copied()
+            .filter(|&d| d != 0)
+            .find(|&d| {
+                files_of(d).len() >= 2 && (0..layout.len()).filter(|&k| dirs[k] == d).count() >= 3
+            })
+            .expect("the fixture has a directory of two files and three chunks or more");
+        let files = files_of(dir);
+        let first = layout
+            .iter()
+            .find(|c| c.file == files[0])
+            .cloned()
+            .expect("a file of the directory has a chunk");
+        let second = layout
+            .iter()
+            .rev()
+            .find(|c| c.file == files[1])
+            .cloned()
+            .expect("a file of the directory has a chunk");
+        let others: Vec<ChunkSpec> = (0..layout.len())
+            .filter(|&k| {
+                dirs[k] == dir
+                    && layout[k].file != first.file
+                    && layout[k].piece() != second.piece()
+            })
+            .map(|k| layout[k].clone())
+            .collect();
+        assert!(
+            !others.is_empty(),
+            "the directory has chunks besides the two read"
+        );
+        let dir_path = tempfile::tempdir().expect("tempdir");
+        let mut reader = LayerReader::new(
+            s.blob.clone(),
+            BlobId::new("sha256:fixture", None),
+            s.decoder.clone(),
+            Arc::new(LocalStore::open(dir_path.path(), 0).expect("cache")),
+            Arc::new(Fetches::new(2)),
+        )
+        .with_neighbours(Arc::from(layout.clone()), 1)
+        .with_directories(dirs);
+        // Every directory of the fixture counts as larger than the first-miss limit.
+        reader.first_miss_directory_bytes = 0;
+        let reader = Arc::new(reader);
+        let from = first.file_offset;
+        reader
+            .read(std::slice::from_ref(&first), from..from + 1)
+            .await
+            .expect("first read");
+        // Time for a neighbour fetch, had one been started, to land.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            others
+                .iter()
+                .all(|c| !reader.is_cached(std::slice::from_ref(c))),
+            "one file read of the directory brings none of its other files"
+        );
+        let from = second.file_offset;
+        reader
+            .read(std::slice::from_ref(&second), from..from + 1)
+            .await
+            .expect("second read");
+        until_cached(
+            &reader,
+            &others,
+            "a second file read brings the directory's other files",
+        )
+        .await;
     }
 
     #[tokio::test]
