@@ -23,7 +23,7 @@ pub use gzip_lookup::{fallback_tag, image_manifest, IndexLookup, Lookup, LookupE
 pub use reader::{unix_ms, LayerCounters, LayerReader, ReadError};
 pub use resolve::{Resolver, SUFFIX_BYTES};
 pub use source::{image_layers, LayerSource};
-pub use state::{LayerState, SavedState, StateDir};
+pub use state::{Encoded, LayerState, SavedState, StateDir};
 
 use crate::format::{Formats, Opened};
 

@@ -286,11 +286,16 @@ impl Resolver {
     }
 
     /// Finds the layer's format and its verified index. `NotLazy` when no format claims it;
-    /// the labels alone decide that when they can, before any request.
+    /// the labels alone decide that when they can, before any request. `answered` runs once
+    /// the registry has answered the layer's first request (or at once when none is needed),
+    /// before the index is fetched and checked: the caller starts resolving the image's other
+    /// layers ahead from there, with the registry's way of authenticating known, while this
+    /// layer's index is still on the wire.
     pub async fn resolve(
         &self,
         source: &LayerSource,
         annotations: &BTreeMap<String, String>,
+        answered: impl FnOnce(),
     ) -> Result<LayerState, LayerError> {
         let layer = &source.digest;
         let reference = parse_reference(source)?;
@@ -342,6 +347,7 @@ impl Resolver {
                 .await
                 .map_err(registry_error("reading the blob's size and last bytes"))?,
         };
+        answered();
         let probe = Probe {
             hints,
             blob_size,

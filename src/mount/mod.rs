@@ -156,12 +156,11 @@ impl LazyLayers {
         self.lifecycle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Saves a layer's state within the disk budget: room is made for it before it is
-    /// written. Call with `lifecycle` held.
-    fn save_state(&self, state: &LayerState) -> Result<(), LayerError> {
-        let encoded = StateDir::encode(state)?;
+    /// Saves a layer's state, encoded (`StateDir::encode`), within the disk budget: room is
+    /// made for it before it is written. Call with `lifecycle` held.
+    fn save_encoded_state(&self, encoded: &layer::Encoded) -> Result<(), LayerError> {
         self.store.reserve(self.states.disk_usage() + encoded.len());
-        let saved = self.states.save_encoded(&encoded);
+        let saved = self.states.save_encoded(encoded);
         self.store.reserve(self.states.disk_usage());
         saved
     }
@@ -215,10 +214,36 @@ impl LazyLayers {
         lower: &[PathBuf],
         held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
-        let digest = &state.source.digest;
         let opening = std::time::Instant::now();
         let opened = layer::open(self.resolver.formats(), state)?;
         let open_ms = opening.elapsed().as_millis() as u64;
+        self.mount_opened_after(mountpoint, state, opened, lower, held, opening, open_ms)
+    }
+
+    /// `mount_state` of a layer already opened.
+    fn mount_opened(
+        &self,
+        mountpoint: &Path,
+        state: &LayerState,
+        opened: crate::format::Opened,
+        lower: &[PathBuf],
+        held: Option<HeldConnection>,
+    ) -> Result<(), LayerError> {
+        self.mount_opened_after(mountpoint, state, opened, lower, held, Instant::now(), 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mount_opened_after(
+        &self,
+        mountpoint: &Path,
+        state: &LayerState,
+        opened: crate::format::Opened,
+        lower: &[PathBuf],
+        held: Option<HeldConnection>,
+        opening: Instant,
+        open_ms: u64,
+    ) -> Result<(), LayerError> {
+        let digest = &state.source.digest;
         let mut index = opened.index;
         let adopted = lower::adopt_lower_attrs(&mut index, lower);
         if adopted > 0 {
@@ -524,21 +549,38 @@ impl RemoteFs for LazyLayers {
             }
         }
         let started = std::time::Instant::now();
+        // The others ahead once this layer's first request is answered, not before: by then
+        // the client knows how the registry authenticates, so the requests ahead go out with
+        // credentials instead of each being challenged in parallel; and not after this
+        // layer's index has come too, so that they are ready when containerd prepares them.
         let resolved = self
             .runtime
-            .block_on(self.resolver.resolve(&source, labels));
+            .block_on(self.resolver.resolve(&source, labels, || {
+                self.resolve_others_ahead(&source, labels)
+            }));
         let resolve_ms = started.elapsed().as_millis() as u64;
-        // After this layer's own request, not before: by now the client knows how the registry
-        // authenticates, so the requests ahead go out with credentials instead of each being
-        // challenged in parallel.
+        // Also when resolving failed before any request (each layer is started once).
         self.resolve_others_ahead(&source, labels);
         let state = resolved.map_err(remote_error)?;
         let _lifecycle = self.lifecycle();
         let saving = std::time::Instant::now();
-        self.save_state(&state).map_err(remote_error)?;
+        // Encoding the state (compressing its index) and opening the layer (parsing its
+        // index) are both CPU work on the Prepare's path, and independent: side by side.
+        let (encoded, opened) = std::thread::scope(|s| {
+            let encoding = s.spawn(|| StateDir::encode(&state));
+            let opened = layer::open(self.resolver.formats(), &state);
+            // A panic there is one here, as it was before the two ran side by side.
+            let encoded = encoding
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (encoded, opened)
+        });
+        let opened = opened.map_err(remote_error)?;
+        self.save_encoded_state(&encoded.map_err(remote_error)?)
+            .map_err(remote_error)?;
         let save_ms = saving.elapsed().as_millis() as u64;
         let mounting = std::time::Instant::now();
-        if let Err(e) = self.mount_state(mountpoint, &state, lower, None) {
+        if let Err(e) = self.mount_opened(mountpoint, &state, opened, lower, None) {
             self.drop_state_if_unused(&state.source.digest);
             return Err(remote_error(e));
         }
@@ -546,7 +588,7 @@ impl RemoteFs for LazyLayers {
         tracing::debug!(
             layer = %state.source.digest,
             resolve_ms,
-            save_ms,
+            open_and_save_ms = save_ms,
             mount_ms = mounting.elapsed().as_millis() as u64,
             "lazy layer ready"
         );
