@@ -1413,6 +1413,17 @@ mod tests {
         }
     }
 
+    /// A reader of the fixture's blob with a store of its own in `dir` and nothing cached.
+    fn fresh_reader(s: &Setup, dir: &std::path::Path) -> LayerReader {
+        LayerReader::new(
+            s.blob.clone(),
+            BlobId::new("sha256:fixture", None),
+            s.decoder.clone(),
+            Arc::new(LocalStore::open(dir, 0).expect("cache")),
+            Arc::new(Fetches::new(2)),
+        )
+    }
+
     fn file(s: &Setup, path: &str) -> (u64, u64) {
         let ino = path
             .split('/')
@@ -1506,16 +1517,7 @@ mod tests {
         assert!(chunks.len() > 2, "fixture has a file of several chunks");
         let dir = tempfile::tempdir().expect("tempdir");
         // The smallest reach: only the rest of the file comes along.
-        let reader = Arc::new(
-            LayerReader::new(
-                s.blob.clone(),
-                BlobId::new("sha256:fixture", None),
-                s.decoder.clone(),
-                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
-                Arc::new(Fetches::new(2)),
-            )
-            .with_neighbours(Arc::from(layout), 1),
-        );
+        let reader = Arc::new(fresh_reader(&s, dir.path()).with_neighbours(Arc::from(layout), 1));
         let expected = expected_multi_chunk();
         let first = reader.read(&chunks, 0..10).await.expect("read");
         assert_eq!(first.as_ref(), &expected[..10]);
@@ -1575,16 +1577,8 @@ mod tests {
         let (last, next) = (layout[at].clone(), layout[at + 1].clone());
         let dir = tempfile::tempdir().expect("tempdir");
         let reach = next.blob_range.end - last.blob_range.start;
-        let reader = Arc::new(
-            LayerReader::new(
-                s.blob.clone(),
-                BlobId::new("sha256:fixture", None),
-                s.decoder.clone(),
-                Arc::new(LocalStore::open(dir.path(), 0).expect("cache")),
-                Arc::new(Fetches::new(2)),
-            )
-            .with_neighbours(Arc::from(layout), reach),
-        );
+        let reader =
+            Arc::new(fresh_reader(&s, dir.path()).with_neighbours(Arc::from(layout), reach));
         let from = last.file_offset;
         reader
             .read(std::slice::from_ref(&last), from..from + 1)
@@ -1623,15 +1617,9 @@ mod tests {
             .collect();
         let dir_path = tempfile::tempdir().expect("tempdir");
         let reader = Arc::new(
-            LayerReader::new(
-                s.blob.clone(),
-                BlobId::new("sha256:fixture", None),
-                s.decoder.clone(),
-                Arc::new(LocalStore::open(dir_path.path(), 0).expect("cache")),
-                Arc::new(Fetches::new(2)),
-            )
-            .with_neighbours(Arc::from(layout.clone()), 1)
-            .with_directories(dirs),
+            fresh_reader(&s, dir_path.path())
+                .with_neighbours(Arc::from(layout.clone()), 1)
+                .with_directories(dirs),
         );
         let from = miss.file_offset;
         reader
@@ -1696,15 +1684,9 @@ mod tests {
             "the directory has chunks besides the two read"
         );
         let dir_path = tempfile::tempdir().expect("tempdir");
-        let mut reader = LayerReader::new(
-            s.blob.clone(),
-            BlobId::new("sha256:fixture", None),
-            s.decoder.clone(),
-            Arc::new(LocalStore::open(dir_path.path(), 0).expect("cache")),
-            Arc::new(Fetches::new(2)),
-        )
-        .with_neighbours(Arc::from(layout.clone()), 1)
-        .with_directories(dirs);
+        let mut reader = fresh_reader(&s, dir_path.path())
+            .with_neighbours(Arc::from(layout.clone()), 1)
+            .with_directories(dirs);
         // Every directory of the fixture counts as larger than the first-miss limit.
         reader.first_miss_directory_bytes = 0;
         let reader = Arc::new(reader);
