@@ -217,3 +217,104 @@ fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
     );
     eprintln!("test took {:?}", started.elapsed());
 }
+
+/// A plain gzip image whose gzip index was pushed to the mirror only (the origin has the
+/// image but no index, as when a mirror team indexes what it serves): lazysnap finds the
+/// index through the mirror from hosts.toml, as it reads blobs, and mounts the layers
+/// lazily without asking the origin anything.
+#[test]
+fn a_gzip_index_is_found_through_the_mirror() {
+    let tmp = tempfile::Builder::new()
+        .prefix("lazysnap-mirror-index-")
+        .tempdir()
+        .expect("temp dir");
+    let hosts_dir = tmp.path().join("certs.d");
+    std::fs::create_dir_all(&hosts_dir).expect("create hosts dir");
+    let config = tmp.path().join("lazysnap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nhosts_dir = \"{}\"\nrequest_timeout = \"2s\"\nread_deadline = \"10s\"\n",
+            hosts_dir.display()
+        ),
+    )
+    .expect("write lazysnap config");
+    let stack = Stack::start_with(
+        LAZYSNAP,
+        vec!["--config".into(), config.display().to_string()],
+    );
+    let mirror = AuthRegistry::anonymous(tmp.path());
+
+    let spec = image::standard_image();
+    let plain = stack.image_ref("app:gzip");
+    image::push(&spec, &stack.dir, &plain);
+    mirror.copy_from(&plain, "app:gzip");
+    // Indexed on the mirror alone; `index` reads the image there and pushes beside it.
+    let index_config = tmp.path().join("index.toml");
+    std::fs::write(&index_config, "").expect("write index config");
+    let out = std::process::Command::new(LAZYSNAP)
+        .args(["index", &mirror.image_ref("app:gzip"), "--push"])
+        .args(["--min-layer-size", "0", "--config"])
+        .arg(&index_config)
+        .output()
+        .expect("run lazysnap index");
+    assert!(
+        out.status.success(),
+        "lazysnap index on the mirror failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let host_dir = hosts_dir.join(&stack.registry_host);
+    std::fs::create_dir_all(&host_dir).expect("create host dir");
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            origin = stack.registry_host,
+            mirror = mirror.host()
+        ),
+    )
+    .expect("write hosts.toml");
+
+    let origin_log = stack
+        .registry
+        .as_ref()
+        .expect("origin registry")
+        .log
+        .clone();
+    let origin_before_pull = access_entries(&origin_log);
+    let mirror_before_pull = mirror.requests().len();
+    stack.rpull(&plain);
+    let layers = stack.lazy_layers();
+    assert_eq!(
+        layers.len(),
+        spec.layers.len(),
+        "every layer mounted lazily through the mirror's index: {layers:?}\n{}",
+        stack.lazysnap_log()
+    );
+    let out = stack.run("lazysnap", &plain, "indexed", "cat /data/small.txt");
+    assert_eq!(out, "hello from layer 2\n");
+
+    let at_origin = lazysnap_requests(&origin_log, origin_before_pull);
+    assert!(
+        at_origin.is_empty(),
+        "lazysnap asked the origin nothing, neither for the index nor for the layers: {at_origin:?}"
+    );
+    let at_mirror: Vec<AccessEntry> = mirror
+        .requests()
+        .into_iter()
+        .skip(mirror_before_pull)
+        .filter(AccessEntry::by_lazysnap)
+        .filter(|r| r.method == "GET" && r.path.contains("/manifests/sha256-"))
+        .collect();
+    assert!(
+        !at_mirror.is_empty(),
+        "the mirror answered the index lookup (referrers tag schema):\n{}",
+        mirror.access_log()
+    );
+    assert!(
+        !stack.lazysnap_log().contains(MIRROR_FAILED),
+        "no mirror failure:\n{}",
+        stack.lazysnap_log()
+    );
+}

@@ -313,36 +313,25 @@ impl IndexLookup {
             .collect();
         let listing = match self
             .registry
-            .get_referrers(
+            .find_referrers(
                 reference,
                 &manifest.digest,
                 ARTIFACT_TYPE,
+                &fallback_tag(&manifest.digest),
                 MAX_MANIFEST_BYTES,
             )
             .await?
         {
             Some(listing) => listing,
-            None => match self
-                .registry
-                .get_manifest(
-                    reference,
-                    &fallback_tag(&manifest.digest),
-                    MAX_MANIFEST_BYTES,
-                )
-                .await
-            {
-                Ok(m) => m.bytes,
-                Err(e) if e.is_not_found() => {
-                    return Ok(ImageIndexes {
-                        none: Some(format!(
-                            "no gzip index refers to the image manifest {}",
-                            manifest.digest
-                        )),
-                        ..ImageIndexes::default()
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            },
+            None => {
+                return Ok(ImageIndexes {
+                    none: Some(format!(
+                        "no gzip index refers to the image manifest {}",
+                        manifest.digest
+                    )),
+                    ..ImageIndexes::default()
+                })
+            }
         };
         let listing: Document = parse(&listing, "the referrers listing")?;
         // The newest: the pusher appends to the listing.

@@ -159,6 +159,21 @@ const MAX_MIRRORS_DOWN: usize = 1024;
 /// fields); anything near this is broken or hostile and is refused rather than buffered.
 const MAX_TOKEN_BODY: u64 = 1024 * 1024;
 
+/// What a walk over a repository's hosts asks each of them for.
+struct Route<'a> {
+    /// The resource, for logs: a blob digest or a manifest path.
+    what: &'a str,
+    /// Its URL on an endpoint.
+    url: &'a (dyn Fn(&Endpoint) -> String + Sync),
+    extra: oci::Extra,
+    /// Only hosts that may resolve tags (a tag, a referrers listing): content by digest can be
+    /// checked, what a name points at cannot.
+    resolve: bool,
+    /// A mirror's 404 is an answer about the resource, not a failure of the mirror: the next
+    /// host is asked, and the mirror stays in use.
+    not_found_is_an_answer: bool,
+}
+
 /// Where one attempt goes: an endpoint's client, URL and identity.
 #[derive(Clone)]
 struct Target {
@@ -577,12 +592,34 @@ impl RegistryClient {
     }
 
     /// Tries the mirrors of `reference`'s host in order, one attempt each, then the origin
-    /// under the retry policy, all within one read deadline. A mirror's failure is logged once
-    /// per blob and mirror.
+    /// under the retry policy, all within one read deadline, for blob `digest`. A mirror's
+    /// failure is logged once per blob and mirror.
     async fn on_endpoints<T, F, Fut>(
         &self,
         reference: &Reference,
         digest: &str,
+        attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut(Target) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let route = Route {
+            what: digest,
+            url: &|e: &Endpoint| e.blob_url(&reference.repository, digest),
+            extra: oci::Extra::default(),
+            resolve: false,
+            not_found_is_an_answer: false,
+        };
+        self.on_route(reference, route, attempt).await
+    }
+
+    /// [`Self::on_endpoints`] for any resource of the repository: the mirrors `route`
+    /// allows, then the origin.
+    async fn on_route<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        route: Route<'_>,
         mut attempt: F,
     ) -> Result<T, RegistryError>
     where
@@ -592,16 +629,18 @@ impl RegistryClient {
         let endpoints = self.hosts.endpoints(reference)?;
         let deadline = Instant::now() + self.config.read_deadline;
         for endpoint in &endpoints {
-            if !endpoint.is_origin && self.mirror_is_down(endpoint.host()) {
+            if !endpoint.is_origin
+                && ((route.resolve && !endpoint.resolves) || self.mirror_is_down(endpoint.host()))
+            {
                 continue;
             }
             let target = Target {
                 client: self.client_for(endpoint)?,
-                url: endpoint.blob_url(&reference.repository, digest),
+                url: (route.url)(endpoint),
                 host: endpoint.host().to_owned(),
                 repository: reference.repository.clone(),
                 headers: endpoint.headers.clone(),
-                extra: oci::Extra::default(),
+                extra: route.extra.clone(),
             };
             if endpoint.is_origin {
                 return self
@@ -611,6 +650,10 @@ impl RegistryClient {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let reason = match tokio::time::timeout(remaining, attempt(target.clone())).await {
                 Ok(Ok(value)) => return Ok(value),
+                // The mirror answered; what it lacks, the origin may have.
+                Ok(Err(Attempt::Fatal(e))) if route.not_found_is_an_answer && e.is_not_found() => {
+                    continue
+                }
                 Ok(Err(Attempt::Retry(reason))) => reason,
                 Ok(Err(Attempt::Fatal(e))) => chain(&e),
                 Err(_) => "deadline reached".to_owned(),
@@ -620,13 +663,13 @@ impl RegistryClient {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(target.host.clone(), (), now + MIRROR_RETRY_AFTER, now);
-            let first = self.first_fallback(digest, &target.host);
+            let first = self.first_fallback(route.what, &target.host);
             if first {
-                tracing::warn!(mirror = %target.host, digest, %reason, "mirror failed; trying the next host");
+                tracing::warn!(mirror = %target.host, what = route.what, %reason, "mirror failed; trying the next host");
             }
         }
         Err(RegistryError::NoEndpoint {
-            digest: digest.to_owned(),
+            digest: route.what.to_owned(),
         })
     }
 

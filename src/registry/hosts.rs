@@ -31,6 +31,9 @@ pub struct Endpoint {
     pub base: String,
     /// The origin registry (last in the list) rather than a mirror.
     pub is_origin: bool,
+    /// May resolve tags to manifests (capability `resolve`; containerd's default for a host
+    /// that lists no capabilities). Content fetched by digest needs only `pull`.
+    pub resolves: bool,
     pub skip_verify: bool,
     pub ca: Vec<PathBuf>,
     pub headers: Vec<(String, String)>,
@@ -203,6 +206,7 @@ fn origin(reference: &Reference) -> Endpoint {
     Endpoint {
         base: reference.api_base_url(),
         is_origin: true,
+        resolves: true,
         skip_verify: false,
         ca: Vec::new(),
         headers: Vec::new(),
@@ -262,6 +266,10 @@ fn parse(path: &Path, text: &str, mut origin: Endpoint) -> Result<Vec<Endpoint>,
         if !pulls {
             continue;
         }
+        let resolves = entry
+            .capabilities
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|c| c == "resolve"));
         if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(HostsError::Scheme {
                 path: path.to_owned(),
@@ -290,6 +298,7 @@ fn parse(path: &Path, text: &str, mut origin: Endpoint) -> Result<Vec<Endpoint>,
         let endpoint = Endpoint {
             base,
             is_origin: false,
+            resolves,
             skip_verify: entry.skip_verify,
             ca,
             headers,
@@ -297,6 +306,7 @@ fn parse(path: &Path, text: &str, mut origin: Endpoint) -> Result<Vec<Endpoint>,
         if endpoint.base == origin.base {
             origin = Endpoint {
                 is_origin: true,
+                resolves: true,
                 ..endpoint
             };
         } else {
@@ -315,6 +325,7 @@ mod tests {
         Endpoint {
             base: "https://registry.example/v2".into(),
             is_origin: true,
+            resolves: true,
             skip_verify: false,
             ca: Vec::new(),
             headers: Vec::new(),
@@ -352,11 +363,22 @@ server = "https://origin.example"
         );
         assert!(e[1].skip_verify && e[1].ca.len() == 2);
         assert!(e[2].is_origin && !e[0].is_origin);
+        // A host without capabilities may resolve tags, as in containerd.
+        assert!(e[0].resolves && e[1].resolves && e[2].resolves);
         assert_eq!(e[0].host(), "mirror-b:5000");
         assert_eq!(
             e[0].blob_url("a/b", "sha256:x"),
             "http://mirror-b:5000/v2/a/b/blobs/sha256:x"
         );
+    }
+
+    #[test]
+    fn a_mirror_that_may_only_pull_does_not_resolve_tags() {
+        let text = "[host.\"http://cache:5000\"]\n  capabilities = [\"pull\"]\n";
+        let e = parse(Path::new("hosts.toml"), text, origin()).expect("parse");
+        assert_eq!(e.len(), 2);
+        assert!(!e[0].resolves, "pull only");
+        assert!(e[1].is_origin && e[1].resolves);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Manifests, referrers and monolithic blob uploads (OCI distribution): what indexing an
-//! image and finding the index of an image need beyond ranged blob reads. These go to the
-//! origin only (hosts.toml mirrors serve pulls of blobs). Content fetched by digest is
-//! checked against that digest here; what the documents mean is the caller's business.
+//! image and finding the index of an image need beyond ranged blob reads. Reads go to the
+//! hosts.toml mirrors first, as containerd's do: content by digest to any mirror that may
+//! pull, tags and referrers listings only to those that may also resolve; uploads go to the
+//! origin. Content fetched by digest is checked against that digest here (a mirror whose
+//! bytes fail is passed over); what the documents mean is the caller's business.
 
 use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
@@ -9,6 +11,9 @@ use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use super::{read_body, Attempt, BodyError, RegistryClient, RegistryError, Target};
+
+/// A response's status, headers, final URL and body.
+type Response = (StatusCode, reqwest::header::HeaderMap, reqwest::Url, Bytes);
 use crate::registry::Reference;
 
 /// The manifest media types asked for when resolving a reference.
@@ -83,27 +88,65 @@ impl RegistryClient {
         target: &Target,
         method: Method,
         limit: u64,
-    ) -> Result<(StatusCode, reqwest::header::HeaderMap, reqwest::Url, Bytes), RegistryError> {
+    ) -> Result<Response, RegistryError> {
         let deadline = std::time::Instant::now() + self.config.read_deadline;
-        self.with_retries(&target.host, deadline, || async {
-            let mut response = self.send(target, method.clone(), None).await?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            let url = response.url().clone();
-            let body = match read_body(&mut response, limit, &self.stats.bytes).await {
-                Ok(body) => body,
-                Err(BodyError::TooLarge) => {
-                    return Err(Attempt::Fatal(RegistryError::TooLarge {
-                        host: target.host.clone(),
-                        what: target.url.clone(),
-                        limit,
-                    }))
-                }
-                Err(BodyError::Read(reason)) => {
-                    return Err(Attempt::Retry(format!("reading body: {reason}")))
-                }
-            };
-            Ok((status, headers, url, body))
+        self.with_retries(&target.host, deadline, || {
+            self.call_once(target, method.clone(), limit)
+        })
+        .await
+    }
+
+    /// One request, one attempt.
+    async fn call_once(
+        &self,
+        target: &Target,
+        method: Method,
+        limit: u64,
+    ) -> Result<Response, Attempt> {
+        let mut response = self.send(target, method, None).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let url = response.url().clone();
+        let body = match read_body(&mut response, limit, &self.stats.bytes).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return Err(Attempt::Fatal(RegistryError::TooLarge {
+                    host: target.host.clone(),
+                    what: target.url.clone(),
+                    limit,
+                }))
+            }
+            Err(BodyError::Read(reason)) => {
+                return Err(Attempt::Retry(format!("reading body: {reason}")))
+            }
+        };
+        Ok((status, headers, url, body))
+    }
+
+    /// A GET of `path` in `reference`'s repository from its hosts.toml mirrors (those that
+    /// may resolve tags, when `resolve`), then its origin; `check` refuses a body, and a
+    /// mirror whose body it refuses is passed over like one that failed.
+    async fn get_from_hosts<T>(
+        &self,
+        reference: &Reference,
+        path: &str,
+        extra: Extra,
+        resolve: bool,
+        limit: u64,
+        check: impl Fn(&Target, Response) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let base_url = |e: &super::Endpoint| format!("{}/{}/{path}", e.base, reference.repository);
+        let route = super::Route {
+            what: path,
+            url: &base_url,
+            extra,
+            resolve,
+            not_found_is_an_answer: true,
+        };
+        let check = &check;
+        self.on_route(reference, route, |target| async move {
+            let response = self.call_once(&target, Method::GET, limit).await?;
+            check(&target, response).map_err(Attempt::Fatal)
         })
         .await
     }
@@ -120,49 +163,96 @@ impl RegistryClient {
             accept: Some(MANIFEST_TYPES),
             ..Extra::default()
         };
-        let target = self.origin_target(reference, &format!("manifests/{object}"), extra)?;
-        let (_, headers, _, bytes) = self.call(&target, Method::GET, limit).await?;
-        let digest = sha256_digest(&bytes);
-        if object.starts_with("sha256:") && digest != object {
-            return Err(RegistryError::BadResponse {
-                host: target.host,
-                what: format!("manifest {object}"),
-                reason: format!("its bytes hash to {digest}"),
-            });
-        }
-        let media_type = headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        Ok(Manifest {
-            media_type,
-            digest,
-            bytes,
-        })
+        let by_digest = object.starts_with("sha256:");
+        self.get_from_hosts(
+            reference,
+            &format!("manifests/{object}"),
+            extra,
+            !by_digest,
+            limit,
+            |target, (_, headers, _, bytes)| {
+                let digest = sha256_digest(&bytes);
+                if by_digest && digest != object {
+                    return Err(RegistryError::BadResponse {
+                        host: target.host.clone(),
+                        what: format!("manifest {object}"),
+                        reason: format!("its bytes hash to {digest}"),
+                    });
+                }
+                let media_type = headers
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                Ok(Manifest {
+                    media_type,
+                    digest,
+                    bytes,
+                })
+            },
+        )
+        .await
     }
 
-    /// The OCI 1.1 referrers of manifest `digest` with `artifact_type`, as an image index;
-    /// `None` when the registry has no referrers API (or nothing refers to it).
-    pub async fn get_referrers(
+    /// The referrers of manifest `digest` with `artifact_type`, as an image index: from the
+    /// first host, mirrors first, that has them under the OCI 1.1 referrers API or, on a
+    /// registry without that API, under the referrers tag schema's tag `fallback_tag`.
+    /// Both are asked of one host before the next, so a mirror that keeps the index under the
+    /// tag answers without the origin being asked. `None` when no host has either.
+    pub async fn find_referrers(
         &self,
         reference: &Reference,
         digest: &str,
         artifact_type: &str,
+        fallback_tag: &str,
         limit: u64,
     ) -> Result<Option<Bytes>, RegistryError> {
-        let extra = Extra {
-            accept: Some("application/vnd.oci.image.index.v1+json"),
-            ..Extra::default()
+        let repository_url = |e: &super::Endpoint| format!("{}/{}/", e.base, reference.repository);
+        let what = format!("referrers/{digest}");
+        // Listings, not content: only hosts that may resolve are asked.
+        let route = super::Route {
+            what: &what,
+            url: &repository_url,
+            extra: Extra::default(),
+            resolve: true,
+            not_found_is_an_answer: true,
         };
-        let path = format!("referrers/{digest}?artifactType={artifact_type}");
-        let target = self.origin_target(reference, &path, extra)?;
-        match self.call(&target, Method::GET, limit).await {
-            Ok((_, _, _, bytes)) => Ok(Some(bytes)),
+        let found = self
+            .on_route(reference, route, |repository| async move {
+                let api = Target {
+                    url: format!(
+                        "{}referrers/{digest}?artifactType={artifact_type}",
+                        repository.url
+                    ),
+                    extra: Extra {
+                        accept: Some("application/vnd.oci.image.index.v1+json"),
+                        ..Extra::default()
+                    },
+                    ..repository.clone()
+                };
+                match self.call_once(&api, Method::GET, limit).await {
+                    Ok((_, _, _, bytes)) => return Ok(bytes),
+                    Err(Attempt::Fatal(e)) if e.is_not_found() => {}
+                    Err(e) => return Err(e),
+                }
+                let tag = Target {
+                    url: format!("{}manifests/{fallback_tag}", repository.url),
+                    extra: Extra {
+                        accept: Some(MANIFEST_TYPES),
+                        ..Extra::default()
+                    },
+                    ..repository
+                };
+                let (_, _, _, bytes) = self.call_once(&tag, Method::GET, limit).await?;
+                Ok(bytes)
+            })
+            .await;
+        match found {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
@@ -175,17 +265,25 @@ impl RegistryClient {
         digest: &str,
         limit: u64,
     ) -> Result<Bytes, RegistryError> {
-        let target = self.origin_target(reference, &format!("blobs/{digest}"), Extra::default())?;
-        let (_, _, _, bytes) = self.call(&target, Method::GET, limit).await?;
-        let actual = sha256_digest(&bytes);
-        if actual != digest {
-            return Err(RegistryError::BadResponse {
-                host: target.host,
-                what: format!("blob {digest}"),
-                reason: format!("its bytes hash to {actual}"),
-            });
-        }
-        Ok(bytes)
+        self.get_from_hosts(
+            reference,
+            &format!("blobs/{digest}"),
+            Extra::default(),
+            false,
+            limit,
+            |target, (_, _, _, bytes)| {
+                let actual = sha256_digest(&bytes);
+                if actual != digest {
+                    return Err(RegistryError::BadResponse {
+                        host: target.host.clone(),
+                        what: format!("blob {digest}"),
+                        reason: format!("its bytes hash to {actual}"),
+                    });
+                }
+                Ok(bytes)
+            },
+        )
+        .await
     }
 
     /// Uploads `bytes` as a blob (one POST, one PUT) unless the repository has it; returns
