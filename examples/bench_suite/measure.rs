@@ -223,6 +223,10 @@ fn run_workload(
     snapshotter: &str,
     id: &str,
 ) -> Result<(f64, f64), String> {
+    // The shell reports the workload's status on stderr: when the expected line is missing,
+    // that tells a workload that ran and printed nothing (its files read wrong) from output
+    // that was lost on the way.
+    let script = format!("{}; echo \"workload exit status $?\" >&2", image.workload);
     let t = Instant::now();
     let mut child = Command::new("ctr")
         .arg("--address")
@@ -234,7 +238,7 @@ fn run_workload(
             "--rm",
             "--snapshotter",
         ])
-        .args([snapshotter, reference, id, "/bin/sh", "-c", &image.workload])
+        .args([snapshotter, reference, id, "/bin/sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
