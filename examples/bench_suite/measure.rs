@@ -226,7 +226,10 @@ fn run_workload(
     // The shell reports the workload's status on stderr: when the expected line is missing,
     // that tells a workload that ran and printed nothing (its files read wrong) from output
     // that was lost on the way.
-    let script = format!("{}; echo \"workload exit status $?\" >&2", image.workload);
+    let script = format!(
+        "{}; s=$?; echo \"workload exit status $s\" >&2; exit $s",
+        image.workload
+    );
     let t = Instant::now();
     let mut child = Command::new("ctr")
         .arg("--address")
