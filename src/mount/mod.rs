@@ -216,8 +216,12 @@ impl LazyLayers {
     ) -> Result<(), LayerError> {
         let opening = std::time::Instant::now();
         let opened = layer::open(self.resolver.formats(), state)?;
-        let open_ms = opening.elapsed().as_millis() as u64;
-        self.mount_opened_after(mountpoint, state, opened, lower, held, opening, open_ms)
+        tracing::debug!(
+            layer = %state.source.digest,
+            open_ms = opening.elapsed().as_millis() as u64,
+            "opened"
+        );
+        self.mount_opened(mountpoint, state, opened, lower, held)
     }
 
     /// `mount_state` of a layer already opened.
@@ -229,20 +233,7 @@ impl LazyLayers {
         lower: &[PathBuf],
         held: Option<HeldConnection>,
     ) -> Result<(), LayerError> {
-        self.mount_opened_after(mountpoint, state, opened, lower, held, Instant::now(), 0)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn mount_opened_after(
-        &self,
-        mountpoint: &Path,
-        state: &LayerState,
-        opened: crate::format::Opened,
-        lower: &[PathBuf],
-        held: Option<HeldConnection>,
-        opening: Instant,
-        open_ms: u64,
-    ) -> Result<(), LayerError> {
+        let mounting = Instant::now();
         let digest = &state.source.digest;
         let mut index = opened.index;
         let adopted = lower::adopt_lower_attrs(&mut index, lower);
@@ -355,16 +346,15 @@ impl LazyLayers {
                 },
             })?
             .dev();
-        let mounted_ms = opening.elapsed().as_millis() as u64;
+        let mounted_ms = mounting.elapsed().as_millis() as u64;
         if !taken_over {
             widen_readahead(dev);
         }
         // A Prepare waits for all of this: which part holds up a pull.
         tracing::debug!(
             layer = %digest,
-            open_ms,
-            fuse_ms = mounted_ms.saturating_sub(open_ms),
-            widen_ms = (opening.elapsed().as_millis() as u64).saturating_sub(mounted_ms),
+            setup_and_mount_ms = mounted_ms,
+            widen_ms = (mounting.elapsed().as_millis() as u64).saturating_sub(mounted_ms),
             "mounted"
         );
         let activity = Arc::new(ActivityCell::default());
