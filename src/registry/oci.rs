@@ -11,10 +11,10 @@ use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use super::{read_body, Attempt, BodyError, RegistryClient, RegistryError, Target};
+use crate::registry::Reference;
 
 /// A response's status, headers, final URL and body.
 type Response = (StatusCode, reqwest::header::HeaderMap, reqwest::Url, Bytes);
-use crate::registry::Reference;
 
 /// The manifest media types asked for when resolving a reference.
 pub const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
