@@ -360,6 +360,17 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let opens_not_needed = self
+            .backings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .opens_not_needed();
+        if opens_not_needed {
+            // The kernel then opens files itself for the rest of the connection, as if each
+            // open had answered KEEP_CACHE, and sends no OPEN or RELEASE again: two round
+            // trips less for every file a container opens.
+            return reply.error(Errno::ENOSYS);
+        }
         let ino = Ino(ino.0);
         match self.source.getattr(ino) {
             Ok(attr) if attr.kind == FileKind::RegularFile => self.open_file(ino, reply),
@@ -457,7 +468,9 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         reply.ok();
     }
 
-    /// Only kernels older than 5.16 ignore `FOPEN_NOFLUSH`; there is nothing to flush.
+    /// There is nothing to flush. Files the kernel opened itself (see `open`) lack
+    /// `FOPEN_NOFLUSH`, and kernels older than 5.16 ignore it: ENOSYS stops FLUSH for the
+    /// connection, and close(2) still succeeds.
     fn flush(
         &self,
         _req: &Request,
@@ -466,20 +479,14 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ino = Ino(ino.0);
-        match self.source.getattr(ino) {
-            // A listing never changes either: let the kernel cache it and keep it across opens.
-            Ok(attr) if attr.kind == FileKind::Directory => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Ok(_) => reply.error(errno(&SourceError::NotDirectory, "opendir", ino)),
-            Err(err) => reply.error(errno(&err, "opendir", ino)),
-        }
+    /// A listing never changes: the kernel opens directories itself for the rest of the
+    /// connection, caching listings and keeping them across opens (what CACHE_DIR and
+    /// KEEP_CACHE would ask), and sends no OPENDIR or RELEASEDIR again.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     /// Listings with each entry's attributes: after one READDIRPLUS the kernel knows every
