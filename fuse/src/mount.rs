@@ -62,6 +62,11 @@ pub struct MountOptions {
     /// it, a server taking over passes nothing through. Give the same path to [`mount`] and
     /// to every [`take_over`] of that mount; somewhere that lives as long as the mount.
     pub backing_journal: Option<PathBuf>,
+    /// The kernel's readahead window on the mount (its `read_ahead_kb`), so that a file read
+    /// in order arrives in requests of up to the kernel's 1 MiB, several in flight, instead
+    /// of the 128 KiB the kernel starts a FUSE mount with: on this project's VM, 2.6 GB/s
+    /// became 4.5 GB/s at 4 MiB. `None` leaves the kernel's. Default 4 MiB.
+    pub readahead_bytes: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -74,6 +79,7 @@ impl Default for MountOptions {
             dispatch_threads: 1,
             passthrough: false,
             backing_journal: None,
+            readahead_bytes: Some(4 << 20),
         }
     }
 }
@@ -126,11 +132,15 @@ pub fn mount<S: LayerSource>(
             runtime,
         )
     });
-    served.map_err(|err| {
+    let handle = served.map_err(|err| {
         // Nothing may stay mounted: a connection nobody serves hangs whoever looks.
         let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
         failed(err)
-    })
+    })?;
+    if let Some(bytes) = options.readahead_bytes {
+        set_readahead(&mountpoint, bytes);
+    }
+    Ok(handle)
 }
 
 /// Serves `source` on a connection another process mounted and initialised at `mountpoint`
@@ -228,6 +238,29 @@ fn serve<S: LayerSource>(
         mounted: true,
         thread: Some(SessionThread { thread, exited }),
     })
+}
+
+/// Sets the readahead window of the mount at `mountpoint` (its backing device info, which
+/// the kernel names by the mount's device number). A window the kernel will not take only
+/// costs speed, so a failure is logged, not returned. The setting lives with the mount: a
+/// server taking the connection over finds it in place.
+fn set_readahead(mountpoint: &Path, bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(err) => {
+            debug!(mountpoint = %mountpoint.display(), error = %err, "cannot stat the mount to set its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(err) = std::fs::write(&path, (bytes / 1024).to_string()) {
+        debug!(path, error = %err, "cannot set the mount's readahead; the kernel's stays");
+    }
 }
 
 /// Flags of the mount(2) call: read-only; devices and setuid bits honoured, as in an
