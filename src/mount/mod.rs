@@ -79,6 +79,8 @@ pub struct LazyOptions {
     pub read_timeout: Duration,
     /// Ask the kernel to read files complete in the store directly (FUSE passthrough).
     pub passthrough: bool,
+    /// The kernel's readahead window on each mount; 0 leaves the kernel's.
+    pub readahead_bytes: u64,
     /// Fetched bytes held in memory at once.
     pub memory_bytes: u64,
     /// Saved states of layers no snapshot mounts are kept up to this many bytes.
@@ -291,6 +293,7 @@ impl LazyLayers {
             read_timeout: self.options.read_timeout,
             passthrough: self.options.passthrough,
             backing_journal: Some(backing_journal(mountpoint)),
+            readahead_bytes: Some(self.options.readahead_bytes).filter(|&b| b > 0),
             ..fuse::MountOptions::default()
         };
         let taken_over = held.is_some();
