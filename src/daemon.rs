@@ -202,6 +202,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
             layers_dir: config.root.join("layers"),
             read_timeout: config.fuse.read_timeout,
             passthrough: config.fuse.passthrough.wanted(),
+            readahead_bytes: config.fuse.readahead_bytes,
             memory_bytes: config.cache.memory_bytes,
             unmounted_state_bytes: config.cache.unmounted_state_bytes,
             prefetch: config.prefetch.clone(),

@@ -197,6 +197,14 @@ impl Backings {
         }
     }
 
+    /// Whether every file of the mount can be read through the page cache with no open of
+    /// ours: nothing is passed through now, and no handle a predecessor opened is. The
+    /// kernel can then open files itself (and keep their pages across opens) for the rest of
+    /// the connection, which no later server can undo: a successor never sees an open.
+    pub(crate) fn opens_not_needed(&self) -> bool {
+        !self.passthrough && self.inherited.is_empty()
+    }
+
     /// Every inode's mode that a successor must keep.
     fn modes(&self) -> HashMap<Ino, Mode> {
         let mut modes = self.inherited.clone();

@@ -18,6 +18,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -78,6 +79,8 @@ pub(crate) struct LayerFs<S> {
     failures: Arc<ReadFailures>,
     /// Whether the source has any extended attribute (`LayerSource::has_xattrs`).
     xattrs: bool,
+    /// Whether the kernel sends no FLUSH on this connection any more (see `flush`).
+    flushes_off: Arc<AtomicBool>,
 }
 
 impl<S: LayerSource> LayerFs<S> {
@@ -86,6 +89,7 @@ impl<S: LayerSource> LayerFs<S> {
         runtime: Handle,
         config: FsConfig,
         backings: Backings,
+        flushes_off: Arc<AtomicBool>,
     ) -> Self {
         // A failure is remembered as long as a read may wait: a retry within that time would
         // most likely fail the same way, and a reader's read(2) must not outlast it.
@@ -98,7 +102,24 @@ impl<S: LayerSource> LayerFs<S> {
             parents: Mutex::new(HashMap::new()),
             backings: Mutex::new(backings),
             failures,
+            flushes_off,
         }
+    }
+
+    /// How a handle of ours opens: contents never change, so pages read once stay valid
+    /// across opens (`KEEP_CACHE`, where `cache` asks for it). Nothing is ever written, so
+    /// close(2) need not send a FLUSH and wait for its answer (`NOFLUSH`), except while the
+    /// kernel still sends FLUSH at all: then a close must send one, so that its answer stops
+    /// them for the connection (see `flush`).
+    fn open_flags(&self, cache: bool) -> FopenFlags {
+        let mut flags = FopenFlags::empty();
+        if cache {
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
+        if self.flushes_off.load(Ordering::Acquire) {
+            flags |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        flags
     }
 
     fn remember_parent(&self, dir: Ino, parent: Ino) {
@@ -123,9 +144,6 @@ impl<S: LayerSource> LayerFs<S> {
     }
 
     fn open_file(&self, ino: Ino, reply: ReplyOpen) {
-        // Contents never change, so pages read once stay valid across opens. Nothing is ever
-        // written, so close(2) need not send a FLUSH (and wait for its answer).
-        let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
         // The kernel lets an inode be open through the page cache or through one backing
         // file, never both: `backings` keeps every handle of an inode in the mode its first
         // one got, across a takeover too.
@@ -149,10 +167,10 @@ impl<S: LayerSource> LayerFs<S> {
                 let backing = unsafe { reply.wrap_backing(id) };
                 // The kernel refuses passthrough opens with any flag but a few (EIO), among
                 // them KEEP_CACHE, which has no meaning there anyway.
-                reply.opened_passthrough(FileHandle(0), FopenFlags::FOPEN_NOFLUSH, &backing);
+                reply.opened_passthrough(FileHandle(0), self.open_flags(false), &backing);
                 backing.into_raw();
             }
-            Mode::Cached => reply.opened(FileHandle(0), flags),
+            Mode::Cached => reply.opened(FileHandle(0), self.open_flags(true)),
         }
     }
 
@@ -360,6 +378,22 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // ENOSYS lets the kernel open files itself for the rest of the connection, as if each
+        // open had answered KEEP_CACHE, and it sends no OPEN or RELEASE again: two round trips
+        // less for every file a container opens. Such files lack NOFLUSH, so only once the
+        // kernel sends no FLUSH (`flushes_off`): a FLUSH waits for its answer uninterruptibly,
+        // also while no server runs (a crash, a restart), so a close(2), exit or exec of a
+        // process holding such a file would hang until the next server answers, and a daemon
+        // started by such a process would hang in its own exec.
+        let opens_not_needed = self.flushes_off.load(Ordering::Acquire)
+            && self
+                .backings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .opens_not_needed();
+        if opens_not_needed {
+            return reply.error(Errno::ENOSYS);
+        }
         let ino = Ino(ino.0);
         match self.source.getattr(ino) {
             Ok(attr) if attr.kind == FileKind::RegularFile => self.open_file(ino, reply),
@@ -457,7 +491,10 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         reply.ok();
     }
 
-    /// Only kernels older than 5.16 ignore `FOPEN_NOFLUSH`; there is nothing to flush.
+    /// There is nothing to flush. ENOSYS stops FLUSH for the rest of the connection (the
+    /// kernel remembers it, across a takeover too), and close(2) still succeeds. The mount
+    /// provokes one FLUSH before anyone else uses it (`mount::stop_flushes`), so that no
+    /// close ever waits on a server.
     fn flush(
         &self,
         _req: &Request,
@@ -466,20 +503,17 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
+        // Only once the kernel has the answer: a file it opens itself (see `open`) before
+        // then would send a FLUSH at its close.
+        self.flushes_off.store(true, Ordering::Release);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ino = Ino(ino.0);
-        match self.source.getattr(ino) {
-            // A listing never changes either: let the kernel cache it and keep it across opens.
-            Ok(attr) if attr.kind == FileKind::Directory => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Ok(_) => reply.error(errno(&SourceError::NotDirectory, "opendir", ino)),
-            Err(err) => reply.error(errno(&err, "opendir", ino)),
-        }
+    /// A listing never changes: the kernel opens directories itself for the rest of the
+    /// connection, caching listings and keeping them across opens (what CACHE_DIR and
+    /// KEEP_CACHE would ask), and sends no OPENDIR or RELEASEDIR again.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     /// Listings with each entry's attributes: after one READDIRPLUS the kernel knows every

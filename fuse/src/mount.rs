@@ -9,9 +9,12 @@
 //! nodes and setuid bits honoured (as stargz-snapshotter mounts its layers), and kernel-side
 //! permission checks on the attributes the source gives.
 
+use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -24,7 +27,10 @@ use tracing::{debug, warn};
 use crate::backing::Backings;
 use crate::connection::{self, InitParams};
 use crate::fs::{FsConfig, LayerFs};
-use crate::{LayerSource, MountError};
+use crate::{FileKind, Ino, LayerSource, MountError};
+
+/// How many directories [`stop_flushes`] looks through for a regular file to open.
+const FLUSH_PROBE_DIRS: usize = 1024;
 
 /// How long an unmount waits for the session thread to notice. After an unmount the kernel
 /// ends the session at once, unless the filesystem is still mounted elsewhere (a bind mount
@@ -62,6 +68,11 @@ pub struct MountOptions {
     /// it, a server taking over passes nothing through. Give the same path to [`mount`] and
     /// to every [`take_over`] of that mount; somewhere that lives as long as the mount.
     pub backing_journal: Option<PathBuf>,
+    /// The kernel's readahead window on the mount (its `read_ahead_kb`), so that a file read
+    /// in order arrives in requests of up to the kernel's 1 MiB, several in flight, instead
+    /// of the 128 KiB the kernel starts a FUSE mount with: on this project's VM, 2.6 GB/s
+    /// became 4.5 GB/s at 4 MiB. `None` leaves the kernel's. Default 4 MiB.
+    pub readahead_bytes: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -74,6 +85,7 @@ impl Default for MountOptions {
             dispatch_threads: 1,
             passthrough: false,
             backing_journal: None,
+            readahead_bytes: Some(4 << 20),
         }
     }
 }
@@ -115,7 +127,7 @@ pub fn mount<S: LayerSource>(
     let served = connection::read_init(device.as_fd()).and_then(|init| {
         let params = InitParams::from_request(&init)?;
         serve(
-            source,
+            Arc::clone(&source),
             &mountpoint,
             device,
             &init,
@@ -126,11 +138,17 @@ pub fn mount<S: LayerSource>(
             runtime,
         )
     });
-    served.map_err(|err| {
+    let (handle, flushes_off) = served.map_err(|err| {
         // Nothing may stay mounted: a connection nobody serves hangs whoever looks.
         let _ = umount2(&mountpoint, MntFlags::MNT_DETACH);
         failed(err)
-    })
+    })?;
+    // Before anyone else can open a file here.
+    stop_flushes(&*source, &mountpoint, &flushes_off);
+    if let Some(bytes) = options.readahead_bytes {
+        set_readahead(&mountpoint, bytes);
+    }
+    Ok(handle)
 }
 
 /// Serves `source` on a connection another process mounted and initialised at `mountpoint`
@@ -161,8 +179,8 @@ pub fn take_over<S: LayerSource>(
     };
     let (config, _) = session_config(&options).map_err(failed)?;
     let request = init.to_request(0);
-    let handle = serve(
-        source,
+    let (handle, flushes_off) = serve(
+        Arc::clone(&source),
         &mountpoint,
         device,
         &request,
@@ -176,10 +194,18 @@ pub fn take_over<S: LayerSource>(
     if let Err(err) = connection::notify_resend(handle.connection.as_fd()) {
         warn!(mountpoint = %mountpoint.display(), error = %err, "kernel cannot resend requests the previous daemon left unanswered; their callers wait");
     }
+    // The kernel remembers across servers that FLUSH is not implemented, but this server
+    // cannot know whether the one before told it (an older version did not).
+    stop_flushes(&*source, &mountpoint, &flushes_off);
+    if let Some(bytes) = options.readahead_bytes {
+        // The window lives with the mount; a changed configuration applies from here on.
+        set_readahead(&mountpoint, bytes);
+    }
     Ok(handle)
 }
 
-/// Sets up the fuser session over `device` and starts its thread.
+/// Sets up the fuser session over `device` and starts its thread. Returns the handle, and
+/// whether the kernel is known to send no FLUSH on the connection any more.
 #[allow(clippy::too_many_arguments)]
 fn serve<S: LayerSource>(
     source: Arc<S>,
@@ -191,10 +217,11 @@ fn serve<S: LayerSource>(
     config: fuser::Config,
     options: &MountOptions,
     runtime: Handle,
-) -> io::Result<MountHandle> {
+) -> io::Result<(MountHandle, Arc<AtomicBool>)> {
     let passthrough = options.passthrough;
     let journal = options.backing_journal.as_deref();
     let connection = device.try_clone()?;
+    let flushes_off = Arc::new(AtomicBool::new(false));
     let backings = if answer_kernel {
         Backings::fresh(connection, passthrough, journal)
     } else {
@@ -210,6 +237,7 @@ fn serve<S: LayerSource>(
             name: options.fsname.clone(),
         },
         backings,
+        Arc::clone(&flushes_off),
     );
     let session = connection::session_over(fs, device.as_fd(), init, answer_kernel, config)?;
     let (exited_tx, exited) = mpsc::channel();
@@ -221,13 +249,95 @@ fn serve<S: LayerSource>(
             let _ = exited_tx.send(());
             result
         })?;
-    Ok(MountHandle {
+    let handle = MountHandle {
         mountpoint: mountpoint.to_path_buf(),
         connection: device,
         init: params,
         mounted: true,
         thread: Some(SessionThread { thread, exited }),
-    })
+    };
+    Ok((handle, flushes_off))
+}
+
+/// Makes the kernel stop sending FLUSH on the mount's connection, for the rest of its life:
+/// opens a regular file of the mount and closes it. The open is answered without `NOFLUSH`
+/// (or the kernel opens the file itself, which is the same), so the close sends a FLUSH,
+/// answered ENOSYS, unless the kernel sends none already; either way none comes after, and
+/// `flushes_off` says so. Only then may the server let the kernel open files itself (see
+/// `LayerFs::open`).
+///
+/// A mount whose file cannot be opened here keeps answering opens, until the first close of
+/// a file does the same.
+fn stop_flushes<S: LayerSource>(source: &S, mountpoint: &Path, flushes_off: &AtomicBool) {
+    let Some(file) = some_regular_file(source) else {
+        // A FLUSH comes only from a regular file's close; if there is none to find, opens
+        // stay answered, each with NOFLUSH once some close has stopped FLUSH.
+        return;
+    };
+    match std::fs::File::open(mountpoint.join(&file)) {
+        Ok(opened) => {
+            drop(opened);
+            flushes_off.store(true, Ordering::Release);
+        }
+        Err(err) => {
+            debug!(mountpoint = %mountpoint.display(), file = %file.display(), error = %err, "cannot open a file of the mount to stop FLUSH; the kernel opens none itself yet")
+        }
+    }
+}
+
+/// The path (relative to the root) of a regular file of `source`, looked for breadth-first
+/// through at most [`FLUSH_PROBE_DIRS`] directories.
+fn some_regular_file<S: LayerSource>(source: &S) -> Option<PathBuf> {
+    let mut dirs = VecDeque::from([(Ino::ROOT, PathBuf::new())]);
+    let mut looked = 0;
+    while let Some((dir, path)) = dirs.pop_front() {
+        looked += 1;
+        if looked > FLUSH_PROBE_DIRS {
+            return None;
+        }
+        let mut found = None;
+        // A directory that cannot be listed is only one place less to look.
+        let _ = source.readdir(dir, 0, &mut |entry| match entry.kind {
+            FileKind::RegularFile => {
+                found = Some(path.join(entry.name));
+                ControlFlow::Break(())
+            }
+            FileKind::Directory => {
+                if dirs.len() < FLUSH_PROBE_DIRS {
+                    dirs.push_back((entry.ino, path.join(entry.name)));
+                }
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Continue(()),
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// Sets the readahead window of the mount at `mountpoint` (its backing device info, which
+/// the kernel names by the mount's device number). A window the kernel will not take only
+/// costs speed, so a failure is logged, not returned. The setting lives with the mount, not
+/// the server: set again at a takeover, it only changes if the options did.
+fn set_readahead(mountpoint: &Path, bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(err) => {
+            debug!(mountpoint = %mountpoint.display(), error = %err, "cannot stat the mount to set its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(err) = std::fs::write(&path, (bytes / 1024).to_string()) {
+        debug!(path, error = %err, "cannot set the mount's readahead; the kernel's stays");
+    }
 }
 
 /// Flags of the mount(2) call: read-only; devices and setuid bits honoured, as in an

@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -245,6 +245,57 @@ fn a_killed_servers_connection_is_taken_over_and_its_unanswered_read_completes()
 
     handle.unmount().expect("unmount");
     assert!(mounts_at(&mountpoint).is_empty());
+}
+
+/// A file open when its server dies closes at once, in the process holding it and in one it
+/// starts (whose exec closes the copy it inherited), with no server there: a close that sends
+/// FLUSH waits for an answer, uninterruptibly. Files the kernel opens itself (the server
+/// answers OPEN with ENOSYS) carry no `FOPEN_NOFLUSH`, so the server must have told the
+/// kernel before that it implements no FLUSH. Otherwise a daemon started by a process holding
+/// such a file hangs in its exec, on the FLUSH only it could answer.
+#[test]
+fn a_file_open_when_the_server_dies_closes_without_a_server() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut child, mountpoint, _lines, device, init) = start_first_server(dir.path(), None);
+    // Nothing on the mount is closed before the crash: whatever the kernel knows of FLUSH,
+    // the server told it unasked.
+    let held = fs::File::open(mountpoint.join("dir/file")).expect("open");
+    let mut head = [0u8; 100];
+    held.read_exact_at(&mut head, 0).expect("read");
+    assert!(head[..] == pattern(50_000)[..100]);
+
+    child.child.kill().expect("kill");
+    child.child.wait().expect("reap");
+    let closing = thread::spawn(move || {
+        let started = Command::new("true").status();
+        drop(held);
+        started
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !closing.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let closed_alone = closing.is_finished();
+
+    // A server again, so that a close stuck on the dead one is answered and the test ends.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let handle = take_over(
+        Arc::new(tree().0),
+        &mountpoint,
+        device,
+        init,
+        MountOptions::default(),
+        runtime.handle().clone(),
+    )
+    .expect("take over");
+    let started = closing.join().expect("closing thread").expect("spawn");
+    assert!(started.success(), "the process started: {started}");
+    assert!(
+        closed_alone,
+        "closing a file (in an exec and in its holder) waited for a server"
+    );
+    handle.unmount().expect("unmount");
 }
 
 /// With passthrough, a file opened before the crash reads on from its backing file while no

@@ -79,6 +79,8 @@ pub struct LazyOptions {
     pub read_timeout: Duration,
     /// Ask the kernel to read files complete in the store directly (FUSE passthrough).
     pub passthrough: bool,
+    /// The kernel's readahead window on each mount; 0 leaves the kernel's.
+    pub readahead_bytes: u64,
     /// Fetched bytes held in memory at once.
     pub memory_bytes: u64,
     /// Saved states of layers no snapshot mounts are kept up to this many bytes.
@@ -307,6 +309,7 @@ impl LazyLayers {
             read_timeout: self.options.read_timeout,
             passthrough: self.options.passthrough,
             backing_journal: Some(backing_journal(mountpoint)),
+            readahead_bytes: Some(self.options.readahead_bytes).filter(|&b| b > 0),
             ..fuse::MountOptions::default()
         };
         let taken_over = held.is_some();
@@ -346,15 +349,10 @@ impl LazyLayers {
                 },
             })?
             .dev();
-        let mounted_ms = mounting.elapsed().as_millis() as u64;
-        if !taken_over {
-            widen_readahead(dev);
-        }
         // A Prepare waits for all of this: which part holds up a pull.
         tracing::debug!(
             layer = %digest,
-            setup_and_mount_ms = mounted_ms,
-            widen_ms = (mounting.elapsed().as_millis() as u64).saturating_sub(mounted_ms),
+            setup_and_mount_ms = mounting.elapsed().as_millis() as u64,
             "mounted"
         );
         let activity = Arc::new(ActivityCell::default());
@@ -681,11 +679,6 @@ impl LazyLayers {
     }
 }
 
-/// Kernel readahead on a FUSE mount, in KiB: reads the kernel does not pass through reach the
-/// daemon in requests of up to this much (FUSE caps one request at 1 MiB), several in flight,
-/// instead of the 128 KiB the kernel gives a new FUSE mount.
-const READAHEAD_KIB: u32 = 1024;
-
 /// Where the mount at `mountpoint` journals its passthrough backing ids, for the daemon
 /// that takes it over after a restart: beside the mountpoint, in the snapshot's directory, so
 /// it lives as long as the mount and goes with the snapshot.
@@ -693,17 +686,4 @@ fn backing_journal(mountpoint: &Path) -> PathBuf {
     let mut name = mountpoint.as_os_str().to_owned();
     name.push(".backing-journal");
     PathBuf::from(name)
-}
-
-/// Raises the readahead of the mount whose device is `dev` (its backing device info, named
-/// `major:minor` in sysfs). Best effort: the default still works, only with more round trips.
-fn widen_readahead(dev: u64) {
-    let path = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev)
-    );
-    if let Err(e) = std::fs::write(&path, READAHEAD_KIB.to_string()) {
-        tracing::debug!(path, error = %e, "could not widen the mount's readahead");
-    }
 }
