@@ -15,7 +15,8 @@ pub struct Sample {
     pub pull_ms: f64,
     /// From starting `ctr run` to the container's first line of output.
     pub first_output_ms: f64,
-    /// From starting `ctr run` to its exit (container teardown included).
+    /// From starting `ctr run` to its exit (container teardown and the shell's 0.1 s linger
+    /// after the workload, see `harness::stack::linger`, included).
     pub run_exit_ms: f64,
     /// Bytes the link carried from the registry to this node during pull and start.
     pub link_bytes: u64,
@@ -226,10 +227,12 @@ fn run_workload(
     // The shell reports the workload's status on stderr: when the expected line is missing,
     // that tells a workload that ran and printed nothing (its files read wrong) from output
     // that was lost on the way.
-    let script = format!(
-        "{}; s=$?; echo \"workload exit status $s\" >&2; exit $s",
+    // It lingers a moment before exiting (`Stack::run` says why): a lost "1" would fail the
+    // whole scenario.
+    let script = crate::harness::stack::linger(&format!(
+        "{}; s=$?; echo \"workload exit status $s\" >&2; (exit $s)",
         image.workload
-    );
+    ));
     let t = Instant::now();
     let mut child = Command::new("ctr")
         .arg("--address")

@@ -495,7 +495,7 @@ state = "{state}"
             id,
             "/bin/sh",
             "-c",
-            script,
+            &linger(script),
         ])
     }
 
@@ -628,4 +628,12 @@ impl Stack {
             })
             .sum()
     }
+}
+
+/// `script`, then a moment's pause before the shell exits with the script's status.
+/// containerd can lose the last output of a process that exits right after writing it (the
+/// copy out of the shim's FIFO races the exit; seen here as a container that printed all but
+/// its last line, exit status 0): while the shell lingers, that copy finishes.
+pub fn linger(script: &str) -> String {
+    format!("{script}\ns=$?; sleep 0.1; exit $s")
 }
