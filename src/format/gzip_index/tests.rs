@@ -404,3 +404,27 @@ fn parts_that_do_not_tile_the_stream_or_overreach_are_refused() {
         );
     }
 }
+
+/// Incompressible data is where deflate writers (zlib, pigz, Go's compress/flate) emit stored
+/// blocks; their boundaries are resume points like any other block's.
+#[test]
+fn stored_blocks_are_cut_into_spans_too() {
+    let data: Vec<u8> = (0..4u64 << 20)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect();
+    let (blob, _) =
+        crate::test_utils::gzip_tar(&[("big.bin".to_owned(), data)], flate2::Compression::none());
+    let index = build(
+        DIGEST,
+        blob.len() as u64,
+        &blob[..],
+        1 << 20,
+        &Limits::default(),
+    )
+    .expect("index");
+    assert!(
+        index.checkpoints.len() >= 4,
+        "{} spans for 4 MiB of stored blocks",
+        index.checkpoints.len()
+    );
+}
