@@ -21,7 +21,7 @@ use super::fetches::{Fetches, Priority};
 use super::verify::VerdictCell;
 use crate::cache::{ChunkSink, ChunkStore, Put};
 use crate::chunk::{self, BlobId, ChunkDigest, ChunkSpec, DigestMismatch, Hashing, PieceId};
-use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
+use crate::format::{BlobError, BlobSource, ChunkDecoder, Extra, FormatError};
 
 /// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
 /// log. Clone, because every reader waiting on one fetch gets its outcome.
@@ -34,6 +34,14 @@ pub enum ReadError {
     #[error("chunk {digest} at blob offset {offset} does not decompress")]
     Decode {
         digest: ChunkDigest,
+        offset: u64,
+        #[source]
+        source: Arc<FormatError>,
+    },
+    #[error(
+        "what the chunks at blob offset {offset} need besides their bytes (a gzip-index window)"
+    )]
+    Extra {
         offset: u64,
         #[source]
         source: Arc<FormatError>,
@@ -116,6 +124,8 @@ const SMALL_DIRECTORY_BYTES: u64 = 512 << 10;
 /// The reader of one mounted layer.
 pub struct LayerReader {
     blob: Arc<dyn BlobSource>,
+    /// The blob the decoder reads besides the layer (a gzip-index layer's windows), if any.
+    side: Option<Arc<dyn BlobSource>>,
     /// The blob's identity for the store: chunks are ready for this layer only if they were
     /// verified from this blob.
     blob_id: BlobId,
@@ -159,6 +169,7 @@ impl LayerReader {
     ) -> Self {
         LayerReader {
             blob,
+            side: None,
             blob_id,
             decoder,
             store,
@@ -176,6 +187,12 @@ impl LayerReader {
             directories: Arc::from(Vec::new()),
             directory_members: HashMap::new(),
         }
+    }
+
+    /// Gives the decoder `side` to fetch from besides the layer (`Opened::side_blob`).
+    pub fn with_side(mut self, side: Option<Arc<dyn BlobSource>>) -> Self {
+        self.side = side;
+        self
     }
 
     /// Makes the reader answer to `verdict`: once it says bad, every read fails.
@@ -866,7 +883,13 @@ impl LayerReader {
         let _buffer = self.fetches.buffer(range.end - range.start).await;
         let started = std::time::Instant::now();
         self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = self.blob.read_range(range.clone()).await;
+        let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        // What the decoder needs besides the run's bytes (a gzip-index span's window) comes
+        // at the same time, not a round trip later.
+        let (result, extra) = tokio::join!(
+            self.blob.read_range(range.clone()),
+            self.decoder.fetch_extra(&specs, self.side.as_deref())
+        );
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
         tracing::debug!(
@@ -874,6 +897,7 @@ impl LayerReader {
             bytes = range.end - range.start,
             chunks = run.len(),
             speculative = run.iter().filter(|(i, _)| *i >= first_speculative).count(),
+            extra_bytes = extra.as_ref().map_or(0, |e| e.fetched_bytes),
             ms = started.elapsed().as_millis() as u64,
             ok = result.is_ok(),
             "fetched a run of chunks"
@@ -882,7 +906,7 @@ impl LayerReader {
         self.counters
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
-        let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        let extra = self.count_extra(extra, &specs)?;
         for (i, _) in run {
             if *i >= first_speculative {
                 self.note_prefetched(chunks[*i]);
@@ -893,7 +917,9 @@ impl LayerReader {
         // FUSE and gRPC.
         let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
         let landed = tokio::task::spawn_blocking(move || {
-            decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range)
+            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            drop(extra);
+            landed
         })
         .await
         .map_err(|e| ReadError::Task(Arc::new(e)))?;
@@ -901,6 +927,34 @@ impl LayerReader {
             self.stored.notify_one();
         }
         Ok(landed)
+    }
+
+    /// Counts what `fetch_extra` fetched; its failure fails the run's chunks (a window that
+    /// does not match its digest is never used).
+    fn count_extra(
+        &self,
+        extra: Result<Extra, FormatError>,
+        specs: &[ChunkSpec],
+    ) -> Result<Extra, ReadError> {
+        match extra {
+            Ok(extra) => {
+                self.counters
+                    .fetched_bytes
+                    .fetch_add(extra.fetched_bytes, Ordering::Relaxed);
+                self.counters
+                    .fetches
+                    .fetch_add(extra.requests, Ordering::Relaxed);
+                Ok(extra)
+            }
+            Err(e) => {
+                let offset = specs.first().map_or(0, |c| c.blob_range.start);
+                tracing::warn!(offset, error = %crate::error_chain(&e), "fetching what the chunks need besides their bytes failed");
+                Err(ReadError::Extra {
+                    offset,
+                    source: Arc::new(e),
+                })
+            }
+        }
     }
 
     /// Fetches blob bytes `range` whole, in one request at `priority`, hands them to `visit`
@@ -953,10 +1007,21 @@ impl LayerReader {
         for spec in &specs {
             self.note_prefetched(spec);
         }
+        // A failure here fails the chunks, not the walk: its bytes still count for the
+        // layer's digest.
+        let fetched_extra = self.decoder.fetch_extra(&specs, self.side.as_deref()).await;
+        let (held_extra, extra_failed) = match self.count_extra(fetched_extra, &specs) {
+            Ok(extra) => (Some(extra), None),
+            Err(e) => (None, Some(e)),
+        };
         let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
         let (visited, landed) = tokio::task::spawn_blocking(move || {
             let visited = visit(&blob);
-            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            let landed = match extra_failed {
+                Some(e) => vec![Err(e); specs.len()],
+                None => decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range),
+            };
+            drop(held_extra);
             (visited, landed)
         })
         .await
@@ -1681,6 +1746,14 @@ mod tests {
     }
 
     impl ChunkDecoder for Counting {
+        fn fetch_extra<'a>(
+            &'a self,
+            chunks: &'a [ChunkSpec],
+            side: Option<&'a dyn BlobSource>,
+        ) -> crate::format::BoxFuture<'a, Result<Extra, FormatError>> {
+            self.inner.fetch_extra(chunks, side)
+        }
+
         fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
             self.decodes.fetch_add(1, Ordering::SeqCst);
             self.inner.decode(chunk, compressed)
@@ -1703,7 +1776,8 @@ mod tests {
                 (format!("lib/m{i:02}.py"), data)
             })
             .collect();
-        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 512 << 10);
+        let (blob, digest, opened, windows) =
+            crate::test_utils::gzip_index_layer(&files, 512 << 10);
         let layout = opened.index.chunks_in_blob_order();
         let span_start = layout[0].blob_range.start;
         let span: Vec<ChunkSpec> = layout
@@ -1730,6 +1804,7 @@ mod tests {
                     Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
                     Arc::new(Fetches::new(2)),
                 )
+                .with_side(Some(windows.clone()))
                 .with_neighbours(Arc::from(layout.clone()), 0),
             )
         };
@@ -1767,7 +1842,7 @@ mod tests {
                 )
             })
             .collect();
-        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
+        let (blob, digest, opened, windows) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
         let layout = opened.index.chunks_in_blob_order();
         assert!(
             layout.iter().all(|c| c.id == layout[0].id),
@@ -1778,16 +1853,19 @@ mod tests {
             decodes: AtomicUsize::new(0),
         });
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = Arc::new(LayerReader::new(
-            Arc::new(FixtureBlob {
-                blob: blob.clone(),
-                ..FixtureBlob::default()
-            }),
-            BlobId::new(&digest, None),
-            counting.clone(),
-            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
-            Arc::new(Fetches::new(2)),
-        ));
+        let reader = Arc::new(
+            LayerReader::new(
+                Arc::new(FixtureBlob {
+                    blob: blob.clone(),
+                    ..FixtureBlob::default()
+                }),
+                BlobId::new(&digest, None),
+                counting.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_side(Some(windows.clone())),
+        );
         assert_eq!(layout.len(), files.len(), "one piece per file");
         reader
             .warm(&layout, Priority::Prefetch)
@@ -1829,6 +1907,7 @@ mod tests {
                 Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
                 Arc::new(Fetches::new(2)),
             )
+            .with_side(Some(windows.clone()))
             .with_neighbours(Arc::from(layout.clone()), 1),
         );
         let ino = opened.index.resolve(&files[7].0).expect("file");

@@ -159,7 +159,12 @@ impl RegistryClient {
             accept: Some("application/vnd.oci.image.index.v1+json"),
             ..Extra::default()
         };
-        let path = format!("referrers/{digest}?artifactType={artifact_type}");
+        // No filter (an empty type) lists every referrer: the caller picks among types.
+        let path = if artifact_type.is_empty() {
+            format!("referrers/{digest}")
+        } else {
+            format!("referrers/{digest}?artifactType={artifact_type}")
+        };
         let target = self.origin_target(reference, &path, extra)?;
         match self.call(&target, Method::GET, limit).await {
             Ok((_, _, _, bytes)) => Ok(Some(bytes)),
