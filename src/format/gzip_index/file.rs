@@ -25,7 +25,7 @@ use std::io::Read;
 
 use sha2::{Digest as _, Sha256};
 
-use super::zran::{Checkpoint, WINDOW};
+use super::zran::{Checkpoint, Stretches, WINDOW};
 use crate::chunk::ChunkDigest;
 use crate::metadata::{over_limit, Limits};
 
@@ -675,7 +675,7 @@ fn check_parts(index: &GzipIndex, limits: &Limits) -> Result<(), IndexFileError>
 /// whose use is not known is kept whole, as one stretch.
 pub fn window_record(window: &[u8], used: Option<&[(u16, u16)]>) -> Vec<u8> {
     let whole = [(0u16, window.len().min(WINDOW) as u16)];
-    let runs: Vec<(u16, u16)> = used
+    let runs: Stretches = used
         .unwrap_or(&whole)
         .iter()
         .copied()
@@ -698,7 +698,7 @@ pub fn window_record(window: &[u8], used: Option<&[(u16, u16)]>) -> Vec<u8> {
 /// a frame claiming more is refused before it is inflated), checked against its digest,
 /// and laid out as the window it stands for, zeros where it keeps no bytes, with the
 /// stretches it keeps. The error says why not, after "the window of resume point k".
-pub fn open_window(frame: &[u8], r: &WindowRef) -> Result<(Vec<u8>, Vec<(u16, u16)>), String> {
+pub fn open_window(frame: &[u8], r: &WindowRef) -> Result<(Vec<u8>, Stretches), String> {
     // The count, at most one stretch per two bytes (they are at least one byte long and
     // apart), and the bytes.
     let most = 2 + 4 * (WINDOW / 2 + 1) + r.raw_len as usize;

@@ -277,7 +277,7 @@ struct WindowsInner {
 /// of the span before).
 struct Window {
     bytes: Vec<u8>,
-    kept: Option<Vec<(u16, u16)>>,
+    kept: Option<zran::Stretches>,
 }
 
 impl Window {

@@ -40,6 +40,9 @@ pub enum ZranError {
     TooManyCheckpoints(usize),
 }
 
+/// Stretches of a window, each its start and length.
+pub type Stretches = Vec<(u16, u16)>;
+
 /// Where decompression can resume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -54,7 +57,7 @@ pub struct Checkpoint {
     /// The stretches of `window` (start, length) that inflating from here reads: most
     /// spans refer back to about a tenth of their window, so an index need keep only those
     /// bytes. `None`: not known, the whole window counts.
-    pub used: Option<Vec<(u16, u16)>>,
+    pub used: Option<Stretches>,
 }
 
 /// A deflate block boundary: inflating from the previous checkpoint up to uncompressed offset
@@ -436,7 +439,7 @@ pub fn used_window(
     bits: u8,
     window_len: usize,
     n: usize,
-) -> Result<Vec<(u16, u16)>, ZranError> {
+) -> Result<Stretches, ZranError> {
     let n = n.min(WINDOW);
     let window_len = window_len.min(WINDOW);
     if window_len == 0 || n == 0 {
@@ -458,7 +461,7 @@ pub fn used_window(
         }
     }
     // Stretches, joining those a few bytes apart: a stretch costs 4 bytes to describe.
-    let mut runs: Vec<(u16, u16)> = Vec::new();
+    let mut runs: Stretches = Vec::new();
     for (i, _) in used.iter().enumerate().filter(|(_, u)| **u) {
         match runs.last_mut() {
             Some((start, len)) if i - (usize::from(*start) + usize::from(*len)) <= 4 => {
