@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::FutureExt;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
@@ -61,6 +62,12 @@ pub enum ReadError {
     #[error("the layer is bad: its blob hashes to {got}, the image names {expected}")]
     LayerBad { expected: String, got: String },
 }
+
+/// What a batch's chunks need besides their bytes, fetched once for all its runs: each run
+/// awaits it, and holds it until its chunks are decoded.
+type SharedExtra<'a> = futures_util::future::Shared<
+    crate::format::BoxFuture<'a, Arc<Result<Extra, Arc<FormatError>>>>,
+>;
 
 /// Where a fetched chunk is for its readers: in the store (read your range from there), or,
 /// when the store could not take it, in memory.
@@ -772,15 +779,28 @@ impl LayerReader {
         let runs = self.runs(chunks, &pending);
         // Futures made up front from a named async fn: a closure over borrowed runs inside
         // the stream trips rustc's higher-ranked lifetime inference in Send contexts.
+        // What the decoder needs besides the chunks' bytes (a gzip-index span's window) is
+        // asked for once for the whole batch, in as few requests as the side blob's layout
+        // allows, and comes while the runs do: each run waits for it only to decode.
+        let all: Vec<ChunkSpec> = pending.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        let extra: SharedExtra<'_> = self
+            .decoder
+            .fetch_extra(&all, self.side.as_deref())
+            .map(|r| Arc::new(r.map_err(Arc::new)))
+            .boxed()
+            .shared();
         let fetches: Vec<_> = runs
             .iter()
             .enumerate()
-            .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative))
+            .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative, extra.clone()))
             .collect();
         let results: Vec<(usize, Vec<Result<Landed, ReadError>>)> = stream::iter(fetches)
             .buffer_unordered(RUNS_IN_FLIGHT)
             .collect()
             .await;
+        if let Some(done) = extra.peek() {
+            self.count_extra(done, &all);
+        }
         // Only the chunks the caller asked for can fail its read: a neighbour that came along
         // and does not decode fails its own waiters, not this reader.
         let mut first_error = None;
@@ -811,6 +831,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         first_speculative: usize,
+        extra: SharedExtra<'_>,
     ) -> (usize, Vec<Result<Landed, ReadError>>) {
         let start = chunks[run[0].0].blob_range.start;
         let end = run
@@ -822,7 +843,7 @@ impl LayerReader {
             .chunk_misses
             .fetch_add(run.len() as u64, Ordering::Relaxed);
         let values = match self
-            .fetch_run(chunks, run, start..end, first_speculative)
+            .fetch_run(chunks, run, start..end, first_speculative, extra)
             .await
         {
             Ok(values) => values,
@@ -878,18 +899,16 @@ impl LayerReader {
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
         first_speculative: usize,
+        extra: SharedExtra<'_>,
     ) -> Result<Vec<Result<Landed, ReadError>>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let _buffer = self.fetches.buffer(range.end - range.start).await;
         let started = std::time::Instant::now();
         self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
         let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
-        // What the decoder needs besides the run's bytes (a gzip-index span's window) comes
-        // at the same time, not a round trip later.
-        let (result, extra) = tokio::join!(
-            self.blob.read_range(range.clone()),
-            self.decoder.fetch_extra(&specs, self.side.as_deref())
-        );
+        // What the decoder needs besides the run's bytes (gzip-index windows) is fetched for
+        // the whole batch at the same time, not a round trip later.
+        let (result, extra) = tokio::join!(self.blob.read_range(range.clone()), extra);
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
         tracing::debug!(
@@ -897,7 +916,6 @@ impl LayerReader {
             bytes = range.end - range.start,
             chunks = run.len(),
             speculative = run.iter().filter(|(i, _)| *i >= first_speculative).count(),
-            extra_bytes = extra.as_ref().map_or(0, |e| e.fetched_bytes),
             ms = started.elapsed().as_millis() as u64,
             ok = result.is_ok(),
             "fetched a run of chunks"
@@ -906,7 +924,12 @@ impl LayerReader {
         self.counters
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
-        let extra = self.count_extra(extra, &specs)?;
+        if let Err(source) = &*extra {
+            return Err(ReadError::Extra {
+                offset: range.start,
+                source: source.clone(),
+            });
+        }
         for (i, _) in run {
             if *i >= first_speculative {
                 self.note_prefetched(chunks[*i]);
@@ -929,13 +952,9 @@ impl LayerReader {
         Ok(landed)
     }
 
-    /// Counts what `fetch_extra` fetched; its failure fails the run's chunks (a window that
-    /// does not match its digest is never used).
-    fn count_extra(
-        &self,
-        extra: Result<Extra, FormatError>,
-        specs: &[ChunkSpec],
-    ) -> Result<Extra, ReadError> {
+    /// Counts what `fetch_extra` fetched, or says why it failed (which fails the chunks it
+    /// was for: a window that does not match its digest is never used).
+    fn count_extra(&self, extra: &Result<Extra, Arc<FormatError>>, specs: &[ChunkSpec]) {
         match extra {
             Ok(extra) => {
                 self.counters
@@ -944,15 +963,10 @@ impl LayerReader {
                 self.counters
                     .fetches
                     .fetch_add(extra.requests, Ordering::Relaxed);
-                Ok(extra)
             }
             Err(e) => {
                 let offset = specs.first().map_or(0, |c| c.blob_range.start);
-                tracing::warn!(offset, error = %crate::error_chain(&e), "fetching what the chunks need besides their bytes failed");
-                Err(ReadError::Extra {
-                    offset,
-                    source: Arc::new(e),
-                })
+                tracing::warn!(offset, error = %crate::error_chain(&**e), "fetching what the chunks need besides their bytes failed");
             }
         }
     }
@@ -1009,10 +1023,21 @@ impl LayerReader {
         }
         // A failure here fails the chunks, not the walk: its bytes still count for the
         // layer's digest.
-        let fetched_extra = self.decoder.fetch_extra(&specs, self.side.as_deref()).await;
-        let (held_extra, extra_failed) = match self.count_extra(fetched_extra, &specs) {
+        let fetched_extra = self
+            .decoder
+            .fetch_extra(&specs, self.side.as_deref())
+            .await
+            .map_err(Arc::new);
+        self.count_extra(&fetched_extra, &specs);
+        let (held_extra, extra_failed) = match fetched_extra {
             Ok(extra) => (Some(extra), None),
-            Err(e) => (None, Some(e)),
+            Err(source) => (
+                None,
+                Some(ReadError::Extra {
+                    offset: range.start,
+                    source,
+                }),
+            ),
         };
         let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
         let (visited, landed) = tokio::task::spawn_blocking(move || {
