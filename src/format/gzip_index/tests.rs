@@ -611,3 +611,30 @@ fn parts_that_do_not_tile_the_stream_or_overreach_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_window_that_leaves_out_bytes_its_span_reads_fails_the_span() {
+    let (blob, _, index) = indexed();
+    // Point 2's window claims its span reads nothing of it but the last stretch: the span's
+    // start reads bytes the window no longer keeps.
+    let mut forged = index.clone();
+    let used = forged.checkpoints[2].used.clone().expect("known use");
+    assert!(
+        used.len() > 1,
+        "the span reads several stretches of its window"
+    );
+    forged.checkpoints[2].used = used.last().map(|last| vec![*last]);
+    let (opened, windows) = open_v3(&forged);
+    let span2: Vec<ChunkSpec> = opened
+        .index
+        .chunks_in_blob_order()
+        .into_iter()
+        .filter(|c| index.span_of_part(c.id.0 as usize) == Some(2))
+        .collect();
+    let first = span2.first().expect("a file in span 2");
+    let compressed = &blob[first.blob_range.start as usize..first.blob_range.end as usize];
+    let err = decode_fetching(&opened, &windows, first, compressed)
+        .await
+        .expect_err("a window short of what its span reads");
+    assert!(err.to_string().contains("leaves out bytes"), "{err}");
+}
