@@ -145,7 +145,12 @@ pub fn gzip_tar(files: &[(String, Vec<u8>)], level: flate2::Compression) -> (Vec
 pub fn gzip_index_layer(
     files: &[(String, Vec<u8>)],
     span: u64,
-) -> (Vec<u8>, String, crate::format::Opened) {
+) -> (
+    Vec<u8>,
+    String,
+    crate::format::Opened,
+    std::sync::Arc<FixtureBlob>,
+) {
     use crate::format::gzip_index::{build::build, GzipIndexFormat};
     use crate::format::{LayerFormat, Resolved};
     use sha2::{Digest as _, Sha256};
@@ -162,10 +167,14 @@ pub fn gzip_index_layer(
     let opened = GzipIndexFormat::default()
         .open(&Resolved {
             params: serde_json::json!({
-                "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))),
+                "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded.index))),
             }),
-            index: encoded,
+            index: encoded.index,
         })
         .expect("open");
-    (blob, digest, opened)
+    let windows = std::sync::Arc::new(FixtureBlob {
+        blob: encoded.windows,
+        ..FixtureBlob::default()
+    });
+    (blob, digest, opened, windows)
 }

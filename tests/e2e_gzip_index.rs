@@ -10,6 +10,7 @@ use std::process::Command;
 
 use harness::image::{self, Entry};
 use harness::Stack;
+use lazysnap::format::gzip_index::build;
 use lazysnap::format::gzip_index::file::GzipIndex;
 use lazysnap::layer::gzip_publish::{self, IndexOptions};
 use lazysnap::metadata::Limits;
@@ -258,8 +259,11 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         .block_on(gzip_publish::index_image(&registry, &reference, options))
         .expect("index");
     for (k, layer) in report.layers.iter_mut().enumerate() {
-        let Some(bytes) = &layer.index else { continue };
+        let (Some(bytes), Some(windows)) = (&layer.index, &layer.windows) else {
+            continue;
+        };
         let mut ix = GzipIndex::decode(bytes, &Limits::default()).expect("decode");
+        ix.with_windows(windows).expect("windows");
         match k {
             1 => ix.compressed_size += 1,
             3 => {
@@ -269,7 +273,9 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
             }
             _ => continue,
         }
-        layer.index = Some(ix.encode().expect("encode").into());
+        let encoded = ix.encode().expect("encode");
+        layer.index = Some(encoded.index.into());
+        layer.windows = Some(encoded.windows.into());
     }
     rt.block_on(gzip_publish::push(&registry, &reference, &report))
         .expect("push tampered");
@@ -296,6 +302,113 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         out.contains("READ-FAILED") && !out.contains("hello from the app layer"),
         "wrong span digests fail the read, never serve bytes: {out}"
     );
+}
+
+/// The digest of the app layer's (the largest's) windows blob in an index report.
+fn app_windows(report: &serde_json::Value) -> String {
+    report["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
+        .and_then(|l| l["windows_digest"].as_str())
+        .expect("the app layer's windows blob")
+        .to_owned()
+}
+
+#[test]
+fn tampered_windows_fail_reads_and_previous_indexes_still_serve() {
+    harness::require_root();
+    let stack = Stack::start(LAZYSNAP);
+
+    // The registry serves other bytes for the app layer's windows blob than its digest
+    // names (docker-registry does not check what it serves): every byte flipped, so every
+    // window is hit (a span that reads nothing of its window has a frame of a dozen bytes).
+    // Reads needing a window fail with EIO; the first span of each layer needs none, and
+    // other layers are untouched.
+    let reference = stack.image_ref("gzidx:windows");
+    image::push(&image_spec(4), &stack.dir, &reference);
+    let report = index(&stack, &reference);
+    let windows = app_windows(&report);
+    let hex = windows.trim_start_matches("sha256:");
+    let data = stack
+        .path("registry-data")
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut blob = std::fs::read(&data).expect("read the windows blob");
+    for b in blob.iter_mut() {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&data, &blob).expect("tamper the windows blob");
+    stack.rpull(&reference);
+    assert_eq!(lazily_mounted(&stack), 4, "{}", stack.lazysnap_log());
+    let out = stack.run(
+        "lazysnap",
+        &reference,
+        "tampered-windows",
+        "cat /data/small.txt; if cat /app/hello.txt; then echo READ-OK; else echo READ-FAILED; fi",
+    );
+    assert!(out.starts_with("hello from layer 2\n"), "{out}");
+    assert!(
+        out.contains("READ-FAILED") && !out.contains("hello from the app layer"),
+        "a tampered window fails the read, never serves bytes: {out}\n{}",
+        stack.lazysnap_log()
+    );
+    let log = stack.lazysnap_log();
+    assert!(
+        log.contains("does not match its digest") || log.contains("does not decompress"),
+        "{log}"
+    );
+
+    // Indexes pushed by the previous build (artifact type v1, version 2 documents with
+    // their whole windows inside, 1 MiB spans) are still found and read.
+    let old = stack.image_ref("gzidx:previous");
+    image::push(&image_spec(5), &stack.dir, &old);
+    let parsed = Reference::parse(&old).expect("reference");
+    let rt = runtime();
+    let registry = client();
+    let options = IndexOptions {
+        span: 256 << 10,
+        min_layer_bytes: 0,
+        limits: Limits::default(),
+    };
+    let mut report = rt
+        .block_on(gzip_publish::index_image(&registry, &parsed, options))
+        .expect("index");
+    for layer in &mut report.layers {
+        if layer.windows.take().is_none() {
+            continue;
+        }
+        let blob = rt
+            .block_on(registry.get_blob(&parsed, &layer.digest, 64 << 20))
+            .expect("the layer");
+        let ix = build::build(
+            &layer.digest,
+            blob.len() as u64,
+            &blob[..],
+            SPAN,
+            &Limits::default(),
+        )
+        .expect("index as the previous build did");
+        layer.index = Some(ix.encode_v2().expect("encode").into());
+    }
+    rt.block_on(gzip_publish::push(&registry, &parsed, &report))
+        .expect("push as the previous build did");
+    let mounted = lazily_mounted(&stack);
+    stack.rpull(&old);
+    // Busybox, the layer the two images share, is mounted already.
+    assert_eq!(
+        lazily_mounted(&stack) - mounted,
+        3,
+        "{}",
+        stack.lazysnap_log()
+    );
+    let sums = "sha256sum /app/lib.py /app/model.bin /data/big.bin";
+    let lazy = stack.run("lazysnap", &old, "previous-lazy", sums);
+    stack.pull("overlayfs", &old);
+    assert_eq!(lazy, stack.run("overlayfs", &old, "previous-plain", sums));
 }
 
 /// The mounts' verification state by layer digest, from `lazysnap mounts --json`.

@@ -82,11 +82,13 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for layer in &report.layers {
-            if let Some(index) = &layer.index {
-                let hex = layer.digest.trim_start_matches("sha256:");
-                let path = dir.join(format!("{hex}.gzidx"));
-                std::fs::write(&path, index)
-                    .with_context(|| format!("writing {}", path.display()))?;
+            let hex = layer.digest.trim_start_matches("sha256:");
+            for (bytes, ext) in [(&layer.index, "gzidx"), (&layer.windows, "gzwin")] {
+                if let Some(bytes) = bytes {
+                    let path = dir.join(format!("{hex}.{ext}"));
+                    std::fs::write(&path, bytes)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
             }
         }
     }
@@ -109,7 +111,11 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
                 "size": l.size,
                 "indexed": l.index.is_some(),
                 "skipped": l.skipped,
-                "index_bytes": l.index.as_ref().map_or(0, |i| i.len()),
+                // What the index adds to the registry: the document and its windows.
+                "index_bytes": index_bytes(l),
+                "index_blob_bytes": l.index.as_ref().map_or(0, |i| i.len()),
+                "windows_bytes": l.windows.as_ref().map_or(0, |w| w.len()),
+                "windows_digest": l.windows.as_ref().map(|w| registry::sha256_digest(w)),
                 "spans": l.spans,
                 "entries": l.entries,
                 "ms": l.took.as_millis() as u64,
@@ -135,7 +141,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     );
     for l in &report.layers {
         let index = match (&l.index, &l.skipped) {
-            (Some(i), _) => i.len().to_string(),
+            (Some(_), _) => index_bytes(l).to_string(),
             (None, Some(why)) => format!("- ({why})"),
             (None, None) => "-".into(),
         };
@@ -154,4 +160,9 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     }
     println!("took {} ms", took.as_millis());
     Ok(())
+}
+
+/// The bytes a layer's index adds to the registry: its document and its windows blob.
+fn index_bytes(layer: &gzip_publish::LayerReport) -> usize {
+    layer.index.as_ref().map_or(0, |i| i.len()) + layer.windows.as_ref().map_or(0, |w| w.len())
 }

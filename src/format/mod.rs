@@ -91,6 +91,21 @@ pub struct Resolved {
 pub struct Opened {
     pub index: LayerIndex,
     pub decoder: Arc<dyn ChunkDecoder>,
+    /// The digest of a blob in the layer's repository that the decoder reads besides the
+    /// layer (a gzip-index v3 layer's windows), handed to [`ChunkDecoder::fetch_extra`].
+    pub side_blob: Option<String>,
+}
+
+/// What [`ChunkDecoder::fetch_extra`] fetched for some chunks: held until they are decoded.
+#[derive(Default)]
+pub struct Extra {
+    /// Bytes received from the side blob, counted with the layer's fetched bytes.
+    pub fetched_bytes: u64,
+    /// Range requests made for them.
+    pub requests: u64,
+    /// Keeps what was fetched at hand until the chunks are decoded: the decoder keeps it
+    /// only while someone holds it, or among the few it keeps itself.
+    pub held: Vec<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Opened {
@@ -105,6 +120,18 @@ impl std::fmt::Debug for Opened {
 /// bytes. CPU-bound: callers run it off the async workers. Verification against
 /// `chunk.digest` is the caller's, done once for every format.
 pub trait ChunkDecoder: Send + Sync {
+    /// Fetches, through `side` (the blob [`Opened::side_blob`] names), what decoding
+    /// `chunks` needs besides their compressed extents, and verifies it; callers run it
+    /// concurrently with the fetch of the extents and hold the result until the chunks are
+    /// decoded. The default needs nothing.
+    fn fetch_extra<'a>(
+        &'a self,
+        _chunks: &'a [ChunkSpec],
+        _side: Option<&'a dyn BlobSource>,
+    ) -> BoxFuture<'a, Result<Extra, FormatError>> {
+        Box::pin(async { Ok(Extra::default()) })
+    }
+
     fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError>;
 
     /// Streams the chunk's `chunk.len` uncompressed bytes into `out`, so that a chunk on its

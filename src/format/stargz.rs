@@ -473,6 +473,7 @@ fn open_toc(resolved: &Resolved, limits: &Limits) -> Result<Opened, FormatError>
     Ok(Opened {
         index,
         decoder: Arc::new(StreamDecoder(params.location.compression)),
+        side_blob: None,
     })
 }
 

@@ -23,7 +23,8 @@ use serde::Deserialize;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::format::gzip_index::{
-    ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
+    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1, LAYER_ANNOTATION,
+    NOT_INDEXED_ANNOTATION,
 };
 use crate::format::ExternalIndex;
 use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
@@ -313,10 +314,12 @@ impl IndexLookup {
             .collect();
         let listing = match self
             .registry
+            // Both artifact types are wanted (the newest type first, else the previous
+            // build's), so the listing is not filtered by type.
             .find_referrers(
                 reference,
                 &manifest.digest,
-                ARTIFACT_TYPE,
+                "",
                 &fallback_tag(&manifest.digest),
                 MAX_MANIFEST_BYTES,
             )
@@ -334,12 +337,20 @@ impl IndexLookup {
             }
         };
         let listing: Document = parse(&listing, "the referrers listing")?;
-        // The newest: the pusher appends to the listing.
-        let Some(artifact) = listing
-            .manifests
-            .iter()
-            .rev()
-            .find(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+        // The newest of the newest type, else the newest of the previous build's (whose
+        // indexes hold their windows): the pusher appends to the listing.
+        let newest = |t: &str| {
+            listing
+                .manifests
+                .iter()
+                .rev()
+                .find(|d| d.artifact_type.as_deref() == Some(t))
+        };
+        let Some((artifact, artifact_type, index_type)) = newest(ARTIFACT_TYPE)
+            .map(|a| (a, ARTIFACT_TYPE, INDEX_MEDIA_TYPE))
+            .or_else(|| {
+                newest(ARTIFACT_TYPE_V1).map(|a| (a, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE_V1))
+            })
         else {
             return Ok(ImageIndexes {
                 none: Some(format!(
@@ -356,7 +367,7 @@ impl IndexLookup {
             .await?
             .bytes;
         let doc: Document = parse(&bytes, "the gzip index artifact")?;
-        if doc.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
+        if doc.artifact_type.as_deref() != Some(artifact_type) {
             return Err(LookupError::Invalid(format!(
                 "artifact {} is not a gzip index",
                 artifact.digest
@@ -374,7 +385,8 @@ impl IndexLookup {
             ..ImageIndexes::default()
         };
         for layer in &doc.layers {
-            if layer.media_type != INDEX_MEDIA_TYPE {
+            // Windows blobs are named by their indexes, and fetched by the reader.
+            if layer.media_type != index_type {
                 continue;
             }
             if let Some(of) = layer.annotations.get(LAYER_ANNOTATION) {

@@ -16,7 +16,8 @@ use sha2::{Digest as _, Sha256};
 use super::gzip_lookup::{fallback_tag, image_manifest, LookupError};
 use crate::format::gzip_index::build::{self, BuildError};
 use crate::format::gzip_index::{
-    ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
+    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1, LAYER_ANNOTATION,
+    NOT_INDEXED_ANNOTATION, WINDOWS_MEDIA_TYPE,
 };
 use crate::metadata::Limits;
 use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
@@ -81,6 +82,8 @@ pub struct LayerReport {
     pub size: u64,
     /// The encoded index; `None` when the layer was left out.
     pub index: Option<Bytes>,
+    /// Its windows blob (the index names it by digest).
+    pub windows: Option<Bytes>,
     /// Why it was left out.
     pub skipped: Option<String>,
     pub spans: usize,
@@ -126,6 +129,7 @@ pub async fn index_image(
             media_type: layer.media_type.clone(),
             size: layer.size,
             index: None,
+            windows: None,
             skipped: None,
             spans: 0,
             entries: 0,
@@ -140,7 +144,14 @@ pub async fn index_image(
                 Ok(index) => {
                     report.spans = index.checkpoints.len();
                     report.entries = index.entries.len();
-                    report.index = Some(Bytes::from(index.encode().map_err(PublishError::Encode)?));
+                    // Compressing a few hundred windows one by one at a high level is
+                    // CPU work: off the async workers.
+                    let encoded = tokio::task::spawn_blocking(move || index.encode())
+                        .await
+                        .map_err(|e| PublishError::Task(e.to_string()))?
+                        .map_err(PublishError::Encode)?;
+                    report.index = Some(Bytes::from(encoded.index));
+                    report.windows = Some(Bytes::from(encoded.windows));
                 }
                 // A layer that cannot be indexed (a tar entry type the index cannot hold,
                 // a name that is not UTF-8, a span over the limits) is pulled whole; the
@@ -256,12 +267,20 @@ pub struct Pushed {
 }
 
 /// Stores the image's indexes as one artifact referring to the image manifest, and lists it
-/// under the referrers fallback tag (replacing earlier gzip indexes of the same image there).
+/// under the referrers fallback tag (replacing earlier gzip indexes of the same type there).
+/// A report without windows blobs (indexes of version 2, their windows inside) is pushed as
+/// the previous build pushed it, under its artifact type.
 pub async fn push(
     registry: &RegistryClient,
     reference: &Reference,
     report: &ImageReport,
 ) -> Result<Pushed, PublishError> {
+    let legacy = report.layers.iter().all(|l| l.windows.is_none());
+    let (artifact_type, index_type) = if legacy {
+        (ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE_V1)
+    } else {
+        (ARTIFACT_TYPE, INDEX_MEDIA_TYPE)
+    };
     let empty = registry
         .push_blob(reference, Bytes::from_static(b"{}"))
         .await?;
@@ -272,9 +291,19 @@ pub async fn push(
             not_indexed.push(layer.digest.clone());
             continue;
         };
+        // The windows first: an index is never there before the blob it names.
+        if let Some(windows) = &layer.windows {
+            let digest = registry.push_blob(reference, windows.clone()).await?;
+            layers.push(serde_json::json!({
+                "mediaType": WINDOWS_MEDIA_TYPE,
+                "digest": digest,
+                "size": windows.len(),
+                "annotations": { LAYER_ANNOTATION: layer.digest },
+            }));
+        }
         let digest = registry.push_blob(reference, index.clone()).await?;
         layers.push(serde_json::json!({
-            "mediaType": INDEX_MEDIA_TYPE,
+            "mediaType": index_type,
             "digest": digest,
             "size": index.len(),
             "annotations": { LAYER_ANNOTATION: layer.digest },
@@ -293,7 +322,7 @@ pub async fn push(
     let artifact = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "config": { "mediaType": EMPTY_MEDIA_TYPE, "digest": empty, "size": 2 },
         "layers": layers,
         "subject": {
@@ -327,13 +356,14 @@ pub async fn push(
         .and_then(|m| m.as_array())
         .cloned()
         .unwrap_or_default();
-    // Earlier gzip indexes of this image are superseded; other referrers stay.
-    manifests.retain(|d| d.get("artifactType").and_then(|t| t.as_str()) != Some(ARTIFACT_TYPE));
+    // Earlier gzip indexes of this type are superseded; other referrers stay, the previous
+    // build's indexes too (they still serve its daemons, which do not read this type).
+    manifests.retain(|d| d.get("artifactType").and_then(|t| t.as_str()) != Some(artifact_type));
     manifests.push(serde_json::json!({
         "mediaType": OCI_MANIFEST,
         "digest": digest,
         "size": size,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": artifact_type,
     }));
     listing["manifests"] = serde_json::Value::Array(manifests);
     let listing = Bytes::from(

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::FutureExt;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
@@ -21,7 +22,7 @@ use super::fetches::{Fetches, Priority};
 use super::verify::VerdictCell;
 use crate::cache::{ChunkSink, ChunkStore, Put};
 use crate::chunk::{self, BlobId, ChunkDigest, ChunkSpec, DigestMismatch, Hashing, PieceId};
-use crate::format::{BlobError, BlobSource, ChunkDecoder, FormatError};
+use crate::format::{BlobError, BlobSource, ChunkDecoder, Extra, FormatError};
 
 /// Why a read failed. The FUSE layer answers all of them with EIO; the message goes to the
 /// log. Clone, because every reader waiting on one fetch gets its outcome.
@@ -34,6 +35,14 @@ pub enum ReadError {
     #[error("chunk {digest} at blob offset {offset} does not decompress")]
     Decode {
         digest: ChunkDigest,
+        offset: u64,
+        #[source]
+        source: Arc<FormatError>,
+    },
+    #[error(
+        "what the chunks at blob offset {offset} need besides their bytes (a gzip-index window)"
+    )]
+    Extra {
         offset: u64,
         #[source]
         source: Arc<FormatError>,
@@ -53,6 +62,12 @@ pub enum ReadError {
     #[error("the layer is bad: its blob hashes to {got}, the image names {expected}")]
     LayerBad { expected: String, got: String },
 }
+
+/// What a batch's chunks need besides their bytes, fetched once for all its runs: each run
+/// awaits it, and holds it until its chunks are decoded.
+type SharedExtra<'a> = futures_util::future::Shared<
+    crate::format::BoxFuture<'a, Arc<Result<Extra, Arc<FormatError>>>>,
+>;
 
 /// Where a fetched chunk is for its readers: in the store (read your range from there), or,
 /// when the store could not take it, in memory.
@@ -121,6 +136,8 @@ const FIRST_MISS_DIRECTORY_BYTES: u64 = 128 << 10;
 /// The reader of one mounted layer.
 pub struct LayerReader {
     blob: Arc<dyn BlobSource>,
+    /// The blob the decoder reads besides the layer (a gzip-index layer's windows), if any.
+    side: Option<Arc<dyn BlobSource>>,
     /// The blob's identity for the store: chunks are ready for this layer only if they were
     /// verified from this blob.
     blob_id: BlobId,
@@ -166,6 +183,7 @@ impl LayerReader {
     ) -> Self {
         LayerReader {
             blob,
+            side: None,
             blob_id,
             decoder,
             store,
@@ -184,6 +202,12 @@ impl LayerReader {
             directory_members: HashMap::new(),
             first_miss_directory_bytes: FIRST_MISS_DIRECTORY_BYTES,
         }
+    }
+
+    /// Gives the decoder `side` to fetch from besides the layer (`Opened::side_blob`).
+    pub fn with_side(mut self, side: Option<Arc<dyn BlobSource>>) -> Self {
+        self.side = side;
+        self
     }
 
     /// Makes the reader answer to `verdict`: once it says bad, every read fails.
@@ -781,15 +805,28 @@ impl LayerReader {
         let runs = self.runs(chunks, &pending);
         // Futures made up front from a named async fn: a closure over borrowed runs inside
         // the stream trips rustc's higher-ranked lifetime inference in Send contexts.
+        // What the decoder needs besides the chunks' bytes (a gzip-index span's window) is
+        // asked for once for the whole batch, in as few requests as the side blob's layout
+        // allows, and comes while the runs do: each run waits for it only to decode.
+        let all: Vec<ChunkSpec> = pending.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        let extra: SharedExtra<'_> = self
+            .decoder
+            .fetch_extra(&all, self.side.as_deref())
+            .map(|r| Arc::new(r.map_err(Arc::new)))
+            .boxed()
+            .shared();
         let fetches: Vec<_> = runs
             .iter()
             .enumerate()
-            .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative))
+            .map(|(k, run)| self.fetch_and_answer(k, chunks, run, first_speculative, extra.clone()))
             .collect();
         let results: Vec<(usize, Vec<Result<Landed, ReadError>>)> = stream::iter(fetches)
             .buffer_unordered(RUNS_IN_FLIGHT)
             .collect()
             .await;
+        if let Some(done) = extra.peek() {
+            self.count_extra(done, &all);
+        }
         // Only the chunks the caller asked for can fail its read: a neighbour that came along
         // and does not decode fails its own waiters, not this reader.
         let mut first_error = None;
@@ -820,6 +857,7 @@ impl LayerReader {
         chunks: &[&ChunkSpec],
         run: &[(usize, watch::Sender<Shared>)],
         first_speculative: usize,
+        extra: SharedExtra<'_>,
     ) -> (usize, Vec<Result<Landed, ReadError>>) {
         let start = chunks[run[0].0].blob_range.start;
         let end = run
@@ -831,7 +869,7 @@ impl LayerReader {
             .chunk_misses
             .fetch_add(run.len() as u64, Ordering::Relaxed);
         let values = match self
-            .fetch_run(chunks, run, start..end, first_speculative)
+            .fetch_run(chunks, run, start..end, first_speculative, extra)
             .await
         {
             Ok(values) => values,
@@ -887,12 +925,16 @@ impl LayerReader {
         run: &[(usize, watch::Sender<Shared>)],
         range: Range<u64>,
         first_speculative: usize,
+        extra: SharedExtra<'_>,
     ) -> Result<Vec<Result<Landed, ReadError>>, ReadError> {
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let _buffer = self.fetches.buffer(range.end - range.start).await;
         let started = std::time::Instant::now();
         self.fetches.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = self.blob.read_range(range.clone()).await;
+        let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        // What the decoder needs besides the run's bytes (gzip-index windows) is fetched for
+        // the whole batch at the same time, not a round trip later.
+        let (result, extra) = tokio::join!(self.blob.read_range(range.clone()), extra);
         self.fetches.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.fetches.latency.observe(started.elapsed());
         tracing::debug!(
@@ -908,7 +950,12 @@ impl LayerReader {
         self.counters
             .fetched_bytes
             .fetch_add(blob.len() as u64, Ordering::Relaxed);
-        let specs: Vec<ChunkSpec> = run.iter().map(|(i, _)| chunks[*i].clone()).collect();
+        if let Err(source) = &*extra {
+            return Err(ReadError::Extra {
+                offset: range.start,
+                source: source.clone(),
+            });
+        }
         for (i, _) in run {
             if *i >= first_speculative {
                 self.note_prefetched(chunks[*i]);
@@ -919,7 +966,9 @@ impl LayerReader {
         // FUSE and gRPC.
         let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
         let landed = tokio::task::spawn_blocking(move || {
-            decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range)
+            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            drop(extra);
+            landed
         })
         .await
         .map_err(|e| ReadError::Task(Arc::new(e)))?;
@@ -927,6 +976,25 @@ impl LayerReader {
             self.stored.notify_one();
         }
         Ok(landed)
+    }
+
+    /// Counts what `fetch_extra` fetched, or says why it failed (which fails the chunks it
+    /// was for: a window that does not match its digest is never used).
+    fn count_extra(&self, extra: &Result<Extra, Arc<FormatError>>, specs: &[ChunkSpec]) {
+        match extra {
+            Ok(extra) => {
+                self.counters
+                    .fetched_bytes
+                    .fetch_add(extra.fetched_bytes, Ordering::Relaxed);
+                self.counters
+                    .fetches
+                    .fetch_add(extra.requests, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let offset = specs.first().map_or(0, |c| c.blob_range.start);
+                tracing::warn!(offset, error = %crate::error_chain(&**e), "fetching what the chunks need besides their bytes failed");
+            }
+        }
     }
 
     /// Fetches blob bytes `range` whole, in one request at `priority`, hands them to `visit`
@@ -979,10 +1047,32 @@ impl LayerReader {
         for spec in &specs {
             self.note_prefetched(spec);
         }
+        // A failure here fails the chunks, not the walk: its bytes still count for the
+        // layer's digest.
+        let fetched_extra = self
+            .decoder
+            .fetch_extra(&specs, self.side.as_deref())
+            .await
+            .map_err(Arc::new);
+        self.count_extra(&fetched_extra, &specs);
+        let (held_extra, extra_failed) = match fetched_extra {
+            Ok(extra) => (Some(extra), None),
+            Err(source) => (
+                None,
+                Some(ReadError::Extra {
+                    offset: range.start,
+                    source,
+                }),
+            ),
+        };
         let (decoder, store, blob_id) = (self.decoder.clone(), self.store.clone(), self.blob_id);
         let (visited, landed) = tokio::task::spawn_blocking(move || {
             let visited = visit(&blob);
-            let landed = decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range);
+            let landed = match extra_failed {
+                Some(e) => vec![Err(e); specs.len()],
+                None => decode_run(&*decoder, &*store, &blob_id, &specs, &blob, range),
+            };
+            drop(held_extra);
             (visited, landed)
         })
         .await
@@ -1777,6 +1867,14 @@ mod tests {
     }
 
     impl ChunkDecoder for Counting {
+        fn fetch_extra<'a>(
+            &'a self,
+            chunks: &'a [ChunkSpec],
+            side: Option<&'a dyn BlobSource>,
+        ) -> crate::format::BoxFuture<'a, Result<Extra, FormatError>> {
+            self.inner.fetch_extra(chunks, side)
+        }
+
         fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
             self.decodes.fetch_add(1, Ordering::SeqCst);
             self.inner.decode(chunk, compressed)
@@ -1799,7 +1897,8 @@ mod tests {
                 (format!("lib/m{i:02}.py"), data)
             })
             .collect();
-        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 512 << 10);
+        let (blob, digest, opened, windows) =
+            crate::test_utils::gzip_index_layer(&files, 512 << 10);
         let layout = opened.index.chunks_in_blob_order();
         let span_start = layout[0].blob_range.start;
         let span: Vec<ChunkSpec> = layout
@@ -1826,6 +1925,7 @@ mod tests {
                     Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
                     Arc::new(Fetches::new(2)),
                 )
+                .with_side(Some(windows.clone()))
                 .with_neighbours(Arc::from(layout.clone()), 0),
             )
         };
@@ -1863,7 +1963,7 @@ mod tests {
                 )
             })
             .collect();
-        let (blob, digest, opened) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
+        let (blob, digest, opened, windows) = crate::test_utils::gzip_index_layer(&files, 1 << 20);
         let layout = opened.index.chunks_in_blob_order();
         assert!(
             layout.iter().all(|c| c.id == layout[0].id),
@@ -1874,16 +1974,19 @@ mod tests {
             decodes: AtomicUsize::new(0),
         });
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = Arc::new(LayerReader::new(
-            Arc::new(FixtureBlob {
-                blob: blob.clone(),
-                ..FixtureBlob::default()
-            }),
-            BlobId::new(&digest, None),
-            counting.clone(),
-            Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
-            Arc::new(Fetches::new(2)),
-        ));
+        let reader = Arc::new(
+            LayerReader::new(
+                Arc::new(FixtureBlob {
+                    blob: blob.clone(),
+                    ..FixtureBlob::default()
+                }),
+                BlobId::new(&digest, None),
+                counting.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_side(Some(windows.clone())),
+        );
         assert_eq!(layout.len(), files.len(), "one piece per file");
         reader
             .warm(&layout, Priority::Prefetch)
@@ -1925,6 +2028,7 @@ mod tests {
                 Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
                 Arc::new(Fetches::new(2)),
             )
+            .with_side(Some(windows.clone()))
             .with_neighbours(Arc::from(layout.clone()), 1),
         );
         let ino = opened.index.resolve(&files[7].0).expect("file");

@@ -247,6 +247,21 @@ impl Resolver {
         )))
     }
 
+    /// Another blob of the layer's repository that its decoder reads (a gzip-index layer's
+    /// windows, `Opened::side_blob`), for its reader.
+    pub fn side_blob(
+        &self,
+        source: &LayerSource,
+        digest: &str,
+    ) -> Result<Arc<RegistryBlob>, LayerError> {
+        let reference = parse_reference(source)?;
+        Ok(Arc::new(RegistryBlob::new(
+            self.registry.clone(),
+            reference,
+            digest.to_owned(),
+        )))
+    }
+
     /// The layer's saved state, if one is there for the same blob and the image pins the
     /// same TOC: no registry request. The state's format must still accept the layer's
     /// labels, and its saved TOC digest must be the one the labels pin; opening it

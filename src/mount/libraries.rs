@@ -278,19 +278,22 @@ mod tests {
         files: &[(String, Vec<u8>)],
         dir: &std::path::Path,
     ) -> (Arc<LayerIndex>, Arc<LayerReader>, Arc<FixtureBlob>) {
-        let (blob, digest, opened) = gzip_index_layer(files, 64);
+        let (blob, digest, opened, windows) = gzip_index_layer(files, 64);
         let blob = Arc::new(FixtureBlob {
             blob,
             ..FixtureBlob::default()
         });
         let index = Arc::new(opened.index);
-        let reader = Arc::new(LayerReader::new(
-            blob.clone(),
-            BlobId::new(&digest, None),
-            opened.decoder,
-            Arc::new(LocalStore::open(dir, 0).expect("store")),
-            Arc::new(Fetches::new(2)),
-        ));
+        let reader = Arc::new(
+            LayerReader::new(
+                blob.clone(),
+                BlobId::new(&digest, None),
+                opened.decoder,
+                Arc::new(LocalStore::open(dir, 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_side(Some(windows)),
+        );
         (index, reader, blob)
     }
 

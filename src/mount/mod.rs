@@ -267,6 +267,10 @@ impl LazyLayers {
         }
         let layout: Arc<[crate::chunk::ChunkSpec]> = Arc::from(index.chunks_in_blob_order());
         let directories = index.directories_of(&layout);
+        let side: Option<Arc<dyn crate::format::BlobSource>> = match &opened.side_blob {
+            Some(d) => Some(self.resolver.side_blob(&state.source, d)?),
+            None => None,
+        };
         let reader = Arc::new(
             LayerReader::new(
                 self.resolver.blob(&state.source)?,
@@ -275,6 +279,7 @@ impl LazyLayers {
                 self.store.clone(),
                 self.fetches.clone(),
             )
+            .with_side(side)
             .with_neighbours(layout.clone(), prefetch.amplify_bytes)
             .with_directories(directories)
             .with_verdict(verdict.clone()),

@@ -127,6 +127,7 @@ impl LayerFormat for ToyFormat {
         Ok(Opened {
             index: builder.finish(),
             decoder: Arc::new(Raw),
+            side_blob: None,
         })
     }
 }

@@ -141,7 +141,7 @@ mod tests {
                 )
             })
             .collect();
-        let (blob, digest, opened) = gzip_index_layer(&files, 256 << 10);
+        let (blob, digest, opened, windows) = gzip_index_layer(&files, 256 << 10);
         let dir = tempfile::tempdir().expect("tempdir");
         let states = StateDir::new(dir.path().join("layers"));
         std::fs::create_dir_all(states.layer_dir(&digest)).expect("state dir");
@@ -161,6 +161,7 @@ mod tests {
                 store.clone(),
                 Arc::new(Fetches::new(2)),
             )
+            .with_side(Some(windows))
             .with_verdict(verdict.clone()),
         );
         let check = Check {

@@ -389,7 +389,7 @@ mod tests {
                 )
             })
             .collect();
-        let (blob, digest, opened) = gzip_index_layer(&files, 1 << 20);
+        let (blob, digest, opened, windows) = gzip_index_layer(&files, 1 << 20);
         let layout = plan_all(&opened.index);
         assert!(
             layout.len() == files.len() && layout.iter().all(|c| c.digest == layout[0].digest),
@@ -405,7 +405,8 @@ mod tests {
             opened.decoder,
             Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
             Arc::new(Fetches::new(2)),
-        );
+        )
+        .with_side(Some(windows));
         let fetched = fetch_plan(&reader, layout.clone(), Priority::Prefetch, 2)
             .await
             .expect("plan");

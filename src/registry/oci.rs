@@ -213,6 +213,13 @@ impl RegistryClient {
     ) -> Result<Option<Bytes>, RegistryError> {
         let repository_url = |e: &super::Endpoint| format!("{}/{}/", e.base, reference.repository);
         let what = format!("referrers/{digest}");
+        // No filter (an empty type) lists every referrer: the caller picks among types.
+        let filtered = if artifact_type.is_empty() {
+            what.clone()
+        } else {
+            format!("{what}?artifactType={artifact_type}")
+        };
+        let filtered = &filtered;
         // Listings, not content: only hosts that may resolve are asked.
         let route = super::Route {
             what: &what,
@@ -224,10 +231,7 @@ impl RegistryClient {
         let found = self
             .on_route(reference, route, |repository| async move {
                 let api = Target {
-                    url: format!(
-                        "{}referrers/{digest}?artifactType={artifact_type}",
-                        repository.url
-                    ),
+                    url: format!("{}{filtered}", repository.url),
                     extra: Extra {
                         accept: Some("application/vnd.oci.image.index.v1+json"),
                         ..Extra::default()

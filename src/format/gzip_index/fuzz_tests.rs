@@ -36,7 +36,8 @@ fn header() -> tar::Header {
 
 const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
-fn sample_raw() -> Vec<u8> {
+/// A real index document, uncompressed: version 3 (`v3`) or 2.
+fn sample_raw(v3: bool) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
     for i in 0..20u64 {
         let data: Vec<u8> = (0..(i * 9000)).map(|k| (k * 7 + i) as u8).collect();
@@ -58,7 +59,11 @@ fn sample_raw() -> Vec<u8> {
         &Limits::default(),
     )
     .expect("index");
-    let encoded = index.encode().expect("encode");
+    let encoded = if v3 {
+        index.encode().expect("encode").index
+    } else {
+        index.encode_v2().expect("encode")
+    };
     zstd::decode_all(&encoded[..]).expect("raw")
 }
 
@@ -106,12 +111,12 @@ fn hostile_index_bytes_are_refused_or_kept_within_bounds() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500);
-    let raw = sample_raw();
+    let samples = [sample_raw(true), sample_raw(false)];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut accepted, mut refused) = (0, 0);
-    for _ in 0..cases {
+    for case in 0..cases {
         let limits = limits(&mut rng);
-        let bytes = mutate(&mut rng, &raw);
+        let bytes = mutate(&mut rng, &samples[(case % 2) as usize]);
         let doc = zstd::encode_all(&bytes[..], 1).expect("zstd");
         match GzipIndex::decode(&doc, &limits) {
             Err(_) => refused += 1,
@@ -119,6 +124,15 @@ fn hostile_index_bytes_are_refused_or_kept_within_bounds() {
                 accepted += 1;
                 assert!(index.checkpoints.len() as u64 <= limits.max_entries);
                 assert!(index.entries.len() as u64 <= limits.max_entries);
+                if let Some(blob) = &index.windows {
+                    // Every window a version 3 index claims lies within its blob and bound.
+                    assert_eq!(index.window_refs.len(), index.checkpoints.len());
+                    for r in &index.window_refs {
+                        assert!(r.range().end <= blob.size);
+                        assert!(r.len <= super::file::MAX_STORED_WINDOW);
+                        assert!(r.raw_len <= super::zran::WINDOW as u64);
+                    }
+                }
                 for k in 0..index.checkpoints.len() {
                     let span = index.span_out(k).expect("span");
                     assert!(span.end - span.start <= limits.max_chunk_bytes);

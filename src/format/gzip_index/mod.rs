@@ -11,6 +11,11 @@
 //! fetched and verified is a part, whose compressed bytes run from its span's resume point
 //! to the part's end, so a read near a span's start does not fetch the rest of the span.
 //!
+//! Since version 3 the windows live in a blob of their own next to the index (`file`): the
+//! decoder fetches a span's window through [`ChunkDecoder::fetch_extra`], concurrently with
+//! the span's compressed bytes, checks it against the digest the index gives, and keeps the
+//! last few; a span decoded to its end gives the next resume point's window for nothing.
+//!
 //! The format finds nothing itself: the resolver looks the image's index up in the registry,
 //! checks it from the artifact manifest's digest down to the layer's index blob digest, and
 //! hands the verified bytes over as the layer's [`ExternalIndex`]. Opening checks them again
@@ -21,7 +26,8 @@ pub mod build;
 pub mod file;
 pub mod zran;
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -29,15 +35,36 @@ use sha2::{Digest as _, Sha256};
 
 use self::file::{GzipIndex, IndexFileError, TarKind};
 use super::{
-    BoxFuture, ChunkDecoder, FormatError, LayerFormat, LayerHints, Opened, Probe, Resolved,
+    BlobSource, BoxFuture, ChunkDecoder, Extra, FormatError, LayerFormat, LayerHints, Opened,
+    Probe, Resolved,
 };
 use crate::chunk::{ChunkId, ChunkSpec};
 use crate::metadata::{Entry, EntryKind, IndexBuilder, LayerIndex, Limits};
 
-/// The artifact type of the index artifact (its manifest's `artifactType`).
-pub const ARTIFACT_TYPE: &str = "application/vnd.lazysnap.gzip-index.v1";
-/// The media type of one layer's index blob in the artifact.
-pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazysnap.gzip-index.layer.v1+zstd";
+/// The artifact type of the index artifact (its manifest's `artifactType`): version 2
+/// artifacts hold version 3 indexes and their windows blobs. A daemon of the previous build
+/// looks for [`ARTIFACT_TYPE_V1`] only, so it finds no index in a version 2 artifact and
+/// pulls the image the ordinary way rather than misreading it.
+pub const ARTIFACT_TYPE: &str = "application/vnd.lazysnap.gzip-index.v2";
+/// The media type of one layer's (version 3) index blob in the artifact.
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.lazysnap.gzip-index.layer.v3+zstd";
+/// The media type of one layer's windows blob in the artifact (it is listed there so that
+/// the registry keeps it; the index names it by digest).
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.lazysnap.gzip-index.windows.v1";
+/// The artifact type, and the index blobs' media type, of the previous builds (indexes of
+/// versions 1 and 2, windows inside): still read.
+pub const ARTIFACT_TYPE_V1: &str = "application/vnd.lazysnap.gzip-index.v1";
+pub const INDEX_MEDIA_TYPE_V1: &str = "application/vnd.lazysnap.gzip-index.layer.v1+zstd";
+/// Windows a layer's decoder keeps when nobody holds them (32 KiB each): a span read part by
+/// part needs its window again for each part, and a span just decoded gives the next one.
+const KEPT_WINDOWS: usize = 64;
+/// Windows further apart than this in the windows blob are fetched by requests of their own
+/// (sent at once): about six windows' worth, so that a batch's windows come in a few
+/// requests without bringing many it does not need (64 KiB made a traced start fetch 0.3 MiB
+/// more).
+const WINDOW_GAP: u64 = 16 << 10;
+/// The most windows blob bytes one request asks for.
+const MAX_WINDOW_REQUEST: u64 = 4 << 20;
 /// On each index blob's descriptor: the digest of the layer it indexes.
 pub const LAYER_ANNOTATION: &str = "dev.lazysnap.gzip-index.layer";
 /// On the artifact manifest: the image's layers left unindexed (too small, or not gzip),
@@ -138,9 +165,12 @@ impl LayerFormat for GzipIndexFormat {
         let layer = layer_index(&index, &self.limits)?;
         // The decoder needs the resume points only; the entries live on in the layer index.
         index.entries = Vec::new();
+        let side_blob = index.windows.as_ref().map(|w| w.digest.clone());
+        let windows = side_blob.as_ref().map(|_| WindowCache::default());
         Ok(Opened {
             index: layer,
-            decoder: Arc::new(SpanDecoder { index }),
+            decoder: Arc::new(SpanDecoder { index, windows }),
+            side_blob,
         })
     }
 
@@ -227,6 +257,186 @@ fn pieces(index: &GzipIndex, offset: u64, size: u64) -> Vec<ChunkSpec> {
 /// Inflates parts from their spans' resume points.
 struct SpanDecoder {
     index: GzipIndex,
+    /// Version 3: the windows at hand, fetched from the windows blob or taken from the end
+    /// of the span before; `None` when the index holds its windows itself.
+    windows: Option<WindowCache>,
+}
+
+/// Verified windows by resume point: every window someone holds (a fetch between fetching
+/// and decoding its chunks), and the [`KEPT_WINDOWS`] used last.
+#[derive(Default)]
+struct WindowCache {
+    inner: Mutex<WindowsInner>,
+}
+
+#[derive(Default)]
+struct WindowsInner {
+    live: HashMap<usize, Weak<Window>>,
+    recent: VecDeque<(usize, Arc<Window>)>,
+}
+
+/// A window at hand: its bytes, zeros where a record from the windows blob keeps none, and
+/// the stretches such a record keeps (`None`: the whole window, e.g. one taken from the end
+/// of the span before).
+struct Window {
+    bytes: Vec<u8>,
+    kept: Option<zran::Stretches>,
+}
+
+impl Window {
+    /// The window with the bytes it does not keep set to `fill`.
+    fn filled(&self, fill: u8) -> Vec<u8> {
+        let mut out = vec![fill; self.bytes.len()];
+        for (start, len) in self.kept.iter().flatten() {
+            let (from, to) = (usize::from(*start), usize::from(*start) + usize::from(*len));
+            if let (Some(dst), Some(src)) = (out.get_mut(from..to), self.bytes.get(from..to)) {
+                dst.copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    /// Whether the bytes it keeps are those of `tail` (the output before its point).
+    fn matches(&self, tail: &[u8]) -> bool {
+        match &self.kept {
+            None => self.bytes == tail,
+            Some(kept) => kept.iter().all(|(start, len)| {
+                let range = usize::from(*start)..usize::from(*start) + usize::from(*len);
+                self.bytes.get(range.clone()) == tail.get(range)
+            }),
+        }
+    }
+}
+
+impl WindowCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WindowsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, k: usize) -> Option<Arc<Window>> {
+        let mut inner = self.lock();
+        let window = inner.live.get(&k)?.upgrade()?;
+        inner.keep(k, window.clone());
+        Some(window)
+    }
+
+    fn put(&self, k: usize, window: Arc<Window>) {
+        let mut inner = self.lock();
+        inner.live.insert(k, Arc::downgrade(&window));
+        inner.keep(k, window);
+        // Forget windows nobody holds any more, now and then (bounded by the points).
+        if inner.live.len() > 4 * KEPT_WINDOWS {
+            inner.live.retain(|_, w| w.strong_count() > 0);
+        }
+    }
+}
+
+impl WindowsInner {
+    fn keep(&mut self, k: usize, window: Arc<Window>) {
+        if let Some(at) = self.recent.iter().position(|(p, _)| *p == k) {
+            self.recent.remove(at);
+        }
+        self.recent.push_back((k, window));
+        if self.recent.len() > KEPT_WINDOWS {
+            self.recent.pop_front();
+        }
+    }
+}
+
+impl SpanDecoder {
+    /// The window to resume span `k` with: the index's own (versions 1 and 2), or one at
+    /// hand (version 3: fetched by `fetch_extra`, which the reader holds until it decodes).
+    fn window(&self, k: usize) -> Result<Arc<Window>, FormatError> {
+        let Some(cache) = &self.windows else {
+            let point = self
+                .index
+                .checkpoints
+                .get(k)
+                .ok_or_else(|| FormatError::GzipIndexMismatch(format!("no span {k}")))?;
+            return Ok(Arc::new(Window {
+                bytes: point.window.clone(),
+                kept: None,
+            }));
+        };
+        match self.index.window_refs.get(k) {
+            Some(r) if r.raw_len == 0 => Ok(Arc::new(Window {
+                bytes: Vec::new(),
+                kept: None,
+            })),
+            Some(_) => cache.get(k).ok_or_else(|| {
+                FormatError::GzipIndexMismatch(format!(
+                    "the window of resume point {k} was not fetched"
+                ))
+            }),
+            None => Err(FormatError::GzipIndexMismatch(format!("no span {k}"))),
+        }
+    }
+
+    /// Fetches the missing windows of resume points `points` (sorted) through `side`, a few
+    /// requests for windows close together, all at once; each window is checked against its
+    /// digest before anyone uses it.
+    async fn fetch_windows(
+        &self,
+        cache: &WindowCache,
+        points: Vec<usize>,
+        side: &dyn BlobSource,
+        extra: &mut Extra,
+    ) -> Result<(), FormatError> {
+        let mut groups: Vec<(std::ops::Range<u64>, Vec<usize>)> = Vec::new();
+        for k in points {
+            let Some(r) = self.index.window_refs.get(k) else {
+                continue;
+            };
+            let range = r.range();
+            match groups.last_mut() {
+                Some((g, members))
+                    if range.start >= g.end
+                        && range.start - g.end <= WINDOW_GAP
+                        && range.end - g.start <= MAX_WINDOW_REQUEST =>
+                {
+                    g.end = range.end;
+                    members.push(k);
+                }
+                _ => groups.push((range, vec![k])),
+            }
+        }
+        let fetches = groups
+            .iter()
+            .map(|(range, _)| side.read_range(range.clone()));
+        let fetched = futures_util::future::try_join_all(fetches).await?;
+        for ((range, members), bytes) in groups.iter().zip(fetched) {
+            extra.requests += 1;
+            extra.fetched_bytes += bytes.len() as u64;
+            for &k in members {
+                let Some(r) = self.index.window_refs.get(k) else {
+                    continue;
+                };
+                // Offsets were checked against the blob's size when the index was decoded;
+                // a short answer leaves a window out of reach, and that is an error.
+                let frame = bytes
+                    .get((r.offset - range.start) as usize..(r.range().end - range.start) as usize)
+                    .ok_or_else(|| {
+                        FormatError::GzipIndexMismatch(format!(
+                            "the registry sent {} bytes for windows blob bytes {}..{}",
+                            bytes.len(),
+                            range.start,
+                            range.end
+                        ))
+                    })?;
+                let (bytes, kept) = file::open_window(frame, r).map_err(|why| {
+                    FormatError::GzipIndexMismatch(format!("the window of resume point {k} {why}"))
+                })?;
+                let whole = matches!(&kept[..], [(0, len)] if u64::from(*len) == r.raw_len);
+                let window = Arc::new(Window {
+                    bytes,
+                    kept: (!whole).then_some(kept),
+                });
+                cache.put(k, window.clone());
+                extra.held.push(window);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SpanDecoder {
@@ -265,16 +475,108 @@ impl SpanDecoder {
         // Within the span, whose length was checked against max_chunk_bytes when the index
         // was decoded.
         let len = end.clamp(span.start, span.end) - span.start;
-        let out = zran::inflate_span(compressed, point.bits, &point.window, len as usize)
-            .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))?;
+        let window = self.window(k)?;
+        let inflate = |window: &[u8], len: usize| {
+            zran::inflate_span(compressed, point.bits, window, len)
+                .map_err(|e| FormatError::ChunkDecompress(std::io::Error::other(e)))
+        };
+        let out = inflate(&window.bytes, len as usize)?;
+        if window.kept.is_some() {
+            // The bytes a window leaves out must be bytes the span never reads: filled
+            // otherwise, the span's start (the only output that can read the window) must
+            // come out the same. Else the window is not this span's.
+            let n = out.len().min(zran::WINDOW);
+            if inflate(&window.filled(0xff), n)? != out[..n] {
+                return Err(FormatError::GzipIndexMismatch(format!(
+                    "the window of resume point {k} leaves out bytes its span reads"
+                )));
+            }
+        }
         if end >= span.end {
-            check_next_window(&self.index, k, &out)?;
+            match &self.windows {
+                None => check_next_window(&self.index, k, &out)?,
+                Some(cache) => self.chain_window(cache, k, &out)?,
+            }
         }
         Ok(out)
+    }
+
+    /// Version 3's chain check (see [`check_next_window`]): the next resume point's window,
+    /// when it is at hand, must keep the bytes that end span `k`'s output; that output's end
+    /// then is the next window, kept whole, so that the next span needs no fetch for it. A
+    /// window reaching back past the span's start (spans shorter than a window) is left to
+    /// its fetch.
+    fn chain_window(&self, cache: &WindowCache, k: usize, out: &[u8]) -> Result<(), FormatError> {
+        let Some(next) = self.index.window_refs.get(k + 1) else {
+            return Ok(());
+        };
+        let n = next.raw_len as usize;
+        if n == 0 || n > out.len() {
+            return Ok(());
+        }
+        let tail = &out[out.len() - n..];
+        if let Some(known) = cache.get(k + 1) {
+            if !known.matches(tail) {
+                return Err(FormatError::GzipIndexMismatch(format!(
+                    "the window of resume point {} is not the end of span {k}",
+                    k + 1
+                )));
+            }
+            if known.kept.is_none() {
+                return Ok(());
+            }
+        }
+        cache.put(
+            k + 1,
+            Arc::new(Window {
+                bytes: tail.to_vec(),
+                kept: None,
+            }),
+        );
+        Ok(())
     }
 }
 
 impl ChunkDecoder for SpanDecoder {
+    /// The windows of the spans `chunks` are in, but those at hand (version 3).
+    fn fetch_extra<'a>(
+        &'a self,
+        chunks: &'a [ChunkSpec],
+        side: Option<&'a dyn BlobSource>,
+    ) -> BoxFuture<'a, Result<Extra, FormatError>> {
+        Box::pin(async move {
+            let mut extra = Extra::default();
+            let Some(cache) = &self.windows else {
+                return Ok(extra);
+            };
+            let mut missing = std::collections::BTreeSet::new();
+            for chunk in chunks {
+                // A chunk that is not the index's fails its own decode.
+                let Ok((k, _, _)) = self.locate(chunk) else {
+                    continue;
+                };
+                if self.index.window_refs.get(k).is_none_or(|r| r.raw_len == 0) {
+                    continue;
+                }
+                match cache.get(k) {
+                    Some(window) => extra.held.push(window),
+                    None => {
+                        missing.insert(k);
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(extra);
+            }
+            let side = side.ok_or_else(|| {
+                FormatError::GzipIndexMismatch("no windows blob to fetch windows from".into())
+            })?;
+            self.fetch_windows(cache, missing.into_iter().collect(), side, &mut extra)
+                .await?;
+            Ok(extra)
+        })
+    }
+
     fn decode(&self, chunk: &ChunkSpec, compressed: &[u8]) -> Result<Vec<u8>, FormatError> {
         let (k, span, part) = self.locate(chunk)?;
         let mut out = self.inflate(k, part.end, compressed)?;

@@ -10,6 +10,7 @@ use super::build::build;
 use super::file::{GzipIndex, TarKind};
 use super::*;
 use crate::metadata::NodeKind;
+use crate::test_utils::FixtureBlob;
 
 fn text(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed;
@@ -104,6 +105,43 @@ fn indexed() -> Indexed {
     (blob, files, index)
 }
 
+/// A version 3 document opened as the daemon opens it.
+fn open_doc(doc: Vec<u8>) -> Opened {
+    GzipIndexFormat::default()
+        .open(&Resolved {
+            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&doc))) }),
+            index: doc,
+        })
+        .expect("open")
+}
+
+/// The index as `lazysnap index` pushes it (version 3), opened, and its windows blob as a
+/// registry serves it.
+fn open_v3(index: &GzipIndex) -> (Opened, FixtureBlob) {
+    let encoded = index.encode().expect("encode");
+    (
+        open_doc(encoded.index),
+        FixtureBlob {
+            blob: encoded.windows,
+            ..FixtureBlob::default()
+        },
+    )
+}
+
+/// Decodes `chunk` as the reader does: its span's window fetched first, and held meanwhile.
+async fn decode_fetching(
+    opened: &Opened,
+    windows: &dyn BlobSource,
+    chunk: &ChunkSpec,
+    compressed: &[u8],
+) -> Result<Vec<u8>, FormatError> {
+    let _held = opened
+        .decoder
+        .fetch_extra(std::slice::from_ref(chunk), Some(windows))
+        .await?;
+    opened.decoder.decode(chunk, compressed)
+}
+
 #[test]
 fn the_document_round_trips_and_knows_every_entry() {
     let (blob, _, index) = indexed();
@@ -117,9 +155,58 @@ fn the_document_round_trips_and_knows_every_entry() {
         "spans are cut into parts"
     );
     assert_eq!(index.compressed_size, blob.len() as u64);
-    let encoded = index.encode().expect("encode");
-    let decoded = GzipIndex::decode(&encoded, &Limits::default()).expect("decode");
-    assert_eq!(decoded, index);
+    // Version 2 holds the windows itself; version 3 names them in a blob of their own.
+    let v2 = index.encode_v2().expect("encode");
+    let mut whole = index.clone();
+    for p in &mut whole.checkpoints {
+        p.used = None;
+    }
+    assert_eq!(
+        GzipIndex::decode(&v2, &Limits::default()).expect("v2"),
+        whole
+    );
+    let v3 = index.encode().expect("encode");
+    let mut decoded = GzipIndex::decode(&v3.index, &Limits::default()).expect("decode");
+    assert!(decoded.checkpoints.iter().all(|p| p.window.is_empty()));
+    assert_eq!(decoded.window_refs.len(), index.checkpoints.len());
+    let named = decoded.windows.clone().expect("a windows blob");
+    assert_eq!(
+        named.digest,
+        format!("sha256:{}", hex::encode(Sha256::digest(&v3.windows)))
+    );
+    assert_eq!(named.size, v3.windows.len() as u64);
+    assert!(
+        v3.index.len() * 4 < v2.len(),
+        "without its windows the document is a fraction: {} of {}",
+        v3.index.len(),
+        v2.len()
+    );
+    decoded.with_windows(&v3.windows).expect("windows");
+    // The windows blob keeps the bytes of each window its span reads, and no others.
+    let mut sparse = index.clone();
+    let (mut kept, mut all) = (0, 0);
+    for p in sparse
+        .checkpoints
+        .iter_mut()
+        .filter(|p| !p.window.is_empty())
+    {
+        let used = p
+            .used
+            .clone()
+            .unwrap_or_else(|| vec![(0, p.window.len() as u16)]);
+        let mut window = vec![0; p.window.len()];
+        for (start, len) in &used {
+            let range = usize::from(*start)..usize::from(*start) + usize::from(*len);
+            window[range.clone()].copy_from_slice(&p.window[range]);
+            kept += usize::from(*len);
+        }
+        all += p.window.len();
+        p.window = window;
+        p.used = Some(used);
+    }
+    assert_eq!(decoded, sparse);
+    assert!(kept * 2 < all, "windows keep {kept} of {all} bytes");
+    let encoded = v2;
     let xattr = index
         .entries
         .iter()
@@ -139,16 +226,10 @@ fn the_document_round_trips_and_knows_every_entry() {
     );
 }
 
-#[test]
-fn every_file_reads_back_through_its_span_pieces() {
+#[tokio::test]
+async fn every_file_reads_back_through_its_span_pieces() {
     let (blob, files, index) = indexed();
-    let encoded = index.encode().expect("encode");
-    let format = GzipIndexFormat::default();
-    let resolved = Resolved {
-        params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
-        index: encoded.clone(),
-    };
-    let opened = format.open(&resolved).expect("open");
+    let (opened, windows) = open_v3(&index);
     let layer = &opened.index;
     let mut spans_seen = std::collections::HashSet::new();
     for (name, data) in &files {
@@ -158,7 +239,9 @@ fn every_file_reads_back_through_its_span_pieces() {
         let mut got = Vec::new();
         for piece in &node.chunks {
             let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
-            let unit = opened.decoder.decode(piece, compressed).expect("decode");
+            let unit = decode_fetching(&opened, &windows, piece, compressed)
+                .await
+                .expect("decode");
             assert_eq!(crate::chunk::ChunkDigest::of(&unit), piece.digest, "{name}");
             got.extend_from_slice(
                 &unit[piece.within as usize..(piece.within + piece.len) as usize],
@@ -190,7 +273,7 @@ fn every_file_reads_back_through_its_span_pieces() {
 #[test]
 fn an_index_that_is_not_the_saved_one_is_refused() {
     let (_, _, index) = indexed();
-    let encoded = index.encode().expect("encode");
+    let encoded = index.encode().expect("encode").index;
     let resolved = Resolved {
         params: serde_json::json!({ "index_digest": format!("sha256:{}", "1".repeat(64)) }),
         index: encoded,
@@ -207,7 +290,7 @@ fn an_index_that_is_not_the_saved_one_is_refused() {
 #[tokio::test]
 async fn resolve_checks_the_index_is_for_this_layer() {
     let (blob, _, index) = indexed();
-    let bytes = bytes::Bytes::from(index.encode().expect("encode"));
+    let bytes = bytes::Bytes::from(index.encode().expect("encode").index);
     let external = ExternalIndex {
         digest: format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
         bytes,
@@ -251,65 +334,183 @@ async fn resolve_checks_the_index_is_for_this_layer() {
         .is_err());
 }
 
-#[test]
-fn a_window_that_does_not_chain_fails_the_span_before_it() {
-    let (blob, _, mut index) = indexed();
-    let encoded = index.encode().expect("encode");
-    let good = GzipIndexFormat::default()
-        .open(&Resolved {
-            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
-            index: encoded,
-        })
-        .expect("open");
-    // Every span decodes, and chains, with the honest index.
-    let spans: Vec<ChunkSpec> = good.index.chunks_in_blob_order();
-    for c in &spans {
-        let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
-        good.decoder.decode(c, compressed).expect("honest span");
+#[tokio::test]
+async fn a_window_that_does_not_chain_fails_the_span_before_it() {
+    let (blob, _, index) = indexed();
+    for version in [2, 3] {
+        let open = |index: &GzipIndex| match version {
+            2 => (
+                open_doc(index.encode_v2().expect("encode")),
+                FixtureBlob::default(),
+            ),
+            _ => open_v3(index),
+        };
+        let (good, windows) = open(&index);
+        // Every span decodes, and chains, with the honest index.
+        let spans: Vec<ChunkSpec> = good.index.chunks_in_blob_order();
+        for c in &spans {
+            let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
+            decode_fetching(&good, &windows, c, compressed)
+                .await
+                .expect("honest span");
+        }
+        // A forged window for point 2 is caught when span 1's last part is decoded (with
+        // the rest of the span).
+        let span1_end = index.checkpoints[2].out;
+        let last_part = index
+            .parts
+            .iter()
+            .position(|p| p.out_end == span1_end)
+            .expect("a part ends at each resume point");
+        let mut forged_index = index.clone();
+        // A byte the span reads (a version 3 window keeps no others).
+        let at = forged_index.checkpoints[2]
+            .used
+            .as_ref()
+            .and_then(|u| u.first())
+            .map_or(100, |(start, _)| usize::from(*start));
+        forged_index.checkpoints[2].window[at] ^= 0xff;
+        let (forged, windows) = open(&forged_index);
+        let span1 = forged
+            .index
+            .chunks_in_blob_order()
+            .into_iter()
+            .find(|c| c.id == ChunkId(last_part as u32))
+            .expect("span 1's last part");
+        // Version 3 compares a window with the span before it when the window is at hand
+        // (else that span's end becomes the window): a read of span 2 brought it.
+        let span2: Vec<ChunkSpec> = forged
+            .index
+            .chunks_in_blob_order()
+            .into_iter()
+            .filter(|c| index.span_of_part(c.id.0 as usize) == Some(2))
+            .take(1)
+            .collect();
+        assert_eq!(span2.len(), 1, "a file in span 2");
+        let _held = forged
+            .decoder
+            .fetch_extra(&span2, Some(&windows))
+            .await
+            .expect("span 2's window");
+        let compressed = &blob[span1.blob_range.start as usize..span1.blob_range.end as usize];
+        let err = decode_fetching(&forged, &windows, &span1, compressed)
+            .await
+            .expect_err("forged window");
+        assert!(
+            err.to_string().contains("window of resume point 2"),
+            "version {version}: {err}"
+        );
     }
-    // A forged window for point 2 is caught when span 1's last part is decoded (with the
-    // rest of the span).
-    let span1_end = index.checkpoints[2].out;
-    let last_part = index
-        .parts
-        .iter()
-        .position(|p| p.out_end == span1_end)
-        .expect("a part ends at each resume point");
-    index.checkpoints[2].window[100] ^= 0xff;
-    let encoded = index.encode().expect("encode");
-    let forged = GzipIndexFormat::default()
-        .open(&Resolved {
-            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
-            index: encoded,
-        })
-        .expect("open");
-    let span1 = forged
-        .index
-        .chunks_in_blob_order()
-        .into_iter()
-        .find(|c| c.id == ChunkId(last_part as u32))
-        .expect("span 1's last part");
-    let compressed = &blob[span1.blob_range.start as usize..span1.blob_range.end as usize];
-    let err = forged
-        .decoder
-        .decode(&span1, compressed)
-        .expect_err("forged window");
-    assert!(
-        err.to_string().contains("window of resume point 2"),
-        "{err}"
-    );
 }
 
-#[test]
-fn a_read_fetches_its_span_only_up_to_the_end_of_its_part() {
-    let (blob, _, index) = indexed();
+#[tokio::test]
+async fn a_tampered_window_fails_its_span_and_is_never_used() {
+    let (blob, files, index) = indexed();
     let encoded = index.encode().expect("encode");
-    let opened = GzipIndexFormat::default()
-        .open(&Resolved {
-            params: serde_json::json!({ "index_digest": format!("sha256:{}", hex::encode(Sha256::digest(&encoded))) }),
-            index: encoded,
-        })
-        .expect("open");
+    let opened = open_doc(encoded.index.clone());
+    // The registry serves other bytes for the windows blob than its digest (a byte flipped
+    // in the middle of every answer).
+    let lying = FixtureBlob {
+        blob: encoded.windows.clone(),
+        corrupt: true,
+        ..FixtureBlob::default()
+    };
+    let (name, data) = &files[0];
+    let ino = opened.index.resolve(name).expect("file");
+    let node = opened.index.node(ino).expect("node");
+    let later: Vec<&ChunkSpec> = node
+        .chunks
+        .iter()
+        .filter(|c| index.span_of_part(c.id.0 as usize).is_some_and(|k| k > 0))
+        .collect();
+    assert!(!later.is_empty(), "{name} reaches past the first span");
+    for piece in &later {
+        let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
+        let err = decode_fetching(&opened, &lying, piece, compressed)
+            .await
+            .expect_err("a tampered window");
+        assert!(
+            err.to_string().contains("does not match its digest")
+                || err.to_string().contains("does not decompress"),
+            "{err}"
+        );
+    }
+    // Nothing tampered was kept: with an honest registry the same pieces decode right.
+    let honest = FixtureBlob {
+        blob: encoded.windows,
+        ..FixtureBlob::default()
+    };
+    for piece in &later {
+        let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
+        let unit = decode_fetching(&opened, &honest, piece, compressed)
+            .await
+            .expect("honest window");
+        let got = &unit[piece.within as usize..(piece.within + piece.len) as usize];
+        assert_eq!(
+            got,
+            &data[piece.file_offset as usize..(piece.file_offset + piece.len) as usize]
+        );
+    }
+    // Without its window at hand a span does not decode at all.
+    let fresh = open_doc(encoded.index);
+    let piece = later[0];
+    let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
+    assert!(fresh.decoder.decode(piece, compressed).is_err());
+}
+
+#[tokio::test]
+async fn windows_are_fetched_together_and_kept() {
+    let (blob, _, index) = indexed();
+    let (opened, windows) = open_v3(&index);
+    let layout = opened.index.chunks_in_blob_order();
+    let extra = opened
+        .decoder
+        .fetch_extra(&layout, Some(&windows))
+        .await
+        .expect("windows");
+    // Every span but the first has a window; they lie together in the blob: one request.
+    assert_eq!(extra.held.len(), index.checkpoints.len() - 1);
+    assert_eq!(extra.requests, 1);
+    assert_eq!(extra.fetched_bytes, windows.blob.len() as u64);
+    drop(extra);
+    // The decoder kept them: no request for them again.
+    let again = opened
+        .decoder
+        .fetch_extra(&layout, Some(&windows))
+        .await
+        .expect("kept");
+    assert_eq!((again.requests, again.fetched_bytes), (0, 0));
+    for c in &layout {
+        let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
+        opened.decoder.decode(c, compressed).expect("decode");
+    }
+    // A span decoded to its end gives the next one's window: a decoder that fetched none
+    // decodes the spans in order once it has the first window... or none at all.
+    let (fresh, _) = open_v3(&index);
+    let mut last_parts: Vec<&ChunkSpec> = Vec::new();
+    for k in 0..index.checkpoints.len() {
+        let end = index.span_out(k).expect("span").end;
+        if let Some(c) = layout.iter().find(|c| {
+            index
+                .part_out(c.id.0 as usize)
+                .is_some_and(|p| p.end == end)
+        }) {
+            last_parts.push(c);
+        }
+    }
+    for c in last_parts {
+        let compressed = &blob[c.blob_range.start as usize..c.blob_range.end as usize];
+        fresh
+            .decoder
+            .decode(c, compressed)
+            .expect("each window from the span before");
+    }
+}
+
+#[tokio::test]
+async fn a_read_fetches_its_span_only_up_to_the_end_of_its_part() {
+    let (blob, _, index) = indexed();
+    let (opened, windows) = open_v3(&index);
     let layout = opened.index.chunks_in_blob_order();
     let mut shorter = 0;
     for c in &layout {
@@ -343,6 +544,12 @@ fn a_read_fetches_its_span_only_up_to_the_end_of_its_part() {
         .max()
         .expect("parts");
     let start = first_span[0].blob_range.start as usize;
+    let owned: Vec<ChunkSpec> = first_span.iter().map(|c| (*c).clone()).collect();
+    let _held = opened
+        .decoder
+        .fetch_extra(&owned, Some(&windows))
+        .await
+        .expect("window");
     let together = opened
         .decoder
         .decode_shared(&first_span, &blob[start..longest as usize])
@@ -396,7 +603,7 @@ fn parts_that_do_not_tile_the_stream_or_overreach_are_refused() {
     for (what, tamper) in cases {
         let mut ix = index.clone();
         tamper(&mut ix);
-        let encoded = ix.encode().expect("encode");
+        let encoded = ix.encode().expect("encode").index;
         let err = GzipIndex::decode(&encoded, &Limits::default()).expect_err(what);
         assert!(
             matches!(err, super::file::IndexFileError::Invalid(_)),
@@ -427,4 +634,31 @@ fn stored_blocks_are_cut_into_spans_too() {
         "{} spans for 4 MiB of stored blocks",
         index.checkpoints.len()
     );
+}
+
+#[tokio::test]
+async fn a_window_that_leaves_out_bytes_its_span_reads_fails_the_span() {
+    let (blob, _, index) = indexed();
+    // Point 2's window claims its span reads nothing of it but the last stretch: the span's
+    // start reads bytes the window no longer keeps.
+    let mut forged = index.clone();
+    let used = forged.checkpoints[2].used.clone().expect("known use");
+    assert!(
+        used.len() > 1,
+        "the span reads several stretches of its window"
+    );
+    forged.checkpoints[2].used = used.last().map(|last| vec![*last]);
+    let (opened, windows) = open_v3(&forged);
+    let span2: Vec<ChunkSpec> = opened
+        .index
+        .chunks_in_blob_order()
+        .into_iter()
+        .filter(|c| index.span_of_part(c.id.0 as usize) == Some(2))
+        .collect();
+    let first = span2.first().expect("a file in span 2");
+    let compressed = &blob[first.blob_range.start as usize..first.blob_range.end as usize];
+    let err = decode_fetching(&opened, &windows, first, compressed)
+        .await
+        .expect_err("a window short of what its span reads");
+    assert!(err.to_string().contains("leaves out bytes"), "{err}");
 }

@@ -40,6 +40,9 @@ pub enum ZranError {
     TooManyCheckpoints(usize),
 }
 
+/// Stretches of a window, each its start and length.
+pub type Stretches = Vec<(u16, u16)>;
+
 /// Where decompression can resume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -51,6 +54,10 @@ pub struct Checkpoint {
     pub bits: u8,
     /// Up to [`WINDOW`] bytes of output just before `out`.
     pub window: Vec<u8>,
+    /// The stretches of `window` (start, length) that inflating from here reads: most
+    /// spans refer back to about a tenth of their window, so an index need keep only those
+    /// bytes. `None`: not known, the whole window counts.
+    pub used: Option<Stretches>,
 }
 
 /// A deflate block boundary: inflating from the previous checkpoint up to uncompressed offset
@@ -184,6 +191,17 @@ pub struct CheckpointingInflater<R> {
     checkpoints: Vec<Checkpoint>,
     marks: Vec<Mark>,
     done: bool,
+    /// The compressed bytes from the newest checkpoints on, until a window's worth of
+    /// output follows them: what finding the bytes of its window the stream reads needs.
+    captures: Vec<Capture>,
+    /// The last input byte consumed (the partial byte a checkpoint may start inside).
+    last_in: u8,
+}
+
+/// Compressed bytes after checkpoint `point`, from [`Checkpoint::fetch_from`].
+struct Capture {
+    point: usize,
+    bytes: Vec<u8>,
 }
 
 impl<R: Read> CheckpointingInflater<R> {
@@ -206,6 +224,8 @@ impl<R: Read> CheckpointingInflater<R> {
             checkpoints: Vec::new(),
             marks: Vec::new(),
             done: false,
+            captures: Vec::new(),
+            last_in: 0,
         })
     }
 
@@ -283,13 +303,60 @@ impl<R: Read> CheckpointingInflater<R> {
             return Ok(());
         }
         let keep = self.history.len().min(WINDOW);
+        let bits = (data_type & 7) as u8;
         self.checkpoints.push(Checkpoint {
             out: self.total_out,
             input: self.total_in,
-            bits: (data_type & 7) as u8,
+            bits,
             window: self.history[self.history.len() - keep..].to_vec(),
+            used: None,
         });
+        if keep > 0 {
+            let mut bytes = Vec::with_capacity(WINDOW);
+            if bits > 0 {
+                bytes.push(self.last_in);
+            }
+            self.captures.push(Capture {
+                point: self.checkpoints.len() - 1,
+                bytes,
+            });
+        }
         Ok(())
+    }
+
+    /// Feeds consumed input to the captures, and closes those a window's worth of output
+    /// past their checkpoint (or all, at the end of the stream).
+    fn capture(&mut self, consumed: &[u8], end: bool) {
+        if let Some(&last) = consumed.last() {
+            self.last_in = last;
+        }
+        if self.captures.is_empty() {
+            return;
+        }
+        for c in &mut self.captures {
+            c.bytes.extend_from_slice(consumed);
+        }
+        let total_out = self.total_out;
+        let points = &self.checkpoints;
+        let (ready, open): (Vec<Capture>, Vec<Capture>) = std::mem::take(&mut self.captures)
+            .into_iter()
+            .partition(|c| {
+                end || points
+                    .get(c.point)
+                    .is_none_or(|p| total_out - p.out >= WINDOW as u64)
+            });
+        self.captures = open;
+        for c in ready {
+            let Some(p) = self.checkpoints.get(c.point) else {
+                continue;
+            };
+            let n = (total_out - p.out).min(WINDOW as u64) as usize;
+            // Not knowing keeps the whole window: never a reason to fail the index.
+            let used = used_window(&c.bytes, p.bits, p.window.len(), n).ok();
+            if let Some(p) = self.checkpoints.get_mut(c.point) {
+                p.used = used;
+            }
+        }
     }
 
     fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, ZranError> {
@@ -300,10 +367,15 @@ impl<R: Read> CheckpointingInflater<R> {
             self.fill()?;
             let input = &self.input[self.in_pos..self.in_len];
             let (code, consumed, produced) = self.stream.inflate(input, buf, z::Z_BLOCK);
+            let from = self.in_pos;
             self.in_pos += consumed;
             self.total_in += consumed as u64;
             self.total_out += produced as u64;
             self.remember(&buf[..produced]);
+            // The input buffer is refilled only once it is used up, so these are its bytes.
+            let input = std::mem::take(&mut self.input);
+            self.capture(&input[from..self.in_pos], false);
+            self.input = input;
             match code {
                 z::Z_OK => self.checkpoint()?,
                 z::Z_STREAM_END => {
@@ -311,6 +383,7 @@ impl<R: Read> CheckpointingInflater<R> {
                     self.fill()?;
                     if self.in_pos >= self.in_len {
                         self.done = true;
+                        self.capture(&[], true);
                     } else {
                         self.stream.reset(GZIP_OR_ZLIB)?;
                     }
@@ -352,6 +425,52 @@ impl<R: Read> Read for CheckpointingInflater<R> {
         }
         self.read_some(buf).map_err(std::io::Error::other)
     }
+}
+
+/// The stretches (start, length) of a `window_len`-byte window that inflating `n` bytes
+/// from a checkpoint reads, `compressed` holding the blob from the checkpoint on. Deflate
+/// refers back at most [`WINDOW`] bytes, so only the first `WINDOW` bytes of output can read
+/// the window itself (later ones copy output, whose bytes came from there at most): the
+/// first `n` (at most `WINDOW`) bytes are inflated three times, with windows holding each
+/// position's low byte, that byte inverted, and its high byte. An output byte that differs
+/// between the first two came from the window, from the position the first and third spell.
+pub fn used_window(
+    compressed: &[u8],
+    bits: u8,
+    window_len: usize,
+    n: usize,
+) -> Result<Stretches, ZranError> {
+    let n = n.min(WINDOW);
+    let window_len = window_len.min(WINDOW);
+    if window_len == 0 || n == 0 {
+        return Ok(Vec::new());
+    }
+    let low: Vec<u8> = (0..window_len).map(|i| i as u8).collect();
+    let inverted: Vec<u8> = low.iter().map(|b| !b).collect();
+    let high: Vec<u8> = (0..window_len).map(|i| (i >> 8) as u8).collect();
+    let a = inflate_span(compressed, bits, &low, n)?;
+    let b = inflate_span(compressed, bits, &inverted, n)?;
+    let h = inflate_span(compressed, bits, &high, n)?;
+    let mut used = vec![false; window_len];
+    for i in 0..n {
+        if a[i] != b[i] {
+            let at = usize::from(a[i]) | usize::from(h[i]) << 8;
+            if let Some(u) = used.get_mut(at) {
+                *u = true;
+            }
+        }
+    }
+    // Stretches, joining those a few bytes apart: a stretch costs 4 bytes to describe.
+    let mut runs: Stretches = Vec::new();
+    for (i, _) in used.iter().enumerate().filter(|(_, u)| **u) {
+        match runs.last_mut() {
+            Some((start, len)) if i - (usize::from(*start) + usize::from(*len)) <= 4 => {
+                *len = (i + 1 - usize::from(*start)) as u16;
+            }
+            _ => runs.push((i as u16, 1)),
+        }
+    }
+    Ok(runs)
 }
 
 /// Inflates `len` bytes from a checkpoint. `compressed` holds the blob from
