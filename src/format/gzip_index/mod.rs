@@ -322,7 +322,18 @@ impl WindowCache {
 
     fn put(&self, k: usize, window: Arc<Window>) {
         let mut inner = self.lock();
-        inner.live.insert(k, Arc::downgrade(&window));
+        // A window someone holds stays the one `get` finds: a fetch holds its windows until
+        // it decodes, and finds them here then. Replaced by another (the end of the span
+        // before, or a second fetch of the same window), the held one would be found only as
+        // long as its replacement stayed among the recent, and a busy prefetch pushes that
+        // out: its decode would fail ("not fetched") and the read with it.
+        let window = match inner.live.get(&k).and_then(Weak::upgrade) {
+            Some(held) => held,
+            None => {
+                inner.live.insert(k, Arc::downgrade(&window));
+                window
+            }
+        };
         inner.keep(k, window);
         // Forget windows nobody holds any more, now and then (bounded by the points).
         if inner.live.len() > 4 * KEPT_WINDOWS {

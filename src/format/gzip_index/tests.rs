@@ -662,3 +662,37 @@ async fn a_window_that_leaves_out_bytes_its_span_reads_fails_the_span() {
         .expect_err("a window short of what its span reads");
     assert!(err.to_string().contains("leaves out bytes"), "{err}");
 }
+
+/// A fetch holds the windows it fetched until it decodes, and its decode looks them up by
+/// resume point: however many windows pass through the cache meanwhile (a busy prefetch),
+/// and whatever else is put for that point (the end of the span before, kept whole), the
+/// lookup finds a window while one is held.
+#[test]
+fn a_held_window_is_found_however_busy_the_cache() {
+    let cache = WindowCache::default();
+    let window = |byte: u8| {
+        Arc::new(Window {
+            bytes: vec![byte; 16],
+            kept: None,
+        })
+    };
+    let held = window(1);
+    cache.put(7, held.clone());
+    // The span before ends: its tail is put for point 7 too, and then many more windows.
+    cache.put(7, window(2));
+    for k in 100..100 + 4 * KEPT_WINDOWS {
+        cache.put(k, window(3));
+    }
+    let found = cache
+        .get(7)
+        .expect("a window for point 7 while one is held");
+    assert!(Arc::ptr_eq(&found, &held), "the held window itself");
+    drop((found, held));
+    for k in 1000..1000 + 2 * KEPT_WINDOWS {
+        cache.put(k, window(4));
+    }
+    assert!(
+        cache.get(7).is_none(),
+        "held by nobody and pushed out of the recent: forgotten"
+    );
+}
