@@ -31,17 +31,16 @@ fn access_entries(log: &Path) -> usize {
     auth::parse_access_log(&auth::access_lines(&text)).len()
 }
 
-#[test]
-fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
-    let started = Instant::now();
+/// A stack whose lazysnap reads `hosts.toml` files from the returned directory, with short
+/// deadlines so that a failing mirror does not slow the test down.
+fn stack_with_hosts_dir(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf, Stack) {
     let tmp = tempfile::Builder::new()
-        .prefix("lazysnap-mirror-")
+        .prefix(prefix)
         .tempdir()
         .expect("temp dir");
     let hosts_dir = tmp.path().join("certs.d");
     std::fs::create_dir_all(&hosts_dir).expect("create hosts dir");
     let config = tmp.path().join("lazysnap.toml");
-    // Short deadlines keep a failing mirror from slowing the test down.
     std::fs::write(
         &config,
         format!(
@@ -54,6 +53,29 @@ fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
         LAZYSNAP,
         vec!["--config".into(), config.display().to_string()],
     );
+    (tmp, hosts_dir, stack)
+}
+
+/// Lists `mirror` for the stack's registry, in containerd's layout (the directory is named
+/// `host:port`), with the capabilities containerd gives a mirror by default.
+fn mirror_in_hosts_toml(hosts_dir: &Path, stack: &Stack, mirror: &AuthRegistry) {
+    let host_dir = hosts_dir.join(&stack.registry_host);
+    std::fs::create_dir_all(&host_dir).expect("create host dir");
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            origin = stack.registry_host,
+            mirror = mirror.host()
+        ),
+    )
+    .expect("write hosts.toml");
+}
+
+#[test]
+fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
+    let started = Instant::now();
+    let (tmp, hosts_dir, stack) = stack_with_hosts_dir("lazysnap-mirror-");
     let mut mirror = AuthRegistry::anonymous(tmp.path());
 
     // The eStargz image on the origin (small chunks, so one file is many chunks), copied to
@@ -83,18 +105,7 @@ fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
         "the mirror holds the same manifest, so the same layer digests"
     );
 
-    // containerd's layout: the directory is named `host:port`.
-    let host_dir = hosts_dir.join(&stack.registry_host);
-    std::fs::create_dir_all(&host_dir).expect("create host dir");
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            origin = stack.registry_host,
-            mirror = mirror.host()
-        ),
-    )
-    .expect("write hosts.toml");
+    mirror_in_hosts_toml(&hosts_dir, &stack, &mirror);
 
     let origin_log = stack
         .registry
@@ -224,25 +235,7 @@ fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
 /// lazily without asking the origin anything.
 #[test]
 fn a_gzip_index_is_found_through_the_mirror() {
-    let tmp = tempfile::Builder::new()
-        .prefix("lazysnap-mirror-index-")
-        .tempdir()
-        .expect("temp dir");
-    let hosts_dir = tmp.path().join("certs.d");
-    std::fs::create_dir_all(&hosts_dir).expect("create hosts dir");
-    let config = tmp.path().join("lazysnap.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[registry]\nhosts_dir = \"{}\"\nrequest_timeout = \"2s\"\nread_deadline = \"10s\"\n",
-            hosts_dir.display()
-        ),
-    )
-    .expect("write lazysnap config");
-    let stack = Stack::start_with(
-        LAZYSNAP,
-        vec!["--config".into(), config.display().to_string()],
-    );
+    let (tmp, hosts_dir, stack) = stack_with_hosts_dir("lazysnap-mirror-index-");
     let mirror = AuthRegistry::anonymous(tmp.path());
 
     let spec = image::standard_image();
@@ -264,17 +257,7 @@ fn a_gzip_index_is_found_through_the_mirror() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let host_dir = hosts_dir.join(&stack.registry_host);
-    std::fs::create_dir_all(&host_dir).expect("create host dir");
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            origin = stack.registry_host,
-            mirror = mirror.host()
-        ),
-    )
-    .expect("write hosts.toml");
+    mirror_in_hosts_toml(&hosts_dir, &stack, &mirror);
 
     let origin_log = stack
         .registry
