@@ -173,11 +173,22 @@ fn crashing_daemon() {
         runtime.handle().clone(),
     )
     .expect("mount in the child");
+    // Only now, with `mount` returned: it closes a file of the mount before it returns (to
+    // switch FLUSH off), and a kill during that close would leave this process waiting on
+    // its own dead server, unkillable, until the connection is aborted.
+    fs::write(ready_marker(Path::new(&mountpoint)), b"").expect("ready marker");
     // Never unmount: the parent kills this process, as a crash would.
     std::mem::forget(handle);
     loop {
         std::thread::sleep(Duration::from_secs(60));
     }
+}
+
+/// Beside `mountpoint`: written by the crashing daemon once its `mount` has returned.
+fn ready_marker(mountpoint: &Path) -> PathBuf {
+    let mut name = mountpoint.as_os_str().to_owned();
+    name.push(".ready");
+    PathBuf::from(name)
 }
 
 /// The child daemon; killed, and its mount detached, however the test ends.
@@ -219,7 +230,7 @@ fn a_mount_left_by_a_crashed_daemon_can_be_detached() {
 
     let mut daemon = spawn_crashing_daemon(&mountpoint);
     wait_until(Duration::from_secs(5), "the child's mount", || {
-        mounts_at(&mountpoint).len() == 1
+        mounts_at(&mountpoint).len() == 1 && ready_marker(&mountpoint).exists()
     });
     assert!(fs::metadata(mountpoint.join("file")).is_ok());
 
