@@ -241,7 +241,7 @@ fn a_landmark_optimized_image_prefetches_its_prioritized_files_on_mount() {
         &plain,
         &optimized,
     ]);
-    stack.ctr(&["images", "push", "--plain-http", &optimized]);
+    stack.push(&["--plain-http", &optimized]);
     stack.ctr(&["images", "rm", "--sync", &plain, &optimized]);
     stack.ctr(&["content", "prune", "references"]);
 

@@ -291,10 +291,11 @@ impl AuthRegistry {
         args.extend_from_slice(flags);
         args.extend_from_slice(&[source, target]);
         self.ctr_remote(stack, &args);
-        self.ctr(
-            stack,
-            &["images", "push", "--plain-http", "--user", &creds, target],
-        );
+        stack
+            .try_push(&["--plain-http", "--user", &creds, target])
+            .unwrap_or_else(|e| {
+                panic!("{}\n{}", self.redact(&e), self.redact(&stack.diagnostics()))
+            });
         self.ctr(stack, &["images", "rm", "--sync", source, target]);
         self.ctr(stack, &["content", "prune", "references"]);
     }

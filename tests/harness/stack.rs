@@ -409,6 +409,35 @@ state = "{state}"
         self.try_tool("ctr", args)
     }
 
+    /// `ctr images push ARGS`, tried up to three times.
+    ///
+    /// containerd 1.6 fails a push right after a conversion now and then with "unexpected EOF"
+    /// from its own content service while its content GC runs (CI saw it on the config blob,
+    /// twice, in different tests). lazysnap is not on that path, and a push is idempotent, so a
+    /// failed one is tried again after a pause before the test gives up.
+    pub fn try_push(&self, args: &[&str]) -> Result<String, String> {
+        let mut full = vec!["images", "push"];
+        full.extend_from_slice(args);
+        let mut attempt = 1;
+        loop {
+            match self.try_ctr(&full) {
+                Ok(out) => return Ok(out),
+                Err(e) if attempt < 3 => {
+                    eprintln!("push failed (attempt {attempt} of 3), trying again: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Stack::try_push`], panicking with the stack's diagnostics if every attempt failed.
+    pub fn push(&self, args: &[&str]) -> String {
+        self.try_push(args)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+    }
+
     /// Pulls `reference` the ordinary way (`ctr images pull`) into `snapshotter`.
     pub fn pull(&self, snapshotter: &str, reference: &str) -> String {
         self.ctr(&[
@@ -569,14 +598,7 @@ impl Stack {
         args.extend_from_slice(flags);
         args.extend_from_slice(&[source, target]);
         self.ctr_remote(&args);
-        // containerd 1.6 can fail a push right after a conversion with "unexpected EOF" while
-        // its content GC runs (CI saw it once, on the config blob); a push is idempotent, so it
-        // is tried once more before the test fails.
-        let push = ["images", "push", "--plain-http", target];
-        if let Err(first) = self.try_ctr(&push) {
-            eprintln!("push of {target} failed, trying once more: {first}");
-            self.ctr(&push);
-        }
+        self.push(&["--plain-http", target]);
         self.ctr(&["images", "rm", "--sync", source, target]);
         self.ctr(&["content", "prune", "references"]);
     }
