@@ -320,13 +320,17 @@ impl WindowCache {
         Some(window)
     }
 
-    fn put(&self, k: usize, window: Arc<Window>) {
+    /// Keeps `window` for point `k`, unless one is held already, and returns the one kept:
+    /// the one a fetch must hold until it decodes.
+    fn put(&self, k: usize, window: Arc<Window>) -> Arc<Window> {
         let mut inner = self.lock();
         // A window someone holds stays the one `get` finds: a fetch holds its windows until
         // it decodes, and finds them here then. Replaced by another (the end of the span
         // before, or a second fetch of the same window), the held one would be found only as
         // long as its replacement stayed among the recent, and a busy prefetch pushes that
-        // out: its decode would fail ("not fetched") and the read with it.
+        // out: its decode would fail ("not fetched") and the read with it. For the same
+        // reason a second fetch of a held window holds the kept one, not its own copy: its
+        // own copy is found by nobody, and the kept one dies with its first holder.
         let window = match inner.live.get(&k).and_then(Weak::upgrade) {
             Some(held) => held,
             None => {
@@ -334,11 +338,12 @@ impl WindowCache {
                 window
             }
         };
-        inner.keep(k, window);
+        inner.keep(k, window.clone());
         // Forget windows nobody holds any more, now and then (bounded by the points).
         if inner.live.len() > 4 * KEPT_WINDOWS {
             inner.live.retain(|_, w| w.strong_count() > 0);
         }
+        window
     }
 }
 
@@ -442,8 +447,7 @@ impl SpanDecoder {
                     bytes,
                     kept: (!whole).then_some(kept),
                 });
-                cache.put(k, window.clone());
-                extra.held.push(window);
+                extra.held.push(cache.put(k, window));
             }
         }
         Ok(())
@@ -537,7 +541,8 @@ impl SpanDecoder {
                 return Ok(());
             }
         }
-        cache.put(
+        // Nobody holds the tail: kept among the recent for the next span's fetch.
+        let _ = cache.put(
             k + 1,
             Arc::new(Window {
                 bytes: tail.to_vec(),

@@ -677,11 +677,11 @@ fn a_held_window_is_found_however_busy_the_cache() {
         })
     };
     let held = window(1);
-    cache.put(7, held.clone());
+    let _ = cache.put(7, held.clone());
     // The span before ends: its tail is put for point 7 too, and then many more windows.
-    cache.put(7, window(2));
+    let _ = cache.put(7, window(2));
     for k in 100..100 + 4 * KEPT_WINDOWS {
-        cache.put(k, window(3));
+        let _ = cache.put(k, window(3));
     }
     let found = cache
         .get(7)
@@ -689,10 +689,37 @@ fn a_held_window_is_found_however_busy_the_cache() {
     assert!(Arc::ptr_eq(&found, &held), "the held window itself");
     drop((found, held));
     for k in 1000..1000 + 2 * KEPT_WINDOWS {
-        cache.put(k, window(4));
+        let _ = cache.put(k, window(4));
     }
     assert!(
         cache.get(7).is_none(),
         "held by nobody and pushed out of the recent: forgotten"
     );
+}
+
+#[test]
+fn a_second_fetch_of_a_held_window_holds_the_one_kept() {
+    let cache = WindowCache::default();
+    let window = |byte: u8| {
+        Arc::new(Window {
+            bytes: vec![byte; 16],
+            kept: None,
+        })
+    };
+    // Two fetches bring point 7's window at once; the first one's is kept.
+    let first = cache.put(7, window(1));
+    let second = cache.put(7, window(2));
+    assert!(
+        Arc::ptr_eq(&first, &second),
+        "the second fetch holds the kept window, not its own copy"
+    );
+    // The first fetch decodes and lets go; a busy prefetch pushes point 7 out of the recent.
+    drop(first);
+    for k in 100..100 + 4 * KEPT_WINDOWS {
+        let _ = cache.put(k, window(3));
+    }
+    let found = cache
+        .get(7)
+        .expect("the second fetch still holds point 7's window, so its decode finds it");
+    assert!(Arc::ptr_eq(&found, &second));
 }
