@@ -123,7 +123,7 @@ pub fn render(layers: &dyn LazyNode) -> String {
     metric(
         "lazysnap_read_chunk_bytes_total",
         "counter",
-        "Compressed bytes of the chunks containers read, each chunk once per layer (fetched_bytes divided by this is the fetch amplification).",
+        "Compressed bytes of the chunks containers read, each chunk once per layer; a gzip-index span counts from its resume point to the end of the furthest part read (fetched_bytes divided by this is the fetch amplification).",
         &[("", t.read_chunk_bytes as f64)],
     );
     metric(

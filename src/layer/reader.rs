@@ -310,25 +310,45 @@ impl LayerReader {
     }
 
     /// Counts the fetch units of `chunks` no container read before into `read_chunk_bytes`.
-    /// A unit is a blob range: pieces sharing one (a gzip-index span) count it once, since
-    /// it is fetched once. Without a layout nothing is counted.
+    /// A unit is a blob range: pieces sharing one (the files of a gzip-index part) count it
+    /// once. Units sharing a start (a gzip-index span's parts, each running from the span's
+    /// resume point to its own end) count together as far as the furthest one read: that
+    /// is the least a reader of them must fetch, so the amplification measures what the
+    /// fetches add to it. (Counting the first part alone made a read of a span's last part
+    /// look like four times amplification.) A span holds at most one piece per 512 bytes (a tar
+    /// header each) within `[limits] max_chunk_bytes`, which bounds the walk over a unit's
+    /// siblings.
+    /// Without a layout nothing is counted.
     fn note_read<'c>(&self, chunks: impl IntoIterator<Item = &'c ChunkSpec>) {
         for chunk in chunks {
-            let start = chunk.blob_range.start;
-            let at = self.layout.partition_point(|c| c.blob_range.start < start);
-            if self.layout.get(at).map(|c| c.blob_range.start) != Some(start) {
+            let unit = &chunk.blob_range;
+            let first = self
+                .layout
+                .partition_point(|c| c.blob_range.start < unit.start);
+            let same_start =
+                self.layout[first..].partition_point(|c| c.blob_range.start <= unit.start);
+            let family = first..first + same_start;
+            let Some(at) = family
+                .clone()
+                .find(|&i| self.layout[i].blob_range.end == unit.end)
+            else {
                 continue;
-            }
+            };
             let Some(word) = self.read_marks.get(at / 64) else {
                 continue;
             };
             let bit = 1u64 << (at % 64);
-            if word.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-                self.counters.read_chunk_bytes.fetch_add(
-                    chunk.blob_range.end.saturating_sub(start),
-                    Ordering::Relaxed,
-                );
+            if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+                continue;
             }
+            let counted = family
+                .filter(|&i| i != at && self.was_read(i))
+                .map(|i| self.layout[i].blob_range.end)
+                .max()
+                .unwrap_or(unit.start);
+            self.counters
+                .read_chunk_bytes
+                .fetch_add(unit.end.saturating_sub(counted), Ordering::Relaxed);
         }
     }
 
@@ -1951,6 +1971,77 @@ mod tests {
         let got = reading.read(&chunks, 0..len).await.expect("read");
         assert_eq!(got.as_ref(), files[0].1.as_slice());
         assert!(reading.is_cached(&span), "the read brought its whole span");
+    }
+
+    #[tokio::test]
+    async fn a_read_of_a_spans_later_part_counts_the_span_as_far_as_that_part() {
+        let mut x: u64 = 11;
+        let files: Vec<(String, Vec<u8>)> = (0..24)
+            .map(|i| {
+                let mut data = Vec::new();
+                while data.len() < 24 << 10 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    data.extend_from_slice(format!("{} {}\n", x >> 40, x % 977).as_bytes());
+                }
+                (format!("lib/m{i:02}.py"), data)
+            })
+            .collect();
+        let (blob, digest, opened, windows) =
+            crate::test_utils::gzip_index_layer(&files, 512 << 10);
+        let layout = opened.index.chunks_in_blob_order();
+        let span_start = layout[0].blob_range.start;
+        // The last file whose bytes all lie in a later part of the first span.
+        let (late, late_end) = files
+            .iter()
+            .filter_map(|(name, _)| {
+                let ino = opened.index.resolve(name)?;
+                let chunks = opened.index.node(ino)?.chunks.clone();
+                let all_in_span = chunks.iter().all(|c| c.blob_range.start == span_start);
+                let end = chunks.iter().map(|c| c.blob_range.end).max()?;
+                (all_in_span && chunks.len() == 1).then_some((name.clone(), end))
+            })
+            .max_by_key(|(_, end)| *end)
+            .expect("a file within the first span");
+        let first_part_end = layout[0].blob_range.end;
+        assert!(late_end > first_part_end, "{late} lies past the first part");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reader = Arc::new(
+            LayerReader::new(
+                Arc::new(FixtureBlob {
+                    blob: blob.clone(),
+                    ..FixtureBlob::default()
+                }),
+                BlobId::new(&digest, None),
+                opened.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_side(Some(windows.clone()))
+            .with_neighbours(Arc::from(layout.clone()), 0),
+        );
+        let read_bytes = |name: &str| {
+            let ino = opened.index.resolve(name).expect("file");
+            let node = opened.index.node(ino).expect("node");
+            (node.chunks.clone(), node.size)
+        };
+        let (chunks, size) = read_bytes(&late);
+        reader.read(&chunks, 0..size).await.expect("read");
+        let counted = || reader.counters().read_chunk_bytes.load(Ordering::Relaxed);
+        assert_eq!(
+            counted(),
+            late_end - span_start,
+            "a read of a later part needs its span from the resume point to that part's end"
+        );
+        // The first file lies in the first part: no more than is counted already.
+        let (chunks, size) = read_bytes("lib/m00.py");
+        reader.read(&chunks, 0..size).await.expect("read");
+        assert_eq!(
+            counted(),
+            late_end - span_start,
+            "an earlier part adds nothing"
+        );
     }
 
     #[tokio::test]
