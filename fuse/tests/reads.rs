@@ -184,15 +184,18 @@ fn a_failed_range_fails_retries_at_once_for_one_deadline() {
         let first = started.elapsed();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}: {err}");
         assert!(first >= DEADLINE, "{name}: failed early, after {first:?}");
-        assert!(first < DEADLINE * 3 / 2, "{name}: took {first:?}");
+        // One deadline, not two: the margin is for a loaded CI machine, not for a second wait.
+        assert!(first < DEADLINE * 7 / 4, "{name}: took {first:?}");
 
         let asked = source.reads_of(ino).len();
         let started = Instant::now();
         let err = read(&path).expect_err("the retry fails too");
         let again = started.elapsed();
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}: {err}");
+        // At once: well inside a deadline (the source is not asked, checked below); the
+        // margin is for scheduling on a loaded machine, where 100 ms was missed.
         assert!(
-            again < Duration::from_millis(100),
+            again < DEADLINE / 2,
             "{name}: the second read took {again:?}"
         );
         assert_eq!(
