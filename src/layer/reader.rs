@@ -1901,11 +1901,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn prefetch_stops_at_its_part_and_a_containers_read_takes_the_whole_span() {
-        // Varied text, so that deflate ends blocks often and the span has several parts.
-        let mut x: u64 = 7;
-        let files: Vec<(String, Vec<u8>)> = (0..24)
+    /// 24 files of 24 KiB of varied text (so that deflate ends blocks often and a span has
+    /// several parts), from `seed`.
+    fn varied_files(mut x: u64) -> Vec<(String, Vec<u8>)> {
+        (0..24)
             .map(|i| {
                 let mut data = Vec::new();
                 while data.len() < 24 << 10 {
@@ -1916,7 +1915,37 @@ mod tests {
                 }
                 (format!("lib/m{i:02}.py"), data)
             })
-            .collect();
+            .collect()
+    }
+
+    /// A reader of a gzip-index layer over a fresh store in `dir`, with `layout` for its
+    /// neighbours and no reach beyond its siblings.
+    fn span_reader(
+        blob: &[u8],
+        digest: &str,
+        opened: &crate::format::Opened,
+        windows: &Arc<FixtureBlob>,
+        dir: &tempfile::TempDir,
+    ) -> Arc<LayerReader> {
+        Arc::new(
+            LayerReader::new(
+                Arc::new(FixtureBlob {
+                    blob: blob.to_vec(),
+                    ..FixtureBlob::default()
+                }),
+                BlobId::new(digest, None),
+                opened.decoder.clone(),
+                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
+                Arc::new(Fetches::new(2)),
+            )
+            .with_side(Some(windows.clone()))
+            .with_neighbours(Arc::from(opened.index.chunks_in_blob_order()), 0),
+        )
+    }
+
+    #[tokio::test]
+    async fn prefetch_stops_at_its_part_and_a_containers_read_takes_the_whole_span() {
+        let files = varied_files(7);
         let (blob, digest, opened, windows) =
             crate::test_utils::gzip_index_layer(&files, 512 << 10);
         let layout = opened.index.chunks_in_blob_order();
@@ -1933,22 +1962,7 @@ mod tests {
         );
         let first = opened.index.resolve("lib/m00.py").expect("first file");
         let chunks = opened.index.node(first).expect("node").chunks.clone();
-        let reader = |dir: &tempfile::TempDir| {
-            Arc::new(
-                LayerReader::new(
-                    Arc::new(FixtureBlob {
-                        blob: blob.clone(),
-                        ..FixtureBlob::default()
-                    }),
-                    BlobId::new(&digest, None),
-                    opened.decoder.clone(),
-                    Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
-                    Arc::new(Fetches::new(2)),
-                )
-                .with_side(Some(windows.clone()))
-                .with_neighbours(Arc::from(layout.clone()), 0),
-            )
-        };
+        let reader = |dir: &tempfile::TempDir| span_reader(&blob, &digest, &opened, &windows, dir);
         let dir = tempfile::tempdir().expect("tempdir");
         let prefetching = reader(&dir);
         prefetching
@@ -1975,19 +1989,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_of_a_spans_later_part_counts_the_span_as_far_as_that_part() {
-        let mut x: u64 = 11;
-        let files: Vec<(String, Vec<u8>)> = (0..24)
-            .map(|i| {
-                let mut data = Vec::new();
-                while data.len() < 24 << 10 {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    data.extend_from_slice(format!("{} {}\n", x >> 40, x % 977).as_bytes());
-                }
-                (format!("lib/m{i:02}.py"), data)
-            })
-            .collect();
+        let files = varied_files(11);
         let (blob, digest, opened, windows) =
             crate::test_utils::gzip_index_layer(&files, 512 << 10);
         let layout = opened.index.chunks_in_blob_order();
@@ -2007,20 +2009,7 @@ mod tests {
         let first_part_end = layout[0].blob_range.end;
         assert!(late_end > first_part_end, "{late} lies past the first part");
         let dir = tempfile::tempdir().expect("tempdir");
-        let reader = Arc::new(
-            LayerReader::new(
-                Arc::new(FixtureBlob {
-                    blob: blob.clone(),
-                    ..FixtureBlob::default()
-                }),
-                BlobId::new(&digest, None),
-                opened.decoder.clone(),
-                Arc::new(LocalStore::open(dir.path(), 0).expect("store")),
-                Arc::new(Fetches::new(2)),
-            )
-            .with_side(Some(windows.clone()))
-            .with_neighbours(Arc::from(layout.clone()), 0),
-        );
+        let reader = span_reader(&blob, &digest, &opened, &windows, &dir);
         let read_bytes = |name: &str| {
             let ino = opened.index.resolve(name).expect("file");
             let node = opened.index.node(ino).expect("node");
