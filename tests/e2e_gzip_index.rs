@@ -554,4 +554,37 @@ fn a_blob_that_matches_its_index_but_not_its_digest_is_found_bad_once_fetched() 
         3,
         "no second check"
     );
+
+    // The registry serves the right bytes again. Once the image is gone, so is the bad
+    // verdict: a new pull checks the layer anew and serves it.
+    blob[4] ^= 0x5a;
+    std::fs::write(&data, &blob).expect("restore the app layer's blob");
+    stack.ctr(&["images", "rm", "--sync", &reference]);
+    stack.eventually(
+        "the layers' snapshots to be removed",
+        std::time::Duration::from_secs(30),
+        || verification(&stack).is_empty(),
+    );
+    assert!(
+        stack
+            .lazysnap_log()
+            .contains("the last mount of a layer found bad is gone"),
+        "{}",
+        stack.lazysnap_log()
+    );
+    stack.rpull(&reference);
+    stack.eventually(
+        "the app layer's new verdict",
+        std::time::Duration::from_secs(120),
+        || {
+            verification(&stack)
+                .iter()
+                .any(|(d, v)| *d == app && v == "verified")
+        },
+    );
+    let out = stack.run("lazysnap", &reference, "good-again", script);
+    assert!(
+        out.contains("hello from the app layer") && out.contains("READ-OK"),
+        "the layer serves once checked good: {out}"
+    );
 }

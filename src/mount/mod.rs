@@ -187,7 +187,15 @@ impl LazyLayers {
     fn retire_state(&self, digest: &str) {
         let mounted: Vec<String> = self.mounted().values().map(|m| m.digest.clone()).collect();
         if !mounted.iter().any(|d| d == digest) {
-            self.states.mark_unmounted(digest);
+            if let Some(layer::verify::Verdict::Bad { .. }) = self.states.load_verdict(digest) {
+                // Kept, a bad verdict would fail every later pull of the layer until `cache
+                // prune`, even once the registry serves the right bytes again. Its chunks
+                // left the store with the verdict; the next pull resolves and checks anew.
+                let freed = self.states.remove(digest);
+                tracing::info!(layer = %digest, bytes = freed, "the last mount of a layer found bad is gone: its state is forgotten, and a new pull checks it again");
+            } else {
+                self.states.mark_unmounted(digest);
+            }
         }
         let keep: Vec<&str> = mounted.iter().map(String::as_str).collect();
         let freed = self
