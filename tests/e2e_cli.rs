@@ -5,10 +5,9 @@
 
 mod harness;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
-use harness::{image, process::free_port, Stack};
+use harness::{image, metrics, process::free_port, Stack};
 use serde_json::Value;
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -17,25 +16,6 @@ fn number(v: &Value, field: &str) -> u64 {
     v[field]
         .as_u64()
         .unwrap_or_else(|| panic!("field {field} missing or not a number in {v}"))
-}
-
-fn metrics(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read metrics");
-    text
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not in:\n{text}"))
 }
 
 #[test]
@@ -152,17 +132,17 @@ fn every_cli_command_reports_what_the_daemon_did() {
     assert!(table.to_lowercase().contains("hit"), "{table}");
 
     // metrics: the same counters.
-    let text = metrics(port);
+    let text = metrics::scrape(port);
     assert_eq!(
-        metric(&text, "lazysnap_fetched_bytes_total") as u64,
+        metrics::value(&text, "lazysnap_fetched_bytes_total") as u64,
         number(&stack.cli_json(&["cache", "stats"]), "fetched_bytes")
     );
     assert!(
-        metric(&text, "lazysnap_fetch_duration_seconds_count") > 0.0,
+        metrics::value(&text, "lazysnap_fetch_duration_seconds_count") > 0.0,
         "{text}"
     );
     assert_eq!(
-        metric(&text, "lazysnap_mounted_layers") as usize,
+        metrics::value(&text, "lazysnap_mounted_layers") as usize,
         layers.len()
     );
 

@@ -220,27 +220,7 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         requests,
         "no registry request to remount"
     );
-    let mut out = String::new();
-    stack.eventually(
-        "a container after the restart",
-        std::time::Duration::from_secs(15),
-        || match stack.try_ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            &plain,
-            "after-restart",
-            "cat",
-            "/app/hello.txt",
-        ]) {
-            Ok(o) => {
-                out = o;
-                true
-            }
-            Err(_) => false,
-        },
-    );
+    let out = stack.run_after_restart(&plain, "after-restart", &["cat", "/app/hello.txt"]);
     assert_eq!(out, "hello from the app layer\n");
 
     // A tampered index: layer 2's claims another size (refused: ordinary path), the app
@@ -517,28 +497,7 @@ fn a_blob_that_matches_its_index_but_not_its_digest_is_found_bad_once_fetched() 
     let requests = stack.registry_requests();
     stack.start_lazysnap();
     assert_eq!(verification(&stack), states, "verdicts survive a restart");
-    let mut out = String::new();
-    stack.eventually(
-        "a container after the restart",
-        std::time::Duration::from_secs(15),
-        || match stack.try_ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            &reference,
-            "bad-after-restart",
-            "/bin/sh",
-            "-c",
-            script,
-        ]) {
-            Ok(o) => {
-                out = o;
-                true
-            }
-            Err(_) => false,
-        },
-    );
+    let out = stack.run_after_restart(&reference, "bad-after-restart", &["/bin/sh", "-c", script]);
     assert!(
         out.starts_with("hello from layer 2\n") && out.contains("READ-FAILED"),
         "{out}"

@@ -5,22 +5,10 @@
 mod harness;
 
 use harness::estargz::{self, File};
-use harness::image::{self, BlobLayer, ImageSpec};
+use harness::image::{self, BlobLayer};
 use harness::Stack;
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
-
-/// busybox (plain gzip) under `top`; pushed as `name:1`.
-fn push_with(stack: &Stack, name: &str, top: BlobLayer) -> String {
-    let spec = ImageSpec {
-        layers: vec![image::busybox_layer()],
-        blobs: vec![top],
-        cmd: vec!["/bin/sh".into()],
-    };
-    let reference = stack.image_ref(&format!("{name}:1"));
-    image::push(&spec, &stack.dir, &reference);
-    reference
-}
 
 /// Two files; `case` makes each layer's content, and so its chain ID, unique: containerd
 /// skips layers it already has.
@@ -35,7 +23,7 @@ fn good_files(case: &str) -> Vec<File> {
 #[test]
 fn mixed_image_lazy_and_plain_layers() {
     let stack = Stack::start(LAZYSNAP);
-    let reference = push_with(
+    let reference = image::push_over_busybox(
         &stack,
         "mixed",
         estargz::layer(&["app/"], &good_files("mixed")).into(),
@@ -71,7 +59,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
             File::new("app/hello.txt", "hello\n"),
         ],
     );
-    let reference = push_with(&stack, "escape", escape.into());
+    let reference = image::push_over_busybox(&stack, "escape", escape.into());
     // falls back to unpacking
     stack.rpull(&reference);
     let log = stack.lazysnap_log();
@@ -91,7 +79,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
             File::new("app/case", "absolute"),
         ],
     );
-    let reference = push_with(&stack, "absolute", absolute.into());
+    let reference = image::push_over_busybox(&stack, "absolute", absolute.into());
     stack.rpull(&reference);
     assert_eq!(
         stack.run("lazysnap", &reference, "absolute", "cat /absolute.txt"),
@@ -102,7 +90,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     // A TOC that does not match the digest the manifest pins.
     let mut lying_toc: BlobLayer = estargz::layer(&["app/"], &good_files("tocdigest")).into();
     lying_toc.annotations[0].1 = format!("sha256:{}", "1".repeat(64));
-    let reference = push_with(&stack, "tocdigest", lying_toc);
+    let reference = image::push_over_busybox(&stack, "tocdigest", lying_toc);
     // falls back to unpacking
     stack.rpull(&reference);
     assert!(
@@ -118,7 +106,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     // A truncated footer: not recognised as lazy; containerd then finds the gzip stream cut.
     let mut cut: BlobLayer = estargz::layer(&["app/"], &good_files("cut")).into();
     cut.blob.truncate(cut.blob.len() - 20);
-    let reference = push_with(&stack, "cut", cut);
+    let reference = image::push_over_busybox(&stack, "cut", cut);
     let pulled = stack.try_rpull(&reference);
     assert!(
         pulled.is_err(),
@@ -136,7 +124,8 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     // file's read fails with EIO, the other file reads.
     let mut files = good_files("chunk");
     files[1].lie_about_digest = true;
-    let reference = push_with(&stack, "chunk", estargz::layer(&["app/"], &files).into());
+    let reference =
+        image::push_over_busybox(&stack, "chunk", estargz::layer(&["app/"], &files).into());
     stack.rpull(&reference);
     let out = stack.run(
         "lazysnap",
@@ -152,7 +141,7 @@ fn hostile_layers_are_refused_and_the_daemon_keeps_serving() {
     );
 
     // The daemon still serves good lazy layers.
-    let reference = push_with(
+    let reference = image::push_over_busybox(
         &stack,
         "good",
         estargz::layer(&["app/"], &good_files("good")).into(),

@@ -224,27 +224,6 @@ fn restart_after_sigkill_remounts_from_saved_state() {
         requests,
         "remounting must not ask the registry for footers or TOCs"
     );
-    let mut out = String::new();
-    stack.eventually(
-        "a new container after the restart",
-        Duration::from_secs(15),
-        || match stack.try_ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            &lazy,
-            "second",
-            "cat",
-            "/top.txt",
-            "/data/small.txt",
-        ]) {
-            Ok(o) => {
-                out = o;
-                true
-            }
-            Err(_) => false,
-        },
-    );
+    let out = stack.run_after_restart(&lazy, "second", &["cat", "/top.txt", "/data/small.txt"]);
     assert_eq!(out, "layer 3\nhello from layer 2\n");
 }

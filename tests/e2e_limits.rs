@@ -9,23 +9,12 @@
 mod harness;
 
 use harness::estargz::{self, File};
-use harness::image::{self, BlobLayer, ImageSpec};
+use harness::image;
 use harness::Stack;
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
 /// lazysnap's peak resident memory over the whole test must stay below this.
 const MAX_RSS_KIB: u64 = 300 << 10;
-
-fn push_with(stack: &Stack, name: &str, top: BlobLayer) -> String {
-    let spec = ImageSpec {
-        layers: vec![image::busybox_layer()],
-        blobs: vec![top],
-        cmd: vec!["/bin/sh".into()],
-    };
-    let reference = stack.image_ref(&format!("{name}:1"));
-    image::push(&spec, &stack.dir, &reference);
-    reference
-}
 
 fn files(case: &str) -> Vec<File> {
     vec![
@@ -57,7 +46,7 @@ fn layers_over_the_limits_take_the_ordinary_path_and_the_daemon_stays_small() {
         .expect("lazysnap pid");
 
     // The victim: a good lazy image, read after every case.
-    let victim = push_with(
+    let victim = image::push_over_busybox(
         &stack,
         "victim",
         estargz::layer(&["app/"], &files("victim")).into(),
@@ -170,7 +159,7 @@ fn layers_over_the_limits_take_the_ordinary_path_and_the_daemon_stays_small() {
     ];
     for (case, layer, message, expect) in cases {
         let started = std::time::Instant::now();
-        let reference = push_with(&stack, case, layer.into());
+        let reference = image::push_over_busybox(&stack, case, layer.into());
         // The TOC lies about the tar (or only is too big): the tar itself is sound, so the
         // ordinary path unpacks it.
         stack.rpull(&reference);

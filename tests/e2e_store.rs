@@ -30,36 +30,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-/// Runs a container, retrying while containerd reconnects to a restarted lazysnap.
-fn run_after_restart(stack: &Stack, reference: &str, id: &str, script: &str) -> String {
-    let mut out = String::new();
-    stack.eventually(
-        "a container after the restart",
-        Duration::from_secs(30),
-        || match stack.try_ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            reference,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ]) {
-            Ok(o) => {
-                out = o;
-                true
-            }
-            Err(_) => {
-                let _ = stack.try_ctr(&["containers", "rm", id]);
-                false
-            }
-        },
-    );
-    out
-}
-
 fn drop_caches() {
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").expect("drop caches");
 }
@@ -155,7 +125,7 @@ fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damag
     stack.kill_lazysnap();
     stack.start_lazysnap();
     drop_caches();
-    let out = run_after_restart(&stack, &reference, "pread", sum);
+    let out = stack.run_after_restart(&reference, "pread", &["/bin/sh", "-c", sum]);
     assert_eq!(out.trim(), want, "read through pread");
     let pread = stack.cli_json(&["cache", "stats"]);
     assert!(
@@ -294,11 +264,10 @@ fn a_daemon_killed_while_filling_a_file_keeps_what_it_stored() {
 
     // And a new container reads it all from the store.
     let down = throttle.bytes_down();
-    let out = run_after_restart(
-        &stack,
+    let out = stack.run_after_restart(
         &reference,
         "after-kill",
-        "sha256sum /data/big.bin | cut -d' ' -f1",
+        &["/bin/sh", "-c", "sha256sum /data/big.bin | cut -d' ' -f1"],
     );
     assert_eq!(out.trim(), want, "correct bytes after the restart");
     assert!(

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::image::{self, Entry, ImageSpec};
-use harness::Stack;
+use harness::{metrics, Stack};
 use sha2::{Digest, Sha256};
 
 const LAZYSNAP: &str = env!("CARGO_BIN_EXE_lazysnap");
@@ -511,27 +511,6 @@ fn with_passthrough_files_held_open_open_again_after_restarts() {
     );
 }
 
-/// `GET /metrics` from the daemon's metrics endpoint.
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read metrics");
-    text
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not in:\n{text}"))
-}
-
 /// A held connection whose layer's saved state is gone when the daemon starts again is
 /// unmounted, said so in the log and counted (in `lazysnap mounts` and the metrics); the
 /// others are taken over.
@@ -549,8 +528,11 @@ fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
         LAZYSNAP,
         vec!["--config".into(), config.path().display().to_string()],
     );
-    let before = metrics(port);
-    assert_eq!(metric(&before, "lazysnap_takeover_connections"), 0.0);
+    let before = metrics::scrape(port);
+    assert_eq!(
+        metrics::value(&before, "lazysnap_takeover_connections"),
+        0.0
+    );
     let lazy = push_image(&stack);
     stack.rpull(&lazy);
     let slow_mount = mount_holding(&stack, "slow/inflight.bin");
@@ -592,10 +574,13 @@ fn a_held_connection_without_its_layer_is_unmounted_and_logged() {
     assert_eq!(json["takeover"]["connections"], 2, "{json}");
     assert_eq!(json["takeover"]["dropped"], 1, "{json}");
     assert_eq!(json["mounts"].as_array().map(Vec::len), Some(2), "{json}");
-    let after = metrics(port);
-    assert_eq!(metric(&after, "lazysnap_takeover_connections"), 2.0);
-    assert_eq!(metric(&after, "lazysnap_takeover_dropped_connections"), 1.0);
-    let took = metric(&after, "lazysnap_takeover_duration_seconds");
+    let after = metrics::scrape(port);
+    assert_eq!(metrics::value(&after, "lazysnap_takeover_connections"), 2.0);
+    assert_eq!(
+        metrics::value(&after, "lazysnap_takeover_dropped_connections"),
+        1.0
+    );
+    let took = metrics::value(&after, "lazysnap_takeover_duration_seconds");
     assert!(took > 0.0 && took < 10.0, "{took}");
 }
 

@@ -316,6 +316,19 @@ pub fn write_layout(spec: &ImageSpec, layout: &Path, tag: &str) {
     .expect("index.json");
 }
 
+/// Pushes busybox (plain gzip) under the ready-made layer `top` to `stack`'s registry as
+/// `name:1`; its reference.
+pub fn push_over_busybox(stack: &super::Stack, name: &str, top: BlobLayer) -> String {
+    let spec = ImageSpec {
+        layers: vec![busybox_layer()],
+        blobs: vec![top],
+        cmd: vec!["/bin/sh".into()],
+    };
+    let reference = stack.image_ref(&format!("{name}:1"));
+    push(&spec, &stack.dir, &reference);
+    reference
+}
+
 /// Pushes `spec` to `reference` (`127.0.0.1:PORT/name:tag`) over plain HTTP.
 pub fn push(spec: &ImageSpec, scratch: &Path, reference: &str) {
     let layout = scratch.join(format!("layout-{}", sha256_hex(reference.as_bytes())));

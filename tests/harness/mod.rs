@@ -15,6 +15,7 @@ pub mod debian;
 pub mod estargz;
 pub mod image;
 pub mod layout;
+pub mod metrics;
 pub mod packages;
 pub mod process;
 pub mod python;

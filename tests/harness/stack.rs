@@ -562,6 +562,30 @@ state = "{state}"
     }
 
     /// Waits (bounded) for `cond`, for effects containerd applies asynchronously (GC).
+    /// `ctr run --rm --snapshotter lazysnap IMAGE ID ARGV...`, tried again (the container
+    /// left by a failed try removed first) until it succeeds within 30 s: containerd takes a
+    /// moment to reconnect to a restarted lazysnap. Its output.
+    pub fn run_after_restart(&self, image: &str, id: &str, argv: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazysnap", image, id];
+        args.extend_from_slice(argv);
+        let mut out = String::new();
+        self.eventually(
+            "a container after the restart",
+            Duration::from_secs(30),
+            || match self.try_ctr(&args) {
+                Ok(o) => {
+                    out = o;
+                    true
+                }
+                Err(_) => {
+                    let _ = self.try_ctr(&["containers", "rm", id]);
+                    false
+                }
+            },
+        );
+        out
+    }
+
     pub fn eventually(&self, what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
         if !super::process::poll_until(timeout, Duration::from_millis(100), cond) {
             panic!("timed out waiting for {what}\n{}", self.diagnostics());
