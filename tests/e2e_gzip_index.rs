@@ -389,6 +389,14 @@ fn tampered_windows_fail_reads_and_previous_indexes_still_serve() {
     let lazy = stack.run("lazysnap", &old, "previous-lazy", sums);
     stack.pull("overlayfs", &old);
     assert_eq!(lazy, stack.run("overlayfs", &old, "previous-plain", sums));
+    // docker-registry has no referrers API: the daemon asked it once (with the referrers
+    // tag at the same time), and went to the tag alone for the second image (whose index
+    // was found, as the reads above show).
+    assert_eq!(
+        stack.registry_log_lines("\"GET /v2/gzidx/referrers/"),
+        1,
+        "the referrers API is asked once per registry"
+    );
 }
 
 /// The mounts' verification state by layer digest, from `lazysnap mounts --json`.

@@ -238,11 +238,6 @@ impl RegistryClient {
                     },
                     ..repository.clone()
                 };
-                match self.call_once(&api, Method::GET, limit).await {
-                    Ok((_, _, _, bytes)) => return Ok(bytes),
-                    Err(Attempt::Fatal(e)) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
                 let tag = Target {
                     url: format!("{}manifests/{fallback_tag}", repository.url),
                     extra: Extra {
@@ -251,6 +246,33 @@ impl RegistryClient {
                     },
                     ..repository
                 };
+                let host = tag.host.clone();
+                let known_without = self
+                    .no_referrers_api
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&host);
+                if !known_without {
+                    // Both at once: a registry without the API (404) costs no second round
+                    // trip for the tag, and one with it costs one small request more, once.
+                    let (listed, tagged) = futures_util::future::join(
+                        self.call_once(&api, Method::GET, limit),
+                        self.call_once(&tag, Method::GET, limit),
+                    )
+                    .await;
+                    match listed {
+                        Ok((_, _, _, bytes)) => return Ok(bytes),
+                        Err(Attempt::Fatal(e)) if e.is_not_found() => {
+                            self.no_referrers_api
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(host);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    let (_, _, _, bytes) = tagged?;
+                    return Ok(bytes);
+                }
                 let (_, _, _, bytes) = self.call_once(&tag, Method::GET, limit).await?;
                 Ok(bytes)
             })

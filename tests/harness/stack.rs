@@ -640,6 +640,15 @@ impl Stack {
             .unwrap_or(0)
     }
 
+    /// Lines of the registry's access log so far that contain `text`.
+    pub fn registry_log_lines(&self, text: &str) -> usize {
+        self.registry
+            .as_ref()
+            .and_then(|r| std::fs::read_to_string(&r.log).ok())
+            .map(|log| log.lines().filter(|l| l.contains(text)).count())
+            .unwrap_or(0)
+    }
+
     /// The lazy layers lazysnap has saved: (digest, blob size) from `root/layers/*/layer.json`.
     pub fn lazy_layers(&self) -> Vec<(String, u64)> {
         let dir = self.lazysnap_root().join("layers");
