@@ -2,7 +2,9 @@
 //! whose state is still saved (another snapshot of it is there) is taken from there without a
 //! request, when the image pins the same TOC; otherwise the blob's size and last
 //! [`SUFFIX_BYTES`] are fetched in one request and shown to every format that could claim the
-//! layer (the index is usually within them, so resolving takes one round trip).
+//! layer (the index is usually within them, so resolving takes one round trip; when a footer
+//! places the index earlier, only the part the suffix lacks is fetched next, on the same
+//! connection, before any request ahead).
 //!
 //! Resolving ahead: the first Prepare of an image's layer names all the image's layers; their
 //! suffixes are fetched in the background ([`Resolver::resolve_ahead`]), so that each layer's
@@ -139,13 +141,55 @@ impl Resolver {
         }
     }
 
+    /// Opens, in the background on `runtime`, a connection for each of the requests
+    /// [`Self::resolve_ahead`] will make first for `layers` (those not under way or kept
+    /// already; at most [`AHEAD_CONCURRENCY`]): called as the first of the image's Prepares
+    /// starts, so that those handshakes overlap its own first request, and the requests ahead,
+    /// which wait for it, find connections open.
+    pub fn open_connections_ahead(&self, runtime: &Handle, reference: &str, layers: &[String]) {
+        let Ok(parsed) = Reference::parse(reference) else {
+            return;
+        };
+        if self.gzip_indexes.has_index(&parsed) {
+            return;
+        }
+        let wanted = {
+            let now = Instant::now();
+            let entries = self.ahead_entries();
+            layers
+                .iter()
+                .filter(|d| {
+                    entries
+                        .get(&(reference.to_owned(), (*d).clone()))
+                        .is_none_or(|a| a.until <= now)
+                })
+                .count()
+                .min(AHEAD_CONCURRENCY)
+        };
+        for _ in 0..wanted {
+            let registry = self.registry.clone();
+            let parsed = parsed.clone();
+            runtime.spawn(async move { registry.open_connection(&parsed).await });
+        }
+    }
+
     async fn fetch_suffix(&self, reference: &Reference, digest: &str) -> Suffix {
         match self
             .registry
             .read_suffix(reference, digest, SUFFIX_BYTES)
             .await
         {
-            Ok((size, tail)) => Some(self.with_index(reference, digest, size, tail).await),
+            Ok((size, tail)) => Some(
+                self.with_index(
+                    reference,
+                    digest,
+                    size,
+                    tail,
+                    Some(AHEAD_INDEX_BYTES),
+                    || {},
+                )
+                .await,
+            ),
             Err(e) => {
                 tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's suffix ahead failed; its Prepare fetches it again");
                 None
@@ -154,16 +198,25 @@ impl Resolver {
     }
 
     /// The suffix extended back to the start of the layer's index, when a footer in it says
-    /// the index begins earlier: typical layers' TOCs are a few hundred KiB, and fetching the
-    /// rest here, in the background, spares the layer's Prepare its second round trip. The
-    /// footer is not trusted: the Prepare verifies whatever index it finds in the bytes.
+    /// the index begins earlier: typical layers' TOCs are a few hundred KiB, and only the part
+    /// the suffix lacks is fetched. Ahead (`ahead_limit`: at most that many bytes earlier),
+    /// in the background, this spares the layer's Prepare its second round trip; in the
+    /// Prepare itself (`None`), these are the bytes the format would fetch, minus those
+    /// already here, within the formats' own index limits (`index_range`). The footer is not
+    /// trusted: the Prepare verifies whatever index it finds in the bytes.
+    ///
+    /// `sent` runs once the index's request is out (or at once, when none is needed): see
+    /// [`first_polled`].
     async fn with_index(
         &self,
         reference: &Reference,
         digest: &str,
         size: u64,
         tail: Bytes,
+        ahead_limit: Option<u64>,
+        sent: impl FnOnce(),
     ) -> (u64, Bytes) {
+        let max_head = ahead_limit.unwrap_or(u64::MAX);
         let tail_offset = size.saturating_sub(tail.len() as u64);
         let start = self
             .formats
@@ -171,29 +224,34 @@ impl Resolver {
             .filter_map(|f| f.index_range(&tail, size))
             .map(|r| r.start)
             .min();
-        let Some(start) =
-            start.filter(|s| *s < tail_offset && tail_offset - *s <= AHEAD_INDEX_BYTES)
-        else {
+        let Some(start) = start.filter(|s| *s < tail_offset && tail_offset - *s <= max_head) else {
+            sent();
             return (size, tail);
         };
-        match self
-            .registry
-            .read_range(reference, digest, start..tail_offset)
-            .await
-        {
+        let fetched = first_polled(
+            self.registry
+                .read_range(reference, digest, start..tail_offset),
+            sent,
+        )
+        .await;
+        match fetched {
             Ok(head) if head.len() as u64 == tail_offset - start => {
-                tracing::debug!(layer = %digest, bytes = head.len(), "fetched the layer's index ahead");
+                if ahead_limit.is_some() {
+                    tracing::debug!(layer = %digest, bytes = head.len(), "fetched the layer's index ahead");
+                } else {
+                    tracing::debug!(layer = %digest, bytes = head.len(), "fetched the rest of the layer's index");
+                }
                 let mut whole = bytes::BytesMut::with_capacity(head.len() + tail.len());
                 whole.extend_from_slice(&head);
                 whole.extend_from_slice(&tail);
                 (size, whole.freeze())
             }
             Ok(head) => {
-                tracing::debug!(layer = %digest, got = head.len(), wanted = tail_offset - start, "the registry sent a short index range ahead; the Prepare fetches the index itself");
+                tracing::debug!(layer = %digest, got = head.len(), wanted = tail_offset - start, "the registry sent a short index range; the format fetches the index itself");
                 (size, tail)
             }
             Err(e) => {
-                tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's index ahead failed; its Prepare fetches it itself");
+                tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "fetching a layer's index failed; the format fetches it itself");
                 (size, tail)
             }
         }
@@ -303,9 +361,10 @@ impl Resolver {
     /// Finds the layer's format and its verified index. `NotLazy` when no format claims it;
     /// the labels alone decide that when they can, before any request. `answered` runs once
     /// the registry has answered the layer's first request (or at once when none is needed),
-    /// before the index is fetched and checked: the caller starts resolving the image's other
-    /// layers ahead from there, with the registry's way of authenticating known, while this
-    /// layer's index is still on the wire.
+    /// and the rest of the layer's index, when its suffix lacks it, has been requested, before
+    /// the index is checked: the caller starts resolving the image's other layers ahead from
+    /// there, with the registry's way of authenticating known, while this layer's index is
+    /// still on the wire.
     pub async fn resolve(
         &self,
         source: &LayerSource,
@@ -356,13 +415,24 @@ impl Resolver {
         let (blob_size, tail) = match (&external, listed_size) {
             // An indexed layer needs no footer, and its size comes from the image manifest
             // (the index must agree with it): no request.
-            (Some(_), Some(size)) => (size, bytes::Bytes::new()),
-            _ => self
-                .suffix(&reference, source)
-                .await
-                .map_err(registry_error("reading the blob's size and last bytes"))?,
+            (Some(_), Some(size)) => {
+                answered();
+                (size, bytes::Bytes::new())
+            }
+            _ => {
+                let (size, tail) = self
+                    .suffix(&reference, source)
+                    .await
+                    .map_err(registry_error("reading the blob's size and last bytes"))?;
+                // The rest of this layer's index (when the suffix lacks it) is requested
+                // before the other layers' requests ahead start, so that it goes out on the
+                // connection the suffix came on instead of waiting for a new one of its own,
+                // and ahead of theirs on the link. Bounded by the formats' own index limits
+                // (`index_range`), as the format's own fetch of it would be.
+                self.with_index(&reference, layer, size, tail, None, answered)
+                    .await
+            }
         };
-        answered();
         let probe = Probe {
             hints,
             blob_size,
@@ -432,6 +502,23 @@ impl Resolver {
             }
         }
     }
+}
+
+/// Polls `request` once, runs `sent`, then finishes `request`. A registry request checks a
+/// connection out of the client's pool when it is first polled (an idle one if there is
+/// one), before its first await that waits: whatever `sent` starts then cannot take that
+/// connection from it.
+async fn first_polled<F: std::future::Future>(request: F, sent: impl FnOnce()) -> F::Output {
+    let mut request = std::pin::pin!(request);
+    let mut sent = Some(sent);
+    std::future::poll_fn(|cx| {
+        let polled = request.as_mut().poll(cx);
+        if let Some(sent) = sent.take() {
+            sent();
+        }
+        polled
+    })
+    .await
 }
 
 fn parse_reference(source: &LayerSource) -> Result<Reference, LayerError> {

@@ -452,14 +452,19 @@ impl LazyLayers {
     /// needs, so that their own Prepares (which containerd sends one after another) find it
     /// there. Layers with a saved state need nothing. Blocking (looks at the saved states).
     fn resolve_others_ahead(&self, source: &LayerSource, labels: &Labels) {
-        let others: Vec<String> = layer::image_layers(labels)
-            .into_iter()
-            .filter(|d| *d != source.digest && !self.states.layer_dir(d).exists())
-            .collect();
+        let others = self.others_to_resolve(source, labels);
         if !others.is_empty() {
             self.resolver
                 .resolve_ahead(&self.runtime, &source.reference, others);
         }
+    }
+
+    /// The image's layers other than `source` that have no saved state. Blocking.
+    fn others_to_resolve(&self, source: &LayerSource, labels: &Labels) -> Vec<String> {
+        layer::image_layers(labels)
+            .into_iter()
+            .filter(|d| *d != source.digest && !self.states.layer_dir(d).exists())
+            .collect()
     }
 
     /// Checks the mount at `mountpoint`; a dead one shows as such in `lazysnap mounts` until
@@ -541,11 +546,19 @@ impl RemoteFs for LazyLayers {
                 }
             }
         }
+        // The connections the requests ahead will need, opened while this layer's first
+        // request is under way (they wait for its answer, below).
+        self.resolver.open_connections_ahead(
+            &self.runtime,
+            &source.reference,
+            &self.others_to_resolve(&source, labels),
+        );
         let started = std::time::Instant::now();
         // The others ahead once this layer's first request is answered, not before: by then
         // the client knows how the registry authenticates, so the requests ahead go out with
-        // credentials instead of each being challenged in parallel; and not after this
-        // layer's index has come too, so that they are ready when containerd prepares them.
+        // credentials instead of each being challenged in parallel; once the rest of this
+        // layer's index is requested (on the connection already open), but not after it has
+        // come too, so that they are ready when containerd prepares them.
         let resolved = self
             .runtime
             .block_on(self.resolver.resolve(&source, labels, || {
@@ -559,14 +572,16 @@ impl RemoteFs for LazyLayers {
         let saving = std::time::Instant::now();
         // Encoding the state (compressing its index) and opening the layer (parsing its
         // index) are both CPU work on the Prepare's path, and independent: side by side.
-        let (encoded, opened) = std::thread::scope(|s| {
+        let (encoded, opened, open_ms) = std::thread::scope(|s| {
             let encoding = s.spawn(|| StateDir::encode(&state));
+            let opening = Instant::now();
             let opened = layer::open(self.resolver.formats(), &state);
+            let open_ms = opening.elapsed().as_millis() as u64;
             // A panic there is one here, as it was before the two ran side by side.
             let encoded = encoding
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (encoded, opened)
+            (encoded, opened, open_ms)
         });
         let opened = opened.map_err(remote_error)?;
         self.save_encoded_state(&encoded.map_err(remote_error)?)
@@ -581,6 +596,7 @@ impl RemoteFs for LazyLayers {
         tracing::debug!(
             layer = %state.source.digest,
             resolve_ms,
+            open_ms,
             open_and_save_ms = save_ms,
             mount_ms = mounting.elapsed().as_millis() as u64,
             "lazy layer ready"
