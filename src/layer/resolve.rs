@@ -10,11 +10,15 @@
 //! suffixes are fetched in the background ([`Resolver::resolve_ahead`]), so that each layer's
 //! own Prepare finds its bytes there (or waits for the request already under way) instead of
 //! paying a round trip. When a suffix's footer places the index before the suffix (a TOC of
-//! a few hundred KiB), the rest of the index is fetched ahead too. Only raw bytes are kept,
-//! never a verdict: the layer's own Prepare verifies the index in them against the TOC digest
-//! of its own labels, as ever.
+//! a few hundred KiB), the rest of the index is fetched ahead too, and the layer is opened
+//! from them on a blocking thread (its index parsed: most of a Prepare's own work). Only raw
+//! bytes and what they parse to are kept, never a verdict: the layer's own Prepare verifies
+//! the index in them against the TOC digest of its own labels, as ever, and takes the layer
+//! opened ahead only when its verified parameters (which name the index's digest) are the
+//! ones it was opened with.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +28,9 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::gzip_lookup::{IndexLookup, Lookup};
 use super::{LayerError, LayerSource, LayerState, RegistryBlob, StateDir};
-use crate::format::{gzip_index, ExternalIndex, Formats, LayerHints, Probe, TOC_DIGEST_ANNOTATION};
+use crate::format::{
+    gzip_index, ExternalIndex, Formats, LayerHints, Opened, Probe, TOC_DIGEST_ANNOTATION,
+};
 use crate::registry::{Reference, RegistryClient};
 
 /// How much of a blob's end resolving fetches in its one request: the footer and, for small
@@ -43,6 +49,9 @@ const AHEAD_CONCURRENCY: usize = 4;
 /// [`MAX_AHEAD`] times this more memory); a bigger index is left to the layer's Prepare.
 const AHEAD_INDEX_BYTES: u64 = 1 << 20;
 
+/// At most this many layers opened ahead are held at once (each is its parsed index).
+const MAX_OPENED_AHEAD: usize = AHEAD_CONCURRENCY;
+
 /// A blob's size and last bytes, or `None` when fetching them failed.
 type Suffix = Option<(u64, Bytes)>;
 
@@ -50,13 +59,46 @@ struct Ahead {
     /// The fetch, shared by the background task and the layer's Prepare; `None` once the
     /// Prepare took it (the entry stays, so the layer is not fetched ahead again).
     cell: Option<Arc<OnceCell<Suffix>>>,
+    /// The layer opened from the bytes fetched, once it is.
+    opened: Arc<Mutex<OpenedSlot>>,
     until: Instant,
+}
+
+/// Where a layer opened ahead waits for its Prepare.
+enum OpenedSlot {
+    Pending,
+    Ready(OpenedAhead),
+    /// The Prepare came (and took it, or opened the layer itself): whatever is opened
+    /// now is dropped.
+    Taken,
+}
+
+/// A layer opened from bytes fetched ahead, with the index its format found in them,
+/// unpinned (`LayerFormat::resolve_unpinned`): its Prepare takes it only if its own,
+/// verified `resolve` comes to the same format and parameters (which name the digest of the
+/// index), and opens the layer itself otherwise.
+struct OpenedAhead {
+    format: &'static str,
+    params: serde_json::Value,
+    opened: Opened,
+    /// Counts it against [`MAX_OPENED_AHEAD`] while it is held.
+    _held: HeldOpened,
+}
+
+struct HeldOpened(Arc<AheadMap>);
+
+impl Drop for HeldOpened {
+    fn drop(&mut self) {
+        self.0.opened.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Suffixes fetched ahead, by (reference, layer digest).
 struct AheadMap {
     entries: Mutex<HashMap<(String, String), Ahead>>,
     limit: Semaphore,
+    /// Layers opened ahead (or being opened) and not yet taken or dropped.
+    opened: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -77,6 +119,7 @@ impl Resolver {
             ahead: Arc::new(AheadMap {
                 entries: Mutex::default(),
                 limit: Semaphore::new(AHEAD_CONCURRENCY),
+                opened: AtomicUsize::new(0),
             }),
         }
     }
@@ -114,10 +157,12 @@ impl Resolver {
                 continue;
             }
             let cell = Arc::new(OnceCell::new());
+            let opened = Arc::new(Mutex::new(OpenedSlot::Pending));
             entries.insert(
                 key,
                 Ahead {
                     cell: Some(cell.clone()),
+                    opened: opened.clone(),
                     until: now + AHEAD_FOR,
                 },
             );
@@ -125,11 +170,17 @@ impl Resolver {
             let this = self.clone();
             let parsed = parsed.clone();
             runtime.spawn(async move {
-                let Ok(_permit) = this.ahead.limit.acquire().await else {
-                    return;
+                let suffix = {
+                    let Ok(_permit) = this.ahead.limit.acquire().await else {
+                        return;
+                    };
+                    cell.get_or_init(|| this.fetch_suffix(&parsed, &digest))
+                        .await
+                        .clone()
                 };
-                cell.get_or_init(|| this.fetch_suffix(&parsed, &digest))
-                    .await;
+                if let Some((size, bytes)) = suffix {
+                    this.open_ahead(&digest, size, bytes, opened).await;
+                }
             });
         }
         if started > 0 {
@@ -139,6 +190,84 @@ impl Resolver {
                 "resolving the image's other layers ahead"
             );
         }
+    }
+
+    /// Opens the layer from its bytes fetched ahead, on a blocking thread, and leaves it in
+    /// `slot` for its Prepare (within [`MAX_OPENED_AHEAD`]): parsing an index is most of a
+    /// Prepare whose bytes are here, and the CPU is mostly idle while the first layer's
+    /// index is on the wire. Nothing is trusted from it until the Prepare's own `resolve`
+    /// agrees (`take_opened_ahead`).
+    async fn open_ahead(
+        &self,
+        digest: &str,
+        size: u64,
+        bytes: Bytes,
+        slot: Arc<Mutex<OpenedSlot>>,
+    ) {
+        if !matches!(
+            *slot.lock().unwrap_or_else(|p| p.into_inner()),
+            OpenedSlot::Pending
+        ) {
+            // Its Prepare came while the bytes were on the wire.
+            return;
+        }
+        if self.ahead.opened.fetch_add(1, Ordering::AcqRel) >= MAX_OPENED_AHEAD {
+            self.ahead.opened.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let held = HeldOpened(self.ahead.clone());
+        let formats = self.formats.clone();
+        let digest = digest.to_owned();
+        let opening = tokio::task::spawn_blocking(move || {
+            let (format, resolved) = formats
+                .iter()
+                .find_map(|f| Some((f.clone(), f.resolve_unpinned(&bytes, size)?)))?;
+            match format.open(&resolved) {
+                Ok(opened) => Some(OpenedAhead {
+                    format: format.name(),
+                    params: resolved.params,
+                    opened,
+                    _held: held,
+                }),
+                Err(e) => {
+                    tracing::debug!(layer = %digest, error = %crate::error_chain(&e), "opening a layer ahead failed; its Prepare opens it");
+                    None
+                }
+            }
+        });
+        if let Ok(Some(opened)) = opening.await {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(*slot, OpenedSlot::Pending) {
+                *slot = OpenedSlot::Ready(opened);
+            }
+        }
+    }
+
+    /// The layer `source` opened ahead, if it was and is what `format` and `params` (its
+    /// verified resolution) describe. Called once per Prepare: after it, nothing opened
+    /// ahead for the layer is kept.
+    pub fn take_opened_ahead(
+        &self,
+        source: &LayerSource,
+        format: &str,
+        params: &serde_json::Value,
+    ) -> Option<Opened> {
+        let slot = self
+            .ahead_entries()
+            .get(&(source.reference.clone(), source.digest.clone()))
+            .map(|a| a.opened.clone())?;
+        let taken = std::mem::replace(
+            &mut *slot.lock().unwrap_or_else(|p| p.into_inner()),
+            OpenedSlot::Taken,
+        );
+        let OpenedSlot::Ready(ahead) = taken else {
+            return None;
+        };
+        if ahead.format != format || ahead.params != *params {
+            tracing::debug!(layer = %source.digest, "the layer opened ahead is not the one its Prepare resolved; opening it again");
+            return None;
+        }
+        Some(ahead.opened)
     }
 
     /// Opens, in the background on `runtime`, a connection for each of the requests
@@ -271,7 +400,14 @@ impl Resolver {
             entries
                 .get_mut(&key)
                 .filter(|a| a.until > now)
-                .and_then(|a| a.cell.take())
+                .and_then(|a| {
+                    // A layer not opened ahead yet is opened by this Prepare, not twice.
+                    let mut opened = a.opened.lock().unwrap_or_else(|p| p.into_inner());
+                    if matches!(*opened, OpenedSlot::Pending) {
+                        *opened = OpenedSlot::Taken;
+                    }
+                    a.cell.take()
+                })
         };
         if let Some(cell) = cell {
             let got = cell

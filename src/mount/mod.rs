@@ -571,11 +571,22 @@ impl RemoteFs for LazyLayers {
         let _lifecycle = self.lifecycle();
         let saving = std::time::Instant::now();
         // Encoding the state (compressing its index) and opening the layer (parsing its
-        // index) are both CPU work on the Prepare's path, and independent: side by side.
+        // index, unless that was done ahead) are both CPU work on the Prepare's path, and
+        // independent: side by side.
         let (encoded, opened, open_ms) = std::thread::scope(|s| {
             let encoding = s.spawn(|| StateDir::encode(&state));
             let opening = Instant::now();
-            let opened = layer::open(self.resolver.formats(), &state);
+            let opened = match self.resolver.take_opened_ahead(
+                &state.source,
+                &state.format,
+                &state.resolved.params,
+            ) {
+                Some(opened) => {
+                    tracing::debug!(layer = %state.source.digest, "using the layer opened ahead");
+                    Ok(opened)
+                }
+                None => layer::open(self.resolver.formats(), &state),
+            };
             let open_ms = opening.elapsed().as_millis() as u64;
             // A panic there is one here, as it was before the two ran side by side.
             let encoded = encoding
