@@ -198,6 +198,14 @@ pub trait LayerFormat: Send + Sync {
     fn index_range(&self, _tail: &[u8], _blob_size: u64) -> Option<Range<u64>> {
         None
     }
+    /// The index `tail` (the blob's last bytes) holds whole, read without a pin: what
+    /// `resolve` would return if the image pinned the digest this index has. Only for
+    /// opening a layer resolved ahead before its Prepare comes; the Prepare uses that only
+    /// if its own `resolve`, verified against the image's pin, returns the same parameters.
+    /// CPU-bound.
+    fn resolve_unpinned(&self, _tail: &[u8], _blob_size: u64) -> Option<Resolved> {
+        None
+    }
 }
 
 /// The formats the daemon knows, in the order they are tried.

@@ -353,6 +353,10 @@ impl LayerFormat for Estargz {
     fn index_range(&self, tail: &[u8], blob_size: u64) -> Option<std::ops::Range<u64>> {
         toc_range(tail, blob_size, Compression::Gzip, &self.limits)
     }
+
+    fn resolve_unpinned(&self, tail: &[u8], blob_size: u64) -> Option<Resolved> {
+        toc_unpinned(tail, blob_size, Compression::Gzip, &self.limits)
+    }
 }
 
 impl LayerFormat for ZstdChunked {
@@ -378,6 +382,10 @@ impl LayerFormat for ZstdChunked {
     fn index_range(&self, tail: &[u8], blob_size: u64) -> Option<std::ops::Range<u64>> {
         toc_range(tail, blob_size, Compression::Zstd, &self.limits)
     }
+
+    fn resolve_unpinned(&self, tail: &[u8], blob_size: u64) -> Option<Resolved> {
+        toc_unpinned(tail, blob_size, Compression::Zstd, &self.limits)
+    }
 }
 
 /// The TOC's blob range from the footer in `tail`, if the footer is of `compression` and
@@ -390,6 +398,34 @@ fn toc_range(
 ) -> Option<std::ops::Range<u64>> {
     let location = locate_toc(tail, blob_size, limits.max_toc_bytes).ok()?;
     (location.compression == compression).then(|| location.offset..location.offset + location.len)
+}
+
+/// The TOC `tail` holds whole, if the footer is of `compression`, decompressed and
+/// described with the digest it has (`LayerFormat::resolve_unpinned`).
+fn toc_unpinned(
+    tail: &[u8],
+    blob_size: u64,
+    compression: Compression,
+    limits: &Limits,
+) -> Option<Resolved> {
+    let location = locate_toc(tail, blob_size, limits.max_toc_bytes).ok()?;
+    if location.compression != compression {
+        return None;
+    }
+    let tail_offset = blob_size.checked_sub(tail.len() as u64)?;
+    let start = usize::try_from(location.offset.checked_sub(tail_offset)?).ok()?;
+    let end = start.checked_add(usize::try_from(location.len).ok()?)?;
+    let json = read_toc(&location, tail.get(start..end)?, None, limits.max_toc_bytes).ok()?;
+    let toc_digest = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
+    let params = serde_json::to_value(TocParams {
+        location,
+        toc_digest,
+    })
+    .ok()?;
+    Some(Resolved {
+        params,
+        index: json,
+    })
 }
 
 fn toc_digest<'a>(hints: &LayerHints<'a>) -> Result<&'a str, String> {

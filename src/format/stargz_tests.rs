@@ -284,3 +284,33 @@ fn the_index_range_is_the_footers_toc_for_its_own_format_only() {
         assert_eq!(own.index_range(&[0u8; 64], size), None, "{name}: no footer");
     }
 }
+
+#[tokio::test]
+async fn unpinned_resolution_of_a_whole_toc_is_the_pinned_one() {
+    for name in ["estargz", "zstdchunked"] {
+        let f = fixture(name);
+        let size = f.blob.len() as u64;
+        let (_, pinned) = resolve_with_tail(name, f.blob.len(), None).await;
+        let pinned = pinned.expect("resolves").expect("claims the layer");
+        let (format, other): (&dyn LayerFormat, &dyn LayerFormat) = if name == "estargz" {
+            (&Estargz::default(), &ZstdChunked::default())
+        } else {
+            (&ZstdChunked::default(), &Estargz::default())
+        };
+        assert_eq!(
+            format.resolve_unpinned(&f.blob, size),
+            Some(pinned),
+            "{name}: same parameters and index as when pinned"
+        );
+        assert_eq!(
+            other.resolve_unpinned(&f.blob, size),
+            None,
+            "{name}: not the other format's"
+        );
+        assert_eq!(
+            format.resolve_unpinned(tail(&f.blob), size),
+            None,
+            "{name}: the TOC is not in the footer alone"
+        );
+    }
+}

@@ -364,6 +364,11 @@ pub struct IndexBuilder {
     limits: Limits,
     /// The format numbers chunks itself (pieces of one verified unit share its id).
     format_ids: bool,
+    /// The directory the last entry went into, by its components, and its inode: entries
+    /// come in tar order, mostly several to a directory, and a directory keeps its inode
+    /// (nothing is removed or replaced while building), so most entries find their parent
+    /// here instead of looking up every component of their path.
+    last_dir: (Vec<String>, u64),
 }
 
 impl Default for IndexBuilder {
@@ -522,6 +527,7 @@ impl IndexBuilder {
             landmark: None,
             limits,
             format_ids: false,
+            last_dir: (Vec::new(), ROOT),
         }
     }
 
@@ -742,6 +748,22 @@ impl IndexBuilder {
 
     /// The inode of the directory `dirs`, creating missing ones as stargz does (0755, root).
     fn ensure_dirs(&mut self, entry: &str, dirs: &[&str]) -> Result<u64, MetadataError> {
+        if self
+            .last_dir
+            .0
+            .iter()
+            .map(String::as_str)
+            .eq(dirs.iter().copied())
+        {
+            return Ok(self.last_dir.1);
+        }
+        let ino = self.walk_dirs(entry, dirs)?;
+        self.last_dir = (dirs.iter().map(|d| (*d).to_owned()).collect(), ino);
+        Ok(ino)
+    }
+
+    /// [`Self::ensure_dirs`] without the shortcut.
+    fn walk_dirs(&mut self, entry: &str, dirs: &[&str]) -> Result<u64, MetadataError> {
         let mut current = ROOT;
         for dir in dirs {
             let key = (current, Box::<[u8]>::from(dir.as_bytes()));

@@ -460,14 +460,19 @@ impl LazyLayers {
     /// needs, so that their own Prepares (which containerd sends one after another) find it
     /// there. Layers with a saved state need nothing. Blocking (looks at the saved states).
     fn resolve_others_ahead(&self, source: &LayerSource, labels: &Labels) {
-        let others: Vec<String> = layer::image_layers(labels)
-            .into_iter()
-            .filter(|d| *d != source.digest && !self.states.layer_dir(d).exists())
-            .collect();
+        let others = self.others_to_resolve(source, labels);
         if !others.is_empty() {
             self.resolver
                 .resolve_ahead(&self.runtime, &source.reference, others);
         }
+    }
+
+    /// The image's layers other than `source` that have no saved state. Blocking.
+    fn others_to_resolve(&self, source: &LayerSource, labels: &Labels) -> Vec<String> {
+        layer::image_layers(labels)
+            .into_iter()
+            .filter(|d| *d != source.digest && !self.states.layer_dir(d).exists())
+            .collect()
     }
 
     /// Checks the mount at `mountpoint`; a dead one shows as such in `lazysnap mounts` until
@@ -549,11 +554,19 @@ impl RemoteFs for LazyLayers {
                 }
             }
         }
+        // The connections the requests ahead will need, opened while this layer's first
+        // request is under way (they wait for its answer, below).
+        self.resolver.open_connections_ahead(
+            &self.runtime,
+            &source.reference,
+            &self.others_to_resolve(&source, labels),
+        );
         let started = std::time::Instant::now();
         // The others ahead once this layer's first request is answered, not before: by then
         // the client knows how the registry authenticates, so the requests ahead go out with
-        // credentials instead of each being challenged in parallel; and not after this
-        // layer's index has come too, so that they are ready when containerd prepares them.
+        // credentials instead of each being challenged in parallel; once the rest of this
+        // layer's index is requested (on the connection already open), but not after it has
+        // come too, so that they are ready when containerd prepares them.
         let resolved = self
             .runtime
             .block_on(self.resolver.resolve(&source, labels, || {
@@ -566,15 +579,28 @@ impl RemoteFs for LazyLayers {
         let _lifecycle = self.lifecycle();
         let saving = std::time::Instant::now();
         // Encoding the state (compressing its index) and opening the layer (parsing its
-        // index) are both CPU work on the Prepare's path, and independent: side by side.
-        let (encoded, opened) = std::thread::scope(|s| {
+        // index, unless that was done ahead) are both CPU work on the Prepare's path, and
+        // independent: side by side.
+        let (encoded, opened, open_ms) = std::thread::scope(|s| {
             let encoding = s.spawn(|| StateDir::encode(&state));
-            let opened = layer::open(self.resolver.formats(), &state);
+            let opening = Instant::now();
+            let opened = match self.resolver.take_opened_ahead(
+                &state.source,
+                &state.format,
+                &state.resolved.params,
+            ) {
+                Some(opened) => {
+                    tracing::debug!(layer = %state.source.digest, "using the layer opened ahead");
+                    Ok(opened)
+                }
+                None => layer::open(self.resolver.formats(), &state),
+            };
+            let open_ms = opening.elapsed().as_millis() as u64;
             // A panic there is one here, as it was before the two ran side by side.
             let encoded = encoding
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (encoded, opened)
+            (encoded, opened, open_ms)
         });
         let opened = opened.map_err(remote_error)?;
         self.save_encoded_state(&encoded.map_err(remote_error)?)
@@ -589,6 +615,7 @@ impl RemoteFs for LazyLayers {
         tracing::debug!(
             layer = %state.source.digest,
             resolve_ms,
+            open_ms,
             open_and_save_ms = save_ms,
             mount_ms = mounting.elapsed().as_millis() as u64,
             "lazy layer ready"

@@ -158,6 +158,8 @@ const MAX_MIRRORS_DOWN: usize = 1024;
 /// The most a token endpoint's answer may be. Real ones are a few kilobytes (a JWT and some
 /// fields); anything near this is broken or hostile and is refused rather than buffered.
 const MAX_TOKEN_BODY: u64 = 1024 * 1024;
+/// The most of an answer to [`RegistryClient::open_connection`] read to keep its connection.
+const WARM_UP_BODY: usize = 16 * 1024;
 
 /// What a walk over a repository's hosts asks each of them for.
 struct Route<'a> {
@@ -365,6 +367,44 @@ impl RegistryClient {
                 })
         })
         .await
+    }
+
+    /// Opens one connection to where blobs of `reference` are read from first (the first
+    /// mirror not known to be down, else the origin) and leaves it in the pool: one `GET /v2/`,
+    /// unauthenticated, whose answer (200, or 401 from a registry that wants credentials) is
+    /// read and dropped. Several of these at once, just before several requests are due,
+    /// let those each find a connection open instead of paying a handshake (a round trip,
+    /// and TLS's) of its own. Not retried, not counted; a failure costs only what it meant
+    /// to save. Over HTTP/2 the requests share one connection anyway.
+    pub async fn open_connection(&self, reference: &Reference) {
+        let endpoint = match self.hosts.endpoints(reference) {
+            Ok(endpoints) => endpoints
+                .into_iter()
+                .find(|e| e.is_origin || !self.mirror_is_down(e.host())),
+            Err(_) => None,
+        };
+        let Some(endpoint) = endpoint else {
+            return;
+        };
+        let Ok(client) = self.client_for(&endpoint) else {
+            return;
+        };
+        let mut request = client.get(format!("{}/", endpoint.base));
+        for (name, value) in &endpoint.headers {
+            request = request.header(name, value);
+        }
+        let Ok(mut response) = request.send().await else {
+            return;
+        };
+        // Read to its end, so the connection goes back to the pool; a body of more than a
+        // few KiB is no ping's, and its connection is let go.
+        let mut left = WARM_UP_BODY;
+        while let Ok(Some(chunk)) = response.chunk().await {
+            let Some(rest) = left.checked_sub(chunk.len()) else {
+                return;
+            };
+            left = rest;
+        }
     }
 
     /// Exactly bytes `range` of blob `digest`: from the URL the registry last redirected this

@@ -1,9 +1,10 @@
 //! The snapshot metadata store: one embedded, transactional redb file under the root dir.
 //!
 //! Every change is one write transaction committed with an fsync, so a daemon killed at any
-//! moment finds either the state before or after an operation, never half of it. Directories on
-//! disk are made outside the store and linked to a record by its numeric id; whatever directory
-//! has no record is an orphan for `Snapshotter::cleanup` to remove. Keys of active snapshots and
+//! moment finds either the state before or after an operation, never half of it (a lazy
+//! Prepare's first write skips the fsync, as its last one has it: `Durability::Deferred`).
+//! Directories on disk are made outside the store and linked to a record by its numeric id;
+//! whatever directory has no record is an orphan for `Snapshotter::cleanup` to remove. Keys of active snapshots and
 //! names of committed ones share one table, as they share one namespace in containerd.
 
 use std::path::Path;
@@ -54,8 +55,18 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
+
+/// Whether a write is on disk when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsynced before the write returns.
+    Immediate,
+    /// Durable only with the next `Immediate` write (see [`Store::write_with`]).
+    Deferred,
+}
 
 /// What the store keeps about one snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,11 +126,35 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        self.write_with(Durability::Immediate, f)
+    }
+
+    /// [`Self::write`], committed with `durability`: `Deferred` skips the fsync, for a change
+    /// that the caller makes durable with a later write (or [`Self::sync`]) before anyone
+    /// outside the daemon relies on it. Until then a crash may lose it, and only it: it is
+    /// seen by every later transaction of this process as any committed change is.
+    pub fn write_with<T, E>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut tx = self.db.begin_write().map_err(StoreError::from)?;
+        if durability == Durability::Deferred {
+            tx.set_durability(redb::Durability::None)
+                .map_err(StoreError::from)?;
+        }
         let mut wrapped = Tx { tx: &tx };
         let value = f(&mut wrapped)?;
         tx.commit().map_err(StoreError::from)?;
         Ok(value)
+    }
+
+    /// Makes every change committed so far durable (an empty transaction, fsynced).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.write(|_| Ok::<_, StoreError>(()))
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Record>, StoreError> {
@@ -311,6 +346,24 @@ mod tests {
         });
         assert!(result.is_err());
         assert_eq!(store.get("x").expect("get"), None);
+    }
+
+    #[test]
+    fn deferred_writes_are_seen_at_once_and_kept_once_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metadata.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            store
+                .write_with(Durability::Deferred, |tx| {
+                    tx.put("a", &record(1, Kind::Active, None))
+                })
+                .expect("deferred write");
+            assert!(store.get("a").expect("get").is_some(), "seen at once");
+            store.sync().expect("sync");
+        }
+        let store = Store::open(&path).expect("reopen");
+        assert!(store.get("a").expect("get").is_some(), "kept once synced");
     }
 
     #[test]
