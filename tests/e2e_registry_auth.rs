@@ -190,12 +190,19 @@ fn private_registry_lazy_pull(kind: AuthKind, lazysnap_has_the_password: bool) {
             registry.access_log()
         );
         // Once it knows how the registry authenticates, lazysnap sends that up front: a 401
-        // per request would double the round trips of every chunk read.
-        let challenged = lazysnap_requests.iter().filter(|r| r.status == 401).count();
+        // per request would double the round trips of every chunk read. The unauthenticated
+        // `GET /v2/` that open connections ahead of the image's first requests are answered
+        // 401 here by design (they wait on no one, and their answer only keeps the
+        // connection), so they are not among the requests counted.
+        let reads: Vec<&auth::AccessEntry> = lazysnap_requests
+            .iter()
+            .filter(|r| !(r.method == "GET" && r.path == "/v2/"))
+            .collect();
+        let challenged = reads.iter().filter(|r| r.status == 401).count();
         assert!(
-            challenged * 4 <= lazysnap_requests.len(),
+            challenged * 4 <= reads.len(),
             "{challenged} of {} requests were challenged:\n{}",
-            lazysnap_requests.len(),
+            reads.len(),
             registry.access_log()
         );
         if kind == AuthKind::Token {
