@@ -458,6 +458,7 @@ impl FileStore {
         let path = self.path(key);
         match File::open(&path) {
             Ok(file) => {
+                advise_sequential(&file);
                 let file = Arc::new(file);
                 open.insert(*key, file.clone());
                 Some(file)
@@ -873,6 +874,21 @@ impl FileStore {
             }
         }
         report
+    }
+}
+
+/// Doubles the kernel's readahead window on a read handle of a stored file. The daemon's
+/// reads of one file come from several threads at once (the kernel keeps up to its FUSE
+/// readahead window of 1 MiB requests in flight), so the offsets reaching this handle are
+/// a sequential reader's, slightly out of order; with the block device's window alone the
+/// kernel's readahead on the handle falls behind them. On the development VM, 4 threads
+/// reading a 512 MiB file in 1 MiB `pread`s that way went from 0.7-1.6 GB/s to 1.4-1.8 GB/s.
+/// Random reads are not widened by it (the kernel reads ahead only what looks sequential).
+fn advise_sequential(file: &File) {
+    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+    // Only a hint: without it reads are as correct, only slower.
+    if let Err(e) = posix_fadvise(file, 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL) {
+        tracing::debug!(error = %e, "advising sequential reads on a stored file failed");
     }
 }
 
