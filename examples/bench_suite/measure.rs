@@ -58,7 +58,8 @@ pub struct DataSample {
     /// serves from its cache). Warm is the median of [`WARM_READS`] reads, begun
     /// [`SETTLE`] after a `sync`: on this VM a file read back within seconds of being written
     /// reads at a third of its later speed (the host is still writing it back), and lazysnap's
-    /// store is written by the cold read itself, overlayfs's long before, at the pull.
+    /// store is written by the cold read itself, overlayfs's long before, at the pull; and
+    /// after one untimed read, as the first read after that pause is slow for any file.
     pub cold_read_mbps: f64,
     pub warm_read_mbps: f64,
     /// Bytes lazysnap fetched during the cold read.
@@ -400,6 +401,12 @@ fn data_reads(b: &Bench, lazy: bool) -> Result<DataSample, String> {
     let (hwm_cold, rss_cold) = (hwm(lazy_pid), rss(lazy_pid));
     let _ = Command::new("sync").status();
     std::thread::sleep(SETTLE);
+    // On this VM the first read after the pause is slow whatever the file (a third to a
+    // quarter of the speed of the next ones, for overlayfs's copy and a file never touched
+    // by lazysnap alike), which made the median of three depend on luck: one untimed read
+    // first, for both snapshotters.
+    drop_caches();
+    read_mbps(&big)?;
     let before = if lazy { Some(counters(b)?) } else { None };
     let mut warm_reads = Vec::with_capacity(WARM_READS);
     let mut warm_lookups = None;
