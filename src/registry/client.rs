@@ -214,9 +214,9 @@ pub struct RegistryClient {
     /// Hosts that asked for basic auth: later requests send it up front instead of paying a
     /// 401 round trip each.
     basic_hosts: Arc<Mutex<HashSet<String>>>,
-    /// Hosts whose OCI referrers API answered 404 (they have none): a referrers lookup there
-    /// asks the referrers tag alone.
-    no_referrers_api: Arc<Mutex<HashSet<String>>>,
+    /// Hosts whose OCI referrers API answered (true) or answered 404, i.e. they have none
+    /// (false): a referrers lookup there asks the API alone, or the referrers tag alone.
+    referrers_api: Arc<Mutex<HashMap<String, bool>>>,
     /// Parsed hosts.toml per registry host, so a chunk read does not read and parse the file.
     hosts: Arc<HostsCache>,
 }
@@ -243,7 +243,7 @@ impl RegistryClient {
             fallbacks_logged: Arc::new(Mutex::new(BoundedMap::new(MAX_FALLBACKS_LOGGED))),
             mirrors_down: Arc::new(Mutex::new(BoundedMap::new(MAX_MIRRORS_DOWN))),
             basic_hosts: Arc::default(),
-            no_referrers_api: Arc::default(),
+            referrers_api: Arc::default(),
             hosts: Arc::new(hosts),
         };
         client.load_docker_config();

@@ -247,34 +247,56 @@ impl RegistryClient {
                     ..repository
                 };
                 let host = tag.host.clone();
-                let known_without = self
-                    .no_referrers_api
+                let note = |has_api: bool| {
+                    self.referrers_api
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(host.clone(), has_api);
+                };
+                let known = self
+                    .referrers_api
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .contains(&host);
-                if !known_without {
-                    // Both at once: a registry without the API (404) costs no second round
-                    // trip for the tag, and one with it costs one small request more, once.
-                    let (listed, tagged) = futures_util::future::join(
-                        self.call_once(&api, Method::GET, limit),
-                        self.call_once(&tag, Method::GET, limit),
-                    )
-                    .await;
-                    match listed {
-                        Ok((_, _, _, bytes)) => return Ok(bytes),
-                        Err(Attempt::Fatal(e)) if e.is_not_found() => {
-                            self.no_referrers_api
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(host);
-                        }
-                        Err(e) => return Err(e),
+                    .get(&host)
+                    .copied();
+                match known {
+                    Some(false) => {
+                        let (_, _, _, bytes) = self.call_once(&tag, Method::GET, limit).await?;
+                        Ok(bytes)
                     }
-                    let (_, _, _, bytes) = tagged?;
-                    return Ok(bytes);
+                    Some(true) => match self.call_once(&api, Method::GET, limit).await {
+                        Ok((_, _, _, bytes)) => Ok(bytes),
+                        // A registry with the API may still answer 404 for one repository
+                        // (one served by another backend, say): the tag, as before.
+                        Err(Attempt::Fatal(e)) if e.is_not_found() => {
+                            let (_, _, _, bytes) = self.call_once(&tag, Method::GET, limit).await?;
+                            Ok(bytes)
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => {
+                        // The first lookup at this host asks both at once: without the API
+                        // (404) the tag costs no second round trip, and with it the tag is
+                        // one small request more, this once.
+                        let (listed, tagged) = futures_util::future::join(
+                            self.call_once(&api, Method::GET, limit),
+                            self.call_once(&tag, Method::GET, limit),
+                        )
+                        .await;
+                        match listed {
+                            Ok((_, _, _, bytes)) => {
+                                note(true);
+                                Ok(bytes)
+                            }
+                            Err(Attempt::Fatal(e)) if e.is_not_found() => {
+                                note(false);
+                                let (_, _, _, bytes) = tagged?;
+                                Ok(bytes)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
                 }
-                let (_, _, _, bytes) = self.call_once(&tag, Method::GET, limit).await?;
-                Ok(bytes)
             })
             .await;
         match found {
