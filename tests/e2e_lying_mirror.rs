@@ -332,17 +332,7 @@ fn a_mirror_sending_endless_bodies_is_cut_off_and_reads_come_from_the_origin() {
         vec!["--config".into(), config.display().to_string()],
     );
     let mirror = LyingMirror::start(&stack.registry_host);
-    let host_dir = hosts_dir.join(&stack.registry_host);
-    std::fs::create_dir_all(&host_dir).expect("create host dir");
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            origin = stack.registry_host,
-            mirror = mirror.host
-        ),
-    )
-    .expect("write hosts.toml");
+    harness::stack::write_hosts_toml(&hosts_dir, &stack.registry_host, &mirror.host);
 
     // busybox unpacked by containerd, under one lazy eStargz layer whose big.bin is a single
     // 6 MiB chunk: the read of it is one range GET of about 6 MiB.

@@ -56,22 +56,6 @@ fn stack_with_hosts_dir(prefix: &str) -> (tempfile::TempDir, std::path::PathBuf,
     (tmp, hosts_dir, stack)
 }
 
-/// Lists `mirror` for the stack's registry, in containerd's layout (the directory is named
-/// `host:port`), with the capabilities containerd gives a mirror by default.
-fn mirror_in_hosts_toml(hosts_dir: &Path, stack: &Stack, mirror: &AuthRegistry) {
-    let host_dir = hosts_dir.join(&stack.registry_host);
-    std::fs::create_dir_all(&host_dir).expect("create host dir");
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!(
-            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            origin = stack.registry_host,
-            mirror = mirror.host()
-        ),
-    )
-    .expect("write hosts.toml");
-}
-
 #[test]
 fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
     let started = Instant::now();
@@ -105,7 +89,7 @@ fn lazy_layers_are_read_from_the_mirror_and_from_the_origin_when_it_fails() {
         "the mirror holds the same manifest, so the same layer digests"
     );
 
-    mirror_in_hosts_toml(&hosts_dir, &stack, &mirror);
+    harness::stack::write_hosts_toml(&hosts_dir, &stack.registry_host, mirror.host());
 
     let origin_log = stack
         .registry
@@ -257,7 +241,7 @@ fn a_gzip_index_is_found_through_the_mirror() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    mirror_in_hosts_toml(&hosts_dir, &stack, &mirror);
+    harness::stack::write_hosts_toml(&hosts_dir, &stack.registry_host, mirror.host());
 
     let origin_log = stack
         .registry

@@ -330,16 +330,7 @@ impl Stack {
                 // The test registry is plain HTTP on loopback: say so in a hosts.toml, as a
                 // node would for an insecure registry.
                 let certs = self.path("certs.d");
-                let host_dir = certs.join(&self.registry_host);
-                std::fs::create_dir_all(&host_dir).expect("create certs.d");
-                std::fs::write(
-                    host_dir.join("hosts.toml"),
-                    format!(
-                        "server = \"http://{h}\"\n[host.\"http://{h}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-                        h = self.registry_host
-                    ),
-                )
-                .expect("write hosts.toml");
+                write_hosts_toml(&certs, &self.registry_host, &self.registry_host);
                 format!(
                     r#"[plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause}"
@@ -690,6 +681,21 @@ impl Stack {
             })
             .sum()
     }
+}
+
+/// Writes `hosts_dir/<origin>/hosts.toml` in containerd's layout: `origin` as the server, with
+/// `mirror` (a `host:port`, plain HTTP) listed before it with the capabilities containerd
+/// gives a mirror by default. A mirror equal to the origin only says the origin is plain HTTP.
+pub fn write_hosts_toml(hosts_dir: &Path, origin: &str, mirror: &str) {
+    let host_dir = hosts_dir.join(origin);
+    std::fs::create_dir_all(&host_dir).expect("create host dir");
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{origin}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .expect("write hosts.toml");
 }
 
 /// `script`, then a moment's pause before the shell exits with the script's status.
