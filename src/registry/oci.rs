@@ -6,6 +6,7 @@
 //! bytes fail is passed over); what the documents mean is the caller's business.
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt as _};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
@@ -278,11 +279,17 @@ impl RegistryClient {
                         // The first lookup at this host asks both at once: without the API
                         // (404) the tag costs no second round trip, and with it the tag is
                         // one small request more, this once.
-                        let (listed, tagged) = futures_util::future::join(
-                            self.call_once(&api, Method::GET, limit),
-                            self.call_once(&tag, Method::GET, limit),
-                        )
-                        .await;
+                        // An API that answers does not wait for the tag's request.
+                        let listing = Box::pin(self.call_once(&api, Method::GET, limit));
+                        let tagging = Box::pin(self.call_once(&tag, Method::GET, limit));
+                        let (listed, tagging) =
+                            match futures_util::future::select(listing, tagging).await {
+                                Either::Left((listed, tagging)) => (listed, tagging.left_future()),
+                                Either::Right((tagged, listing)) => (
+                                    listing.await,
+                                    futures_util::future::ready(tagged).right_future(),
+                                ),
+                            };
                         match listed {
                             Ok((_, _, _, bytes)) => {
                                 note(true);
@@ -290,7 +297,7 @@ impl RegistryClient {
                             }
                             Err(Attempt::Fatal(e)) if e.is_not_found() => {
                                 note(false);
-                                let (_, _, _, bytes) = tagged?;
+                                let (_, _, _, bytes) = tagging.await?;
                                 Ok(bytes)
                             }
                             Err(e) => Err(e),
