@@ -213,6 +213,11 @@ pub struct PrefetchConfig {
     pub trace_window: Duration,
     /// The most chunks one layer's trace keeps. Default 100000.
     pub max_trace_entries: usize,
+    /// The most names (lookups, directory listings, symlink reads) one layer's trace keeps.
+    /// The next mount of the layer asks them itself before a container does, so the kernel
+    /// answers the container's from its caches instead of a round trip to the daemon each.
+    /// 0 records and replays none. Default 16384.
+    pub max_trace_names: usize,
     /// Range requests prefetch may have in flight at once, over all layers. Default 4.
     pub concurrency: usize,
     /// Honour eStargz landmark files (`.prefetch.landmark`) written by
@@ -251,6 +256,7 @@ impl Default for PrefetchConfig {
             enabled: true,
             trace_window: Duration::from_secs(60),
             max_trace_entries: 100_000,
+            max_trace_names: 16_384,
             concurrency: 4,
             landmarks: true,
             readahead_max_bytes: 8 << 20,

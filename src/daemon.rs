@@ -185,6 +185,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<Arc<LazyLayers>> {
     let traces = TraceStore::open(
         config.root.join("traces"),
         config.prefetch.max_trace_entries,
+        config.prefetch.max_trace_names,
     )
     .context("open trace store")?;
     let exe = std::env::current_exe().context("find the lazysnap binary")?;

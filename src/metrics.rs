@@ -127,6 +127,12 @@ pub fn render(layers: &dyn LazyNode) -> String {
         &[("", t.read_chunk_bytes as f64)],
     );
     metric(
+        "lazysnap_name_requests_total",
+        "counter",
+        "Lookups, directory listings and symlink reads the kernel brought to the daemon (those it answered from its caches never come).",
+        &[("", t.name_requests as f64)],
+    );
+    metric(
         "lazysnap_cache_hits_total",
         "counter",
         "Chunk reads answered by the local store.",

@@ -22,6 +22,8 @@ pub struct Totals {
     pub demand_network_reads: u64,
     /// Compressed bytes of the chunks containers read, each once per layer.
     pub read_chunk_bytes: u64,
+    /// Lookups, listings and symlink reads the daemon answered.
+    pub name_requests: u64,
 }
 
 /// The cache and fetch figures of the whole node, for `lazysnap cache stats` and metrics.

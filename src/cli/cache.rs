@@ -160,6 +160,13 @@ fn render_stats(s: &CacheStatsResponse) -> String {
         ),
     ]);
     t.row([
+        "name requests".to_owned(),
+        format!(
+            "{} lookups, listings and symlink reads answered",
+            s.name_requests
+        ),
+    ]);
+    t.row([
         "evicted".to_owned(),
         format!("{} entries ({})", s.evicted_entries, hb(s.evicted_bytes)),
     ]);

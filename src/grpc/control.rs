@@ -95,6 +95,7 @@ impl Control for ControlService {
             evicted_bytes: s.store.evicted.bytes,
             corrupt_entries: s.store.corrupt,
             read_chunk_bytes: s.totals.read_chunk_bytes,
+            name_requests: s.totals.name_requests,
         }))
     }
 

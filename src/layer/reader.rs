@@ -101,6 +101,9 @@ pub struct LayerCounters {
     /// Compressed bytes of the chunks containers read, each fetch unit once per layer: what
     /// `fetched_bytes` is divided by for the fetch amplification.
     pub read_chunk_bytes: AtomicU64,
+    /// Lookups, listings and symlink reads the kernel brought to the daemon (each one a
+    /// round trip some process waited for). Kept here, with the layer's other figures.
+    pub name_requests: AtomicU64,
 }
 
 /// Unix milliseconds now.

@@ -1,5 +1,6 @@
 //! The FUSE crate's view of a lazy layer: metadata from the layer index, bytes from the layer
-//! reader; reads are also shown to the trace recorder and the readahead detector.
+//! reader; reads and name requests are also shown to the trace recorder, and reads to the
+//! readahead detector.
 
 use std::ffi::{OsStr, OsString};
 use std::future::Future;
@@ -15,7 +16,7 @@ use super::libraries::SharedLibraries;
 use super::MountTasks;
 use crate::layer::{LayerReader, Priority};
 use crate::metadata::{LayerIndex, Node, NodeKind};
-use crate::prefetch::{ReadRecorder, Readahead};
+use crate::prefetch::{NameOp, ReadRecorder, Readahead};
 
 /// One mounted layer, as the FUSE crate's `LayerSource`.
 pub struct IndexSource {
@@ -106,6 +107,18 @@ impl IndexSource {
         );
     }
 
+    /// Counts a name request the kernel could not answer from its caches, and shows it to
+    /// the recorder.
+    fn asked(&self, op: NameOp, ino: Ino, name: &[u8]) {
+        self.reader
+            .counters()
+            .name_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(recorder) = &self.recorder {
+            recorder.record_name(op, ino.0, name);
+        }
+    }
+
     fn node(&self, ino: Ino) -> Result<&Node, SourceError> {
         self.index.node(ino.0).ok_or(SourceError::NotFound)
     }
@@ -153,6 +166,9 @@ impl fuse::LayerSource for IndexSource {
         if self.node(parent)?.kind != NodeKind::Dir {
             return Err(SourceError::NotDirectory);
         }
+        // Found or not: a name missing here is one overlayfs asks of every layer above the
+        // one that has it, and the kernel keeps that answer too.
+        self.asked(NameOp::Lookup, parent, name.as_bytes());
         let ino = self
             .index
             .lookup(parent.0, name)
@@ -173,6 +189,9 @@ impl fuse::LayerSource for IndexSource {
         let node = self.node(dir)?;
         if node.kind != NodeKind::Dir {
             return Err(SourceError::NotDirectory);
+        }
+        if offset == 0 {
+            self.asked(NameOp::List, dir, b"");
         }
         for (name, child) in node.children.iter().skip(offset as usize) {
             let kind = self
@@ -196,6 +215,7 @@ impl fuse::LayerSource for IndexSource {
         if node.kind != NodeKind::Symlink {
             return Err(SourceError::NotSymlink);
         }
+        self.asked(NameOp::Readlink, ino, b"");
         Ok(OsStr::from_bytes(&node.link_target).to_owned())
     }
 

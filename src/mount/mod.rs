@@ -296,6 +296,7 @@ impl LazyLayers {
             Arc::new(ReadRecorder::new(
                 prefetch.trace_window,
                 prefetch.max_trace_entries,
+                prefetch.max_trace_names,
             ))
         });
         let tasks: MountTasks = Arc::default();
@@ -395,6 +396,19 @@ impl LazyLayers {
                     preload_bytes: prefetch.preload_bytes,
                 };
                 let trace = self.traces.load(digest);
+                // A connection taken over keeps the kernel's caches it had; a new mount
+                // starts with none.
+                if let Some(names) = trace
+                    .as_ref()
+                    .filter(|_| !taken_over && prefetch.max_trace_names > 0)
+                    .map(|t| t.names.clone())
+                    .filter(|n| !n.is_empty())
+                {
+                    set.spawn_on(
+                        replay_names(digest.clone(), mountpoint.to_path_buf(), names),
+                        &self.runtime,
+                    );
+                }
                 activity.set(Activity::Prefetching);
                 let after = crate::prefetch::after_mount(
                     digest.clone(),
@@ -452,6 +466,35 @@ impl LazyLayers {
             },
         );
         Ok(())
+    }
+}
+
+/// The longest a replay of a trace's names may take. A name costs one round trip to our
+/// own FUSE thread (tens of microseconds), so a full trace of 16384 takes well under a
+/// second; the bound holds whatever the configuration and the machine.
+const NAME_REPLAY_BUDGET: Duration = Duration::from_secs(5);
+
+/// Replays the layer's traced names through its new mount (`prefetch::names`), so the
+/// kernel holds the answers before a container asks. Logs what it did; a failure costs
+/// speed only.
+async fn replay_names(digest: String, mountpoint: PathBuf, names: Vec<crate::prefetch::NameEntry>) {
+    let started = Instant::now();
+    let done = tokio::task::spawn_blocking(move || {
+        crate::prefetch::names::replay(&mountpoint, &names, NAME_REPLAY_BUDGET)
+    })
+    .await;
+    match done {
+        Ok(done) => tracing::info!(
+            layer = %digest,
+            asked = done.asked,
+            found = done.found,
+            stopped = done.stopped.as_deref().unwrap_or(""),
+            elapsed = ?started.elapsed(),
+            "replayed the layer's traced names"
+        ),
+        Err(e) => {
+            tracing::warn!(layer = %digest, error = %e, "replaying the layer's traced names failed")
+        }
     }
 }
 

@@ -35,6 +35,7 @@ fn add(totals: &mut Totals, c: &LayerCounters) {
     totals.prefetch_used_bytes += get(&c.prefetch_used_bytes);
     totals.demand_network_reads += get(&c.demand_network_reads);
     totals.read_chunk_bytes += get(&c.read_chunk_bytes);
+    totals.name_requests += get(&c.name_requests);
 }
 
 impl LazyLayers {
@@ -50,6 +51,7 @@ impl LazyLayers {
             chunk_misses = get(&c.chunk_misses),
             demand_network_reads = get(&c.demand_network_reads),
             read_chunk_bytes = get(&c.read_chunk_bytes),
+            name_requests = get(&c.name_requests),
             prefetch_bytes = get(&c.prefetch_bytes),
             prefetch_used_bytes = get(&c.prefetch_used_bytes),
             "unmounting lazy layer"

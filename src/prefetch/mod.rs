@@ -8,6 +8,7 @@
 //! Uses the layer reader and the layer index; knows nothing of FUSE or containerd.
 
 pub mod elf;
+pub mod names;
 pub mod readahead;
 pub mod recorder;
 pub mod trace;
@@ -20,12 +21,12 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 
 pub use readahead::Readahead;
-pub use recorder::ReadRecorder;
-pub use trace::{Trace, TraceEntry, TraceError, TraceStore};
+pub use recorder::{NameOp, ReadRecorder, RecordedName};
+pub use trace::{NameEntry, Trace, TraceEntry, TraceError, TraceStore};
 
 use crate::chunk::ChunkSpec;
 use crate::layer::{LayerReader, Priority, ReadError};
-use crate::metadata::{Landmark, LayerIndex};
+use crate::metadata::{Landmark, LayerIndex, ROOT};
 
 /// One prefetch batch: a few MiB, so a demand read queued behind it waits little, and
 /// neighbouring chunks still merge into one range request.
@@ -289,14 +290,16 @@ pub async fn flush_trace(
     first: &mut bool,
 ) {
     let fresh = recorder.take();
-    if fresh.is_empty() {
+    let fresh_names = recorder.take_names();
+    if fresh.is_empty() && fresh_names.is_empty() {
         return;
     }
     let known = paths.take().unwrap_or_default();
     let missing: HashSet<u64> = fresh
         .iter()
         .map(|r| r.ino)
-        .filter(|ino| !known.contains_key(ino))
+        .chain(fresh_names.iter().map(|n| n.ino))
+        .filter(|ino| *ino != ROOT && !known.contains_key(ino))
         .collect();
     let known = if missing.is_empty() {
         known
@@ -321,20 +324,52 @@ pub async fn flush_trace(
             })
         })
         .collect();
+    let names: Vec<NameEntry> = fresh_names
+        .into_iter()
+        .filter_map(|n| name_entry(n, &paths))
+        .collect();
     let new_mount = std::mem::take(first);
     let store = store.clone();
     let digest = digest.to_owned();
     let result =
-        tokio::task::spawn_blocking(move || store.record(&digest, entries, new_mount)).await;
+        tokio::task::spawn_blocking(move || store.record(&digest, entries, names, new_mount)).await;
     match result {
         Ok(Ok(trace)) => tracing::debug!(
             layer = %trace.layer,
             entries = trace.entries.len(),
+            names = trace.names.len(),
             "read trace saved"
         ),
         Ok(Err(e)) => tracing::warn!(error = %crate::error_chain(&e), "saving read trace failed"),
         Err(e) => tracing::warn!(error = %e, "saving read trace failed"),
     }
+}
+
+/// The path a recorded name request is about: the name looked up (in its directory), the
+/// directory listed, the symlink read. The root's own listing and names that are not UTF-8
+/// are left out: a replay of them would ask for something else.
+fn name_entry(n: RecordedName, paths: &HashMap<u64, String>) -> Option<NameEntry> {
+    let at = if n.ino == ROOT {
+        ""
+    } else {
+        paths.get(&n.ino)?.as_str()
+    };
+    let path = match n.op {
+        NameOp::Lookup => {
+            let name = std::str::from_utf8(&n.name).ok()?;
+            if at.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{at}/{name}")
+            }
+        }
+        NameOp::List | NameOp::Readlink => at.to_owned(),
+    };
+    (!path.is_empty()).then_some(NameEntry {
+        path,
+        op: n.op,
+        since_mount_ms: n.since_mount_ms,
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Records, for one mount of a lazy layer, the order in which containers first read its
-//! chunks during a window after the mount. Cheap on the read path: one lock and one set
-//! lookup per chunk while the window is open, one atomic load after it closes.
+//! chunks during a window after the mount, and the names the kernel first asked it about
+//! (lookups, listings, symlink reads). Cheap on the request path: one lock and one set
+//! lookup per chunk or name while the window is open, one atomic load after it closes.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +19,34 @@ pub struct Recorded {
     pub since_mount_ms: u64,
 }
 
+/// What the kernel asked of a name, the first time it asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NameOp {
+    /// A name looked up in a directory, found or not.
+    Lookup,
+    /// A directory listed.
+    List,
+    /// A symlink's target read.
+    Readlink,
+}
+
+/// One first request about a name: `ino` is the directory looked in (`Lookup`), the
+/// directory listed (`List`) or the symlink (`Readlink`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedName {
+    pub op: NameOp,
+    pub ino: u64,
+    /// The name looked up; empty for the other requests.
+    pub name: Box<[u8]>,
+    pub since_mount_ms: u64,
+}
+
 pub struct ReadRecorder {
     started: Instant,
     window: Duration,
     max: usize,
+    max_names: usize,
     closed: AtomicBool,
     state: Mutex<State>,
 }
@@ -31,15 +56,19 @@ struct State {
     seen: HashSet<(u64, u64)>,
     /// Recorded since the last `take`.
     fresh: Vec<Recorded>,
+    seen_names: HashSet<(NameOp, u64, Box<[u8]>)>,
+    /// Recorded since the last `take_names`.
+    fresh_names: Vec<RecordedName>,
 }
 
 impl ReadRecorder {
-    /// Records for `window` after now, at most `max` chunks.
-    pub fn new(window: Duration, max: usize) -> Self {
+    /// Records for `window` after now, at most `max` chunks and `max_names` names.
+    pub fn new(window: Duration, max: usize, max_names: usize) -> Self {
         ReadRecorder {
             started: Instant::now(),
             window,
             max,
+            max_names,
             closed: AtomicBool::new(window.is_zero()),
             state: Mutex::default(),
         }
@@ -70,6 +99,42 @@ impl ReadRecorder {
                 });
             }
         }
+    }
+
+    /// Notes that the kernel asked `op` of `ino` (and `name`, for a lookup).
+    pub fn record_name(&self, op: NameOp, ino: u64, name: &[u8]) {
+        if self.max_names == 0 || self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        if elapsed > self.window {
+            self.closed.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.seen_names.len() >= self.max_names {
+            return;
+        }
+        let name: Box<[u8]> = name.into();
+        if state.seen_names.insert((op, ino, name.clone())) {
+            state.fresh_names.push(RecordedName {
+                op,
+                ino,
+                name,
+                since_mount_ms: elapsed.as_millis() as u64,
+            });
+        }
+    }
+
+    /// The names recorded since the last call.
+    pub fn take_names(&self) -> Vec<RecordedName> {
+        std::mem::take(
+            &mut self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fresh_names,
+        )
     }
 
     /// What was recorded since the last call.
@@ -103,7 +168,7 @@ mod tests {
 
     #[test]
     fn records_first_reads_once_in_order_within_the_window() {
-        let r = ReadRecorder::new(Duration::from_secs(60), 100);
+        let r = ReadRecorder::new(Duration::from_secs(60), 100, 10);
         r.record(5, &[chunk(0), chunk(10)]);
         r.record(7, &[chunk(0)]);
         r.record(5, &[chunk(10)]);
@@ -116,12 +181,41 @@ mod tests {
 
     #[test]
     fn closed_window_and_bound_stop_recording() {
-        let r = ReadRecorder::new(Duration::ZERO, 100);
+        let r = ReadRecorder::new(Duration::ZERO, 100, 10);
         r.record(1, &[chunk(0)]);
         assert!(r.take().is_empty());
         assert!(r.is_closed());
-        let r = ReadRecorder::new(Duration::from_secs(60), 2);
+        let r = ReadRecorder::new(Duration::from_secs(60), 2, 10);
         r.record(1, &[chunk(0), chunk(10), chunk(20)]);
         assert_eq!(r.take().len(), 2);
+    }
+
+    #[test]
+    fn records_each_name_request_once_in_order_within_its_bound() {
+        let r = ReadRecorder::new(Duration::from_secs(60), 100, 3);
+        r.record_name(NameOp::Lookup, 1, b"usr");
+        r.record_name(NameOp::Lookup, 1, b"usr");
+        r.record_name(NameOp::List, 2, b"");
+        r.record_name(NameOp::Lookup, 2, b"lib");
+        r.record_name(NameOp::Readlink, 9, b"");
+        let got: Vec<(NameOp, u64, &[u8])> = Vec::new();
+        let taken = r.take_names();
+        let got = taken.iter().fold(got, |mut v, n| {
+            v.push((n.op, n.ino, &n.name[..]));
+            v
+        });
+        assert_eq!(
+            got,
+            [
+                (NameOp::Lookup, 1, &b"usr"[..]),
+                (NameOp::List, 2, &b""[..]),
+                (NameOp::Lookup, 2, &b"lib"[..])
+            ],
+            "each once, and no more than the bound"
+        );
+        assert!(r.take().is_empty(), "names are not chunk reads");
+        let off = ReadRecorder::new(Duration::from_secs(60), 100, 0);
+        off.record_name(NameOp::Lookup, 1, b"usr");
+        assert!(off.take_names().is_empty(), "a bound of 0 records none");
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Entries name a file by its path in the layer and a chunk by its offset in that file, so a
 //! trace stays meaningful wherever the layer is (paths and chunking come from the layer's TOC,
-//! which its digest pins).
+//! which its digest pins). A trace also keeps the names the kernel asked the layer about
+//! (`names`), which the next mount asks itself (`names::replay`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::layer::unix_ms;
+use crate::prefetch::recorder::NameOp;
 
 /// The `format` of a trace document; `import` refuses any other.
 pub const FORMAT: &str = "lazysnap-trace/v1";
@@ -29,6 +31,21 @@ pub struct Trace {
     pub updated_unix_ms: u64,
     /// First-read order.
     pub entries: Vec<TraceEntry>,
+    /// The names the kernel asked about, in first-asked order (absent from traces written
+    /// before they were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<NameEntry>,
+}
+
+/// The first request about one name of the layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameEntry {
+    /// Relative, `/`-separated path in the layer (of the name looked up, the directory
+    /// listed or the symlink read).
+    pub path: String,
+    pub op: NameOp,
+    /// Milliseconds from the mount to the first request.
+    pub since_mount_ms: u64,
 }
 
 /// The first read of one chunk of one file.
@@ -67,6 +84,7 @@ impl Trace {
             mounts: 0,
             updated_unix_ms: 0,
             entries: Vec::new(),
+            names: Vec::new(),
         }
     }
 
@@ -74,27 +92,14 @@ impl Trace {
     /// at the earliest time any mount first read it, in that order, at most `max` entries
     /// (the latest-read go first when there are too many: they matter least to a start).
     pub fn merge(&mut self, entries: impl IntoIterator<Item = TraceEntry>, max: usize) {
-        let mut at: HashMap<(String, u64), usize> = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| ((e.path.clone(), e.offset), i))
-            .collect();
-        for entry in entries {
-            match at.get(&(entry.path.clone(), entry.offset)) {
-                Some(&i) => {
-                    let known = &mut self.entries[i];
-                    known.since_mount_ms = known.since_mount_ms.min(entry.since_mount_ms);
-                }
-                None => {
-                    at.insert((entry.path.clone(), entry.offset), self.entries.len());
-                    self.entries.push(entry);
-                }
-            }
-        }
-        // Stable: entries read in the same millisecond keep the order they were seen in.
-        self.entries.sort_by_key(|e| e.since_mount_ms);
-        self.entries.truncate(max);
+        merge_first_seen(&mut self.entries, entries, max);
+        self.updated_unix_ms = unix_ms();
+    }
+
+    /// Like [`merge`](Self::merge), for the names asked about: the union, each at its
+    /// earliest, at most `max`.
+    pub fn merge_names(&mut self, names: impl IntoIterator<Item = NameEntry>, max: usize) {
+        merge_first_seen(&mut self.names, names, max);
         self.updated_unix_ms = unix_ms();
     }
 
@@ -113,21 +118,84 @@ impl Trace {
         {
             return invalid(format!("layer {:?} is not a sha256 digest", self.layer));
         }
-        for e in &self.entries {
-            if e.path.is_empty()
-                || e.path.starts_with('/')
-                || e.path
-                    .split('/')
-                    .any(|p| p == ".." || p == "." || p.is_empty())
-            {
-                return invalid(format!(
-                    "entry path {:?} is not a plain relative path",
-                    e.path
-                ));
-            }
+        let paths = self.entries.iter().map(|e| &e.path);
+        if let Some(bad) = paths
+            .chain(self.names.iter().map(|n| &n.path))
+            .find(|p| !plain_relative(p))
+        {
+            return invalid(format!("entry path {bad:?} is not a plain relative path"));
         }
         Ok(())
     }
+}
+
+/// A path that names something inside the layer and only that: relative, no `.` or `..`,
+/// no empty part.
+fn plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path
+            .split('/')
+            .any(|p| p == ".." || p == "." || p.is_empty())
+}
+
+/// An item of a trace that counts from its first sighting after a mount.
+trait FirstSeen {
+    type Key: std::hash::Hash + Eq;
+    fn key(&self) -> Self::Key;
+    fn since_mount_ms(&mut self) -> &mut u64;
+}
+
+impl FirstSeen for TraceEntry {
+    type Key = (String, u64);
+    fn key(&self) -> Self::Key {
+        (self.path.clone(), self.offset)
+    }
+    fn since_mount_ms(&mut self) -> &mut u64 {
+        &mut self.since_mount_ms
+    }
+}
+
+impl FirstSeen for NameEntry {
+    type Key = (String, NameOp);
+    fn key(&self) -> Self::Key {
+        (self.path.clone(), self.op)
+    }
+    fn since_mount_ms(&mut self) -> &mut u64 {
+        &mut self.since_mount_ms
+    }
+}
+
+/// Merges `incoming` into `list`: the union, each item at its earliest time, sorted by time
+/// (stable: items of the same millisecond keep the order they were seen in), at most `max`
+/// (the latest go).
+fn merge_first_seen<T: FirstSeen>(
+    list: &mut Vec<T>,
+    incoming: impl IntoIterator<Item = T>,
+    max: usize,
+) {
+    let mut at: HashMap<T::Key, usize> =
+        list.iter().enumerate().map(|(i, e)| (e.key(), i)).collect();
+    for mut item in incoming {
+        let key = item.key();
+        match at.get(&key) {
+            Some(&i) => {
+                let seen = *item.since_mount_ms();
+                let known = list[i].since_mount_ms();
+                *known = (*known).min(seen);
+            }
+            None => {
+                at.insert(key, list.len());
+                list.push(item);
+            }
+        }
+    }
+    let mut timed: Vec<(u64, T)> = std::mem::take(list)
+        .into_iter()
+        .map(|mut e| (*e.since_mount_ms(), e))
+        .collect();
+    timed.sort_by_key(|(ms, _)| *ms);
+    list.extend(timed.into_iter().map(|(_, e)| e).take(max));
 }
 
 /// The traces of this node, one JSON file per layer.
@@ -136,10 +204,11 @@ pub struct TraceStore {
     /// Serialises read-merge-write of one file by concurrent mounts of the same layer.
     writing: Mutex<()>,
     max_entries: usize,
+    max_names: usize,
 }
 
 impl TraceStore {
-    pub fn open(dir: PathBuf, max_entries: usize) -> Result<Self, TraceError> {
+    pub fn open(dir: PathBuf, max_entries: usize, max_names: usize) -> Result<Self, TraceError> {
         std::fs::create_dir_all(&dir).map_err(|source| TraceError::Io {
             action: "create",
             path: dir.clone(),
@@ -149,6 +218,7 @@ impl TraceStore {
             dir,
             writing: Mutex::new(()),
             max_entries,
+            max_names,
         })
     }
 
@@ -193,11 +263,13 @@ impl TraceStore {
         &self,
         digest: &str,
         entries: Vec<TraceEntry>,
+        names: Vec<NameEntry>,
         new_mount: bool,
     ) -> Result<Trace, TraceError> {
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut trace = self.load(digest).unwrap_or_else(|| Trace::new(digest));
         trace.merge(entries, self.max_entries);
+        trace.merge_names(names, self.max_names);
         if new_mount {
             trace.mounts += 1;
         }
@@ -217,6 +289,7 @@ impl TraceStore {
             .load(&incoming.layer)
             .unwrap_or_else(|| Trace::new(&incoming.layer));
         trace.merge(incoming.entries, self.max_entries);
+        trace.merge_names(incoming.names, self.max_names);
         trace.mounts += incoming.mounts;
         self.save(&trace)?;
         Ok(trace)
@@ -277,6 +350,56 @@ mod tests {
         }
     }
 
+    fn name(path: &str, op: NameOp, ms: u64) -> NameEntry {
+        NameEntry {
+            path: path.into(),
+            op,
+            since_mount_ms: ms,
+        }
+    }
+
+    #[test]
+    fn names_merge_by_path_and_request_in_first_asked_order() {
+        let mut t = Trace::new(LAYER);
+        t.merge_names(
+            [
+                name("usr", NameOp::Lookup, 4),
+                name("usr", NameOp::List, 6),
+                name("etc/x", NameOp::Lookup, 9),
+            ],
+            10,
+        );
+        t.merge_names(
+            [
+                name("usr", NameOp::List, 1),
+                name("bin", NameOp::Readlink, 5),
+            ],
+            10,
+        );
+        let order: Vec<(&str, NameOp, u64)> = t
+            .names
+            .iter()
+            .map(|n| (n.path.as_str(), n.op, n.since_mount_ms))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("usr", NameOp::List, 1),
+                ("usr", NameOp::Lookup, 4),
+                ("bin", NameOp::Readlink, 5),
+                ("etc/x", NameOp::Lookup, 9)
+            ]
+        );
+        t.merge_names([], 2);
+        assert_eq!(t.names.len(), 2, "bounded");
+        // A trace written before names were kept reads as one without any.
+        let old = format!(
+            r#"{{"format":"{FORMAT}","layer":"{LAYER}","mounts":1,"updated_unix_ms":0,"entries":[]}}"#
+        );
+        let old: Trace = serde_json::from_str(&old).expect("old document");
+        assert!(old.names.is_empty());
+    }
+
     #[test]
     fn merge_keeps_the_union_in_first_read_order() {
         let mut t = Trace::new(LAYER);
@@ -298,17 +421,28 @@ mod tests {
     fn record_export_import_round_trip() {
         let a = tempfile::tempdir().expect("tempdir");
         let b = tempfile::tempdir().expect("tempdir");
-        let node_a = TraceStore::open(a.path().into(), 100).expect("open");
-        let node_b = TraceStore::open(b.path().into(), 100).expect("open");
+        let node_a = TraceStore::open(a.path().into(), 100, 100).expect("open");
+        let node_b = TraceStore::open(b.path().into(), 100, 100).expect("open");
         node_a
-            .record(LAYER, vec![entry("usr/bin/x", 0, 3)], true)
+            .record(
+                LAYER,
+                vec![entry("usr/bin/x", 0, 3)],
+                vec![name("usr/bin", NameOp::List, 1)],
+                true,
+            )
             .expect("record");
         node_a
-            .record(LAYER, vec![entry("usr/lib/y", 4096, 7)], false)
+            .record(
+                LAYER,
+                vec![entry("usr/lib/y", 4096, 7)],
+                vec![name("usr/libx", NameOp::Lookup, 2)],
+                false,
+            )
             .expect("record");
         let doc = node_a.export(LAYER).expect("export");
         let imported = node_b.import(&doc).expect("import");
         assert_eq!(imported.entries.len(), 2);
+        assert_eq!(imported.names.len(), 2, "names travel with the trace");
         assert_eq!(imported.mounts, 1);
         assert_eq!(node_b.list().len(), 1);
         assert_eq!(node_b.get(LAYER).expect("get"), imported);
@@ -321,13 +455,19 @@ mod tests {
     #[test]
     fn hostile_documents_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = TraceStore::open(dir.path().into(), 100).expect("open");
+        let store = TraceStore::open(dir.path().into(), 100, 100).expect("open");
         let mut t = Trace::new(LAYER);
         t.entries.push(entry("../../etc/passwd", 0, 0));
         let err = store
             .import(&serde_json::to_vec(&t).expect("json"))
             .expect_err("escaping path");
         assert!(err.to_string().contains("../../etc/passwd"), "{err}");
+        let mut t = Trace::new(LAYER);
+        t.names.push(name("/etc", NameOp::List, 0));
+        let err = store
+            .import(&serde_json::to_vec(&t).expect("json"))
+            .expect_err("absolute name");
+        assert!(err.to_string().contains("\"/etc\""), "{err}");
         let mut t = Trace::new("sha256:../x");
         t.entries.clear();
         let err = store
