@@ -38,6 +38,11 @@ fn push_python(stack: &Stack) -> String {
 
 /// Runs the Python workload and returns its output and how long `ctr run` took.
 fn run_python(stack: &Stack, image: &str, id: &str) -> (String, Duration) {
+    run_python_with(stack, image, id, python::PYTHON_WORKLOAD)
+}
+
+/// Like `run_python`, with another shell command.
+fn run_python_with(stack: &Stack, image: &str, id: &str, workload: &str) -> (String, Duration) {
     let started = Instant::now();
     let out = stack.ctr(&[
         "run",
@@ -48,7 +53,7 @@ fn run_python(stack: &Stack, image: &str, id: &str) -> (String, Duration) {
         id,
         "/bin/sh",
         "-c",
-        python::PYTHON_WORKLOAD,
+        workload,
     ]);
     (out, started.elapsed())
 }
@@ -184,10 +189,17 @@ fn a_trace_learned_on_the_same_node_prefetches_the_next_mount() {
     let (_cfg, args) = config("");
     let stack = Stack::start_with(LAZYSNAP, args);
     let lazy = push_python(&stack);
+    // The image holds no compiled modules: a Python that writes them looks up a new random
+    // temporary name for each, which no trace can know. Without `-B`, the second start
+    // asks only those.
+    let workload = python::PYTHON_WORKLOAD.replacen("python3 -c", "python3 -B -c", 1);
+    assert_ne!(workload, python::PYTHON_WORKLOAD);
     stack.rpull(&lazy);
-    let (out, _) = run_python(&stack, &lazy, "first");
+    let names_before = number(&stats(&stack), "name_requests");
+    let (out, _) = run_python_with(&stack, &lazy, "first", &workload);
     assert_eq!(out.trim(), "1");
     let first = stats(&stack);
+    let names_first = number(&first, "name_requests") - names_before;
     wait_for_traces(&stack, 1);
 
     // The image goes, the cache is emptied: only the trace is left.
@@ -196,14 +208,27 @@ fn a_trace_learned_on_the_same_node_prefetches_the_next_mount() {
     let pruned = stack.cli_json(&["cache", "prune", "--to", "0"]);
     assert_eq!(number(&pruned, "disk_used_bytes"), 0, "{pruned}");
 
+    let replays_before = replays(&stack);
     stack.rpull(&lazy);
     wait_until_prefetched(&stack);
-    let (out, _) = run_python(&stack, &lazy, "second");
+    // Each new mount asks the names its trace keeps before the container does.
+    let mounts = stack.cli_json(&["mounts"])["mounts"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(mounts > 0, "the image is mounted lazily");
+    stack.eventually(
+        "the mounts to replay their traced names",
+        Duration::from_secs(30),
+        || replays(&stack) >= replays_before + mounts,
+    );
+    let names_before = number(&stats(&stack), "name_requests");
+    let (out, _) = run_python_with(&stack, &lazy, "second", &workload);
     assert_eq!(out.trim(), "1");
     let second = stats(&stack);
+    let names_second = number(&second, "name_requests") - names_before;
     let waits_first = number(&first, "demand_network_reads");
     let waits_second = number(&second, "demand_network_reads") - waits_first;
-    eprintln!("same node: {waits_first} reads waited on the registry at first, {waits_second} after learning");
+    eprintln!("same node: {waits_first} reads waited on the registry at first, {waits_second} after learning; the daemon answered {names_first} name requests during the first start, {names_second} during the second");
     assert!(
         number(&second, "prefetch_bytes") > 0,
         "the second mount prefetched: {second}"
@@ -212,6 +237,22 @@ fn a_trace_learned_on_the_same_node_prefetches_the_next_mount() {
         waits_second * 4 <= waits_first,
         "{waits_second} vs {waits_first}"
     );
+    assert!(
+        names_first >= 50,
+        "a python start asks a layer hundreds of names: {names_first}"
+    );
+    assert!(
+        names_second * 10 <= names_first,
+        "the kernel answered the second start's names from what the replay left: {names_second} vs {names_first}"
+    );
+}
+
+/// How many times the daemon has replayed a layer's traced names into a new mount.
+fn replays(stack: &Stack) -> usize {
+    stack
+        .lazysnap_log()
+        .matches("replayed the layer's traced names")
+        .count()
 }
 
 #[test]
