@@ -90,6 +90,7 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
         ("DIGEST", Align::Left),
         ("ENTRIES", Align::Right),
         ("BYTES", Align::Right),
+        ("NAMES", Align::Right),
         ("MOUNTS", Align::Right),
         ("UPDATED", Align::Left),
     ]);
@@ -98,6 +99,7 @@ fn ls(args: LsArgs) -> anyhow::Result<()> {
             output::short_digest(&s.digest),
             s.entries.to_string(),
             output::human_bytes(s.bytes),
+            s.names.to_string(),
             s.mounts.to_string(),
             output::relative_time(s.updated_unix_ms, now_ms),
         ]);
@@ -143,13 +145,14 @@ fn render_show(trace: &TraceShowResponse, now_ms: u64) -> String {
     text
 }
 
-/// `trace of DIGEST: N entries (SIZE) from M mounts, updated WHEN`.
+/// `trace of DIGEST: N entries (SIZE) and K names from M mounts, updated WHEN`.
 fn describe(s: &TraceSummary, now_ms: u64) -> String {
     format!(
-        "trace of {}: {} entries ({}) from {} mounts, updated {}",
+        "trace of {}: {} entries ({}) and {} names from {} mounts, updated {}",
         s.digest,
         s.entries,
         output::human_bytes(s.bytes),
+        s.names,
         s.mounts,
         output::relative_time(s.updated_unix_ms, now_ms)
     )
@@ -219,6 +222,7 @@ mod tests {
                 bytes: 3 << 16,
                 mounts: 1,
                 updated_unix_ms: 1_000,
+                names: 5,
             }),
             entries: vec![
                 TraceEntry {
@@ -249,6 +253,7 @@ mod tests {
                     "bytes": 196_608,
                     "mounts": 1,
                     "updated_unix_ms": 1_000,
+                    "names": 5,
                 },
                 "entries": [
                     {"path": "usr/bin/python3", "offset": 0, "bytes": 65_536, "since_mount_ms": 7},
@@ -263,7 +268,7 @@ mod tests {
         let text = render_show(&sample(), 61_000);
         assert_eq!(
             text,
-            "trace of sha256:abc: 2 entries (192.0 KiB) from 1 mounts, updated 1m ago\n\
+            "trace of sha256:abc: 2 entries (192.0 KiB) and 5 names from 1 mounts, updated 1m ago\n\
              \n\
              #  PATH             OFFSET      BYTES  SINCE MOUNT\n\
              1  usr/bin/python3       0   64.0 KiB         7 ms\n\

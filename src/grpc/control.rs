@@ -53,6 +53,7 @@ fn summary(trace: &Trace) -> pb::TraceSummary {
         bytes: trace.bytes(),
         mounts: trace.mounts,
         updated_unix_ms: trace.updated_unix_ms,
+        names: trace.names.len() as u64,
     }
 }
 
