@@ -155,9 +155,19 @@ fn a_trace_from_another_node_cuts_the_reads_that_wait_on_the_registry() {
     for file in &exported {
         let imported = stack.cli_json(&["trace", "import", &file.display().to_string()]);
         assert!(number(&imported["summary"], "entries") > 0, "{imported}");
+        assert!(
+            number(&imported["summary"], "names") > 0,
+            "the names node A's kernel asked travel with the trace: {imported}"
+        );
     }
+    let replays_before = replays(&stack);
     stack.rpull(&lazy);
     wait_until_prefetched(&stack);
+    stack.eventually(
+        "node B's mounts to replay node A's names",
+        Duration::from_secs(30),
+        || replays(&stack) > replays_before,
+    );
     let (out, warm_time) = run_python(&stack, &lazy, "with-trace");
     assert_eq!(out.trim(), "1");
     let traced = stats(&stack);

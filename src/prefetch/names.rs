@@ -57,8 +57,16 @@ pub fn replay(root: &Path, names: &[NameEntry], budget: Duration) -> Replayed {
         match ask(&root, name) {
             Ok(()) => done.found += 1,
             // Missing, or not a directory on the way: the kernel keeps that answer too. A
-            // path that would leave the root (EXDEV, ELOOP) is refused and skipped.
-            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV | Errno::EINVAL) => {}
+            // path that would leave the root (EXDEV, ELOOP) or that no name could have
+            // (ENAMETOOLONG) is refused and skipped.
+            Err(
+                Errno::ENOENT
+                | Errno::ENOTDIR
+                | Errno::ELOOP
+                | Errno::EXDEV
+                | Errno::EINVAL
+                | Errno::ENAMETOOLONG,
+            ) => {}
             // Anything else (the mount gone, EIO, no openat2) will not get better.
             Err(e) => {
                 done.stopped = Some(format!("{:?} of {:?}: {e}", name.op, name.path));
