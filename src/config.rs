@@ -214,9 +214,9 @@ pub struct PrefetchConfig {
     /// The most chunks one layer's trace keeps. Default 100000.
     pub max_trace_entries: usize,
     /// The most names (lookups, directory listings, symlink reads) one layer's trace keeps.
-    /// The next mount of the layer asks them itself before a container does, so the kernel
-    /// answers the container's from its caches instead of a round trip to the daemon each.
-    /// 0 records and replays none. Default 16384.
+    /// The next mount of the layer asks them itself before a container does (with `enabled`),
+    /// so the kernel answers the container's from its caches instead of a round trip to the
+    /// daemon each. 0 records and replays none. Default 16384.
     pub max_trace_names: usize,
     /// Range requests prefetch may have in flight at once, over all layers. Default 4.
     pub concurrency: usize,

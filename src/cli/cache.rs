@@ -413,8 +413,9 @@ mod tests {
         })
         .expect("serialize");
         let object = json.as_object().expect("object");
-        assert_eq!(object.len(), 18);
+        assert_eq!(object.len(), 19);
         assert_eq!(json["disk_chunks"], 0);
+        assert_eq!(json["name_requests"], 0);
         assert_eq!(json["disk_used_bytes"], 123);
         assert_eq!(json["hit_ratio"], 0.5);
         assert_eq!(json["demand_network_reads"], 0);

@@ -395,6 +395,48 @@ mod tests {
         }
     }
 
+    fn recorded(op: NameOp, ino: u64, name: &[u8]) -> RecordedName {
+        RecordedName {
+            op,
+            ino,
+            name: name.into(),
+            since_mount_ms: 3,
+        }
+    }
+
+    #[test]
+    fn a_recorded_name_becomes_the_path_it_is_about() {
+        let paths: HashMap<u64, String> = [(2, "usr".to_owned()), (3, "usr/lib".to_owned())].into();
+        let path = |n: RecordedName| name_entry(n, &paths).map(|e| (e.path, e.op));
+        assert_eq!(
+            path(recorded(NameOp::Lookup, ROOT, b"etc")),
+            Some(("etc".to_owned(), NameOp::Lookup))
+        );
+        assert_eq!(
+            path(recorded(NameOp::Lookup, 3, b"libc.so.6")),
+            Some(("usr/lib/libc.so.6".to_owned(), NameOp::Lookup))
+        );
+        assert_eq!(
+            path(recorded(NameOp::List, 2, b"")),
+            Some(("usr".to_owned(), NameOp::List))
+        );
+        assert_eq!(
+            path(recorded(NameOp::List, ROOT, b"")),
+            None,
+            "the root has no path"
+        );
+        assert_eq!(
+            path(recorded(NameOp::Lookup, 3, b"\xff")),
+            None,
+            "not UTF-8"
+        );
+        assert_eq!(
+            path(recorded(NameOp::Readlink, 9, b"")),
+            None,
+            "an inode without a path"
+        );
+    }
+
     #[test]
     fn later_parts_of_a_span_join_the_batch_that_has_its_first() {
         // Span A's first part, 4 MiB of other spans (a batch full), then span A's later part

@@ -3,7 +3,7 @@
 //! (lookups, listings, symlink reads). Cheap on the request path: one lock and one set
 //! lookup per chunk or name while the window is open, one atomic load after it closes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -56,7 +56,9 @@ struct State {
     seen: HashSet<(u64, u64)>,
     /// Recorded since the last `take`.
     fresh: Vec<Recorded>,
-    seen_names: HashSet<(NameOp, u64, Box<[u8]>)>,
+    /// Names seen, by request and inode (so a name seen before costs no allocation).
+    seen_names: HashMap<(NameOp, u64), HashSet<Box<[u8]>>>,
+    names_seen: usize,
     /// Recorded since the last `take_names`.
     fresh_names: Vec<RecordedName>,
 }
@@ -74,16 +76,24 @@ impl ReadRecorder {
         }
     }
 
-    /// Notes that a container read `chunks` of file `ino`.
-    pub fn record(&self, ino: u64, chunks: &[ChunkSpec]) {
+    /// The time since the mount while the window is open; closes it once it has passed.
+    fn open_for(&self) -> Option<Duration> {
         if self.closed.load(Ordering::Relaxed) {
-            return;
+            return None;
         }
         let elapsed = self.started.elapsed();
         if elapsed > self.window {
             self.closed.store(true, Ordering::Relaxed);
-            return;
+            return None;
         }
+        Some(elapsed)
+    }
+
+    /// Notes that a container read `chunks` of file `ino`.
+    pub fn record(&self, ino: u64, chunks: &[ChunkSpec]) {
+        let Some(elapsed) = self.open_for() else {
+            return;
+        };
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for chunk in chunks {
             if state.seen.len() >= self.max {
@@ -103,27 +113,28 @@ impl ReadRecorder {
 
     /// Notes that the kernel asked `op` of `ino` (and `name`, for a lookup).
     pub fn record_name(&self, op: NameOp, ino: u64, name: &[u8]) {
-        if self.max_names == 0 || self.closed.load(Ordering::Relaxed) {
+        if self.max_names == 0 {
             return;
         }
-        let elapsed = self.started.elapsed();
-        if elapsed > self.window {
-            self.closed.store(true, Ordering::Relaxed);
+        let Some(elapsed) = self.open_for() else {
             return;
-        }
+        };
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.seen_names.len() >= self.max_names {
+        if state.names_seen >= self.max_names {
             return;
         }
-        let name: Box<[u8]> = name.into();
-        if state.seen_names.insert((op, ino, name.clone())) {
-            state.fresh_names.push(RecordedName {
-                op,
-                ino,
-                name,
-                since_mount_ms: elapsed.as_millis() as u64,
-            });
+        let seen = state.seen_names.entry((op, ino)).or_default();
+        if seen.contains(name) {
+            return;
         }
+        seen.insert(name.into());
+        state.names_seen += 1;
+        state.fresh_names.push(RecordedName {
+            op,
+            ino,
+            name: name.into(),
+            since_mount_ms: elapsed.as_millis() as u64,
+        });
     }
 
     /// The names recorded since the last call.
