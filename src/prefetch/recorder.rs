@@ -209,12 +209,9 @@ mod tests {
         r.record_name(NameOp::List, 2, b"");
         r.record_name(NameOp::Lookup, 2, b"lib");
         r.record_name(NameOp::Readlink, 9, b"");
-        let got: Vec<(NameOp, u64, &[u8])> = Vec::new();
         let taken = r.take_names();
-        let got = taken.iter().fold(got, |mut v, n| {
-            v.push((n.op, n.ino, &n.name[..]));
-            v
-        });
+        let got: Vec<(NameOp, u64, &[u8])> =
+            taken.iter().map(|n| (n.op, n.ino, &n.name[..])).collect();
         assert_eq!(
             got,
             [
