@@ -33,7 +33,7 @@ use tracing::debug;
 
 use crate::backing::{Backings, Mode};
 use crate::failures::{FailureKind, ReadFailures};
-use crate::{Attr, FileKind, Ino, LayerSource, SourceError};
+use crate::{Attr, FileKind, Ino, LayerSource, NameRequest, SourceError};
 
 /// How many background requests (readahead) the kernel sends at a time; it queues the rest
 /// unsent. With fuser's 16, sixteen reads waiting on a registry hold up reads of every other
@@ -345,6 +345,8 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = Ino(parent.0);
+        self.source
+            .kernel_asked(NameRequest::Lookup { parent, name });
         match self.source.lookup(parent, name) {
             Ok(attr) => {
                 if attr.kind == FileKind::Directory {
@@ -371,6 +373,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let ino = Ino(ino.0);
+        self.source.kernel_asked(NameRequest::Readlink(ino));
         match self.source.readlink(ino) {
             Ok(target) => reply.data(target.as_bytes()),
             Err(err) => reply.error(errno(&err, "readlink", ino)),
@@ -528,6 +531,9 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         mut reply: ReplyDirectoryPlus,
     ) {
         let dir = Ino(ino.0);
+        if offset == 0 {
+            self.source.kernel_asked(NameRequest::List(dir));
+        }
         match self.fill_dir_plus(dir, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(&err, "readdirplus", dir)),
@@ -543,6 +549,9 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         mut reply: ReplyDirectory,
     ) {
         let dir = Ino(ino.0);
+        if offset == 0 {
+            self.source.kernel_asked(NameRequest::List(dir));
+        }
         match self.fill_dir(dir, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(err) => reply.error(errno(&err, "readdir", dir)),

@@ -38,4 +38,4 @@ pub use error::{MountError, SourceError};
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{MemorySource, Meta};
 pub use mount::{detach_mount, mount, take_over, MountHandle, MountOptions};
-pub use source::{Attr, Device, DirEntry, FileKind, Ino, LayerSource};
+pub use source::{Attr, Device, DirEntry, FileKind, Ino, LayerSource, NameRequest};

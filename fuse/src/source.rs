@@ -117,6 +117,23 @@ pub struct DirEntry<'a> {
     pub name: &'a OsStr,
 }
 
+/// A request about a name that the kernel brought to the filesystem because its caches could
+/// not answer it (see [`LayerSource::kernel_asked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameRequest<'a> {
+    /// `name` looked up in directory `parent`, found or not.
+    Lookup {
+        /// The directory looked in.
+        parent: Ino,
+        /// The name looked for.
+        name: &'a OsStr,
+    },
+    /// The directory listed, from its start.
+    List(Ino),
+    /// The symlink whose target was read.
+    Readlink(Ino),
+}
+
 /// An immutable directory tree that a FUSE mount presents read-only.
 ///
 /// Metadata calls are synchronous and must be fast (an in-memory index): they run on the FUSE
@@ -164,6 +181,13 @@ pub trait LayerSource: Send + Sync + 'static {
     /// # Errors
     /// [`SourceError::NotSymlink`] if `ino` is not a symlink.
     fn readlink(&self, ino: Ino) -> Result<OsString, SourceError>;
+
+    /// Told of each lookup, listing (from its start) and symlink read the kernel brings to
+    /// the mount, before it is answered, so a source can count or record what the kernel
+    /// could not answer from its caches. The filesystem's own calls of the source (looking
+    /// for a file to open at mount) are not told. Called on the dispatch thread: it must be
+    /// quick. By default it does nothing.
+    fn kernel_asked(&self, _request: NameRequest<'_>) {}
 
     /// The names of the extended attributes of an inode, e.g. `trusted.overlay.opaque` on an
     /// opaque directory.

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{pattern, Mounted};
-use lazysnap_fuse::{Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError};
+use lazysnap_fuse::{Ino, LayerSource, MemorySource, Meta, MountOptions, NameRequest, SourceError};
+use std::sync::Mutex;
 
 /// A [`MemorySource`] that counts the listings and reads it serves.
 struct Counting {
@@ -20,6 +21,8 @@ struct Counting {
     listings: AtomicUsize,
     reads: AtomicUsize,
     largest_read: AtomicUsize,
+    /// What the kernel asked of names, in order.
+    asked: Mutex<Vec<String>>,
 }
 
 impl LayerSource for Counting {
@@ -42,6 +45,17 @@ impl LayerSource for Counting {
         self.largest_read.fetch_max(len as usize, Ordering::SeqCst);
         self.inner.read(ino, offset, len).await
     }
+
+    fn kernel_asked(&self, request: NameRequest<'_>) {
+        let said = match request {
+            NameRequest::Lookup { parent, name } => {
+                format!("lookup {} {}", parent.0, name.to_string_lossy())
+            }
+            NameRequest::List(dir) => format!("list {}", dir.0),
+            NameRequest::Readlink(ino) => format!("readlink {}", ino.0),
+        };
+        self.asked.lock().expect("asked").push(said);
+    }
 }
 
 fn mounted() -> (Arc<Counting>, Mounted) {
@@ -56,11 +70,13 @@ fn mounted() -> (Arc<Counting>, Mounted) {
         );
     }
     src.file(Ino::ROOT, "big", Meta::new(0o644), pattern(1 << 20));
+    src.symlink(Ino::ROOT, "link", Meta::new(0o777), "big");
     let src = Arc::new(Counting {
         inner: src,
         listings: AtomicUsize::new(0),
         reads: AtomicUsize::new(0),
         largest_read: AtomicUsize::new(0),
+        asked: Mutex::default(),
     });
     let m = Mounted::new(Arc::clone(&src), MountOptions::default());
     (src, m)
@@ -117,6 +133,42 @@ fn listings_stay_cached_across_opens_the_kernel_makes_itself() {
         fs::read_to_string(m.path("dir/f3")).expect("read"),
         "file 3\n"
     );
+}
+
+#[test]
+fn the_source_is_told_of_each_name_request_the_kernel_brings_and_of_no_other() {
+    let (src, m) = mounted();
+    let asked = |src: &Counting| std::mem::take(&mut *src.asked.lock().expect("asked"));
+    // The mount listed the tree itself to find a file to open, which the source is not told
+    // of; the open went through the kernel, whose lookup it is told of.
+    assert!(
+        src.listings.load(Ordering::SeqCst) > 0,
+        "the mount's own look"
+    );
+    let at_mount = asked(&src);
+    assert!(
+        at_mount.iter().all(|s| s.starts_with("lookup 1 ")),
+        "{at_mount:?}"
+    );
+    assert!(fs::symlink_metadata(m.path("dir/missing")).is_err());
+    assert_eq!(asked(&src), ["lookup 1 dir", "lookup 2 missing"]);
+    assert_eq!(fs::read_dir(m.path("dir")).expect("read_dir").count(), 20);
+    assert_eq!(
+        fs::read_link(m.path("link")).expect("readlink"),
+        std::path::Path::new("big")
+    );
+    let said = asked(&src);
+    assert_eq!(said.first().map(String::as_str), Some("list 2"), "{said:?}");
+    assert!(said.iter().any(|s| s == "lookup 1 link"), "{said:?}");
+    assert!(
+        said.last().is_some_and(|s| s.starts_with("readlink ")),
+        "{said:?}"
+    );
+    // Answered from the kernel's caches now: the source hears nothing.
+    assert!(fs::symlink_metadata(m.path("dir/missing")).is_err());
+    let _ = fs::read_dir(m.path("dir")).expect("read_dir").count();
+    let _ = fs::read_link(m.path("link")).expect("readlink");
+    assert_eq!(asked(&src), Vec::<String>::new());
 }
 
 #[test]

@@ -107,18 +107,6 @@ impl IndexSource {
         );
     }
 
-    /// Counts a name request the kernel could not answer from its caches, and shows it to
-    /// the recorder.
-    fn asked(&self, op: NameOp, ino: Ino, name: &[u8]) {
-        self.reader
-            .counters()
-            .name_requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(recorder) = &self.recorder {
-            recorder.record_name(op, ino.0, name);
-        }
-    }
-
     fn node(&self, ino: Ino) -> Result<&Node, SourceError> {
         self.index.node(ino.0).ok_or(SourceError::NotFound)
     }
@@ -166,9 +154,6 @@ impl fuse::LayerSource for IndexSource {
         if self.node(parent)?.kind != NodeKind::Dir {
             return Err(SourceError::NotDirectory);
         }
-        // Found or not: a name missing here is one overlayfs asks of every layer above the
-        // one that has it, and the kernel keeps that answer too.
-        self.asked(NameOp::Lookup, parent, name.as_bytes());
         let ino = self
             .index
             .lookup(parent.0, name)
@@ -180,6 +165,26 @@ impl fuse::LayerSource for IndexSource {
         self.attr(ino)
     }
 
+    /// Counts the request and shows it to the recorder. A lookup counts found or not: a name
+    /// missing here is one overlayfs asks of every layer above the one that has it, and the
+    /// kernel keeps that answer too.
+    fn kernel_asked(&self, request: fuse::NameRequest<'_>) {
+        self.reader
+            .counters()
+            .name_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        match request {
+            fuse::NameRequest::Lookup { parent, name } => {
+                recorder.record_name(NameOp::Lookup, parent.0, name.as_bytes())
+            }
+            fuse::NameRequest::List(dir) => recorder.record_name(NameOp::List, dir.0, b""),
+            fuse::NameRequest::Readlink(ino) => recorder.record_name(NameOp::Readlink, ino.0, b""),
+        }
+    }
+
     fn readdir(
         &self,
         dir: Ino,
@@ -189,9 +194,6 @@ impl fuse::LayerSource for IndexSource {
         let node = self.node(dir)?;
         if node.kind != NodeKind::Dir {
             return Err(SourceError::NotDirectory);
-        }
-        if offset == 0 {
-            self.asked(NameOp::List, dir, b"");
         }
         for (name, child) in node.children.iter().skip(offset as usize) {
             let kind = self
@@ -215,7 +217,6 @@ impl fuse::LayerSource for IndexSource {
         if node.kind != NodeKind::Symlink {
             return Err(SourceError::NotSymlink);
         }
-        self.asked(NameOp::Readlink, ino, b"");
         Ok(OsStr::from_bytes(&node.link_target).to_owned())
     }
 
