@@ -553,11 +553,51 @@ fn a_layer_mounted_again_brings_its_traced_files_into_memory_before_the_containe
         "{}",
         stack.diagnostics()
     );
+    // Without passthrough (the default) the container reads through the mount's own page
+    // cache: the mount asks the kernel to read the traced bytes ahead through itself.
+    stack.eventually(
+        "the mount to read its stored traced bytes ahead",
+        Duration::from_secs(30),
+        || {
+            stack
+                .lazysnap_log()
+                .contains("asked the kernel to read the layer's stored traced bytes ahead")
+        },
+    );
+    let mut mounted = 0;
+    stack.eventually(
+        "the traced file to be in the mount's page cache",
+        Duration::from_secs(30),
+        || {
+            mounted = mountpoints(&stack).iter().map(|m| resident_bytes(m)).sum();
+            mounted >= (SIZE as u64) * 9 / 10
+        },
+    );
+    let served_before = number(&stats(&stack), "served_bytes");
     let out = stack.run("lazysnap", &lazy, "second", "sha256sum < /data/file.bin");
     assert!(out.starts_with(&expected), "{out}");
+    let after = stats(&stack);
+    let served = number(&after, "served_bytes") - served_before;
+    eprintln!("mounted file bytes in memory before the second start: {mounted}; bytes the daemon served to it: {served}");
+    assert!(
+        served < (SIZE as u64) / 10,
+        "the second start read the traced file from the kernel's cache, not from the daemon: {served} bytes served"
+    );
     assert_eq!(
-        number(&stats(&stack), "fetched_bytes"),
+        number(&after, "fetched_bytes"),
         fetched_before,
         "nothing came from the registry again"
     );
+}
+
+/// The mountpoints of the daemon's lazy mounts.
+fn mountpoints(stack: &Stack) -> Vec<std::path::PathBuf> {
+    stack.cli_json(&["mounts"])["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["mountpoint"].as_str())
+        .filter(|m| !m.is_empty())
+        .map(std::path::PathBuf::from)
+        .collect()
 }

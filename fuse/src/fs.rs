@@ -467,11 +467,15 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             });
         };
         if S::READS_LOCALLY {
-            self.runtime
-                .spawn_blocking(move || match source.read_local(ino, offset, len) {
-                    Some(result) => answer.send(result),
-                    None => read_async(source, answer),
-                });
+            let job = Box::new(move || match source.read_local(ino, offset, len) {
+                Some(result) => answer.send(result),
+                None => read_async(source, answer),
+            });
+            // On the fixed set of local-read threads (bounded memory), or, should none have
+            // started, on the runtime's blocking pool rather than not at all.
+            if let Err(job) = crate::local_reads::submit(job) {
+                self.runtime.spawn_blocking(job);
+            }
         } else {
             read_async(source, answer);
         }

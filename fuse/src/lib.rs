@@ -28,6 +28,7 @@ mod connection;
 pub mod error;
 mod failures;
 mod fs;
+mod local_reads;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 mod mount;

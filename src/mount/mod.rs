@@ -398,16 +398,25 @@ impl LazyLayers {
                 let trace = self.traces.load(digest);
                 // A connection taken over keeps the kernel's caches it had; a new mount
                 // starts with none.
-                if let Some(names) = trace
-                    .as_ref()
-                    .filter(|_| !taken_over && prefetch.max_trace_names > 0)
-                    .map(|t| t.names.clone())
-                    .filter(|n| !n.is_empty())
-                {
-                    set.spawn_on(
-                        replay_names(digest.clone(), mountpoint.to_path_buf(), names),
-                        &self.runtime,
-                    );
+                if let Some(trace) = trace.as_ref().filter(|_| !taken_over) {
+                    let names = if prefetch.max_trace_names > 0 {
+                        trace.names.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    // With passthrough, reads of stored files never reach this mount's page
+                    // cache: `after_mount` warms the store's files instead.
+                    let ranges = if self.options.passthrough {
+                        Vec::new()
+                    } else {
+                        stored_ranges(trace, &index, &reader, prefetch.preload_bytes)
+                    };
+                    if !names.is_empty() || !ranges.is_empty() {
+                        set.spawn_on(
+                            replay_trace(digest.clone(), mountpoint.to_path_buf(), names, ranges),
+                            &self.runtime,
+                        );
+                    }
                 }
                 activity.set(Activity::Prefetching);
                 let after = crate::prefetch::after_mount(
@@ -471,29 +480,86 @@ impl LazyLayers {
 
 /// The longest a replay of a trace's names may take. A name costs one round trip to our
 /// own FUSE thread (tens of microseconds), so a full trace of 16384 takes well under a
-/// second; the bound holds whatever the configuration and the machine.
+/// second; the bound holds whatever the configuration and the machine. Warming the page
+/// cache afterwards has a budget of its own, as long.
 const NAME_REPLAY_BUDGET: Duration = Duration::from_secs(5);
 
+/// The traced ranges of `trace` the store holds already, in trace order, up to `max_bytes`:
+/// what warming a mount without passthrough may read without a request to the registry.
+fn stored_ranges(
+    trace: &crate::prefetch::Trace,
+    index: &LayerIndex,
+    reader: &LayerReader,
+    max_bytes: u64,
+) -> Vec<crate::prefetch::warm::Range> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for entry in &trace.entries {
+        let Some(ino) = index.resolve(&entry.path) else {
+            continue;
+        };
+        let end = entry.offset.saturating_add(entry.bytes);
+        let chunks = index.chunks_for(ino, entry.offset, end);
+        if chunks.is_empty() || !reader.is_cached(chunks) {
+            continue;
+        }
+        if bytes.saturating_add(entry.bytes) > max_bytes {
+            break;
+        }
+        bytes += entry.bytes;
+        out.push(crate::prefetch::warm::Range {
+            path: entry.path.clone(),
+            offset: entry.offset,
+            len: entry.bytes,
+        });
+    }
+    out
+}
+
 /// Replays the layer's traced names through its new mount (`prefetch::names`), so the
-/// kernel holds the answers before a container asks. Logs what it did; a failure costs
-/// speed only.
-async fn replay_names(digest: String, mountpoint: PathBuf, names: Vec<crate::prefetch::NameEntry>) {
+/// kernel holds the answers before a container asks, then asks the kernel to read ahead the
+/// traced bytes already stored (`prefetch::warm`; empty with passthrough). Logs what it did;
+/// a failure costs speed only.
+async fn replay_trace(
+    digest: String,
+    mountpoint: PathBuf,
+    names: Vec<crate::prefetch::NameEntry>,
+    ranges: Vec<crate::prefetch::warm::Range>,
+) {
     let started = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
-        crate::prefetch::names::replay(&mountpoint, &names, NAME_REPLAY_BUDGET)
+        let replayed = (!names.is_empty())
+            .then(|| crate::prefetch::names::replay(&mountpoint, &names, NAME_REPLAY_BUDGET));
+        let warmed = (!ranges.is_empty())
+            .then(|| crate::prefetch::warm::warm(&mountpoint, &ranges, NAME_REPLAY_BUDGET));
+        (replayed, warmed)
     })
     .await;
     match done {
-        Ok(done) => tracing::info!(
-            layer = %digest,
-            asked = done.asked,
-            found = done.found,
-            stopped = done.stopped.as_deref().unwrap_or(""),
-            elapsed = ?started.elapsed(),
-            "replayed the layer's traced names"
-        ),
+        Ok((replayed, warmed)) => {
+            if let Some(done) = replayed {
+                tracing::info!(
+                    layer = %digest,
+                    asked = done.asked,
+                    found = done.found,
+                    stopped = done.stopped.as_deref().unwrap_or(""),
+                    elapsed = ?started.elapsed(),
+                    "replayed the layer's traced names"
+                );
+            }
+            if let Some(done) = warmed {
+                tracing::info!(
+                    layer = %digest,
+                    ranges = done.ranges,
+                    bytes = done.bytes,
+                    stopped = done.stopped.as_deref().unwrap_or(""),
+                    elapsed = ?started.elapsed(),
+                    "asked the kernel to read the layer's stored traced bytes ahead"
+                );
+            }
+        }
         Err(e) => {
-            tracing::warn!(layer = %digest, error = %e, "replaying the layer's traced names failed")
+            tracing::warn!(layer = %digest, error = %e, "replaying the layer's trace failed")
         }
     }
 }

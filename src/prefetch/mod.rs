@@ -12,6 +12,7 @@ pub mod names;
 pub mod readahead;
 pub mod recorder;
 pub mod trace;
+pub mod warm;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};

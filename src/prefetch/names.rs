@@ -37,11 +37,7 @@ pub struct Replayed {
 pub fn replay(root: &Path, names: &[NameEntry], budget: Duration) -> Replayed {
     let started = Instant::now();
     let mut done = Replayed::default();
-    let root = match nix::fcntl::open(
-        root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    ) {
+    let root = match open_root(root) {
         Ok(fd) => fd,
         Err(e) => {
             done.stopped = Some(format!("open {}: {e}", root.display()));
@@ -59,14 +55,7 @@ pub fn replay(root: &Path, names: &[NameEntry], budget: Duration) -> Replayed {
             // Missing, or not a directory on the way: the kernel keeps that answer too. A
             // path that would leave the root (EXDEV, ELOOP) or that no name could have
             // (ENAMETOOLONG) is refused and skipped.
-            Err(
-                Errno::ENOENT
-                | Errno::ENOTDIR
-                | Errno::ELOOP
-                | Errno::EXDEV
-                | Errno::EINVAL
-                | Errno::ENAMETOOLONG,
-            ) => {}
+            Err(e) if skippable(e) => {}
             // Anything else (the mount gone, EIO, no openat2) will not get better.
             Err(e) => {
                 done.stopped = Some(format!("{:?} of {:?}: {e}", name.op, name.path));
@@ -77,28 +66,51 @@ pub fn replay(root: &Path, names: &[NameEntry], budget: Duration) -> Replayed {
     done
 }
 
-/// One request, as the kernel would get it from a container.
-fn ask(root: &OwnedFd, name: &NameEntry) -> Result<(), Errno> {
-    // Beneath the root only, no symlink followed on the way or at the end, no mount crossed:
-    // the traced paths go through directories of this layer only (overlayfs resolves
-    // symlinks above the layers), so this loses nothing and a hostile path gets nowhere.
+/// The mount root, for [`open_beneath`].
+pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+}
+
+/// Opens a traced `path` beneath `root` only, following no symlink on the way or at the end
+/// and crossing no mount: the traced paths go through directories of this layer only
+/// (overlayfs resolves symlinks above the layers), so this loses nothing and a hostile path
+/// gets nowhere.
+pub(crate) fn open_beneath(root: &OwnedFd, path: &str, flags: OFlag) -> Result<OwnedFd, Errno> {
     let resolve = ResolveFlag::RESOLVE_BENEATH
         | ResolveFlag::RESOLVE_NO_SYMLINKS
         | ResolveFlag::RESOLVE_NO_XDEV;
-    let how = |flags: OFlag| {
-        OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-            .resolve(resolve)
-    };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(resolve);
+    openat2(root.as_fd(), path, how)
+}
+
+/// Errors that say a traced path names nothing here (missing, not a directory on the way)
+/// or one that is refused (it would leave the root, or no name could be that long): the
+/// path is skipped. Anything else (the mount gone, EIO, no `openat2`) will not get better.
+pub(crate) fn skippable(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::ENOENT
+            | Errno::ENOTDIR
+            | Errno::ELOOP
+            | Errno::EXDEV
+            | Errno::EINVAL
+            | Errno::ENAMETOOLONG
+    )
+}
+
+/// One request, as the kernel would get it from a container.
+fn ask(root: &OwnedFd, name: &NameEntry) -> Result<(), Errno> {
     match name.op {
         // An O_PATH open looks every part up and opens nothing (no OPEN to the daemon).
-        NameOp::Lookup => openat2(root.as_fd(), name.path.as_str(), how(OFlag::O_PATH)).map(drop),
+        NameOp::Lookup => open_beneath(root, &name.path, OFlag::O_PATH).map(drop),
         NameOp::List => {
-            let fd = openat2(
-                root.as_fd(),
-                name.path.as_str(),
-                how(OFlag::O_RDONLY | OFlag::O_DIRECTORY),
-            )?;
+            let fd = open_beneath(root, &name.path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
             let mut dir = nix::dir::Dir::from_fd(fd)?;
             // Reading to the end is what leaves the whole listing in the kernel's cache; a
             // listing is as long as the layer's index says, which bounds it.
@@ -108,7 +120,7 @@ fn ask(root: &OwnedFd, name: &NameEntry) -> Result<(), Errno> {
             Ok(())
         }
         NameOp::Readlink => {
-            let fd = openat2(root.as_fd(), name.path.as_str(), how(OFlag::O_PATH))?;
+            let fd = open_beneath(root, &name.path, OFlag::O_PATH)?;
             nix::fcntl::readlinkat(fd.as_fd(), "").map(drop)
         }
     }
