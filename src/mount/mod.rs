@@ -406,14 +406,16 @@ impl LazyLayers {
                     };
                     // With passthrough, reads of stored files never reach this mount's page
                     // cache: `after_mount` warms the store's files instead.
-                    let ranges = if self.options.passthrough {
-                        Vec::new()
-                    } else {
-                        stored_ranges(trace, &index, &reader, prefetch.preload_bytes)
-                    };
-                    if !names.is_empty() || !ranges.is_empty() {
+                    let warm =
+                        (!self.options.passthrough && prefetch.preload_bytes > 0).then(|| Warm {
+                            entries: trace.entries.clone(),
+                            index: index.clone(),
+                            reader: reader.clone(),
+                            max_bytes: prefetch.preload_bytes,
+                        });
+                    if !names.is_empty() || warm.is_some() {
                         set.spawn_on(
-                            replay_trace(digest.clone(), mountpoint.to_path_buf(), names, ranges),
+                            replay_trace(digest.clone(), mountpoint.to_path_buf(), names, warm),
                             &self.runtime,
                         );
                     }
@@ -484,54 +486,62 @@ impl LazyLayers {
 /// cache afterwards has a budget of its own, as long.
 const NAME_REPLAY_BUDGET: Duration = Duration::from_secs(5);
 
-/// The traced ranges of `trace` the store holds already, in trace order, up to `max_bytes`:
-/// what warming a mount without passthrough may read without a request to the registry.
-fn stored_ranges(
-    trace: &crate::prefetch::Trace,
-    index: &LayerIndex,
-    reader: &LayerReader,
+/// What warming a mount's page cache needs: its trace's chunks, and where to look them up.
+struct Warm {
+    entries: Vec<crate::prefetch::TraceEntry>,
+    index: Arc<LayerIndex>,
+    reader: Arc<LayerReader>,
     max_bytes: u64,
-) -> Vec<crate::prefetch::warm::Range> {
-    let mut out = Vec::new();
-    let mut bytes = 0u64;
-    for entry in &trace.entries {
-        let Some(ino) = index.resolve(&entry.path) else {
-            continue;
-        };
-        let end = entry.offset.saturating_add(entry.bytes);
-        let chunks = index.chunks_for(ino, entry.offset, end);
-        if chunks.is_empty() || !reader.is_cached(chunks) {
-            continue;
+}
+
+impl Warm {
+    /// The traced ranges the store holds already, in trace order, up to `max_bytes`: what
+    /// may be read through the mount without a request to the registry. Blocking (the
+    /// store's index, for each of up to `[prefetch] max_trace_entries`).
+    fn stored_ranges(&self) -> Vec<crate::prefetch::warm::Range> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for entry in &self.entries {
+            let Some(ino) = self.index.resolve(&entry.path) else {
+                continue;
+            };
+            let end = entry.offset.saturating_add(entry.bytes);
+            let chunks = self.index.chunks_for(ino, entry.offset, end);
+            if chunks.is_empty() || !self.reader.is_cached(chunks) {
+                continue;
+            }
+            if bytes.saturating_add(entry.bytes) > self.max_bytes {
+                break;
+            }
+            bytes += entry.bytes;
+            out.push(crate::prefetch::warm::Range {
+                path: entry.path.clone(),
+                offset: entry.offset,
+                len: entry.bytes,
+            });
         }
-        if bytes.saturating_add(entry.bytes) > max_bytes {
-            break;
-        }
-        bytes += entry.bytes;
-        out.push(crate::prefetch::warm::Range {
-            path: entry.path.clone(),
-            offset: entry.offset,
-            len: entry.bytes,
-        });
+        out
     }
-    out
 }
 
 /// Replays the layer's traced names through its new mount (`prefetch::names`), so the
 /// kernel holds the answers before a container asks, then asks the kernel to read ahead the
-/// traced bytes already stored (`prefetch::warm`; empty with passthrough). Logs what it did;
+/// traced bytes already stored (`prefetch::warm`; `None` with passthrough). Logs what it did;
 /// a failure costs speed only.
 async fn replay_trace(
     digest: String,
     mountpoint: PathBuf,
     names: Vec<crate::prefetch::NameEntry>,
-    ranges: Vec<crate::prefetch::warm::Range>,
+    warm: Option<Warm>,
 ) {
     let started = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
         let replayed = (!names.is_empty())
             .then(|| crate::prefetch::names::replay(&mountpoint, &names, NAME_REPLAY_BUDGET));
-        let warmed = (!ranges.is_empty())
-            .then(|| crate::prefetch::warm::warm(&mountpoint, &ranges, NAME_REPLAY_BUDGET));
+        let warmed = warm
+            .map(|w| w.stored_ranges())
+            .filter(|ranges| !ranges.is_empty())
+            .map(|ranges| crate::prefetch::warm::warm(&mountpoint, &ranges, NAME_REPLAY_BUDGET));
         (replayed, warmed)
     })
     .await;
