@@ -20,7 +20,7 @@ use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
@@ -453,7 +453,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         let source = Arc::clone(&self.source);
         let deadline = self.config.read_timeout;
         let runtime = self.runtime.clone();
-        let read_async = move |source: Arc<S>, answer: Answer| {
+        let read_async = move |source: Arc<S>, answer: Answer, deadline: Duration| {
             // If the runtime is shutting down the task is dropped unrun, and so is the reply,
             // whose drop answers EIO: the reader is never left hanging.
             runtime.spawn(async move {
@@ -467,9 +467,21 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             });
         };
         if S::READS_LOCALLY {
-            let job = Box::new(move || match source.read_local(ino, offset, len) {
-                Some(result) => answer.send(result),
-                None => read_async(source, answer),
+            let queued = Instant::now();
+            let job = Box::new(move || {
+                // A read that waited its whole deadline behind others (a local disk that
+                // stalls) fails as an unanswered fetch would, rather than later still.
+                if queued.elapsed() >= deadline {
+                    return answer.fail(
+                        FailureKind::Timeout,
+                        format!("waited {deadline:?} for a thread to read local bytes"),
+                    );
+                }
+                match source.read_local(ino, offset, len) {
+                    Some(result) => answer.send(result),
+                    // What is left of the deadline: the reader has waited the rest already.
+                    None => read_async(source, answer, deadline.saturating_sub(queued.elapsed())),
+                }
             });
             // On the fixed set of local-read threads (bounded memory), or, should none have
             // started, on the runtime's blocking pool rather than not at all.
@@ -477,7 +489,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                 self.runtime.spawn_blocking(job);
             }
         } else {
-            read_async(source, answer);
+            read_async(source, answer, deadline);
         }
     }
 
