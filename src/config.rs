@@ -244,7 +244,8 @@ pub struct PrefetchConfig {
     /// stop depending on the registry. Default false.
     pub background_fetch: bool,
     /// Of the chunks a layer's trace names that are already on local disk, the most bytes
-    /// read ahead into the page cache when the layer is mounted, so that a container started
+    /// read ahead into the page cache when the layer is mounted (without passthrough, through
+    /// the mount itself, whose page cache the container reads), so that a container started
     /// again finds its files in memory, as it would right after a normal pull unpacked them.
     /// The kernel may drop them again under memory pressure. Default 256 MiB; 0 = off.
     pub preload_bytes: u64,
