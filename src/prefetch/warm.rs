@@ -5,7 +5,7 @@
 //! hundred of them one after another, on its critical path, where a start on overlayfs reads
 //! the disk directly. Asked ahead, the same bytes arrive as large asynchronous reads while
 //! containerd is still setting the container up. With passthrough the store's own files are
-//! warmed instead (`Store::preload`): reads of those never reach the mount's page cache.
+//! warmed instead (`ChunkStore::preload`): reads of those never reach the mount's page cache.
 //!
 //! Like `names`, this works on any directory through ordinary system calls, and every path
 //! (a trace's, possibly another node's) is resolved beneath the mount root.
