@@ -3,13 +3,16 @@
 //! repository next to it. Registry settings and credentials come from the config's
 //! `[registry]` section (docker config, hosts.toml), as for the daemon.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 
 use lazysnap::config::Config;
+use lazysnap::format::gzip_index::build::TracedRange;
 use lazysnap::layer::gzip_publish::{self, IndexOptions};
+use lazysnap::prefetch::trace::Trace;
 use lazysnap::registry::{self, Credentials, Reference, RegistryClient, Secret};
 
 #[derive(Debug, Args)]
@@ -40,15 +43,46 @@ pub struct IndexArgs {
         hide_env_values = true
     )]
     auth: Option<String>,
+    /// A read trace of one of the image's layers (`lazysnap trace export`, from a node that
+    /// ran the image): that layer's index gets a resume point before each range its
+    /// containers read first, so that those are fetched with little more than their own
+    /// bytes. Repeatable; the layer is read twice.
+    #[arg(long, value_name = "FILE")]
+    trace: Vec<PathBuf>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The traced ranges of each layer the documents at `paths` are traces of.
+fn traced_ranges(paths: &[PathBuf]) -> anyhow::Result<HashMap<String, Vec<TracedRange>>> {
+    let mut traced: HashMap<String, Vec<TracedRange>> = HashMap::new();
+    for path in paths {
+        let document =
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let trace = Trace::from_document(&document).with_context(|| {
+            format!(
+                "{} is not a trace from `lazysnap trace export`",
+                path.display()
+            )
+        })?;
+        traced
+            .entry(trace.layer)
+            .or_default()
+            .extend(trace.entries.into_iter().map(|e| TracedRange {
+                path: e.path,
+                offset: e.offset,
+                bytes: e.bytes,
+            }));
+    }
+    Ok(traced)
 }
 
 pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     config.validate()?;
     let reference = Reference::parse(&args.image)?;
+    let traced = traced_ranges(&args.trace)?;
     let client = RegistryClient::new(registry::RegistryConfig {
         request_timeout: config.registry.request_timeout,
         read_deadline: config.registry.read_deadline,
@@ -77,7 +111,9 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
         .context("start tokio runtime")?;
     let started = std::time::Instant::now();
     let report = runtime
-        .block_on(gzip_publish::index_image(&client, &reference, options))
+        .block_on(gzip_publish::index_image_traced(
+            &client, &reference, options, &traced,
+        ))
         .with_context(|| format!("indexing {}", args.image))?;
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -118,6 +154,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
                 "windows_digest": l.windows.as_ref().map(|w| registry::sha256_digest(w)),
                 "spans": l.spans,
                 "entries": l.entries,
+                "traced_points": l.traced_points,
                 "ms": l.took.as_millis() as u64,
             })
         })
@@ -136,8 +173,8 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     }
     println!("image manifest {}", report.manifest.digest);
     println!(
-        "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7}",
-        "LAYER", "SIZE", "INDEX", "SPANS", "ENTRIES", "MS"
+        "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7} {:>7}",
+        "LAYER", "SIZE", "INDEX", "SPANS", "ENTRIES", "TRACED", "MS"
     );
     for l in &report.layers {
         let index = match (&l.index, &l.skipped) {
@@ -146,12 +183,13 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
             (None, None) => "-".into(),
         };
         println!(
-            "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7}",
+            "{:<73} {:>12} {:>10} {:>6} {:>8} {:>7} {:>7}",
             l.digest,
             l.size,
             index,
             l.spans,
             l.entries,
+            l.traced_points,
             l.took.as_millis()
         );
     }

@@ -5,7 +5,8 @@
 //! adds it to the referrers tag schema's `sha256-<hex>` index, for registries without the
 //! OCI 1.1 referrers API. The image itself is never written.
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::io::{Read, Seek, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,8 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::gzip_lookup::{fallback_tag, image_manifest, LookupError};
-use crate::format::gzip_index::build::{self, BuildError};
+use crate::format::gzip_index::build::{self, BuildError, TracedRange};
+use crate::format::gzip_index::zran::Cuts;
 use crate::format::gzip_index::{
     ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1, LAYER_ANNOTATION,
     NOT_INDEXED_ANNOTATION, WINDOWS_MEDIA_TYPE,
@@ -52,6 +54,12 @@ pub enum PublishError {
     Task(String),
     #[error("encoding the index")]
     Encode(#[source] std::io::Error),
+    #[error("keeping layer {layer} in a temporary file for its second pass")]
+    Spool {
+        layer: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How to index.
@@ -88,6 +96,8 @@ pub struct LayerReport {
     pub skipped: Option<String>,
     pub spans: usize,
     pub entries: usize,
+    /// Resume points put before traced ranges (`--trace`).
+    pub traced_points: usize,
     pub took: Duration,
 }
 
@@ -118,6 +128,18 @@ pub async fn index_image(
     reference: &Reference,
     options: IndexOptions,
 ) -> Result<ImageReport, PublishError> {
+    index_image_traced(registry, reference, options, &HashMap::new()).await
+}
+
+/// [`index_image`], with resume points before the ranges `traced` lists per layer digest
+/// (what containers read first, from read traces): a layer with any is read twice, the
+/// second time from a temporary file, once its block boundaries are known.
+pub async fn index_image_traced(
+    registry: &RegistryClient,
+    reference: &Reference,
+    options: IndexOptions,
+    traced: &HashMap<String, Vec<TracedRange>>,
+) -> Result<ImageReport, PublishError> {
     let manifest = image_manifest(registry, reference).await?;
     let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
         .map_err(|e| PublishError::Manifest(e.to_string()))?;
@@ -133,6 +155,7 @@ pub async fn index_image(
             skipped: None,
             spans: 0,
             entries: 0,
+            traced_points: 0,
             took: Duration::ZERO,
         };
         if !layer.media_type.contains("gzip") {
@@ -140,8 +163,10 @@ pub async fn index_image(
         } else if layer.size < options.min_layer_bytes {
             report.skipped = Some(format!("smaller than {} bytes", options.min_layer_bytes));
         } else {
-            match index_layer(registry, reference, &layer, options).await {
-                Ok(index) => {
+            let ranges = traced.get(&layer.digest).cloned().unwrap_or_default();
+            match index_layer(registry, reference, &layer, options, ranges).await {
+                Ok((index, traced_points)) => {
+                    report.traced_points = traced_points;
                     report.spans = index.checkpoints.len();
                     report.entries = index.entries.len();
                     // Compressing a few hundred windows one by one at a high level is
@@ -169,13 +194,16 @@ pub async fn index_image(
 }
 
 /// Streams one layer (range requests in order, fed to a blocking indexer through a small
-/// channel, so fetching and inflating overlap) and checks its digest at the end.
+/// channel, so fetching and inflating overlap) and checks its digest at the end. With
+/// `ranges`, the bytes are also kept in a temporary file, and indexed a second time from it
+/// with cuts for them; returns the index and the resume points added for them.
 async fn index_layer(
     registry: &RegistryClient,
     reference: &Reference,
     layer: &LayerDescriptor,
     options: IndexOptions,
-) -> Result<crate::format::gzip_index::file::GzipIndex, PublishError> {
+    ranges: Vec<TracedRange>,
+) -> Result<(crate::format::gzip_index::file::GzipIndex, usize), PublishError> {
     let (tx, rx) = mpsc::sync_channel::<Result<Bytes, std::io::Error>>(4);
     let digest = layer.digest.clone();
     let size = layer.size;
@@ -185,7 +213,22 @@ async fn index_layer(
             current: Bytes::new(),
             hasher: Sha256::new(),
         };
-        let built = build::build(&digest, size, &mut reader, options.span, &options.limits);
+        let spool = (!ranges.is_empty()).then(tempfile::tempfile).transpose();
+        let built = match spool {
+            Ok(None) => Ok(
+                build::build(&digest, size, &mut reader, options.span, &options.limits)
+                    .map(|index| (index, 0)),
+            ),
+            Ok(Some(file)) => Ok(index_twice(
+                &digest,
+                size,
+                &mut reader,
+                file,
+                &ranges,
+                options,
+            )),
+            Err(e) => Err(e),
+        };
         // Whatever the inflater did not need (nothing, for a well-formed layer) still counts
         // for the digest.
         let drained = std::io::copy(&mut reader, &mut std::io::sink());
@@ -220,6 +263,10 @@ async fn index_layer(
     if let Some(e) = failed {
         return Err(e.into());
     }
+    let built = built.map_err(|source| PublishError::Spool {
+        layer: layer.digest.clone(),
+        source,
+    })?;
     let index = built.map_err(|source| PublishError::Build {
         layer: layer.digest.clone(),
         source,
@@ -231,6 +278,67 @@ async fn index_layer(
         });
     }
     Ok(index)
+}
+
+/// The first pass over `blob` (kept in `spool` as it goes by) finds the stream's block
+/// boundaries and the files' offsets; the second, from `spool`, cuts the stream for `ranges`.
+/// Blocking.
+fn index_twice(
+    digest: &str,
+    size: u64,
+    blob: &mut impl Read,
+    mut spool: std::fs::File,
+    ranges: &[TracedRange],
+    options: IndexOptions,
+) -> Result<(crate::format::gzip_index::file::GzipIndex, usize), BuildError> {
+    let spooled = |e: std::io::Error| {
+        BuildError::Tar(std::io::Error::new(
+            e.kind(),
+            format!("temporary file: {e}"),
+        ))
+    };
+    let first = {
+        let mut tee = Tee {
+            inner: blob,
+            copy: std::io::BufWriter::new(&mut spool),
+        };
+        let first = build::build_with(
+            digest,
+            size,
+            &mut tee,
+            options.span,
+            &options.limits,
+            Cuts::default(),
+        )?;
+        tee.copy.flush().map_err(spooled)?;
+        first
+    };
+    let cuts = build::plan_cuts(&first.index, &first.boundaries, ranges);
+    let points = cuts.points.len();
+    spool.rewind().map_err(spooled)?;
+    let second = build::build_with(
+        digest,
+        size,
+        std::io::BufReader::new(spool),
+        options.span,
+        &options.limits,
+        cuts,
+    )?;
+    Ok((second.index, points))
+}
+
+/// A reader that writes what it reads to `copy`.
+struct Tee<R, W> {
+    inner: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// The bytes sent by the fetching task, hashed as they are read.

@@ -107,6 +107,15 @@ impl Trace {
         self.entries.iter().map(|e| e.bytes).sum()
     }
 
+    /// A document from `export` (of any node), checked.
+    pub fn from_document(document: &[u8]) -> Result<Trace, TraceError> {
+        let trace: Trace = serde_json::from_slice(document).map_err(|e| TraceError::Invalid {
+            reason: e.to_string(),
+        })?;
+        trace.validate()?;
+        Ok(trace)
+    }
+
     /// Checks a document from outside before it is stored.
     fn validate(&self) -> Result<(), TraceError> {
         let invalid = |reason: String| Err(TraceError::Invalid { reason });
@@ -279,11 +288,7 @@ impl TraceStore {
 
     /// Merges a document from `export` (of any node) into this node's trace of its layer.
     pub fn import(&self, document: &[u8]) -> Result<Trace, TraceError> {
-        let incoming: Trace =
-            serde_json::from_slice(document).map_err(|e| TraceError::Invalid {
-                reason: e.to_string(),
-            })?;
-        incoming.validate()?;
+        let incoming = Trace::from_document(document)?;
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut trace = self
             .load(&incoming.layer)

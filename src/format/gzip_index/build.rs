@@ -9,7 +9,7 @@ use std::io::Read;
 use sha2::{Digest as _, Sha256};
 
 use super::file::{GzipIndex, Part, TarEntry, TarKind};
-use super::zran::{Checkpoint, CheckpointingInflater, ZranError};
+use super::zran::{Checkpoint, CheckpointingInflater, Cuts, ZranError};
 use crate::chunk::ChunkDigest;
 use crate::metadata::Limits;
 
@@ -77,6 +77,30 @@ impl<R: Read> Read for SpanHasher<R> {
     }
 }
 
+/// Traced ranges closer than this (uncompressed) are fetched as one: a resume point between
+/// them would cost its window (a few KiB) to save less than that of compressed bytes.
+pub const MERGE_GAP: u64 = 16 << 10;
+/// At most this many traced ranges (the first read first) get resume points of their own:
+/// each costs a window in the registry, and a trace document is input.
+pub const MAX_TRACED_RANGES: usize = 4096;
+
+/// A range of a file that a container read early, from a read trace (`lazysnap index
+/// --trace`): the index gets a resume point at the last block boundary before it and a part
+/// end just after it, so that fetching it takes little more than its own compressed bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracedRange {
+    /// The file's path in the layer.
+    pub path: String,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// A built index, and the block boundaries of its stream (for [`plan_cuts`]).
+pub struct Built {
+    pub index: GzipIndex,
+    pub boundaries: Vec<u64>,
+}
+
 /// Indexes the gzip tar `blob` (all `compressed_size` bytes of the layer `layer_digest`) with
 /// resume points every `span` uncompressed bytes. The caller checks that the bytes read were
 /// the layer's (its digest).
@@ -87,9 +111,85 @@ pub fn build(
     span: u64,
     limits: &Limits,
 ) -> Result<GzipIndex, BuildError> {
+    build_with(
+        layer_digest,
+        compressed_size,
+        blob,
+        span,
+        limits,
+        Cuts::default(),
+    )
+    .map(|built| built.index)
+}
+
+/// Where an index of a layer whose first index is `index` (with the block `boundaries` of its
+/// stream) should cut it for `ranges` to be fetched on their own: per range, merged with
+/// those within [`MERGE_GAP`], a resume point at the last boundary at or before its start and
+/// a part end at its end. Ranges naming no regular file of the layer (or a hard link to one)
+/// are passed over.
+pub fn plan_cuts(index: &GzipIndex, boundaries: &[u64], ranges: &[TracedRange]) -> Cuts {
+    let clean = |name: &str| name.trim_start_matches("./").trim_matches('/').to_owned();
+    let mut files = std::collections::HashMap::new();
+    let mut links = Vec::new();
+    for e in &index.entries {
+        match &e.kind {
+            TarKind::File => {
+                files.insert(clean(&e.name), (e.offset, e.size));
+            }
+            TarKind::HardLink(target) => links.push((clean(&e.name), clean(target))),
+            _ => {}
+        }
+    }
+    for (name, target) in links {
+        if let Some(&file) = files.get(&target) {
+            files.entry(name).or_insert(file);
+        }
+    }
+    let mut wanted: Vec<(u64, u64)> = ranges
+        .iter()
+        .take(MAX_TRACED_RANGES)
+        .filter_map(|r| {
+            let &(at, size) = files.get(&clean(&r.path))?;
+            let start = r.offset.min(size);
+            let end = r.offset.saturating_add(r.bytes).min(size);
+            (start < end).then(|| (at + start, at + end))
+        })
+        .collect();
+    wanted.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in wanted {
+        match merged.last_mut() {
+            Some(last) if start <= last.1.saturating_add(MERGE_GAP) => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let mut cuts = Cuts::default();
+    for (start, end) in merged {
+        let before = boundaries.partition_point(|&b| b <= start);
+        if let Some(&point) = before.checked_sub(1).and_then(|i| boundaries.get(i)) {
+            if point > 0 && cuts.points.last() != Some(&point) {
+                cuts.points.push(point);
+            }
+        }
+        if end < index.uncompressed_size {
+            cuts.ends.push(end);
+        }
+    }
+    cuts
+}
+
+/// [`build`], cutting the stream at `cuts` too; also returns the stream's block boundaries.
+pub fn build_with(
+    layer_digest: &str,
+    compressed_size: u64,
+    blob: impl Read,
+    span: u64,
+    limits: &Limits,
+    cuts: Cuts,
+) -> Result<Built, BuildError> {
     let max_points = usize::try_from(limits.max_entries).unwrap_or(usize::MAX);
     let part = (span / PARTS_PER_SPAN).max(1);
-    let inflater = CheckpointingInflater::new(blob, span, part, max_points)?;
+    let inflater = CheckpointingInflater::new(blob, span, part, max_points)?.with_cuts(cuts);
     let hashing = SpanHasher {
         inner: inflater,
         hasher: Sha256::new(),
@@ -115,7 +215,7 @@ pub fn build(
         mut digests,
         pos,
     } = hashing;
-    let (checkpoints, marks, _) = inner.finish();
+    let (checkpoints, marks, boundaries) = inner.finish_with_boundaries();
     check_spans(&checkpoints, pos, limits)?;
     // Part j ends at mark j + 1, the last part at the end of the stream (unless a mark is
     // there already, ending an empty last span).
@@ -134,7 +234,7 @@ pub fn build(
             digest,
         })
         .collect();
-    Ok(GzipIndex {
+    let index = GzipIndex {
         layer_digest: layer_digest.to_owned(),
         compressed_size,
         uncompressed_size: pos,
@@ -143,7 +243,8 @@ pub fn build(
         entries,
         windows: None,
         window_refs: Vec::new(),
-    })
+    };
+    Ok(Built { index, boundaries })
 }
 
 fn check_spans(points: &[Checkpoint], total: u64, limits: &Limits) -> Result<(), BuildError> {

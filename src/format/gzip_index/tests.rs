@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use super::build::build;
+use super::build::{build, build_with, plan_cuts, TracedRange};
 use super::file::{GzipIndex, TarKind};
+use super::zran::Cuts;
 use super::*;
 use crate::metadata::NodeKind;
 use crate::test_utils::FixtureBlob;
@@ -229,27 +230,8 @@ fn the_document_round_trips_and_knows_every_entry() {
 #[tokio::test]
 async fn every_file_reads_back_through_its_span_pieces() {
     let (blob, files, index) = indexed();
-    let (opened, windows) = open_v3(&index);
+    let (opened, spans_seen) = read_back(&blob, &files, &index).await;
     let layer = &opened.index;
-    let mut spans_seen = std::collections::HashSet::new();
-    for (name, data) in &files {
-        let ino = layer.resolve(name).expect("file");
-        let node = layer.node(ino).expect("node");
-        assert_eq!(node.size, data.len() as u64, "{name}");
-        let mut got = Vec::new();
-        for piece in &node.chunks {
-            let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
-            let unit = decode_fetching(&opened, &windows, piece, compressed)
-                .await
-                .expect("decode");
-            assert_eq!(crate::chunk::ChunkDigest::of(&unit), piece.digest, "{name}");
-            got.extend_from_slice(
-                &unit[piece.within as usize..(piece.within + piece.len) as usize],
-            );
-            spans_seen.insert(piece.id);
-        }
-        assert_eq!(&got, data, "{name}");
-    }
     assert!(spans_seen.len() > 3, "files cross spans");
     // Whiteout and opaque directory as overlayfs wants them; hard link shares the inode.
     let gone = layer
@@ -268,6 +250,124 @@ async fn every_file_reads_back_through_its_span_pieces() {
         .node(layer.resolve("usr/link").expect("link"))
         .expect("node");
     assert_eq!(&*link.link_target, b"small.txt");
+}
+
+/// Reads every file of `files` back through `index`'s pieces, checking each piece's digest
+/// and the bytes; returns the opened index and the chunks read.
+async fn read_back(
+    blob: &[u8],
+    files: &[(String, Vec<u8>)],
+    index: &GzipIndex,
+) -> (Opened, std::collections::HashSet<crate::chunk::ChunkId>) {
+    let (opened, windows) = open_v3(index);
+    let layer = &opened.index;
+    let mut spans_seen = std::collections::HashSet::new();
+    for (name, data) in files {
+        let ino = layer.resolve(name).expect("file");
+        let node = layer.node(ino).expect("node");
+        assert_eq!(node.size, data.len() as u64, "{name}");
+        let mut got = Vec::new();
+        for piece in &node.chunks {
+            let compressed = &blob[piece.blob_range.start as usize..piece.blob_range.end as usize];
+            let unit = decode_fetching(&opened, &windows, piece, compressed)
+                .await
+                .expect("decode");
+            assert_eq!(crate::chunk::ChunkDigest::of(&unit), piece.digest, "{name}");
+            got.extend_from_slice(
+                &unit[piece.within as usize..(piece.within + piece.len) as usize],
+            );
+            spans_seen.insert(piece.id);
+        }
+        assert_eq!(&got, data, "{name}");
+    }
+    (opened, spans_seen)
+}
+
+/// The compressed bytes a read of `len` bytes of `name` at `offset` fetches: its pieces'.
+fn fetched_for(opened: &Opened, name: &str, offset: u64, len: u64) -> u64 {
+    let layer = &opened.index;
+    let node = layer
+        .node(layer.resolve(name).expect("file"))
+        .expect("node");
+    node.chunks
+        .iter()
+        .filter(|c| c.file_offset < offset + len && c.file_offset + c.len > offset)
+        .map(|c| c.blob_range.end - c.blob_range.start)
+        .sum()
+}
+
+#[tokio::test]
+async fn an_index_cut_for_traced_ranges_fetches_them_alone() {
+    let (blob, files) = layer();
+    let size = blob.len() as u64;
+    let limits = Limits::default();
+    let span = 256 << 10;
+    let plain = build_with(DIGEST, size, &blob[..], span, &limits, Cuts::default()).expect("index");
+    assert!(plain.boundaries.len() > 4, "{:?}", plain.boundaries);
+    let traced = [
+        // Two ranges of one file close enough to be fetched as one, a range past the file's
+        // end, a file through its hard link, a name the layer does not have.
+        ("usr/big.txt", 500 << 10, 9000),
+        ("usr/big.txt", (500 << 10) + 9000 + 4096, 2000),
+        ("usr/second.txt", 200 << 10, 1 << 20),
+        ("usr/hard", 0, 6),
+        ("usr/none", 0, 10),
+    ]
+    .map(|(path, offset, bytes)| TracedRange {
+        path: path.into(),
+        offset,
+        bytes,
+    });
+    let cuts = plan_cuts(&plain.index, &plain.boundaries, &traced);
+    let start_of = |name: &str| {
+        plain
+            .index
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .expect("entry")
+            .offset
+    };
+    let (big, second) = (start_of("usr/big.txt"), start_of("usr/second.txt"));
+    assert_eq!(cuts.ends.len(), 3, "{cuts:?}");
+    assert!(cuts
+        .ends
+        .contains(&(big + (500 << 10) + 9000 + 4096 + 2000)));
+    assert!(cuts.ends.contains(&(second + (300 << 10))));
+    for (&point, start) in cuts
+        .points
+        .iter()
+        .zip([big + (500 << 10), second + (200 << 10)])
+    {
+        assert!(
+            plain.boundaries.contains(&point) && point <= start,
+            "{point} {start}"
+        );
+    }
+    let cut = build_with(DIGEST, size, &blob[..], span, &limits, cuts.clone()).expect("index");
+    for point in &cuts.points {
+        assert!(
+            cut.index.checkpoints.iter().any(|p| p.out == *point),
+            "point {point}"
+        );
+    }
+    for end in &cuts.ends {
+        assert!(
+            cut.index.parts.iter().any(|p| p.out_end == *end),
+            "end {end}"
+        );
+    }
+    // The index is valid, and every file still reads back exactly, cut or not.
+    let (opened_cut, _) = read_back(&blob, &files, &cut.index).await;
+    let (opened_plain, _) = read_back(&blob, &files, &plain.index).await;
+    let (cut_bytes, plain_bytes) = (
+        fetched_for(&opened_cut, "usr/big.txt", 500 << 10, 9000),
+        fetched_for(&opened_plain, "usr/big.txt", 500 << 10, 9000),
+    );
+    assert!(
+        cut_bytes * 2 < plain_bytes,
+        "the traced range fetches {cut_bytes} bytes, against {plain_bytes} without cuts"
+    );
 }
 
 #[test]

@@ -196,6 +196,24 @@ pub struct CheckpointingInflater<R> {
     captures: Vec<Capture>,
     /// The last input byte consumed (the partial byte a checkpoint may start inside).
     last_in: u8,
+    /// Every block boundary a checkpoint could be taken at, in output bytes (at most
+    /// `max_checkpoints` of them): where a later build may be asked to put one.
+    boundaries: Vec<u64>,
+    /// Output positions that must start a span (block boundaries from an earlier pass) and
+    /// end a part (anywhere), beyond the regular ones; each sorted, with the next one due.
+    cuts: Cuts,
+    next_point: usize,
+    next_end: usize,
+}
+
+/// Where a build cuts the stream beyond its regular spans and parts, in uncompressed bytes:
+/// `points` (block boundaries, as [`CheckpointingInflater::boundaries`] lists them) start a
+/// span, `ends` end a part, exactly there. Both sorted. A point that is not a boundary of
+/// the stream is passed over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cuts {
+    pub points: Vec<u64>,
+    pub ends: Vec<u64>,
 }
 
 /// Compressed bytes after checkpoint `point`, from [`Checkpoint::fetch_from`].
@@ -226,7 +244,22 @@ impl<R: Read> CheckpointingInflater<R> {
             done: false,
             captures: Vec::new(),
             last_in: 0,
+            boundaries: Vec::new(),
+            cuts: Cuts::default(),
+            next_point: 0,
+            next_end: 0,
         })
+    }
+
+    /// Cuts the stream at `cuts` too (see [`Cuts`]).
+    pub fn with_cuts(mut self, cuts: Cuts) -> Self {
+        self.cuts = cuts;
+        self
+    }
+
+    /// The block boundaries met so far (where a checkpoint could be taken), in order.
+    pub fn boundaries(&self) -> &[u64] {
+        &self.boundaries
     }
 
     /// The checkpoints recorded so far, in order.
@@ -247,6 +280,11 @@ impl<R: Read> CheckpointingInflater<R> {
     /// The checkpoints, the marks and the inner reader.
     pub fn finish(self) -> (Vec<Checkpoint>, Vec<Mark>, R) {
         (self.checkpoints, self.marks, self.inner)
+    }
+
+    /// Like [`finish`](Self::finish), with the block boundaries met.
+    pub fn finish_with_boundaries(self) -> (Vec<Checkpoint>, Vec<Mark>, Vec<u64>) {
+        (self.checkpoints, self.marks, self.boundaries)
     }
 
     fn fill(&mut self) -> Result<(), ZranError> {
@@ -281,24 +319,34 @@ impl<R: Read> CheckpointingInflater<R> {
         if data_type & 128 == 0 || data_type & 64 != 0 {
             return Ok(());
         }
+        if self.boundaries.len() < self.max_checkpoints
+            && self.boundaries.last() != Some(&self.total_out)
+        {
+            self.boundaries.push(self.total_out);
+        }
+        while self
+            .cuts
+            .points
+            .get(self.next_point)
+            .is_some_and(|&p| p < self.total_out)
+        {
+            self.next_point += 1;
+        }
+        let asked = self.cuts.points.get(self.next_point) == Some(&self.total_out);
         let due = match self.checkpoints.last() {
             None => true,
-            Some(last) => self.total_out - last.out >= self.span,
+            Some(last) if last.out == self.total_out => false,
+            Some(last) => asked || self.total_out - last.out >= self.span,
         };
-        let mark_due = self
-            .marks
-            .last()
-            .is_none_or(|m| self.total_out - m.out >= self.part);
+        let last_mark = self.marks.last().map(|m| m.out);
+        let mark_due = last_mark.is_none_or(|out| self.total_out - out >= self.part);
         if !due && !mark_due {
             return Ok(());
         }
-        if self.marks.len() >= self.max_checkpoints {
-            return Err(ZranError::TooManyCheckpoints(self.max_checkpoints));
+        // A part may already end here (a cut end): the span starts at that mark.
+        if last_mark != Some(self.total_out) {
+            self.push_mark()?;
         }
-        self.marks.push(Mark {
-            out: self.total_out,
-            input: self.total_in,
-        });
         if !due {
             return Ok(());
         }
@@ -322,6 +370,34 @@ impl<R: Read> CheckpointingInflater<R> {
             });
         }
         Ok(())
+    }
+
+    fn push_mark(&mut self) -> Result<(), ZranError> {
+        if self.marks.len() >= self.max_checkpoints {
+            return Err(ZranError::TooManyCheckpoints(self.max_checkpoints));
+        }
+        self.marks.push(Mark {
+            out: self.total_out,
+            input: self.total_in,
+        });
+        Ok(())
+    }
+
+    /// How much output the next call may make: up to the next cut end, so that a part can
+    /// end exactly there, inside a block.
+    fn room(&mut self, wanted: usize) -> usize {
+        while self
+            .cuts
+            .ends
+            .get(self.next_end)
+            .is_some_and(|&e| e <= self.total_out)
+        {
+            self.next_end += 1;
+        }
+        match self.cuts.ends.get(self.next_end) {
+            Some(&end) => wanted.min(usize::try_from(end - self.total_out).unwrap_or(usize::MAX)),
+            None => wanted,
+        }
     }
 
     /// Feeds consumed input to the captures, and closes those a window's worth of output
@@ -365,8 +441,10 @@ impl<R: Read> CheckpointingInflater<R> {
         let mut stalls = 0;
         while !self.done {
             self.fill()?;
+            let room = self.room(buf.len());
             let input = &self.input[self.in_pos..self.in_len];
-            let (code, consumed, produced) = self.stream.inflate(input, buf, z::Z_BLOCK);
+            let (code, consumed, produced) =
+                self.stream.inflate(input, &mut buf[..room], z::Z_BLOCK);
             let from = self.in_pos;
             self.in_pos += consumed;
             self.total_in += consumed as u64;
@@ -376,6 +454,15 @@ impl<R: Read> CheckpointingInflater<R> {
             let input = std::mem::take(&mut self.input);
             self.capture(&input[from..self.in_pos], false);
             self.input = input;
+            // A cut end reached: the part ends here, whatever the block. Its compressed
+            // end is what zlib consumed to make this output (it reads no further ahead than
+            // it returns), plus the partial byte, as for a mark at a boundary.
+            if produced > 0
+                && self.cuts.ends.get(self.next_end) == Some(&self.total_out)
+                && self.marks.last().map(|m| m.out) != Some(self.total_out)
+            {
+                self.push_mark()?;
+            }
             match code {
                 z::Z_OK => self.checkpoint()?,
                 z::Z_STREAM_END => {
