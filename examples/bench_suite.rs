@@ -2,14 +2,16 @@
 //! daemon memory, and read throughput — for a corpus of images built here from Debian packages,
 //! each pulled over an emulated WAN link the normal way (overlayfs, gzip) and with lazysnap
 //! (eStargz, eStargz optimized by `ctr-remote image optimize`, zstd:chunked, and the unchanged
-//! gzip image with an index made by `lazysnap index --push`). Writes a Markdown
+//! gzip image with an index made by `lazysnap index --push`, or by `lazysnap index --push
+//! --trace` with the traces of a start from the plain index). Writes a Markdown
 //! table, a JSON file and an SVG chart under `results/<UTC time>/` and `results/latest/`.
 //!
 //! ```text
 //! scripts/bench                      # installs what is missing, builds, runs the defaults
 //! target/release/examples/bench_suite --lazysnap target/release/lazysnap \
 //!     [--rtt-ms 20] [--mbit 200] [--runs 3] [--images python,tools,data] \
-//!     [--formats gzip,esgz,esgz-opt,zstd,gzip-index] [--scenarios normal,cold,trace,warm] \
+//!     [--formats gzip,esgz,esgz-opt,zstd,gzip-index,gzip-index-trace] \
+//!     [--scenarios normal,cold,trace,warm] \
 //!     [--data-mib 1024] [--results results] [--work /var/tmp/lazysnap-bench] [--fresh] \
 //!     [--lazysnap-config FILE]
 //! target/release/examples/bench_suite --render results/latest   # rewrite the report from
@@ -64,15 +66,20 @@ pub enum Format {
     Zstd,
     /// The gzip image unchanged, with its gzip index pushed next to it.
     GzipIndex,
+    /// The gzip image under a manifest of its own (an annotation apart), with an index made
+    /// with the read traces of a start (`lazysnap index --trace`), as `ctr-remote image
+    /// optimize` makes eStargz optimized.
+    GzipIndexTraced,
 }
 
 impl Format {
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Gzip,
         Format::Esgz,
         Format::EsgzOpt,
         Format::Zstd,
         Format::GzipIndex,
+        Format::GzipIndexTraced,
     ];
 
     /// The tag in the registry and the name on the command line.
@@ -83,6 +90,7 @@ impl Format {
             Format::EsgzOpt => "esgz-opt",
             Format::Zstd => "zstd",
             Format::GzipIndex => "gzip-index",
+            Format::GzipIndexTraced => "gzip-index-trace",
         }
     }
 
@@ -93,6 +101,7 @@ impl Format {
             Format::EsgzOpt => "eStargz optimized",
             Format::Zstd => "zstd:chunked",
             Format::GzipIndex => "gzip + index",
+            Format::GzipIndexTraced => "gzip + index made with a trace",
         }
     }
 }
