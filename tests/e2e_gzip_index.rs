@@ -73,6 +73,11 @@ fn manifest_digest(reference: &str) -> String {
 }
 
 fn index(stack: &Stack, reference: &str) -> serde_json::Value {
+    index_with(stack, reference, &[])
+}
+
+/// `lazysnap index --push` of `reference` with 1 MiB spans and `extra` arguments.
+fn index_with(stack: &Stack, reference: &str, extra: &[&str]) -> serde_json::Value {
     let config = stack.dir.join("index-config.toml");
     std::fs::write(&config, "").expect("config");
     let out = Command::new(LAZYSNAP)
@@ -86,6 +91,7 @@ fn index(stack: &Stack, reference: &str) -> serde_json::Value {
         ])
         .args(["--span", &SPAN.to_string(), "--config"])
         .arg(&config)
+        .args(extra)
         .output()
         .expect("run lazysnap index");
     assert!(
@@ -137,9 +143,10 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
         at_pull * 20 <= layer_bytes,
         "the lazy pull fetched {at_pull} bytes, more than 5% of the layers' {layer_bytes}"
     );
-    // The first Prepare's lookup started fetching every layer's index: the later Prepares
-    // took theirs from there.
+    // The first Prepare's lookup started fetching every layer's index, as soon as the
+    // referrers listing named them: the later Prepares took theirs from there.
     let log = stack.lazysnap_log();
+    assert!(log.contains("fetched_with_the_listing=4"), "{log}");
     assert_eq!(
         log.matches("using the gzip index fetched ahead").count(),
         4,
@@ -553,5 +560,158 @@ fn a_blob_that_matches_its_index_but_not_its_digest_is_found_bad_once_fetched() 
     assert!(
         out.contains("hello from the app layer") && out.contains("READ-OK"),
         "the layer serves once checked good: {out}"
+    );
+}
+
+/// The referrers listing names the index blobs so that they are fetched before the artifact
+/// manifest is there; a listing that names others (the fallback tag is anyone's to write) is
+/// a hint the checked artifact overrules: every layer still mounts lazily, from its own index.
+#[test]
+fn index_blobs_a_listing_names_wrongly_are_not_used() {
+    harness::require_root();
+    let stack = Stack::start(LAZYSNAP);
+    let reference = stack.image_ref("gzidx:listing");
+    image::push(&image_spec(3), &stack.dir, &reference);
+    let digest = manifest_digest(&reference);
+    let report = index(&stack, &reference);
+    let layers: Vec<(String, String)> = report["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap_or_default().to_owned(),
+                l["index_blob_bytes"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(layers.len(), 4, "{report:#}");
+
+    // Each layer's entry in the listing's annotation now names the next layer's index blob.
+    let parsed = Reference::parse(&reference).expect("reference");
+    let rt = runtime();
+    let registry = client();
+    let tag = lazysnap::layer::fallback_tag(&digest);
+    let listing = rt
+        .block_on(registry.get_manifest(&parsed, &tag, 1 << 20))
+        .expect("listing");
+    let mut doc: serde_json::Value = serde_json::from_slice(&listing.bytes).expect("json");
+    let key = lazysnap::format::gzip_index::INDEXES_ANNOTATION;
+    let entry = doc["manifests"]
+        .as_array_mut()
+        .and_then(|m| m.last_mut())
+        .expect("the artifact's entry");
+    let named = entry["annotations"][key]
+        .as_str()
+        .expect("annotation")
+        .to_owned();
+    let pairs: Vec<(&str, &str)> = named
+        .split(',')
+        .map(|p| p.split_once('=').expect("layer=index"))
+        .collect();
+    assert_eq!(pairs.len(), 4, "{named}");
+    let swapped: Vec<String> = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (layer, _))| format!("{layer}={}", pairs[(i + 1) % pairs.len()].1))
+        .collect();
+    entry["annotations"][key] = swapped.join(",").into();
+    rt.block_on(registry.put_manifest(
+        &parsed,
+        &tag,
+        &listing.media_type,
+        serde_json::to_vec(&doc).expect("json").into(),
+    ))
+    .expect("put the listing");
+
+    stack.rpull(&reference);
+    let log = stack.lazysnap_log();
+    assert!(log.contains("fetched_with_the_listing=0"), "{log}");
+    assert_eq!(lazily_mounted(&stack), 4, "{log}");
+    let out = stack.run(
+        "lazysnap",
+        &reference,
+        "listing",
+        "cat /data/variant /app/hello.txt",
+    );
+    assert_eq!(out, "variant 3\nhello from the app layer\n");
+}
+
+/// `lazysnap index --trace` with the read trace of a start: the app layer's index gets a
+/// resume point before each range the start read, so that another node prefetching that
+/// trace fetches a fraction of the compressed bytes it fetches through the plain index (from
+/// each span's resume point on), and reads the same bytes.
+#[test]
+fn an_index_made_with_a_trace_prefetches_the_traced_ranges_alone() {
+    harness::require_root();
+    let mut stack = Stack::start(LAZYSNAP);
+    let reference = stack.image_ref("gzidx:traced");
+    image::push(&image_spec(4), &stack.dir, &reference);
+    let digest = manifest_digest(&reference);
+    let plain = index(&stack, &reference);
+    let app = plain["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
+        .and_then(|l| l["digest"].as_str())
+        .expect("the app layer")
+        .to_owned();
+    // Small reads inside a 12 MiB file, at places 1 MiB spans do not start at.
+    let reads = "for k in 300 700 1100 1500 1900 2300 2700; do \
+        dd if=/app/lib.py bs=4096 skip=$k count=1 2>/dev/null | sha256sum; done";
+
+    stack.rpull(&reference);
+    let first = stack.run("lazysnap", &reference, "first", reads);
+    assert_eq!(first.lines().count(), 7, "{first}");
+    // The recorder saves its trace every 2 s.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let trace = stack.dir.join("app-trace.json");
+    let trace = trace.to_str().expect("utf-8 path").to_owned();
+    stack.cli(&["trace", "export", &app, "-o", &trace]);
+
+    // A node given the trace prefetches what it names, then reads: app layer bytes fetched.
+    let prefetched = |stack: &mut Stack, id: &str| -> (u64, String) {
+        stack.new_node();
+        stack.cli(&["trace", "import", &trace]);
+        let before = stack.registry_blob_bytes_of(&app);
+        stack.rpull(&reference);
+        let done = format!("prefetched the layer's traced and prioritized files layer={app}");
+        stack.eventually(
+            "the trace prefetch",
+            std::time::Duration::from_secs(60),
+            || stack.lazysnap_log().contains(&done),
+        );
+        let fetched = stack.registry_blob_bytes_of(&app) - before;
+        (fetched, stack.run("lazysnap", &reference, id, reads))
+    };
+    let (plain_bytes, through_plain) = prefetched(&mut stack, "plain");
+    assert_eq!(through_plain, first);
+
+    let traced = index_with(&stack, &reference, &["--trace", &trace]);
+    let app_report = traced["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .find(|l| l["digest"] == app.as_str())
+        .expect("the app layer's report")
+        .clone();
+    assert!(
+        app_report["traced_points"].as_u64().unwrap_or(0) >= 3,
+        "{traced:#}"
+    );
+    assert_eq!(
+        manifest_digest(&reference),
+        digest,
+        "the image is unchanged"
+    );
+    let (traced_bytes, through_traced) = prefetched(&mut stack, "traced");
+    assert_eq!(through_traced, first, "the same bytes");
+    eprintln!(
+        "app layer bytes the trace prefetch fetched: {plain_bytes} through the plain index, {traced_bytes} through the one made with the trace"
+    );
+    assert!(
+        traced_bytes * 3 < plain_bytes * 2,
+        "{traced_bytes} bytes through the index made with the trace, {plain_bytes} without"
     );
 }

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
 use crate::format::gzip_index::{
-    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1, LAYER_ANNOTATION,
-    NOT_INDEXED_ANNOTATION,
+    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEXES_ANNOTATION, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1,
+    LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION,
 };
 use crate::format::ExternalIndex;
 use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
@@ -45,6 +45,8 @@ const MAX_PLATFORMS: usize = 64;
 pub const AHEAD_BYTES: u64 = 32 << 20;
 /// Index blobs fetched ahead at once.
 const AHEAD_CONCURRENCY: usize = 4;
+/// Index blobs a referrers listing may have fetched before its artifact manifest is there.
+const MAX_SPECULATED: usize = 256;
 
 /// An index blob fetched ahead (with its share of [`AHEAD_BYTES`]), or by the Prepare that
 /// came first; `None` when fetching it failed (the Prepare then fetches it itself).
@@ -75,6 +77,8 @@ struct ImageIndexes {
     ahead: Mutex<HashMap<String, Ahead>>,
     /// Why the image has no usable index, when it has none.
     none: Option<String>,
+    /// Index blobs whose fetch the referrers listing started, that the artifact names.
+    speculated: usize,
 }
 
 /// Why a lookup failed.
@@ -256,7 +260,7 @@ impl IndexLookup {
             if let Some(why) = &found.none {
                 tracing::debug!(reference = %reference, reason = %why, "no gzip index for the image");
             } else {
-                tracing::info!(reference = %reference, layers = found.layers.len(), "found the image's gzip index");
+                tracing::info!(reference = %reference, layers = found.layers.len(), fetched_with_the_listing = found.speculated, "found the image's gzip index");
             }
             let found = Arc::new(found);
             self.fetch_ahead(reference, &found);
@@ -268,29 +272,38 @@ impl IndexLookup {
 
     /// Starts fetching the image's index blobs for the Prepares to come, in layer order, as
     /// far as [`AHEAD_BYTES`] allows (by the sizes the artifact manifest declares, which the
-    /// fetches hold the blobs to).
+    /// fetches hold the blobs to); those already under way (from the listing) are left be.
     fn fetch_ahead(&self, reference: &Reference, image: &Arc<ImageIndexes>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let mut ahead = image.ahead.lock().unwrap_or_else(|p| p.into_inner());
         for (layer, size) in &image.index_sizes {
             let Some(digest) = image.layers.get(layer) else {
                 continue;
             };
-            let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
-            let Ok(permit) = self.ahead_budget.clone().try_acquire_many_owned(kib) else {
+            if ahead.contains_key(layer) {
+                continue;
+            }
+            let Some(cell) = self.start_ahead(reference, digest, *size) else {
                 break;
             };
-            let cell: Ahead = Arc::default();
-            ahead.insert(layer.clone(), cell.clone());
-            let (registry, requests) = (self.registry.clone(), self.ahead_requests.clone());
-            let (reference, digest, size) = (reference.clone(), digest.clone(), *size);
-            runtime.spawn(async move {
-                let Ok(_request) = requests.acquire_owned().await else {
-                    return;
-                };
-                cell.get_or_init(|| async {
+            ahead.insert(layer.clone(), cell);
+        }
+    }
+
+    /// Starts fetching the index blob `digest` of at most `size` bytes, if [`AHEAD_BYTES`]
+    /// has room for it.
+    fn start_ahead(&self, reference: &Reference, digest: &str, size: u64) -> Option<Ahead> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let kib = u32::try_from(size.div_ceil(1024)).unwrap_or(u32::MAX);
+        let permit = self.ahead_budget.clone().try_acquire_many_owned(kib).ok()?;
+        let cell: Ahead = Arc::default();
+        let (registry, requests) = (self.registry.clone(), self.ahead_requests.clone());
+        let (reference, digest, fetched) = (reference.clone(), digest.to_owned(), cell.clone());
+        runtime.spawn(async move {
+            let Ok(_request) = requests.acquire_owned().await else {
+                return;
+            };
+            fetched
+                .get_or_init(|| async {
                     match registry.get_blob(&reference, &digest, size).await {
                         Ok(bytes) => Some((bytes, Some(permit))),
                         Err(e) => {
@@ -300,8 +313,46 @@ impl IndexLookup {
                     }
                 })
                 .await;
-            });
+        });
+        Some(cell)
+    }
+
+    /// Starts fetching the index blobs the listing's `artifact` descriptor names
+    /// ([`INDEXES_ANNOTATION`]) before its manifest is there, one round trip sooner: they are
+    /// fetched by digest, and a blob is used only if the artifact manifest, once checked,
+    /// names it for that layer. Returns layer → (index digest, fetch).
+    fn speculate(
+        &self,
+        reference: &Reference,
+        artifact: &Descriptor,
+    ) -> HashMap<String, (String, Ahead)> {
+        let mut started = HashMap::new();
+        let Some(list) = artifact.annotations.get(INDEXES_ANNOTATION) else {
+            return started;
+        };
+        for item in list.split(',').take(MAX_SPECULATED) {
+            let Some((layer, rest)) = item.trim().split_once('=') else {
+                continue;
+            };
+            let Some((digest, size)) = rest.rsplit_once(':') else {
+                continue;
+            };
+            let Some(size) = size
+                .parse::<u64>()
+                .ok()
+                .filter(|s| *s <= MAX_INDEX_BLOB_BYTES)
+            else {
+                continue;
+            };
+            if !digest.starts_with("sha256:") || started.contains_key(layer) {
+                continue;
+            }
+            let Some(cell) = self.start_ahead(reference, digest, size) else {
+                break;
+            };
+            started.insert(layer.to_owned(), (digest.to_owned(), cell));
         }
+        started
     }
 
     async fn load(&self, reference: &Reference) -> Result<ImageIndexes, LookupError> {
@@ -360,6 +411,7 @@ impl IndexLookup {
                 ..ImageIndexes::default()
             });
         };
+        let speculated = self.speculate(reference, artifact);
         // Fetched by digest: get_manifest checks the bytes against it.
         let bytes = self
             .registry
@@ -393,6 +445,17 @@ impl IndexLookup {
                 found.layers.insert(of.clone(), layer.digest.clone());
                 if let Some(size) = layer.size.filter(|s| *s <= MAX_INDEX_BLOB_BYTES) {
                     found.index_sizes.push((of.clone(), size));
+                }
+            }
+        }
+        {
+            let mut ahead = found.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            for (layer, (digest, cell)) in speculated {
+                // A blob the checked artifact does not name for that layer is dropped (its
+                // budget with it, once its fetch ends).
+                if found.layers.get(&layer) == Some(&digest) {
+                    ahead.insert(layer, cell);
+                    found.speculated += 1;
                 }
             }
         }

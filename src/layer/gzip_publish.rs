@@ -18,8 +18,8 @@ use super::gzip_lookup::{fallback_tag, image_manifest, LookupError};
 use crate::format::gzip_index::build::{self, BuildError, TracedRange};
 use crate::format::gzip_index::zran::Cuts;
 use crate::format::gzip_index::{
-    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1, LAYER_ANNOTATION,
-    NOT_INDEXED_ANNOTATION, WINDOWS_MEDIA_TYPE,
+    ARTIFACT_TYPE, ARTIFACT_TYPE_V1, INDEXES_ANNOTATION, INDEX_MEDIA_TYPE, INDEX_MEDIA_TYPE_V1,
+    LAYER_ANNOTATION, NOT_INDEXED_ANNOTATION, WINDOWS_MEDIA_TYPE,
 };
 use crate::metadata::Limits;
 use crate::registry::{Manifest, Reference, RegistryClient, RegistryError};
@@ -394,6 +394,7 @@ pub async fn push(
         .await?;
     let mut layers = Vec::new();
     let mut not_indexed = Vec::new();
+    let mut indexes = Vec::new();
     for layer in &report.layers {
         let Some(index) = &layer.index else {
             not_indexed.push(layer.digest.clone());
@@ -410,6 +411,7 @@ pub async fn push(
             }));
         }
         let digest = registry.push_blob(reference, index.clone()).await?;
+        indexes.push(format!("{}={digest}:{}", layer.digest, index.len()));
         layers.push(serde_json::json!({
             "mediaType": index_type,
             "digest": digest,
@@ -427,6 +429,12 @@ pub async fn push(
         NOT_INDEXED_ANNOTATION.into(),
         serde_json::Value::String(not_indexed.join(",")),
     );
+    if !legacy {
+        annotations.insert(
+            INDEXES_ANNOTATION.into(),
+            serde_json::Value::String(indexes.join(",")),
+        );
+    }
     let artifact = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -438,7 +446,7 @@ pub async fn push(
             "digest": report.manifest.digest,
             "size": report.manifest.bytes.len(),
         },
-        "annotations": annotations,
+        "annotations": &annotations,
     });
     let bytes = Bytes::from(
         serde_json::to_vec(&artifact).map_err(|e| PublishError::Manifest(e.to_string()))?,
@@ -467,11 +475,13 @@ pub async fn push(
     // Earlier gzip indexes of this type are superseded; other referrers stay, the previous
     // build's indexes too (they still serve its daemons, which do not read this type).
     manifests.retain(|d| d.get("artifactType").and_then(|t| t.as_str()) != Some(artifact_type));
+    // The artifact's annotations, as the referrers API would list them.
     manifests.push(serde_json::json!({
         "mediaType": OCI_MANIFEST,
         "digest": digest,
         "size": size,
         "artifactType": artifact_type,
+        "annotations": annotations,
     }));
     listing["manifests"] = serde_json::Value::Array(manifests);
     let listing = Bytes::from(

@@ -70,6 +70,12 @@ pub const LAYER_ANNOTATION: &str = "dev.lazysnap.gzip-index.layer";
 /// On the artifact manifest: the image's layers left unindexed (too small, or not gzip),
 /// comma-separated; they take the ordinary path without fetching anything.
 pub const NOT_INDEXED_ANNOTATION: &str = "dev.lazysnap.gzip-index.not-indexed";
+/// On the artifact manifest, and on its descriptor in the referrers listing (the OCI
+/// referrers API copies a manifest's annotations there; the fallback tag's listing gets them
+/// from `lazysnap index`): `<layer digest>=<index digest>:<size>`, comma-separated, so that a
+/// lookup can fetch the index blobs while the artifact manifest is on its way. A hint only:
+/// a blob is used when the artifact manifest names it.
+pub const INDEXES_ANNOTATION: &str = "dev.lazysnap.gzip-index.indexes";
 /// The name the format's layers are saved under.
 pub const NAME: &str = "gzip-index";
 
