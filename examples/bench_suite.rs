@@ -329,6 +329,11 @@ fn build_corpus(stack: &mut Stack, args: &Args, setup: &mut Setup) -> Vec<Corpus
             setup
                 .steps
                 .push((format!("restore {name} in 5 formats"), t.elapsed()));
+            // The index is what the build under test makes, as the conversions are not: it
+            // is part of lazysnap, and its format moves with it.
+            if args.formats.contains(&Format::GzipIndex) {
+                push_index(stack, name, &args.lazysnap, setup);
+            }
         } else {
             push_formats(stack, &layout, &image, setup, &args.lazysnap);
             let tmp = args.work.join("registry").join(format!("{key}.tmp"));
@@ -359,29 +364,7 @@ fn push_formats(
 
     // The same image under another tag (same manifest, same digest), and its gzip index.
     harness::layout::push(layout, name, &direct(Format::GzipIndex));
-    let t = Instant::now();
-    let out = std::process::Command::new(lazysnap)
-        .args(["index", "--push", "--json", &direct(Format::GzipIndex)])
-        .output()
-        .expect("run lazysnap index");
-    assert!(
-        out.status.success(),
-        "lazysnap index failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    setup
-        .steps
-        .push((format!("index {name} (lazysnap index --push)"), t.elapsed()));
-    if let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-        let layers = report["layers"].as_array().cloned().unwrap_or_default();
-        let sum = |key: &str| -> u64 { layers.iter().filter_map(|l| l[key].as_u64()).sum() };
-        eprintln!(
-            "  gzip index of {name}: {} bytes for {} bytes of layers ({:.2}%)",
-            sum("index_bytes"),
-            sum("size"),
-            sum("index_bytes") as f64 * 100.0 / sum("size").max(1) as f64
-        );
-    }
+    push_index(stack, name, lazysnap, setup);
 
     // The three conversions at once (each compresses on one core, mostly): pull the source
     // once, convert, push the results, then forget everything locally.
@@ -467,6 +450,37 @@ fn push_formats(
 }
 
 /// Hard-links every file of `from` into `to` (directories created, existing files kept).
+/// `lazysnap index --push` of the image's `gzip-index` tag (a newer index supersedes an
+/// older one in the referrers listing).
+fn push_index(stack: &Stack, name: &str, lazysnap: &str, setup: &mut Setup) {
+    let reference = stack.image_ref(&format!("{name}:{}", Format::GzipIndex.tag()));
+    let t = Instant::now();
+    let out = std::process::Command::new(lazysnap)
+        .args(["index", "--push", "--json", &reference])
+        .output()
+        .expect("run lazysnap index");
+    assert!(
+        out.status.success(),
+        "lazysnap index failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    setup
+        .steps
+        .push((format!("index {name} (lazysnap index --push)"), t.elapsed()));
+    if let Ok(report) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        let layers = report["layers"].as_array().cloned().unwrap_or_default();
+        let sum = |key: &str| -> u64 { layers.iter().filter_map(|l| l[key].as_u64()).sum() };
+        eprintln!(
+            "  gzip index of {name}: {} bytes for {} bytes of layers ({:.2}%)",
+            sum("index_bytes"),
+            sum("size"),
+            sum("index_bytes") as f64 * 100.0 / sum("size").max(1) as f64
+        );
+    }
+}
+
+/// Links `from`'s files into `to`, but copies the registry's `link` files (a tag's or a
+/// revision's digest): a push rewrites a tag's in place, which must not reach the saved copy.
 fn link_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
     for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("list {}: {e}", from.display()))
@@ -477,8 +491,12 @@ fn link_tree(from: &Path, to: &Path) {
         if kind.is_dir() {
             link_tree(&src, &dst);
         } else if !dst.exists() {
-            std::fs::hard_link(&src, &dst)
-                .unwrap_or_else(|e| panic!("link {} to {}: {e}", src.display(), dst.display()));
+            let made = if entry.file_name() == "link" {
+                std::fs::copy(&src, &dst).map(drop)
+            } else {
+                std::fs::hard_link(&src, &dst)
+            };
+            made.unwrap_or_else(|e| panic!("link {} to {}: {e}", src.display(), dst.display()));
         }
     }
 }
