@@ -54,10 +54,22 @@ pub struct IndexArgs {
     json: bool,
 }
 
+/// The largest trace document read (a daemon's traces are far smaller: their entries are
+/// bounded by `[prefetch]`'s limits).
+const MAX_TRACE_BYTES: u64 = 64 << 20;
+
 /// The traced ranges of each layer the documents at `paths` are traces of.
 fn traced_ranges(paths: &[PathBuf]) -> anyhow::Result<HashMap<String, Vec<TracedRange>>> {
     let mut traced: HashMap<String, Vec<TracedRange>> = HashMap::new();
     for path in paths {
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        anyhow::ensure!(
+            size <= MAX_TRACE_BYTES,
+            "{} is {size} bytes; a trace document is at most {MAX_TRACE_BYTES}",
+            path.display()
+        );
         let document =
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let trace = Trace::from_document(&document).with_context(|| {
@@ -203,4 +215,47 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
 /// The bytes a layer's index adds to the registry: its document and its windows blob.
 fn index_bytes(layer: &gzip_publish::LayerReport) -> usize {
     layer.index.as_ref().map_or(0, |i| i.len()) + layer.windows.as_ref().map_or(0, |w| w.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_are_read_per_layer_and_a_document_that_is_not_one_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layer = format!("sha256:{}", "ab".repeat(32));
+        let good = dir.path().join("good.json");
+        let doc = serde_json::json!({
+            "format": "lazysnap-trace/v1",
+            "layer": layer,
+            "mounts": 1,
+            "updated_unix_ms": 1,
+            "entries": [
+                { "path": "usr/bin/dash", "offset": 0, "bytes": 4096, "since_mount_ms": 3 },
+                { "path": "etc/passwd", "offset": 0, "bytes": 839, "since_mount_ms": 5 },
+            ],
+        });
+        std::fs::write(&good, doc.to_string()).expect("write");
+        let traced = traced_ranges(std::slice::from_ref(&good)).expect("ranges");
+        assert_eq!(traced.len(), 1);
+        let ranges = &traced[&layer];
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(
+            ranges[0],
+            TracedRange {
+                path: "usr/bin/dash".into(),
+                offset: 0,
+                bytes: 4096
+            }
+        );
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"format": "something else"}"#).expect("write");
+        let err = traced_ranges(&[good, bad]).expect_err("not a trace");
+        assert!(
+            format!("{err:#}").contains("bad.json is not a trace"),
+            "{err:#}"
+        );
+    }
 }
