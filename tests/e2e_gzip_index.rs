@@ -291,14 +291,20 @@ fn plain_gzip_image_is_pulled_lazily_through_its_index() {
     );
 }
 
-/// The digest of the app layer's (the largest's) windows blob in an index report.
-fn app_windows(report: &serde_json::Value) -> String {
+/// The app layer's (the largest's) entry in an index report.
+fn app_layer(report: &serde_json::Value) -> &serde_json::Value {
     report["layers"]
         .as_array()
         .expect("layers")
         .iter()
         .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
-        .and_then(|l| l["windows_digest"].as_str())
+        .expect("the app layer")
+}
+
+/// The digest of the app layer's windows blob in an index report.
+fn app_windows(report: &serde_json::Value) -> String {
+    app_layer(report)["windows_digest"]
+        .as_str()
         .expect("the app layer's windows blob")
         .to_owned()
 }
@@ -649,13 +655,9 @@ fn an_index_made_with_a_trace_prefetches_the_traced_ranges_alone() {
     image::push(&image_spec(4), &stack.dir, &reference);
     let digest = manifest_digest(&reference);
     let plain = index(&stack, &reference);
-    let app = plain["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .max_by_key(|l| l["size"].as_u64().unwrap_or(0))
-        .and_then(|l| l["digest"].as_str())
-        .expect("the app layer")
+    let app = app_layer(&plain)["digest"]
+        .as_str()
+        .expect("the app layer's digest")
         .to_owned();
     // Small reads inside a 12 MiB file, at places 1 MiB spans do not start at.
     let reads = "for k in 300 700 1100 1500 1900 2300 2700; do \
@@ -689,15 +691,9 @@ fn an_index_made_with_a_trace_prefetches_the_traced_ranges_alone() {
     assert_eq!(through_plain, first);
 
     let traced = index_with(&stack, &reference, &["--trace", &trace]);
-    let app_report = traced["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .find(|l| l["digest"] == app.as_str())
-        .expect("the app layer's report")
-        .clone();
+    assert_eq!(app_layer(&traced)["digest"], app.as_str());
     assert!(
-        app_report["traced_points"].as_u64().unwrap_or(0) >= 3,
+        app_layer(&traced)["traced_points"].as_u64().unwrap_or(0) >= 3,
         "{traced:#}"
     );
     assert_eq!(
