@@ -2,7 +2,9 @@
 //! inflated once ([`CheckpointingInflater`] records the resume points and the finer marks
 //! that cut spans into parts), every part is hashed as it goes by, and the tar is parsed
 //! from the same bytes for its entries and where each file's data starts. Used by
-//! `lazysnap index`; blocking (CPU and the reader's I/O).
+//! `lazysnap index`; blocking (CPU and the reader's I/O). With a read trace, a second pass
+//! ([`plan_cuts`] from the first pass's block boundaries and entries, then [`build_with`])
+//! puts resume points right before the traced ranges.
 
 use std::io::Read;
 

@@ -4,7 +4,9 @@
 //! 32 KiB of output before it); [`inflate_span`] later resumes raw inflation at a checkpoint
 //! from just the compressed bytes after it, primed with those bits and that window. Between
 //! checkpoints it also marks finer block boundaries ([`Mark`]): where a read that needs only
-//! the start of a span may stop fetching.
+//! the start of a span may stop fetching. Asked to ([`Cuts`]), it also takes checkpoints at
+//! given block boundaries and marks given output positions, inside a block if need be: a read
+//! can stop anywhere its output is complete, but resumes only at a boundary.
 //!
 //! zlib's `inflatePrime`, `inflateSetDictionary` and `inflate(Z_BLOCK)` with `data_type` are
 //! not in flate2's safe API; they come from `libz-rs-sys` (zlib's C API implemented in Rust,
