@@ -344,7 +344,10 @@ impl IndexLookup {
             else {
                 continue;
             };
-            if !digest.starts_with("sha256:") || started.contains_key(layer) {
+            // Only a well-formed digest goes into a URL.
+            let well_formed =
+                digest.starts_with("sha256:") && crate::chunk::ChunkDigest::parse(digest).is_some();
+            if !well_formed || started.contains_key(layer) {
                 continue;
             }
             let Some(cell) = self.start_ahead(reference, digest, size) else {
