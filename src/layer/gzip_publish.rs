@@ -213,21 +213,14 @@ async fn index_layer(
             current: Bytes::new(),
             hasher: Sha256::new(),
         };
-        let spool = (!ranges.is_empty()).then(tempfile::tempfile).transpose();
-        let built = match spool {
-            Ok(None) => Ok(
+        // Outer error: the temporary file; inner: the layer.
+        let built = if ranges.is_empty() {
+            Ok(
                 build::build(&digest, size, &mut reader, options.span, &options.limits)
                     .map(|index| (index, 0)),
-            ),
-            Ok(Some(file)) => Ok(index_twice(
-                &digest,
-                size,
-                &mut reader,
-                file,
-                &ranges,
-                options,
-            )),
-            Err(e) => Err(e),
+            )
+        } else {
+            index_twice(&digest, size, &mut reader, &ranges, options)
         };
         // Whatever the inflater did not need (nothing, for a well-formed layer) still counts
         // for the digest.
@@ -280,51 +273,47 @@ async fn index_layer(
     Ok(index)
 }
 
-/// The first pass over `blob` (kept in `spool` as it goes by) finds the stream's block
-/// boundaries and the files' offsets; the second, from `spool`, cuts the stream for `ranges`.
-/// Blocking.
+/// The first pass over `blob` (kept in a temporary file as it goes by) finds the stream's
+/// block boundaries and the files' offsets; the second, from that file, cuts the stream for
+/// `ranges`. The outer error is the temporary file's. Blocking.
 fn index_twice(
     digest: &str,
     size: u64,
     blob: &mut impl Read,
-    mut spool: std::fs::File,
     ranges: &[TracedRange],
     options: IndexOptions,
-) -> Result<(crate::format::gzip_index::file::GzipIndex, usize), BuildError> {
-    let spooled = |e: std::io::Error| {
-        BuildError::Tar(std::io::Error::new(
-            e.kind(),
-            format!("temporary file: {e}"),
-        ))
+) -> std::io::Result<Result<(crate::format::gzip_index::file::GzipIndex, usize), BuildError>> {
+    let mut spool = tempfile::tempfile()?;
+    let mut tee = Tee {
+        inner: blob,
+        copy: std::io::BufWriter::new(&mut spool),
     };
-    let first = {
-        let mut tee = Tee {
-            inner: blob,
-            copy: std::io::BufWriter::new(&mut spool),
-        };
-        let first = build::build_with(
-            digest,
-            size,
-            &mut tee,
-            options.span,
-            &options.limits,
-            Cuts::default(),
-        )?;
-        tee.copy.flush().map_err(spooled)?;
-        first
+    let first = build::build_with(
+        digest,
+        size,
+        &mut tee,
+        options.span,
+        &options.limits,
+        Cuts::default(),
+    );
+    tee.copy.flush()?;
+    drop(tee);
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => return Ok(Err(e)),
     };
     let cuts = build::plan_cuts(&first.index, &first.boundaries, ranges);
     let points = cuts.points.len();
-    spool.rewind().map_err(spooled)?;
-    let second = build::build_with(
+    spool.rewind()?;
+    Ok(build::build_with(
         digest,
         size,
         std::io::BufReader::new(spool),
         options.span,
         &options.limits,
         cuts,
-    )?;
-    Ok((second.index, points))
+    )
+    .map(|second| (second.index, points)))
 }
 
 /// A reader that writes what it reads to `copy`.

@@ -209,7 +209,7 @@ pub struct CheckpointingInflater<R> {
 }
 
 /// Where a build cuts the stream beyond its regular spans and parts, in uncompressed bytes:
-/// `points` (block boundaries, as [`CheckpointingInflater::boundaries`] lists them) start a
+/// `points` (block boundaries, as [`CheckpointingInflater::finish_with_boundaries`] lists them) start a
 /// span, `ends` end a part, exactly there. Both sorted. A point that is not a boundary of
 /// the stream is passed over.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -257,11 +257,6 @@ impl<R: Read> CheckpointingInflater<R> {
     pub fn with_cuts(mut self, cuts: Cuts) -> Self {
         self.cuts = cuts;
         self
-    }
-
-    /// The block boundaries met so far (where a checkpoint could be taken), in order.
-    pub fn boundaries(&self) -> &[u64] {
-        &self.boundaries
     }
 
     /// The checkpoints recorded so far, in order.
