@@ -18,7 +18,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::ops::ControlFlow;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,7 +33,7 @@ use tracing::debug;
 
 use crate::backing::{Backings, Mode};
 use crate::failures::{FailureKind, ReadFailures};
-use crate::{Attr, FileKind, Ino, LayerSource, NameRequest, SourceError};
+use crate::{Attr, FileKind, Ino, LayerSource, NameRequest, ReadBuf, SourceError};
 
 /// How many background requests (readahead) the kernel sends at a time; it queues the rest
 /// unsent. With fuser's 16, sixteen reads waiting on a registry hold up reads of every other
@@ -61,6 +61,8 @@ pub(crate) struct FsConfig {
     pub(crate) passthrough: bool,
     /// The mount's name (fsname), for log lines.
     pub(crate) name: String,
+    /// How many threads dispatch the kernel's requests (all reading the one fd).
+    pub(crate) dispatch_threads: usize,
 }
 
 /// A read-only FUSE filesystem over a [`LayerSource`].
@@ -81,6 +83,8 @@ pub(crate) struct LayerFs<S> {
     xattrs: bool,
     /// Whether the kernel sends no FLUSH on this connection any more (see `flush`).
     flushes_off: Arc<AtomicBool>,
+    /// Dispatch threads busy answering a small local read themselves (see `read`).
+    inline_reads: AtomicUsize,
 }
 
 impl<S: LayerSource> LayerFs<S> {
@@ -103,6 +107,7 @@ impl<S: LayerSource> LayerFs<S> {
             backings: Mutex::new(backings),
             failures,
             flushes_off,
+            inline_reads: AtomicUsize::new(0),
         }
     }
 
@@ -282,6 +287,13 @@ struct Answer {
 
 impl Answer {
     fn send(self, result: Result<Bytes, SourceError>) {
+        match result {
+            Ok(data) => self.send_slice(Ok(&data)),
+            Err(err) => self.send_slice(Err(err)),
+        }
+    }
+
+    fn send_slice(self, result: Result<&[u8], SourceError>) {
         let len = (self.range.end - self.range.start) as usize;
         match result {
             Ok(data) if data.len() >= len => self.reply.data(&data[..len]),
@@ -306,6 +318,42 @@ impl Answer {
         if let Some(unlogged) = unlogged {
             unlogged.log();
         }
+    }
+}
+
+/// Local reads up to this size are answered by the dispatch thread that received them, when
+/// another dispatch thread is free to take the kernel's next request. Such reads are a random
+/// reader's, one at a time and each waiting on the disk, where handing the read to another
+/// thread costs a second wake-up: on the project's 2-core VM 4 KiB random reads went from
+/// 0.44-0.73x to 0.82-0.99x of the local disk's rate. Larger reads (a sequential reader's
+/// readahead, several in flight) go to the local-read threads, which read them in parallel.
+const INLINE_READ_MAX: u32 = 32 << 10;
+
+thread_local! {
+    /// A dispatch thread's buffer for the local reads it answers itself: at most
+    /// [`INLINE_READ_MAX`] bytes.
+    static INLINE_BUF: std::cell::RefCell<ReadBuf> = std::cell::RefCell::new(ReadBuf::new());
+}
+
+/// A dispatch thread answering a local read itself; at most all but one of them at a time, so
+/// that the mount always has a thread free to answer other requests (lookups, other reads)
+/// while the disk is read.
+struct InlineRead<'a>(&'a AtomicUsize);
+
+impl<'a> InlineRead<'a> {
+    fn begin(busy: &'a AtomicUsize, config: &FsConfig) -> Option<Self> {
+        let others = config.dispatch_threads.saturating_sub(1);
+        busy.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < others).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| InlineRead(busy))
+    }
+}
+
+impl Drop for InlineRead<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -468,7 +516,7 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
         };
         if S::READS_LOCALLY {
             let queued = Instant::now();
-            let job = Box::new(move || {
+            let job: crate::local_reads::Job = Box::new(move |buf: &mut ReadBuf| {
                 // A read that waited its whole deadline behind others (a local disk that
                 // stalls) fails as an unanswered fetch would, rather than later still.
                 if queued.elapsed() >= deadline {
@@ -477,16 +525,28 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                         format!("waited {deadline:?} for a thread to read local bytes"),
                     );
                 }
-                match source.read_local(ino, offset, len) {
-                    Some(result) => answer.send(result),
+                match source.read_local(ino, offset, len, buf) {
+                    Some(result) => answer.send_slice(result.map(|()| buf.answer())),
                     // What is left of the deadline: the reader has waited the rest already.
                     None => read_async(source, answer, deadline.saturating_sub(queued.elapsed())),
                 }
             });
+            if len <= INLINE_READ_MAX {
+                if let Some(_inline) = InlineRead::begin(&self.inline_reads, &self.config) {
+                    INLINE_BUF.with_borrow_mut(|buf| {
+                        // A job that panics has dropped its reply, which answers EIO; the
+                        // dispatch thread lives on.
+                        drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(buf);
+                        })));
+                    });
+                    return;
+                }
+            }
             // On the fixed set of local-read threads (bounded memory), or, should none have
             // started, on the runtime's blocking pool rather than not at all.
             if let Err(job) = crate::local_reads::submit(job) {
-                self.runtime.spawn_blocking(job);
+                self.runtime.spawn_blocking(move || job(&mut ReadBuf::new()));
             }
         } else {
             read_async(source, answer, deadline);

@@ -16,6 +16,7 @@
 //!   [`take_over`] of a connection a previous process served.
 //! - `backing`: which open inodes the kernel reads through which passthrough backing file,
 //!   journaled so that a server taking over opens them the same way.
+//! - [`ReadBuf`]: the reusable, aligned buffer a local read lands in.
 //! - `connection`: mount(2) onto our own `/dev/fuse` fd, the INIT handshake kept as
 //!   [`InitParams`], and the kernel's resend notification.
 //! - [`error`]: [`SourceError`] with its errno per variant, [`MountError`].
@@ -32,6 +33,7 @@ mod local_reads;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 mod mount;
+mod read_buf;
 pub mod source;
 
 pub use connection::InitParams;
@@ -39,4 +41,5 @@ pub use error::{MountError, SourceError};
 #[cfg(any(test, feature = "test-util"))]
 pub use memory::{MemorySource, Meta};
 pub use mount::{detach_mount, mount, take_over, MountHandle, MountOptions};
+pub use read_buf::ReadBuf;
 pub use source::{Attr, Device, DirEntry, FileKind, Ino, LayerSource, NameRequest};

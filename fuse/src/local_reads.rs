@@ -3,14 +3,18 @@
 //! bounded by it times the largest read (1 MiB), whatever the readers do: the kernel keeps up
 //! to [`MAX_BACKGROUND`](crate::fs) readahead requests in flight per mount, and a thread for
 //! each (as a general-purpose blocking pool would start) would hold a buffer each and leave
-//! the allocator's per-thread arenas behind. Waiting reads queue as small closures.
+//! the allocator's per-thread arenas behind. Each thread keeps one [`ReadBuf`] for every read
+//! it answers. Waiting reads queue as small closures.
 //!
 //! [`LayerSource::read_local`]: crate::LayerSource::read_local
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
+use crate::ReadBuf;
+
+/// A read to answer, given the running thread's buffer.
+pub(crate) type Job = Box<dyn FnOnce(&mut ReadBuf) + Send + 'static>;
 
 /// Threads reading local bytes, at most: the disk and the copy into the reply are the work,
 /// and more threads than cores only add buffers.
@@ -47,6 +51,7 @@ fn start() -> Option<Sender<Job>> {
 }
 
 fn work(receiver: &Mutex<Receiver<Job>>) {
+    let mut buf = ReadBuf::new();
     loop {
         // The lock is held only while waiting for the next job, never while running one.
         let job = receiver
@@ -55,7 +60,9 @@ fn work(receiver: &Mutex<Receiver<Job>>) {
             .recv();
         match job {
             // A job that panics has dropped its reply, which answers EIO; the thread lives on.
-            Ok(job) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))),
+            Ok(job) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                job(&mut buf);
+            }))),
             Err(_) => return,
         }
     }
@@ -74,7 +81,7 @@ mod tests {
         let all = Arc::new(Barrier::new(2));
         for i in 0..200 {
             let (names, done, all) = (names.clone(), done.clone(), all.clone());
-            let job = move || {
+            let job = move |_: &mut ReadBuf| {
                 let name = std::thread::current().name().map(str::to_owned);
                 names
                     .lock()

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use crate::SourceError;
+use crate::{ReadBuf, SourceError};
 
 /// An inode number. The root directory is always [`Ino::ROOT`]; 0 is never valid.
 ///
@@ -233,15 +233,23 @@ pub trait LayerSource: Send + Sync + 'static {
     /// skip it.
     const READS_LOCALLY: bool = false;
 
-    /// Bytes of regular file `ino` that the source holds locally, read now, blocking on the
-    /// local disk and nothing else; `None` when any of them would have to be fetched, and
-    /// then [`read`](LayerSource::read) is called. It runs on a blocking thread that answers
-    /// the kernel itself: one thread hand-off per read, where an async read that then waits
-    /// on the disk takes three. Same range rules as `read`.
+    /// Bytes of regular file `ino` that the source holds locally, read now into `buf`,
+    /// blocking on the local disk and nothing else; `None` when any of them would have to be
+    /// fetched, and then [`read`](LayerSource::read) is called. It runs on a local-read thread
+    /// that answers the kernel itself, from `buf`: one thread hand-off per read, where an
+    /// async read that then waits on the disk takes three, and no allocation (the thread
+    /// keeps its buffer). Same range rules as `read`: on `Ok`, [`ReadBuf::answer`] must be
+    /// exactly `len` bytes.
     ///
     /// # Errors
     /// [`SourceError::Io`] when the local bytes cannot be read.
-    fn read_local(&self, _ino: Ino, _offset: u64, _len: u32) -> Option<Result<Bytes, SourceError>> {
+    fn read_local(
+        &self,
+        _ino: Ino,
+        _offset: u64,
+        _len: u32,
+        _buf: &mut ReadBuf,
+    ) -> Option<Result<(), SourceError>> {
         None
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{pattern, Mounted};
-use lazysnap_fuse::{Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError};
+use lazysnap_fuse::{Ino, LayerSource, MemorySource, Meta, MountOptions, ReadBuf, SourceError};
 
 const TIMEOUT: Duration = Duration::from_millis(800);
 /// How long a local read of a "slow" file takes: a disk that stalls.
@@ -34,7 +34,13 @@ impl LayerSource for Stalling {
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
         self.inner.read(ino, offset, len).await
     }
-    fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+    fn read_local(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+        buf: &mut ReadBuf,
+    ) -> Option<Result<(), SourceError>> {
         self.local.fetch_add(1, Ordering::SeqCst);
         if ino.0 >= self.first_slow {
             std::thread::sleep(STALL);
@@ -46,7 +52,8 @@ impl LayerSource for Stalling {
             .map(|a| pattern(a.size as usize))?;
         let start = (offset as usize).min(data.len());
         let end = (start + len as usize).min(data.len());
-        Some(Ok(Bytes::copy_from_slice(&data[start..end])))
+        buf.copy_from(&data[start..end]);
+        Some(Ok(()))
     }
 }
 

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{pattern, wait_until, Mounted};
-use lazysnap_fuse::{Attr, Ino, LayerSource, MemorySource, Meta, MountOptions, SourceError};
+use lazysnap_fuse::{
+    Attr, Ino, LayerSource, MemorySource, Meta, MountOptions, ReadBuf, SourceError,
+};
 
 const DEADLINE: Duration = Duration::from_secs(1);
 
@@ -366,7 +368,13 @@ impl LayerSource for HalfLocal {
         self.remote.fetch_add(1, Ordering::SeqCst);
         self.inner.read(ino, offset, len).await
     }
-    fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+    fn read_local(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+        buf: &mut ReadBuf,
+    ) -> Option<Result<(), SourceError>> {
         let size = self.inner.getattr(ino).ok()?.size;
         if offset + u64::from(len) > size / 2 {
             return None;
@@ -377,7 +385,7 @@ impl LayerSource for HalfLocal {
         }
         // MemorySource's read is ready at once: no runtime needed to drive it.
         let read = self.inner.read(ino, offset, len);
-        Some(ready_now(read))
+        Some(ready_now(read).map(|bytes| buf.copy_from(&bytes)))
     }
 }
 

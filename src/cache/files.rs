@@ -36,6 +36,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 
+use lazysnap_fuse::ReadBuf;
+
 use super::{CacheError, Evicted, VerifyReport};
 use crate::chunk::{BlobId, ChunkDigest, ChunkSpec, FileKey, Verified};
 
@@ -409,16 +411,8 @@ impl FileStore {
         let start = range.start.min(end);
         let file = self.open_for_read(&key)?;
         let mut buf = BytesMut::zeroed((end - start) as usize);
-        match read_exact_at(&file, &mut buf, chunk.file_offset + start) {
-            // Bytes read from a file evicted and written anew meanwhile are not the chunk's;
-            // the generation says whether the file read is still the one that was ready.
-            Ok(()) => self.still(&key, generation).then(|| buf.freeze()),
-            Err(e) => {
-                tracing::warn!(path = %self.path(&key).display(), error = %e, "reading the store failed; dropping the file");
-                self.forget(&key);
-                None
-            }
-        }
+        let read = read_exact_at(&file, &mut buf, chunk.file_offset + start);
+        self.after_read(&key, generation, read).then(|| buf.freeze())
     }
 
     /// Bytes `range` of the file whose chunks covering it are `chunks`, if all are ready, by
@@ -429,6 +423,36 @@ impl FileStore {
         chunks: &[ChunkSpec],
         range: std::ops::Range<u64>,
     ) -> Option<Bytes> {
+        let (key, generation) = self.ready_span(blob, chunks, &range)?;
+        let file = self.open_for_read(&key)?;
+        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        let read = read_exact_at(&file, &mut buf, range.start);
+        self.after_read(&key, generation, read).then(|| buf.freeze())
+    }
+
+    /// Like [`read_span`](Self::read_span), into `buf` (as its answer). Blocking.
+    pub fn read_span_into(
+        &self,
+        blob: &BlobId,
+        chunks: &[ChunkSpec],
+        range: std::ops::Range<u64>,
+        buf: &mut ReadBuf,
+    ) -> Option<()> {
+        let (key, generation) = self.ready_span(blob, chunks, &range)?;
+        let file = self.open_for_read(&key)?;
+        let len = usize::try_from(range.end - range.start).ok()?;
+        let read = read_exact_at(&file, buf.region(len), range.start);
+        self.after_read(&key, generation, read).then_some(())
+    }
+
+    /// The store key and generation of the file of `chunks` if they cover `range` and are all
+    /// ready.
+    fn ready_span(
+        &self,
+        blob: &BlobId,
+        chunks: &[ChunkSpec],
+        range: &std::ops::Range<u64>,
+    ) -> Option<(StoreKey, u64)> {
         let first = chunks.first()?;
         let last = chunks.last()?;
         // The chunks must cover the range, or the bytes past them would be holes.
@@ -438,14 +462,20 @@ impl FileStore {
         let key = StoreKey::new(blob, &first.file);
         let all: Vec<&ChunkSpec> = chunks.iter().collect();
         let generation = self.generation_if_ready(&key, &all)?;
-        let file = self.open_for_read(&key)?;
-        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
-        match read_exact_at(&file, &mut buf, range.start) {
-            Ok(()) => self.still(&key, generation).then(|| buf.freeze()),
+        Some((key, generation))
+    }
+
+    /// Whether a read of `key`'s file, begun when it was at `generation`, got the bytes that
+    /// were ready then; a file that failed to read is dropped.
+    fn after_read(&self, key: &StoreKey, generation: u64, read: std::io::Result<()>) -> bool {
+        match read {
+            // Bytes read from a file evicted and written anew meanwhile are not the chunk's;
+            // the generation says whether the file read is still the one that was ready.
+            Ok(()) => self.still(key, generation),
             Err(e) => {
-                tracing::warn!(path = %self.path(&key).display(), error = %e, "reading the store failed; dropping the file");
-                self.forget(&key);
-                None
+                tracing::warn!(path = %self.path(key).display(), error = %e, "reading the store failed; dropping the file");
+                self.forget(key);
+                false
             }
         }
     }

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lazysnap_fuse::ReadBuf;
 
 pub use files::{ChunkWriter, FileStore, Slot};
 
@@ -148,13 +149,15 @@ pub trait ChunkStore: Send + Sync {
     ) -> BoxFuture<'a, Option<Bytes>> {
         Box::pin(async { None })
     }
-    /// [`read_span`](Self::read_span), blocking: for a caller already on a blocking thread.
-    fn read_span_now(
+    /// [`read_span`](Self::read_span) into `buf` (as its answer), blocking: for a local-read
+    /// thread, whose buffer it is. `None` as `read_span`.
+    fn read_span_into(
         &self,
         _blob: &BlobId,
         _chunks: &[ChunkSpec],
         _range: Range<u64>,
-    ) -> Option<Bytes> {
+        _buf: &mut ReadBuf,
+    ) -> Option<()> {
         None
     }
     /// Where to stream a chunk fetched from `blob`. Blocking (it may make room on disk):
@@ -196,6 +199,12 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
+    fn count_hits(&self, chunks: &[ChunkSpec]) {
+        self.counters
+            .hits
+            .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+    }
+
     /// `dir` holds the store, kept within `disk_budget` bytes (0 = no limit).
     pub fn open(dir: &Path, disk_budget: u64) -> Result<Self, CacheError> {
         Ok(LocalStore {
@@ -255,26 +264,28 @@ impl ChunkStore for LocalStore {
             }
             let (store, blob, owned) = (self.clone(), *blob, chunks.to_vec());
             // A pread may wait on the disk: off the async workers.
-            tokio::task::spawn_blocking(move || store.read_span_now(&blob, &owned, range))
-                .await
-                .ok()
-                .flatten()
+            let got =
+                tokio::task::spawn_blocking(move || store.files.read_span(&blob, &owned, range))
+                    .await
+                    .ok()
+                    .flatten();
+            if got.is_some() {
+                self.count_hits(chunks);
+            }
+            got
         })
     }
 
-    fn read_span_now(
+    fn read_span_into(
         &self,
         blob: &BlobId,
         chunks: &[ChunkSpec],
         range: Range<u64>,
-    ) -> Option<Bytes> {
-        let got = self.files.read_span(blob, chunks, range);
-        if got.is_some() {
-            self.counters
-                .hits
-                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
-        }
-        got
+        buf: &mut ReadBuf,
+    ) -> Option<()> {
+        self.files.read_span_into(blob, chunks, range, buf)?;
+        self.count_hits(chunks);
+        Some(())
     }
 
     fn put(&self, blob: &BlobId, chunk: &ChunkSpec) -> Result<Put, CacheError> {

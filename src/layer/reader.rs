@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use lazysnap_fuse::ReadBuf;
 use futures_util::future::FutureExt;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
@@ -581,28 +582,37 @@ impl LayerReader {
     }
 
     /// `range` of the file whose chunks covering it are `chunks`, if all of them are stored:
-    /// read now, blocking on the disk. `None` if any is missing (then [`read`](Self::read)).
-    pub fn read_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
-        let (wanted, out) = self.stored_bytes(chunks, range)?;
+    /// read now into `buf` (as its answer), blocking on the disk. `None` if any is missing
+    /// (then [`read`](Self::read)).
+    pub fn read_local(
+        &self,
+        chunks: &[ChunkSpec],
+        range: Range<u64>,
+        buf: &mut ReadBuf,
+    ) -> Option<()> {
+        let wanted = self.stored_bytes(chunks, range, buf)?;
         self.counters
             .chunk_hits
             .fetch_add(wanted.len() as u64, Ordering::Relaxed);
-        self.served(&wanted, out.len());
-        Some(out)
+        self.served(&wanted, buf.answer().len());
+        Some(())
     }
 
     /// Like [`read_local`](Self::read_local), for lazysnap's own look at a file (the ELF
     /// headers prefetch parses): counted as no container's read, so the fetch amplification
     /// stays what containers made it.
     pub fn peek_local(&self, chunks: &[ChunkSpec], range: Range<u64>) -> Option<Bytes> {
-        self.stored_bytes(chunks, range).map(|(_, out)| out)
+        let mut buf = ReadBuf::new();
+        self.stored_bytes(chunks, range, &mut buf)?;
+        Some(Bytes::copy_from_slice(buf.answer()))
     }
 
     fn stored_bytes<'c>(
         &self,
         chunks: &'c [ChunkSpec],
         range: Range<u64>,
-    ) -> Option<(Vec<&'c ChunkSpec>, Bytes)> {
+        buf: &mut ReadBuf,
+    ) -> Option<Vec<&'c ChunkSpec>> {
         // A bad layer's reads must reach `read`, to fail there.
         if self.verdict.refusal().is_some() {
             return None;
@@ -614,8 +624,9 @@ impl LayerReader {
         if wanted.is_empty() || wanted.len() != chunks.len() {
             return None;
         }
-        let out = self.store.read_span_now(&self.blob_id, chunks, range)?;
-        Some((wanted, out))
+        self.store
+            .read_span_into(&self.blob_id, chunks, range, buf)?;
+        Some(wanted)
     }
 
     /// Counts a read served.

@@ -9,7 +9,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lazysnap_fuse::{self as fuse, Attr, Device, DirEntry, FileKind, Ino, SourceError};
+use lazysnap_fuse::{
+    self as fuse, Attr, Device, DirEntry, FileKind, Ino, ReadBuf, SourceError,
+};
 use tokio::runtime::Handle;
 
 use super::libraries::SharedLibraries;
@@ -58,7 +60,7 @@ impl IndexSource {
 
     /// After a container read `data` at `offset` of file `ino`: when that is the start of
     /// an ELF file not looked at before, fetches its libraries in the background.
-    fn after_read(&self, ino: u64, offset: u64, data: &Bytes) {
+    fn after_read(&self, ino: u64, offset: u64, data: &[u8]) {
         let Some(libraries) = &self.libraries else {
             return;
         };
@@ -69,7 +71,7 @@ impl IndexSource {
             libraries.clone(),
             self.index.clone(),
             self.reader.clone(),
-            data.clone(),
+            Bytes::copy_from_slice(data),
         );
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         while tasks.try_join_next().is_some() {}
@@ -247,17 +249,23 @@ impl fuse::LayerSource for IndexSource {
 
     const READS_LOCALLY: bool = true;
 
-    fn read_local(&self, ino: Ino, offset: u64, len: u32) -> Option<Result<Bytes, SourceError>> {
+    fn read_local(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+        buf: &mut ReadBuf,
+    ) -> Option<Result<(), SourceError>> {
         let end = offset + u64::from(len);
         let chunks = self.index.chunks_for(ino.0, offset, end);
-        let data = self.reader.read_local(chunks, offset..end)?;
+        self.reader.read_local(chunks, offset..end, buf)?;
         if let Some(recorder) = &self.recorder {
             recorder.record(ino.0, chunks);
         }
         // A sequential reader's next chunks may still be missing.
         self.read_ahead(ino.0, offset, end);
-        self.after_read(ino.0, offset, &data);
-        Some(Ok(data))
+        self.after_read(ino.0, offset, buf.answer());
+        Some(Ok(()))
     }
 
     fn backing_file(&self, ino: Ino) -> Option<std::fs::File> {
