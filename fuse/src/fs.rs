@@ -536,9 +536,11 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
                     INLINE_BUF.with_borrow_mut(|buf| {
                         // A job that panics has dropped its reply, which answers EIO; the
                         // dispatch thread lives on.
-                        drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            job(buf);
-                        })));
+                        drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                            || {
+                                job(buf);
+                            },
+                        )));
                     });
                     return;
                 }
@@ -546,7 +548,8 @@ impl<S: LayerSource> Filesystem for LayerFs<S> {
             // On the fixed set of local-read threads (bounded memory), or, should none have
             // started, on the runtime's blocking pool rather than not at all.
             if let Err(job) = crate::local_reads::submit(job) {
-                self.runtime.spawn_blocking(move || job(&mut ReadBuf::new()));
+                self.runtime
+                    .spawn_blocking(move || job(&mut ReadBuf::new()));
             }
         } else {
             read_async(source, answer, deadline);

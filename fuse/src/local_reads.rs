@@ -60,9 +60,11 @@ fn work(receiver: &Mutex<Receiver<Job>>) {
             .recv();
         match job {
             // A job that panics has dropped its reply, which answers EIO; the thread lives on.
-            Ok(job) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                job(&mut buf);
-            }))),
+            Ok(job) => drop(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                || {
+                    job(&mut buf);
+                },
+            ))),
             Err(_) => return,
         }
     }

@@ -437,3 +437,128 @@ fn local_bytes_are_read_by_read_local_and_the_rest_by_read() {
         .expect_err("a failed local read");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }
+
+/// Every byte is local; records the size of each local read and the thread that answered it.
+/// Local reads of `slow` take [`STALL`] (a disk that stalls).
+struct Threads {
+    inner: MemorySource,
+    reads: Mutex<Vec<(u32, String)>>,
+    slow: Option<Ino>,
+}
+
+const STALL: Duration = Duration::from_secs(3);
+
+impl LayerSource for Threads {
+    const READS_LOCALLY: bool = true;
+    crate::delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);
+
+    async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+        self.inner.read(ino, offset, len).await
+    }
+    fn read_local(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u32,
+        buf: &mut ReadBuf,
+    ) -> Option<Result<(), SourceError>> {
+        let name = thread::current().name().unwrap_or("").to_owned();
+        self.reads.lock().expect("read log").push((len, name));
+        if Some(ino) == self.slow {
+            thread::sleep(STALL);
+        }
+        let read = self.inner.read(ino, offset, len);
+        Some(ready_now(read).map(|bytes| buf.copy_from(&bytes)))
+    }
+}
+
+/// Reads `file` as a random reader would (one 4 KiB read in its middle) and then whole; the
+/// (size, thread) of each local read the source answered.
+fn small_then_whole(dispatch_threads: usize) -> Vec<(u32, String)> {
+    let mut tree = MemorySource::new();
+    tree.file(Ino::ROOT, "file", Meta::new(0o644), pattern(8 << 20));
+    let source = Arc::new(Threads {
+        inner: tree,
+        reads: Mutex::new(Vec::new()),
+        slow: None,
+    });
+    let m = Mounted::new(
+        Arc::clone(&source),
+        MountOptions {
+            dispatch_threads,
+            ..options()
+        },
+    );
+    let file = fs::File::open(m.path("file")).expect("open");
+    let mut page = vec![0u8; 4096];
+    file.read_exact_at(&mut page, 4 << 20).expect("small read");
+    assert!(page == pattern(8 << 20)[4 << 20..(4 << 20) + 4096]);
+    assert!(fs::read(m.path("file")).expect("read all") == pattern(8 << 20));
+    let reads = source.reads.lock().expect("read log").clone();
+    reads
+}
+
+#[test]
+fn small_local_reads_are_answered_by_a_dispatch_thread_and_large_ones_by_the_read_threads() {
+    let reads = small_then_whole(2);
+    let (small, large): (Vec<_>, Vec<_>) = reads.iter().partition(|(len, _)| *len <= 32 << 10);
+    assert!(!small.is_empty() && !large.is_empty(), "{reads:?}");
+    assert!(
+        small.iter().all(|(_, t)| t.starts_with("fuser-")),
+        "small reads on the dispatch threads: {reads:?}"
+    );
+    assert!(
+        large.iter().all(|(_, t)| t.starts_with("fuse-local-read-")),
+        "large reads on the local-read threads: {reads:?}"
+    );
+}
+
+#[test]
+fn a_lone_dispatch_thread_never_reads_the_disk_itself() {
+    let reads = small_then_whole(1);
+    assert!(reads.iter().any(|(len, _)| *len <= 32 << 10), "{reads:?}");
+    assert!(
+        reads.iter().all(|(_, t)| t.starts_with("fuse-local-read-")),
+        "every read on the local-read threads: {reads:?}"
+    );
+}
+
+#[test]
+fn a_dispatch_thread_stuck_on_a_small_local_read_leaves_the_mount_answering() {
+    let mut tree = MemorySource::new();
+    let slow = tree.file(Ino::ROOT, "slow", Meta::new(0o644), pattern(4096));
+    tree.file(Ino::ROOT, "fast", Meta::new(0o644), pattern(4096));
+    let source = Arc::new(Threads {
+        inner: tree,
+        reads: Mutex::new(Vec::new()),
+        slow: Some(slow),
+    });
+    // No deadline in the way: the stalled read is meant to finish.
+    let m = Mounted::new(
+        Arc::clone(&source),
+        MountOptions {
+            read_timeout: Duration::from_secs(30),
+            ..MountOptions::default()
+        },
+    );
+    let slow_path = m.path("slow");
+    let stuck = thread::spawn(move || fs::read(slow_path));
+    wait_until(STALL, "the slow read to reach the source", || {
+        !source.reads.lock().expect("read log").is_empty()
+    });
+    let started = Instant::now();
+    assert!(fs::metadata(m.path("fast")).is_ok());
+    assert!(fs::read(m.path("fast")).expect("read fast") == pattern(4096));
+    assert!(
+        started.elapsed() < STALL / 2,
+        "the mount answered only after {:?}",
+        started.elapsed()
+    );
+    let slow_bytes = stuck.join().expect("slow reader").expect("slow read");
+    assert!(slow_bytes == pattern(4096));
+    let reads = source.reads.lock().expect("read log").clone();
+    assert!(
+        reads.iter().any(|(_, t)| t.starts_with("fuser-")),
+        "the slow read was answered inline: {reads:?}"
+    );
+}

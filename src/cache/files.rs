@@ -412,7 +412,8 @@ impl FileStore {
         let file = self.open_for_read(&key)?;
         let mut buf = BytesMut::zeroed((end - start) as usize);
         let read = read_exact_at(&file, &mut buf, chunk.file_offset + start);
-        self.after_read(&key, generation, read).then(|| buf.freeze())
+        self.after_read(&key, generation, read)
+            .then(|| buf.freeze())
     }
 
     /// Bytes `range` of the file whose chunks covering it are `chunks`, if all are ready, by
@@ -427,7 +428,8 @@ impl FileStore {
         let file = self.open_for_read(&key)?;
         let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
         let read = read_exact_at(&file, &mut buf, range.start);
-        self.after_read(&key, generation, read).then(|| buf.freeze())
+        self.after_read(&key, generation, read)
+            .then(|| buf.freeze())
     }
 
     /// Like [`read_span`](Self::read_span), into `buf` (as its answer). Blocking.

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use lazysnap_fuse::ReadBuf;
 use futures_util::future::FutureExt;
 use futures_util::stream::{self, StreamExt};
+use lazysnap_fuse::ReadBuf;
 use tokio::sync::watch;
 
 use super::fetches::{Fetches, Priority};

@@ -9,9 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lazysnap_fuse::{
-    self as fuse, Attr, Device, DirEntry, FileKind, Ino, ReadBuf, SourceError,
-};
+use lazysnap_fuse::{self as fuse, Attr, Device, DirEntry, FileKind, Ino, ReadBuf, SourceError};
 use tokio::runtime::Handle;
 
 use super::libraries::SharedLibraries;
