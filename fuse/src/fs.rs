@@ -324,9 +324,11 @@ impl Answer {
 /// Local reads up to this size are answered by the dispatch thread that received them, when
 /// another dispatch thread is free to take the kernel's next request. Such reads are a random
 /// reader's, one at a time and each waiting on the disk, where handing the read to another
-/// thread costs a second wake-up: on the project's 2-core VM 4 KiB random reads went from
-/// 0.44-0.73x to 0.82-0.99x of the local disk's rate. Larger reads (a sequential reader's
-/// readahead, several in flight) go to the local-read threads, which read them in parallel.
+/// thread costs a second wake-up: on the project's 2-core VM, through a test server that
+/// `pread`s a local file, 4 KiB random reads went from 0.44-0.73x to 0.82-0.99x of the local
+/// disk's rate (two runs each; the VM's wake-up latency makes such figures swing by half).
+/// Larger reads (a sequential reader's readahead, several in flight) go to the local-read
+/// threads, which read them in parallel.
 const INLINE_READ_MAX: u32 = 32 << 10;
 
 thread_local! {
