@@ -501,12 +501,16 @@ fn small_then_whole(dispatch_threads: usize) -> Vec<(u32, String)> {
 #[test]
 fn small_local_reads_are_answered_by_a_dispatch_thread_and_large_ones_by_the_read_threads() {
     let reads = small_then_whole(2);
-    let (small, large): (Vec<_>, Vec<_>) = reads.iter().partition(|(len, _)| *len <= 32 << 10);
-    assert!(!small.is_empty() && !large.is_empty(), "{reads:?}");
+    // The first is the 4 KiB read, alone on the mount. (Small reads the whole read makes
+    // around the page it left cached may come two at a time, and then one goes to the
+    // local-read threads.)
+    let (len, thread) = &reads[0];
     assert!(
-        small.iter().all(|(_, t)| t.starts_with("fuser-")),
-        "small reads on the dispatch threads: {reads:?}"
+        *len <= 32 << 10 && thread.starts_with("fuser-"),
+        "the small read on a dispatch thread: {reads:?}"
     );
+    let large: Vec<_> = reads.iter().filter(|(len, _)| *len > 32 << 10).collect();
+    assert!(!large.is_empty(), "{reads:?}");
     assert!(
         large.iter().all(|(_, t)| t.starts_with("fuse-local-read-")),
         "large reads on the local-read threads: {reads:?}"
