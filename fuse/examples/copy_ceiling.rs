@@ -9,10 +9,8 @@
 //!
 //! `cargo run --release -p lazysnap-fuse --example copy_ceiling -- [MiB] [runs]`
 
-use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,41 +18,23 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lazysnap_fuse::{
-    mount, Attr, DirEntry, Ino, LayerSource, MemorySource, Meta, MountOptions, ReadBuf, SourceError,
+    mount, Ino, LayerSource, MemorySource, Meta, MountOptions, ReadBuf, SourceError,
 };
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 /// The tree of a [`MemorySource`], whose file contents are read from `file` on disk.
 struct OnDisk {
-    tree: MemorySource,
+    inner: MemorySource,
     file: File,
 }
 
 impl LayerSource for OnDisk {
-    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, SourceError> {
-        self.tree.lookup(parent, name)
-    }
-    fn getattr(&self, ino: Ino) -> Result<Attr, SourceError> {
-        self.tree.getattr(ino)
-    }
-    fn readdir(
-        &self,
-        dir: Ino,
-        offset: u64,
-        add: &mut dyn FnMut(DirEntry<'_>) -> ControlFlow<()>,
-    ) -> Result<(), SourceError> {
-        self.tree.readdir(dir, offset, add)
-    }
-    fn readlink(&self, ino: Ino) -> Result<OsString, SourceError> {
-        self.tree.readlink(ino)
-    }
-    fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>, SourceError> {
-        self.tree.listxattr(ino)
-    }
-    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Bytes, SourceError> {
-        self.tree.getxattr(ino, name)
-    }
+    crate::delegate_to_inner!(lookup, getattr, readdir, readlink, listxattr, getxattr);
+
     async fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes, SourceError> {
-        self.tree.read(ino, offset, len).await
+        self.inner.read(ino, offset, len).await
     }
     const READS_LOCALLY: bool = true;
     fn read_local(
@@ -143,7 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut tree = MemorySource::new();
     tree.file(Ino::ROOT, "a", Meta::new(0o644), data);
     let on_disk_source = OnDisk {
-        tree,
+        inner: tree,
         file: File::open(&stored)?,
     };
     let (memory_mnt, disk_mnt) = (dir.path().join("memory"), dir.path().join("disk"));

@@ -42,6 +42,7 @@ pub struct ServeArgs {
 }
 
 /// Allocations from this size up get mappings of their own, whatever was freed before.
+#[cfg(target_env = "gnu")]
 const MMAP_THRESHOLD: i32 = 256 << 10;
 
 /// Keeps large buffers out of the heap. Each FUSE dispatch thread allocates a zeroed 16 MiB
@@ -51,6 +52,7 @@ const MMAP_THRESHOLD: i32 = 256 << 10;
 /// rises past 16 MiB, and every later buffer comes from the heap and is zeroed page by page,
 /// 16 MiB resident per dispatch thread, which made a warm restart of the python image peak at
 /// 200-300 MiB. Setting it fixes it (and the heap's trim threshold with it).
+#[cfg(target_env = "gnu")]
 fn keep_large_buffers_out_of_the_heap() {
     // SAFETY: mallopt only sets allocator parameters; called before the runtime starts any
     // thread.
@@ -59,6 +61,10 @@ fn keep_large_buffers_out_of_the_heap() {
         tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay resident");
     }
 }
+
+/// Other C libraries have no such threshold to fix (nor `mallopt`).
+#[cfg(not(target_env = "gnu"))]
+fn keep_large_buffers_out_of_the_heap() {}
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
