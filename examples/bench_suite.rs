@@ -25,14 +25,15 @@
 //! `--work` and reused by later runs (`--fresh` rebuilds it).
 //!
 //! Scenarios, each run `--runs` times, every run on a fresh node (empty containerd and
-//! lazysnap state, same registry) unless the scenario is about what a node kept, with the page
-//! cache dropped before each pull:
+//! lazysnap state, same registry), with the page cache dropped before each pull. The runs go
+//! in rounds: each round runs every scenario and format of an image once, so that rows are
+//! measured side by side rather than minutes apart:
 //! - normal: `ctr images pull` of the gzip image into overlayfs, then `ctr run`;
 //! - cold: `ctr-remote image rpull` of a lazy image into lazysnap, then `ctr run`;
 //! - trace: node A starts the image once and exports its read traces; node B imports them,
-//!   then rpull and run (lazysnap prefetches what A read);
-//! - warm: a node that started the image removes it (`ctr images rm --sync`) and starts it
-//!   again; the chunks come from lazysnap's cache.
+//!   then rpull and run (lazysnap prefetches what A read); both nodes anew each round;
+//! - warm: a node that started the image (untimed) removes it (`ctr images rm --sync`) and
+//!   starts it again; the chunks come from lazysnap's cache.
 //!
 //! For every run: the pull alone, time to first output (from starting `ctr run` to the first
 //! line the container prints), bytes the link carried, lazysnap's fetched bytes and the reads
@@ -222,41 +223,50 @@ fn main() {
 
     let mut rows = Vec::new();
     for image in &corpus {
-        for scenario in &args.scenarios {
-            for format in &args.formats {
-                let applies = match scenario {
-                    Scenario::Normal => *format == Format::Gzip,
-                    _ => *format != Format::Gzip,
-                };
-                if !applies {
-                    continue;
-                }
+        let mut image_rows: Vec<Row> = args
+            .scenarios
+            .iter()
+            .flat_map(|&scenario| args.formats.iter().map(move |&format| (scenario, format)))
+            .filter(|&(scenario, format)| match scenario {
+                Scenario::Normal => format == Format::Gzip,
+                _ => format != Format::Gzip,
+            })
+            .map(|(scenario, format)| Row {
+                image: image.name.to_owned(),
+                scenario,
+                format,
+                samples: Vec::new(),
+                error: None,
+            })
+            .collect();
+        // Round by round, every row once a round: rows measured minutes apart on a shared
+        // machine would differ by its drift as much as by what they measure.
+        for round in 0..args.runs {
+            for row in image_rows.iter_mut().filter(|row| row.error.is_none()) {
                 eprintln!(
-                    "{} / {} / {} ...",
+                    "{} / {} / {}, round {} of {} ...",
                     image.name,
-                    scenario.label(),
-                    format.label()
+                    row.scenario.label(),
+                    row.format.label(),
+                    round + 1,
+                    args.runs
                 );
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    measure::scenario(&mut bench, image, *scenario, *format)
+                    measure::scenario(&mut bench, image, row.scenario, row.format, round)
                 }));
-                let (samples, error) = match outcome {
-                    Ok(Ok(samples)) => (samples, None),
-                    Ok(Err(e)) => (Vec::new(), Some(e)),
-                    Err(panic) => (Vec::new(), Some(panic_message(panic))),
-                };
-                if let Some(e) = &error {
+                match outcome {
+                    Ok(Ok(sample)) => row.samples.push(sample),
+                    Ok(Err(e)) => row.error = Some(e),
+                    Err(panic) => row.error = Some(panic_message(panic)),
+                }
+                if let Some(e) = &row.error {
+                    // A row that failed once is not run again: its figures would mix with
+                    // whatever broke it.
                     eprintln!("  failed: {e}");
                 }
-                rows.push(Row {
-                    image: image.name.to_owned(),
-                    scenario: *scenario,
-                    format: *format,
-                    samples,
-                    error,
-                });
             }
         }
+        rows.extend(image_rows);
     }
 
     let elapsed = started.elapsed();

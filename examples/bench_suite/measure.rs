@@ -95,77 +95,67 @@ pub struct Lookups {
     pub served_bytes: u64,
 }
 
-/// Runs `scenario` of `image` from `format` `--runs` times.
+/// One run (`round`, from 0) of `scenario` of `image` from `format`, on a node set up for
+/// it: the suite runs every scenario once per round, so that the machine's drift over the
+/// run reaches every row alike and the ratios between rows stay fair.
 pub fn scenario(
     b: &mut Bench,
     image: &CorpusImage,
     scenario: Scenario,
     format: Format,
-) -> Result<Vec<Sample>, String> {
+    round: usize,
+) -> Result<Sample, String> {
     if format == Format::GzipIndexTraced {
         traced_index(b, image)?;
     }
     let reference = format!("{}/{}:{}", b.throttle.addr(), image.name, format.tag());
-    let runs = b.args.runs;
     let data = image.name == "data" && format != Format::EsgzOpt;
-    let mut samples = Vec::new();
-    match scenario {
+    let i = round;
+    let sample = match scenario {
         Scenario::Normal => {
-            for i in 0..runs {
-                b.stack.new_node();
-                let mut s = start(b, image, &reference, false, &format!("normal-{i}"))?;
-                if data {
-                    s.data = Some(data_reads(b, false)?);
-                }
-                progress(i, &s);
-                samples.push(s);
+            b.stack.new_node();
+            let mut s = start(b, image, &reference, false, &format!("normal-{i}"))?;
+            if data {
+                s.data = Some(data_reads(b, false)?);
             }
+            s
         }
         Scenario::Cold => {
-            for i in 0..runs {
-                b.stack.new_node();
-                let mut s = start(b, image, &reference, true, &format!("cold-{i}"))?;
-                if data {
-                    s.data = Some(data_reads(b, true)?);
-                }
-                progress(i, &s);
-                samples.push(s);
+            b.stack.new_node();
+            let mut s = start(b, image, &reference, true, &format!("cold-{i}"))?;
+            if data {
+                s.data = Some(data_reads(b, true)?);
             }
+            s
         }
         Scenario::Trace => {
             b.stack.new_node();
             b.stack.rpull(&reference);
-            run_workload(b, image, &reference, "lazysnap", "trace-a")?;
+            run_workload(b, image, &reference, "lazysnap", &format!("trace-a-{i}"))?;
             let files = export_traces(b)?;
-            for i in 0..runs {
-                b.stack.new_node();
-                let t = Instant::now();
-                for file in &files {
-                    let file = file.to_str().expect("temp dir paths are UTF-8");
-                    b.stack
-                        .try_cli(&["trace", "import", file])
-                        .map_err(|e| format!("importing trace {file} failed: {e}"))?;
-                }
-                let import = ms(t.elapsed());
-                let mut s = start(b, image, &reference, true, &format!("trace-b-{i}"))?;
-                s.import_ms = Some(import);
-                progress(i, &s);
-                samples.push(s);
+            b.stack.new_node();
+            let t = Instant::now();
+            for file in &files {
+                let file = file.to_str().expect("temp dir paths are UTF-8");
+                b.stack
+                    .try_cli(&["trace", "import", file])
+                    .map_err(|e| format!("importing trace {file} failed: {e}"))?;
             }
+            let import = ms(t.elapsed());
+            let mut s = start(b, image, &reference, true, &format!("trace-b-{i}"))?;
+            s.import_ms = Some(import);
+            s
         }
         Scenario::Warm => {
             b.stack.new_node();
             b.stack.rpull(&reference);
-            run_workload(b, image, &reference, "lazysnap", "warm-prime")?;
-            for i in 0..runs {
-                b.stack.ctr(&["images", "rm", "--sync", &reference]);
-                let s = start(b, image, &reference, true, &format!("warm-{i}"))?;
-                progress(i, &s);
-                samples.push(s);
-            }
+            run_workload(b, image, &reference, "lazysnap", &format!("warm-prime-{i}"))?;
+            b.stack.ctr(&["images", "rm", "--sync", &reference]);
+            start(b, image, &reference, true, &format!("warm-{i}"))?
         }
-    }
-    Ok(samples)
+    };
+    progress(i, &sample);
+    Ok(sample)
 }
 
 fn progress(i: usize, s: &Sample) {
