@@ -61,6 +61,40 @@ fn push_image(stack: &Stack, name: &str, big: &[u8]) -> String {
 }
 
 /// Files of the local store, largest first.
+/// Lazy mounts (FUSE) of the node's daemon.
+fn lazy_mounts(stack: &Stack) -> usize {
+    let root = stack.lazysnap_root();
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .filter(|l| l.contains(" - fuse.lazysnap "))
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|p| Path::new(p).starts_with(&root))
+        })
+        .count()
+}
+
+/// The daemon's FUSE dispatch threads: fuser names them `fuser-N`.
+fn dispatch_threads(stack: &Stack) -> usize {
+    let pid = stack
+        .lazysnap
+        .as_ref()
+        .and_then(|p| p.pid())
+        .expect("lazysnap runs");
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the daemon's threads")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| {
+                comm.trim_end()
+                    .strip_prefix("fuser-")
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+        })
+        .count()
+}
+
 fn store_files(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out = Vec::new();
     let mut stack = vec![root.join("cache").join("files")];
@@ -82,11 +116,18 @@ fn store_files(root: &Path) -> Vec<(u64, PathBuf)> {
 #[test]
 fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damage() {
     let cfg = tempfile::tempdir().expect("tempdir");
+    let big = image::pseudo_random(12 * CHUNK + 12_345, 42);
     let mut stack = Stack::start_with(
         LAZYSNAP,
-        config(cfg.path(), "[fuse]\npassthrough = \"on\"\n"),
+        // Passthrough for layers holding a file this large: big.bin's layer just qualifies.
+        config(
+            cfg.path(),
+            &format!(
+                "[fuse]\npassthrough = \"on\"\npassthrough_min_file_bytes = {}\n",
+                big.len()
+            ),
+        ),
     );
-    let big = image::pseudo_random(12 * CHUNK + 12_345, 42);
     let want = sha256_hex(&big);
     let reference = push_image(&stack, "store", &big);
     stack.rpull(&reference);
@@ -101,7 +142,8 @@ fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damag
     assert_eq!(largest, big.len() as u64, "the stored file is the file");
 
     // Warm, page cache dropped: the file is complete, so the kernel reads it directly and
-    // the daemon serves none of its bytes.
+    // the daemon serves none of its bytes. It still serves the busybox layer's (sh,
+    // sha256sum: 2 MB), whose files are all below the threshold.
     drop_caches();
     let out = stack.run("lazysnap", &reference, "passthrough", sum);
     assert_eq!(out.trim(), want, "read through passthrough");
@@ -112,16 +154,29 @@ fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damag
         "this kernel (6.9+) does passthrough"
     );
     assert!(
-        number(&warm, "served_bytes") - number(&cold, "served_bytes") < CHUNK as u64,
+        number(&warm, "served_bytes") - number(&cold, "served_bytes") < big.len() as u64 / 2,
         "passthrough reads bypass the daemon: {cold} then {warm}"
     );
     assert_eq!(
         number(&warm, "fetched_bytes"),
         number(&cold, "fetched_bytes")
     );
+    let mounts = lazy_mounts(&stack);
+    assert!(mounts >= 1, "the layers are mounted lazily");
+    assert_eq!(
+        dispatch_threads(&stack),
+        2 * mounts,
+        "two per mount by default"
+    );
 
-    // Passthrough off: the daemon serves every byte, by pread from the store, nothing fetched.
-    stack.lazysnap_args = config(cfg.path(), "[fuse]\npassthrough = \"off\"\n");
+    // Passthrough on, but only for layers holding a file of 64 MiB (the default), which this
+    // one does not: its mounts, taken over, let the kernel open files alone, and the daemon
+    // serves every byte, by pread from the store, nothing fetched. One dispatch thread per
+    // mount, which the mounts taken over get too.
+    stack.lazysnap_args = config(
+        cfg.path(),
+        "[fuse]\npassthrough = \"on\"\ndispatch_threads = 1\n",
+    );
     stack.kill_lazysnap();
     stack.start_lazysnap();
     drop_caches();
@@ -137,6 +192,8 @@ fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damag
         0,
         "a restarted daemon fetched nothing: {pread}"
     );
+    assert_eq!(lazy_mounts(&stack), mounts, "the mounts were taken over");
+    assert_eq!(dispatch_threads(&stack), mounts, "`dispatch_threads = 1`");
 
     // A damaged byte in the store: `cache verify` finds it, drops the file, and the next read
     // fetches it again and is right.

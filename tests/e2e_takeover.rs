@@ -449,7 +449,11 @@ fn with_passthrough_files_held_open_open_again_after_restarts() {
     harness::require_root();
     let cfg = tempfile::tempdir().expect("temp dir");
     let config = cfg.path().join("lazysnap.toml");
-    std::fs::write(&config, "[fuse]\npassthrough = \"on\"\n").expect("config");
+    std::fs::write(
+        &config,
+        "[fuse]\npassthrough = \"on\"\npassthrough_min_file_bytes = 0\n",
+    )
+    .expect("config");
     let mut stack = Stack::start_with(
         LAZYSNAP,
         vec!["--config".into(), config.display().to_string()],

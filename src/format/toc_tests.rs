@@ -74,6 +74,20 @@ fn hard_links_share_an_inode() {
 }
 
 #[test]
+fn the_largest_file_counts_regular_files_only() {
+    let index = build(serde_json::json!([
+        {"name": "small", "type": "reg", "size": 3, "offset": 100, "chunkDigest": D},
+        {"name": "big", "type": "reg", "size": 7, "offset": 200, "chunkDigest": D},
+        {"name": "link", "type": "symlink", "linkName": "a-much-longer-target-than-seven"},
+        {"name": "dir", "type": "dir"},
+    ]))
+    .expect("build");
+    assert_eq!(index.largest_file(), 7);
+    let empty = build(serde_json::json!([{"name": "dir", "type": "dir"}])).expect("build");
+    assert_eq!(empty.largest_file(), 0);
+}
+
+#[test]
 fn hostile_entries_are_refused_by_name() {
     for (entries, needle) in [
         (

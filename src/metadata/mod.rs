@@ -228,6 +228,16 @@ impl LayerIndex {
         self.nodes.len()
     }
 
+    /// The size of the layer's largest regular file; 0 if it has none.
+    pub fn largest_file(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::File)
+            .map(|n| n.size)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }

@@ -79,8 +79,12 @@ pub struct LazyOptions {
     pub read_timeout: Duration,
     /// Ask the kernel to read files complete in the store directly (FUSE passthrough).
     pub passthrough: bool,
+    /// ... on layers holding a regular file at least this large.
+    pub passthrough_min_file_bytes: u64,
     /// The kernel's readahead window on each mount; 0 leaves the kernel's.
     pub readahead_bytes: u64,
+    /// Threads reading each mount's FUSE requests.
+    pub dispatch_threads: usize,
     /// Fetched bytes held in memory at once.
     pub memory_bytes: u64,
     /// Saved states of layers no snapshot mounts are kept up to this many bytes.
@@ -318,12 +322,16 @@ impl LazyLayers {
             )
             .with_libraries(libraries),
         );
+        // Decided by the layer alone, so that a daemon taking the mount over decides alike.
+        let passthrough = self.options.passthrough
+            && index.largest_file() >= self.options.passthrough_min_file_bytes;
         let options = fuse::MountOptions {
             fsname: format!("lazysnap-{}", digest.replace(':', "-")),
             read_timeout: self.options.read_timeout,
-            passthrough: self.options.passthrough,
+            passthrough,
             backing_journal: Some(backing_journal(mountpoint)),
             readahead_bytes: Some(self.options.readahead_bytes).filter(|&b| b > 0),
+            dispatch_threads: self.options.dispatch_threads,
             ..fuse::MountOptions::default()
         };
         let taken_over = held.is_some();
@@ -367,6 +375,7 @@ impl LazyLayers {
         tracing::debug!(
             layer = %digest,
             setup_and_mount_ms = mounting.elapsed().as_millis() as u64,
+            passthrough,
             "mounted"
         );
         let activity = Arc::new(ActivityCell::default());
@@ -406,13 +415,12 @@ impl LazyLayers {
                     };
                     // With passthrough, reads of stored files never reach this mount's page
                     // cache: `after_mount` warms the store's files instead.
-                    let warm =
-                        (!self.options.passthrough && prefetch.preload_bytes > 0).then(|| Warm {
-                            entries: trace.entries.clone(),
-                            index: index.clone(),
-                            reader: reader.clone(),
-                            max_bytes: prefetch.preload_bytes,
-                        });
+                    let warm = (!passthrough && prefetch.preload_bytes > 0).then(|| Warm {
+                        entries: trace.entries.clone(),
+                        index: index.clone(),
+                        reader: reader.clone(),
+                        max_bytes: prefetch.preload_bytes,
+                    });
                     if !names.is_empty() || warm.is_some() {
                         set.spawn_on(
                             replay_trace(digest.clone(), mountpoint.to_path_buf(), names, warm),
