@@ -121,11 +121,12 @@ pub struct FuseConfig {
     /// container's overlay). Default `off`.
     pub passthrough: Passthrough,
     /// Passthrough is asked for only on layers holding a regular file at least this large.
-    /// It pays on bulk reads (on the project's VM, warm sequential reads at 1.1x overlayfs
-    /// against 0.7x served by lazysnap) but costs a round trip to lazysnap at every open,
-    /// which a mount without it lets the kernel do alone: a python start that opens ~50
-    /// files took ~15% longer with it. A layer of system files and scripts starts faster
-    /// without; one carrying a model, a dataset or a large library reads faster with it.
+    /// It pays on bulk reads (on the project's VM, warm sequential reads at 0.8-1.1x
+    /// overlayfs against 0.6-0.7x served by lazysnap) but costs a round trip to lazysnap at
+    /// every open, which a mount without it lets the kernel do alone: a python start that
+    /// opens ~50 files took 15-30% longer with it. A layer of system files and scripts
+    /// starts faster without; one carrying a model, a dataset or a large library reads
+    /// faster with it.
     /// 0 passes every layer through. Default 64 MiB.
     pub passthrough_min_file_bytes: u64,
     /// The kernel's readahead window on each lazy mount, in bytes: a file read in order

@@ -79,7 +79,7 @@ pub struct LazyOptions {
     pub read_timeout: Duration,
     /// Ask the kernel to read files complete in the store directly (FUSE passthrough).
     pub passthrough: bool,
-    /// ... on layers holding a regular file at least this large.
+    /// Passthrough only on layers holding a regular file at least this large.
     pub passthrough_min_file_bytes: u64,
     /// The kernel's readahead window on each mount; 0 leaves the kernel's.
     pub readahead_bytes: u64,
