@@ -60,7 +60,6 @@ fn push_image(stack: &Stack, name: &str, big: &[u8]) -> String {
     lazy
 }
 
-/// Files of the local store, largest first.
 /// Lazy mounts (FUSE) of the node's daemon.
 fn lazy_mounts(stack: &Stack) -> usize {
     let root = stack.lazysnap_root();
@@ -95,6 +94,7 @@ fn dispatch_threads(stack: &Stack) -> usize {
         .count()
 }
 
+/// Files of the local store, largest first.
 fn store_files(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out = Vec::new();
     let mut stack = vec![root.join("cache").join("files")];
@@ -170,9 +170,9 @@ fn reads_through_pread_and_passthrough_equal_the_source_and_verify_catches_damag
     );
 
     // Passthrough on, but only for layers holding a file of 64 MiB (the default), which this
-    // one does not: its mounts, taken over, let the kernel open files alone, and the daemon
-    // serves every byte, by pread from the store, nothing fetched. One dispatch thread per
-    // mount, which the mounts taken over get too.
+    // one does not: through its mounts, taken over, the daemon serves every byte, by pread
+    // from the store, nothing fetched. One dispatch thread per mount, which the mounts taken
+    // over get too.
     stack.lazysnap_args = config(
         cfg.path(),
         "[fuse]\npassthrough = \"on\"\ndispatch_threads = 1\n",
