@@ -322,7 +322,9 @@ impl LazyLayers {
             )
             .with_libraries(libraries),
         );
-        // Decided by the layer alone, so that a daemon taking the mount over decides alike.
+        // Decided by the layer's index and the configuration only, so that a daemon taking the
+        // mount over with the same configuration decides alike (a changed one is handled like
+        // passthrough turned on or off across a restart: by the backing journal).
         let passthrough = self.options.passthrough
             && index.largest_file() >= self.options.passthrough_min_file_bytes;
         let options = fuse::MountOptions {
